@@ -1,0 +1,43 @@
+"""maskformer: fast MaskFormer inference, a drop-in for transformers' MaskFormer.
+
+    from maskformer import MaskFormerForInstanceSegmentation, MaskFormerImageProcessor
+
+Importing the package loads torch but never triton, never the C++ extension, and never
+initialises CUDA; those happen on first use of a fast path (see ``maskformer.dispatch``).
+"""
+from .config import ConfigError, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig
+from .loading import CheckpointError
+from .modeling import (
+    InputError,
+    MaskFormerForInstanceSegmentation,
+    MaskFormerForInstanceSegmentationOutput,
+    MaskFormerModel,
+    MaskFormerModelOutput,
+    MaskFormerPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "InputError",
+    "MaskFormerConfig",
+    "MaskFormerDecoderConfig",
+    "MaskFormerForInstanceSegmentation",
+    "MaskFormerForInstanceSegmentationOutput",
+    "MaskFormerImageProcessor",
+    "MaskFormerModel",
+    "MaskFormerModelOutput",
+    "MaskFormerPreTrainedModel",
+    "MaskFormerSwinConfig",
+]
+
+
+def __getattr__(name):
+    # The processor pulls in Pillow and SciPy; load it on first use only.
+    if name == "MaskFormerImageProcessor":
+        from .processing import MaskFormerImageProcessor
+
+        return MaskFormerImageProcessor
+    raise AttributeError(f"module 'maskformer' has no attribute {name!r}")

@@ -1,0 +1,49 @@
+"""Small building blocks shared by the backbone and the decoder: activations and DropPath."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class GELUTanhNew(nn.Module):
+    """transformers' ``gelu_new``: the tanh approximation written out, as in the original BERT/GPT code."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def get_activation(name: str) -> nn.Module:
+    """The activation transformers' ``ACT2FN[name]`` gives, for the names our configs accept."""
+    if name == "gelu":
+        return nn.GELU()
+    if name == "gelu_pytorch_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "gelu_new":
+        return GELUTanhNew()
+    if name == "relu":
+        return nn.ReLU()
+    if name in ("silu", "swish"):
+        return nn.SiLU()
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or when ``drop_prob`` is 0)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.floor(torch.rand(shape, dtype=x.dtype, device=x.device) + keep)
+        return x.div(keep) * mask
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"

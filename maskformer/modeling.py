@@ -1,0 +1,331 @@
+"""MaskFormer: the model classes users import, mirroring transformers' API.
+
+``MaskFormerModel`` = Swin backbone + FPN pixel decoder + DETR transformer decoder;
+``MaskFormerForInstanceSegmentation`` adds the class head (num_labels + 1 logits, the last one
+"no object") and the mask embedder whose output is contracted with the per-pixel embeddings:
+``masks_queries_logits[b, q] = sum_c mask_embed[b, q, c] * pixel_embeddings[b, c]``.
+
+Outputs use transformers' field names; they can be read by attribute, by key, by position
+(``outputs[0]``, skipping fields that are None, as transformers' ``ModelOutput``), and passed to
+``MaskFormerImageProcessor.post_process_*``.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .config import MaskFormerConfig
+from .pixel_decoder import PixelDecoder
+from .swin import SwinBackbone
+from .transformer_decoder import TransformerModule
+
+
+class ModelOutput(Mapping):
+    """Dataclass outputs that also behave as an ordered mapping of their non-None fields."""
+
+    def _present(self):
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, slice)):
+            return self.to_tuple()[key]
+        value = getattr(self, key, None) if isinstance(key, str) and key in self._names() else None
+        if value is None:
+            raise KeyError(key)
+        return value
+
+    @classmethod
+    def _names(cls):
+        return {f.name for f in fields(cls)}
+
+    def __iter__(self):
+        return iter([name for name, _ in self._present()])
+
+    def __len__(self):
+        return len(self._present())
+
+    def to_tuple(self) -> tuple:
+        return tuple(value for _, value in self._present())
+
+
+@dataclass(repr=False)
+class MaskFormerModelOutput(ModelOutput):
+    """encoder_last_hidden_state (B, C_4, H/32, W/32); pixel_decoder_last_hidden_state (B, M, H/4, W/4);
+    transformer_decoder_last_hidden_state (B, Q, D); the *_hidden_states tuples when asked;
+    attentions: the decoder self-attention weights (B, heads, Q, Q) per layer when asked."""
+
+    encoder_last_hidden_state: Optional[torch.Tensor] = None
+    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+    def __repr__(self):
+        return f"MaskFormerModelOutput({', '.join(self)})"
+
+
+@dataclass(repr=False)
+class MaskFormerForInstanceSegmentationOutput(ModelOutput):
+    """class_queries_logits (B, Q, num_labels + 1); masks_queries_logits (B, Q, H/4, W/4);
+    then the fields of ``MaskFormerModelOutput``. ``loss`` and ``auxiliary_logits`` are for training."""
+
+    loss: Optional[torch.Tensor] = None
+    class_queries_logits: Optional[torch.Tensor] = None
+    masks_queries_logits: Optional[torch.Tensor] = None
+    auxiliary_logits: Optional[List[dict]] = None
+    encoder_last_hidden_state: Optional[torch.Tensor] = None
+    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+    def __repr__(self):
+        return f"MaskFormerForInstanceSegmentationOutput({', '.join(self)})"
+
+
+class InputError(ValueError):
+    """Model input that cannot give a meaningful result, with the reason and the fix."""
+
+
+class PixelLevelModule(nn.Module):
+    def __init__(self, config: MaskFormerConfig):
+        super().__init__()
+        self.encoder = SwinBackbone(config.backbone_config)
+        channels = self.encoder.channels
+        self.decoder = PixelDecoder(channels[-1], channels[:-1], config.fpn_feature_size, config.mask_feature_size)
+
+
+class MaskFormerPreTrainedModel(nn.Module):
+    """Loading, saving and input checks shared by the two model classes."""
+
+    config_class = MaskFormerConfig
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: MaskFormerConfig):
+        super().__init__()
+        if not isinstance(config, MaskFormerConfig):
+            raise TypeError(f"expected a maskformer.MaskFormerConfig, got {type(config).__name__}")
+        self.config = config
+        # Checking pixel_values for NaN/inf costs one reduction (and a device sync on CUDA);
+        # set to False when capturing CUDA graphs or when inputs are known to be finite.
+        self.check_finite = True
+
+    # -- loading and saving live in loading.py; these are the transformers-style entry points.
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
+        """Load a checkpoint from a local folder or a hub repo id.
+
+        Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
+        sharded with its index). ``dtype``: a torch dtype, its name, or None/"auto" for the
+        stored dtype. ``device``: where to place the weights (default CPU). Hub keyword
+        arguments (``revision``, ``cache_dir``, ``local_files_only``, ``token``) pass through.
+        Missing, unexpected or misshapen tensors raise ``CheckpointError`` listing them.
+        """
+        from .loading import load_pretrained
+
+        if "torch_dtype" in kwargs:  # transformers' older spelling
+            dtype = kwargs.pop("torch_dtype") if dtype is None else dtype
+        return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
+
+    def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):
+        """Write ``config.json`` and the weights (safetensors by default) in transformers' layout."""
+        from .loading import save_pretrained
+
+        return save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_pixel_values(self, pixel_values, pixel_mask=None) -> torch.Tensor:
+        """Validate and return pixel_values (B, C, H, W) in the model's dtype."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise InputError(
+                f"pixel_values must be a torch.Tensor of shape (batch, {self.config.backbone_config.num_channels}, "
+                f"height, width), got {type(pixel_values).__name__}; use MaskFormerImageProcessor to prepare images"
+            )
+        channels = self.config.backbone_config.num_channels
+        if pixel_values.dim() != 4:
+            raise InputError(
+                f"pixel_values must have 4 dimensions (batch, {channels}, height, width), got shape "
+                f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None] for a single image"
+            )
+        b, c, h, w = pixel_values.shape
+        if b == 0:
+            raise InputError("pixel_values is an empty batch (batch size 0); pass at least one image")
+        if c != channels:
+            raise InputError(
+                f"pixel_values has {c} channels but the model expects {channels} (shape {tuple(pixel_values.shape)}); "
+                "images must be (batch, channels, height, width) RGB: MaskFormerImageProcessor converts "
+                "grayscale/RGBA and channels-last inputs"
+            )
+        if h == 0 or w == 0:
+            raise InputError(f"pixel_values has an empty spatial size {h}x{w}")
+        if not pixel_values.is_floating_point():
+            raise InputError(
+                f"pixel_values has integer dtype {pixel_values.dtype}: raw pixels must be rescaled and normalised "
+                "first (MaskFormerImageProcessor does it), then passed as a float tensor"
+            )
+        if pixel_values.device != self.device:
+            raise InputError(
+                f"pixel_values is on {pixel_values.device} but the model is on {self.device}; "
+                f"move one of them, e.g. pixel_values.to('{self.device}')"
+            )
+        if self.check_finite and not bool(torch.isfinite(pixel_values).all()):
+            raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+        if pixel_mask is not None:
+            if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != (b, h, w):
+                shape = tuple(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
+                raise InputError(f"pixel_mask must have shape {(b, h, w)} to match pixel_values, got {shape}")
+        # Cast to the weights' dtype (e.g. float32 processor output into a bf16 model), as a
+        # user of a half-precision model would otherwise have to do by hand.
+        return pixel_values.to(self.dtype)
+
+
+class MaskFormerModel(MaskFormerPreTrainedModel):
+    """Backbone, pixel decoder and transformer decoder, without the heads.
+
+    forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused, as in
+    transformers) -> ``MaskFormerModelOutput``.
+    """
+
+    def __init__(self, config: MaskFormerConfig):
+        super().__init__(config)
+        self.pixel_level_module = PixelLevelModule(config)
+        self.transformer_module = TransformerModule(self.pixel_level_module.encoder.channels[-1], config.decoder_config)
+
+    def _run(self, pixel_values, output_hidden_states: bool, output_attentions: bool) -> MaskFormerModelOutput:
+        features = self.pixel_level_module.encoder(pixel_values)
+        pixel_embeddings, fpn_outputs = self.pixel_level_module.decoder(features)
+        decoded = self.transformer_module(features[-1], output_hidden_states, output_attentions)
+        out = MaskFormerModelOutput(
+            encoder_last_hidden_state=features[-1],
+            pixel_decoder_last_hidden_state=pixel_embeddings,
+            transformer_decoder_last_hidden_state=decoded["last_hidden_state"],
+            attentions=decoded["attentions"] if output_attentions else None,
+        )
+        if output_hidden_states:
+            out.encoder_hidden_states = tuple(features)
+            out.pixel_decoder_hidden_states = tuple(fpn_outputs)
+            out.transformer_decoder_hidden_states = decoded["hidden_states"]
+            out.hidden_states = out.encoder_hidden_states + out.pixel_decoder_hidden_states + out.transformer_decoder_hidden_states
+        return out
+
+    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, output_attentions=None, return_dict=None):
+        pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self._run(pixel_values, bool(output_hidden_states), bool(output_attentions))
+        return out if return_dict else out.to_tuple()
+
+
+class MaskFormerMLPPredictionHead(nn.Sequential):
+    """Three Linear layers, ReLU between them; children ``i.0`` named as in the checkpoints."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        blocks = []
+        for i, (a, b) in enumerate(zip(dims_in, dims_out)):
+            act = nn.ReLU() if i < num_layers - 1 else nn.Identity()
+            blocks.append(nn.Sequential(nn.Linear(a, b), act))
+        super().__init__(*blocks)
+
+
+class _CriterionState(nn.Module):
+    """Holds ``criterion.empty_weight`` (class weights of the loss, null class down-weighted), a
+    buffer the hub files carry; the loss itself is not implemented yet (training issue)."""
+
+    def __init__(self, num_labels: int, eos_coef: float):
+        super().__init__()
+        weight = torch.ones(num_labels + 1)
+        weight[-1] = eos_coef
+        self.register_buffer("empty_weight", weight, persistent=True)
+
+
+class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
+    """MaskFormer with its class and mask heads: the model users load from the hub.
+
+    forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused)
+    -> ``MaskFormerForInstanceSegmentationOutput`` with class_queries_logits (B, Q, K + 1) and
+    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)).
+    """
+
+    def __init__(self, config: MaskFormerConfig):
+        super().__init__(config)
+        self.model = MaskFormerModel(config)
+        d = config.decoder_config.d_model
+        self.class_predictor = nn.Linear(d, config.num_labels + 1)
+        self.mask_embedder = MaskFormerMLPPredictionHead(d, d, config.mask_feature_size)
+        self.criterion = _CriterionState(config.num_labels, config.no_object_weight)
+
+    def heads(self, decoder_hidden: torch.Tensor, pixel_embeddings: torch.Tensor):
+        """decoder_hidden (..., B, Q, D), pixel_embeddings (B, M, h, w) -> class logits (..., B, Q, K+1), mask logits (..., B, Q, h, w)."""
+        class_logits = self.class_predictor(decoder_hidden)
+        mask_embeddings = self.mask_embedder(decoder_hidden)
+        mask_logits = torch.einsum("...bqc,bchw->...bqhw", mask_embeddings, pixel_embeddings)
+        return class_logits, mask_logits
+
+    def forward(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_auxiliary_logits=None,
+                output_hidden_states=None, output_attentions=None, return_dict=None):
+        if mask_labels is not None or class_labels is not None:
+            raise NotImplementedError(
+                "the training loss (mask_labels / class_labels) is not implemented yet in maskformer; "
+                "run inference without labels, or use transformers for fine-tuning"
+            )
+        pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
+        cfg = self.config
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        output_auxiliary_logits = cfg.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
+
+        need_all_states = bool(output_hidden_states) or cfg.use_auxiliary_loss
+        base = self.model._run(pixel_values, need_all_states, bool(output_attentions))
+        pixel_embeddings = base.pixel_decoder_last_hidden_state
+        auxiliary_logits = None
+        if cfg.use_auxiliary_loss:
+            # transformers runs the heads on every decoder state (the zero decoder input
+            # included) and keeps the last pair as the outputs.
+            stacked = torch.stack(base.transformer_decoder_hidden_states)
+            class_all, mask_all = self.heads(stacked, pixel_embeddings)
+            class_logits, mask_logits = class_all[-1], mask_all[-1]
+            auxiliary_logits = [
+                {"masks_queries_logits": m, "class_queries_logits": c} for m, c in zip(mask_all[:-1], class_all[:-1])
+            ]
+        else:
+            class_logits, mask_logits = self.heads(base.transformer_decoder_last_hidden_state, pixel_embeddings)
+
+        out = MaskFormerForInstanceSegmentationOutput(
+            class_queries_logits=class_logits,
+            masks_queries_logits=mask_logits,
+            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
+            encoder_last_hidden_state=base.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=pixel_embeddings,
+            transformer_decoder_last_hidden_state=base.transformer_decoder_last_hidden_state,
+            attentions=base.attentions,
+        )
+        if output_hidden_states:
+            out.encoder_hidden_states = base.encoder_hidden_states
+            out.pixel_decoder_hidden_states = base.pixel_decoder_hidden_states
+            out.transformer_decoder_hidden_states = base.transformer_decoder_hidden_states
+            out.hidden_states = base.hidden_states
+        return out if return_dict else out.to_tuple()

@@ -1,0 +1,335 @@
+"""Swin Transformer backbone, as transformers' ``MaskFormerSwinBackbone``.
+
+Numerics that matter for parity with transformers (and that differ from timm's Swin):
+- the feature map is zero-padded to a multiple of the window *after* ``layernorm_before``, and
+  the padded tokens take part, unmasked, in the attention of non-shifted windows;
+- the shift mask is built on the padded map (3 regions a side, -100 between regions);
+- the window size is never clamped to a small feature map: a 2x2 map is padded to one 7x7 window;
+- scores are ``(q @ k^T) / sqrt(head_dim)``, scaled after the product;
+- ``embeddings.norm``, the patch-merging norm and the per-stage output norms use LayerNorm's
+  default eps (1e-5) whatever ``layer_norm_eps`` says; the blocks' norms use ``layer_norm_eps``.
+
+Module and parameter names follow the hub checkpoints (``attention.self.query``, ...), so a
+state dict saved by transformers loads strictly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import MaskFormerSwinConfig, _as_pair
+from .layers import DropPath, get_activation
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) with H, W multiples of ``window_size`` -> (B * nW, window_size, window_size, C).
+
+    Windows are ordered batch-major, then row-major over the window grid.
+    """
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.transpose(2, 3).reshape(-1, window_size, window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """(B * nW, window_size, window_size, C) -> (B, H, W, C); the inverse of ``window_partition``."""
+    c = windows.shape[-1]
+    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, c)
+    return x.transpose(2, 3).reshape(-1, height, width, c)
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """(N, N) int64 index into the ((2w-1)^2, heads) bias table, N = window_size**2.
+
+    Entry [i, j] encodes the offset of token i from token j: (dy + w - 1) * (2w - 1) + (dx + w - 1).
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
+    coords = coords.flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    return (rel[..., 0] + window_size - 1) * (2 * window_size - 1) + (rel[..., 1] + window_size - 1)
+
+
+def shift_region_ids(height: int, width: int, window_size: int, shift_size: int, device=None) -> torch.Tensor:
+    """(H, W) int64 region id of each position of the padded, rolled map (0..8).
+
+    Rolling by -shift puts the last ``shift`` rows/columns next to the first ones; tokens from
+    different regions must not attend to each other. Regions per axis: [0, n - window),
+    [n - window, n - shift), [n - shift, n).
+    """
+    h = torch.arange(height, device=device)
+    w = torch.arange(width, device=device)
+    h_region = (h >= height - window_size).long() + (h >= height - shift_size).long()
+    w_region = (w >= width - window_size).long() + (w >= width - shift_size).long()
+    return h_region[:, None] * 3 + w_region[None, :]
+
+
+def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int, device=None, dtype=torch.float32):
+    """(nW, N, N) additive mask for shifted windows: 0 within a region, -100 across regions."""
+    ids = shift_region_ids(height, width, window_size, shift_size, device)
+    ids = window_partition(ids[None, :, :, None], window_size).reshape(-1, window_size * window_size)
+    different = ids[:, None, :] != ids[:, :, None]
+    return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill(different, -100.0)
+
+
+class SwinPatchEmbeddings(nn.Module):
+    def __init__(self, config: MaskFormerSwinConfig):
+        super().__init__()
+        self.patch_size = _as_pair(config.patch_size, "patch_size")
+        self.num_channels = config.num_channels
+        self.projection = nn.Conv2d(config.num_channels, config.embed_dim, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def forward(self, pixel_values: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(B, 3, H, W) -> tokens (B, h*w, C) and (h, w); H, W are zero-padded up to the patch size."""
+        _, _, height, width = pixel_values.shape
+        ph, pw = self.patch_size
+        if width % pw:
+            pixel_values = F.pad(pixel_values, (0, pw - width % pw))
+        if height % ph:
+            pixel_values = F.pad(pixel_values, (0, 0, 0, ph - height % ph))
+        x = self.projection(pixel_values)
+        dims = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), dims
+
+
+class SwinEmbeddings(nn.Module):
+    def __init__(self, config: MaskFormerSwinConfig):
+        super().__init__()
+        self.patch_embeddings = SwinPatchEmbeddings(config)
+        self.norm = nn.LayerNorm(config.embed_dim)  # default eps, as transformers
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, pixel_values):
+        x, dims = self.patch_embeddings(pixel_values)
+        return self.dropout(self.norm(x)), dims
+
+
+class SwinSelfAttention(nn.Module):
+    """Multi-head attention inside (shifted) windows with a learned relative position bias."""
+
+    def __init__(self, config: MaskFormerSwinConfig, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = int(config.window_size)
+        w = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * w - 1) ** 2, num_heads))
+        # Persistent, as in the hub files; derivable, so a checkpoint may omit it (see loading.py).
+        self.register_buffer("relative_position_index", relative_position_index(w), persistent=True)
+        self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.key = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def relative_position_bias(self) -> torch.Tensor:
+        """(heads, N, N) bias gathered from the table."""
+        n = self.window_size**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous()
+
+    def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """windows (B*nW, N, C), mask (nW, N, N) additive or None -> (B*nW, N, C) before the output projection."""
+        bw, n, c = windows.shape
+        shape = (bw, n, self.num_heads, self.head_dim)
+        q = self.query(windows).view(shape).transpose(1, 2)
+        k = self.key(windows).view(shape).transpose(1, 2)
+        v = self.value(windows).view(shape).transpose(1, 2)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        scores = scores + self.relative_position_bias().unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            scores = scores.view(bw // nw, nw, self.num_heads, n, n) + mask.unsqueeze(1).unsqueeze(0)
+            scores = scores.view(bw, self.num_heads, n, n)
+        probs = self.dropout(F.softmax(scores, dim=-1))
+        out = torch.matmul(probs, v)
+        return out.transpose(1, 2).reshape(bw, n, c)
+
+
+class SwinSelfOutput(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
+
+    def forward(self, x):
+        return self.dropout(self.dense(x))
+
+
+class SwinAttention(nn.Module):
+    def __init__(self, config, dim, num_heads):
+        super().__init__()
+        self.self = SwinSelfAttention(config, dim, num_heads)
+        self.output = SwinSelfOutput(config, dim)
+
+
+class SwinIntermediate(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(dim, int(config.mlp_ratio * dim))
+        self.intermediate_act_fn = get_activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class SwinOutput(nn.Module):
+    def __init__(self, config, dim):
+        super().__init__()
+        self.dense = nn.Linear(int(config.mlp_ratio * dim), dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, x):
+        return self.dropout(self.dense(x))
+
+
+class SwinLayer(nn.Module):
+    """One Swin block: windowed attention (shifted when ``shift_size > 0``) then an MLP, both pre-norm."""
+
+    def __init__(self, config: MaskFormerSwinConfig, dim: int, num_heads: int, drop_path: float, shift_size: int):
+        super().__init__()
+        self.window_size = int(config.window_size)
+        self.shift_size = shift_size
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = SwinAttention(config, dim, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.intermediate = SwinIntermediate(config, dim)
+        self.output = SwinOutput(config, dim)
+        # (padded H, padded W, device, dtype) -> (nW, N, N) shift mask; built once per shape.
+        self._mask_cache: Dict[tuple, torch.Tensor] = {}
+
+    def shift_mask(self, height: int, width: int, device, dtype) -> Optional[torch.Tensor]:
+        if self.shift_size == 0:
+            return None
+        key = (height, width, device, dtype)
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = shift_attention_mask(height, width, self.window_size, self.shift_size, device, dtype)
+            if len(self._mask_cache) > 8:  # many input sizes: keep memory bounded
+                self._mask_cache.clear()
+            self._mask_cache[key] = mask
+        return mask
+
+    def window_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference shifted-window attention. x (B, H, W, C) normalised -> (B, H, W, C) after the output projection."""
+        b, height, width, c = x.shape
+        w = self.window_size
+        pad_r = (w - width % w) % w
+        pad_b = (w - height % w) % w
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zeros after the layernorm, as transformers
+        hp, wp = height + pad_b, width + pad_r
+        if self.shift_size:
+            x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
+        windows = window_partition(x, w).view(-1, w * w, c)
+        mask = self.shift_mask(hp, wp, x.device, x.dtype)
+        out = self.attention.output(self.attention.self(windows, mask))
+        out = window_reverse(out.view(-1, w, w, c), w, hp, wp)
+        if self.shift_size:
+            out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
+        return out[:, :height, :width, :]
+
+    def forward(self, hidden_states: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
+        """hidden_states (B, H*W, C) -> (B, H*W, C)."""
+        height, width = dims
+        b, _, c = hidden_states.shape
+        shortcut = hidden_states
+        x = self.layernorm_before(hidden_states).view(b, height, width, c)
+        x = self.window_attention(x).reshape(b, height * width, c)
+        hidden_states = shortcut + self.drop_path(x)
+        return hidden_states + self.drop_path(self.output(self.intermediate(self.layernorm_after(hidden_states))))
+
+
+class SwinPatchMerging(nn.Module):
+    """2x2 neighbourhood concat (zero-padded to even sizes), LayerNorm(4C), Linear(4C -> 2C)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
+        """(B, H*W, C) -> (B, ceil(H/2)*ceil(W/2), 2C)."""
+        height, width = dims
+        b, _, c = x.shape
+        x = x.view(b, height, width, c)
+        if height % 2 or width % 2:
+            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        # order (row, col) = (0,0), (1,0), (0,1), (1,1), as the checkpoints were trained
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x.view(b, -1, 4 * c)))
+
+
+class SwinStage(nn.Module):
+    def __init__(self, config: MaskFormerSwinConfig, dim: int, depth: int, num_heads: int, drop_path: List[float], downsample: bool):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            [
+                SwinLayer(config, dim, num_heads, drop_path[i], shift_size=0 if i % 2 == 0 else int(config.window_size) // 2)
+                for i in range(depth)
+            ]
+        )
+        self.downsample = SwinPatchMerging(dim) if downsample else None
+
+
+class SwinEncoder(nn.Module):
+    def __init__(self, config: MaskFormerSwinConfig):
+        super().__init__()
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        stages, start = [], 0
+        for i, depth in enumerate(config.depths):
+            stages.append(
+                SwinStage(
+                    config,
+                    dim=int(config.embed_dim * 2**i),
+                    depth=depth,
+                    num_heads=config.num_heads[i],
+                    drop_path=rates[start : start + depth],
+                    downsample=i < len(config.depths) - 1,
+                )
+            )
+            start += depth
+        self.layers = nn.ModuleList(stages)
+
+
+class SwinModel(nn.Module):
+    """Holds the parameters under the checkpoint's ``encoder.model.*`` names."""
+
+    def __init__(self, config: MaskFormerSwinConfig):
+        super().__init__()
+        self.embeddings = SwinEmbeddings(config)
+        self.encoder = SwinEncoder(config)
+        # Final norm of the classification Swin: MaskFormer never uses it (the per-stage norms
+        # below replace it) but the hub files carry it, so it is kept for strict loading.
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class SwinBackbone(nn.Module):
+    """Swin backbone returning one normalised feature map per stage.
+
+    forward: pixel_values (B, C_in, H, W) float -> list of (B, C_i, ceil(H/4/2^i), ceil(W/4/2^i)),
+    with C_i = embed_dim * 2^i (the spatial sizes round up at every patch merge).
+    """
+
+    def __init__(self, config: MaskFormerSwinConfig):
+        super().__init__()
+        self.config = config
+        self.model = SwinModel(config)
+        self.channels = config.stage_channels
+        self.hidden_states_norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
+
+    def forward(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
+        x, dims = self.model.embeddings(pixel_values)
+        features = []
+        for stage, norm in zip(self.model.encoder.layers, self.hidden_states_norms):
+            for block in stage.blocks:
+                x = block(x, dims)
+            b, _, c = x.shape
+            features.append(norm(x).transpose(1, 2).reshape(b, c, dims[0], dims[1]).contiguous())
+            if stage.downsample is not None:
+                x = stage.downsample(x, dims)
+                dims = ((dims[0] + 1) // 2, (dims[1] + 1) // 2)
+        return features
