@@ -72,10 +72,6 @@ def resolve_file(path_or_repo_id, filename: str, *, required: bool = True, revis
         return huggingface_hub.hf_hub_download(
             name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
-    except hub_errors.EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"{filename} is not in the hub repo {name!r}") from None
-        return None
     except hub_errors.LocalEntryNotFoundError as exc:
         if not required:
             # Offline with a partial cache: the file may exist upstream; report only if needed.
@@ -84,6 +80,10 @@ def resolve_file(path_or_repo_id, filename: str, *, required: bool = True, revis
             f"{filename} of {name!r} is not in the local hub cache and the hub cannot be reached (offline, or "
             "HF_HUB_OFFLINE=1 / local_files_only=True); download it once with network access or pass a local folder"
         ) from exc
+    except hub_errors.EntryNotFoundError:  # after its subclass LocalEntryNotFoundError
+        if required:
+            raise FileNotFoundError(f"{filename} is not in the hub repo {name!r}") from None
+        return None
     except hub_errors.RepositoryNotFoundError as exc:
         raise FileNotFoundError(f"hub repo {name!r} does not exist or is private (pass token=... for a private repo)") from exc
     except hub_errors.RevisionNotFoundError as exc:
@@ -155,6 +155,25 @@ def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+# transformers 5 names some decoder tensors differently in memory than in the files it writes
+# (it renames on save and load); a state dict taken from a live transformers model, e.g.
+# torch.save(hf_model.state_dict(), ...), uses the in-memory names.
+_IN_MEMORY_RENAMES = (
+    (re.compile(r"(transformer_module\.decoder\.layers\.\d+\.(?:self_attn|encoder_attn))\.o_proj\."), r"\1.out_proj."),
+    (re.compile(r"(transformer_module\.decoder\.layers\.\d+)\.mlp\.(fc[12])\."), r"\1.\2."),
+)
+
+
+def normalize_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Map transformers' in-memory decoder names (o_proj, mlp.fc1) to the file names we use."""
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in _IN_MEMORY_RENAMES:
+            key = pattern.sub(repl, key)
+        out[key] = value
+    return out
+
+
 def _adapt_prefix(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Let a MaskFormerModel load from a ForInstanceSegmentation checkpoint (drop the heads), as transformers does."""
     from .modeling import MaskFormerModel
@@ -189,7 +208,7 @@ def _materialise_optional(model, missing: List[str]):
 
 def load_model_state(model, state: Dict[str, torch.Tensor]):
     """Assign ``state`` to ``model`` (possibly on the meta device) strictly; raise CheckpointError listing problems."""
-    state = _adapt_prefix(model, state)
+    state = _adapt_prefix(model, normalize_keys(state))
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

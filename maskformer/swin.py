@@ -223,7 +223,7 @@ class SwinLayer(nn.Module):
         hp, wp = height + pad_b, width + pad_r
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
-        windows = window_partition(x, w).view(-1, w * w, c)
+        windows = window_partition(x, w).reshape(-1, w * w, c)
         mask = self.shift_mask(hp, wp, x.device, x.dtype)
         out = self.attention.output(self.attention.self(windows, mask))
         out = window_reverse(out.view(-1, w, w, c), w, hp, wp)
