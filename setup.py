@@ -90,6 +90,7 @@ setup(
             "pytest-benchmark",
             "huggingface_hub",
             "transformers==5.23.0",
+            "triton==3.9.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
         ],
     },
     entry_points={"console_scripts": ["maskformer=maskformer.cli:main"]},
