@@ -1,7 +1,12 @@
 """The ``maskformer`` command line.
 
     maskformer demo [--out DIR] [--overwrite]   run the whole pipeline on the embedded default
+    maskformer segment INPUT... --model PATH_OR_ID --out DIR [--task semantic|panoptic|instance]
+                                                segment images, folders and globs
     maskformer info                             versions, devices, fast paths and why any is off
+
+Under ``torchrun`` (WORLD_SIZE > 1) ``segment`` gives each rank its own shard of the inputs
+(rank r takes inputs r, r + W, ...) and rank 0 prints the combined summary.
 
 The embedded default is a small built-in configuration with seeded random weights: it is NOT
 trained (a trained default is future work), so its maps show that preprocessing, the model and
@@ -11,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import glob
 import json
 import os
 import platform
 import sys
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -171,6 +177,244 @@ def info() -> dict:
     return report
 
 
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
+
+
+def expand_inputs(specs: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
+    """Files, folders (their images, sorted, not recursive) and globs -> (image paths, [(spec, error)])."""
+    paths, failures, seen = [], [], set()
+
+    def add(path):
+        path = os.path.normpath(path)
+        if path not in seen:
+            seen.add(path)
+            paths.append(path)
+
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                failures.append((spec, "folder holds no images (" + ", ".join(IMAGE_EXTENSIONS) + ")"))
+            for f in found:
+                add(f)
+        elif os.path.isfile(spec):
+            add(spec)
+        elif glob.has_magic(spec):
+            found = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
+            if not found:
+                failures.append((spec, "pattern matches no file"))
+            for f in found:
+                add(f)
+        else:
+            failures.append((spec, "no such file or folder"))
+    return paths, failures
+
+
+def output_paths(out_dir: str, image_path: str, used: Dict[str, int]) -> Dict[str, str]:
+    """Per-input output files; a stem seen twice in one run gets a numeric suffix."""
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    count = used.get(stem, 0)
+    used[stem] = count + 1
+    if count:
+        stem = f"{stem}_{count}"
+    return {
+        "label": os.path.join(out_dir, f"{stem}.label.png"),
+        "overlay": os.path.join(out_dir, f"{stem}.overlay.png"),
+        "json": os.path.join(out_dir, f"{stem}.json"),
+    }
+
+
+def overlay_with_legend(image, label_map: np.ndarray, names: Dict[int, str]):
+    """Overlay plus a legend column naming each id present (colour swatch + name)."""
+    from PIL import Image, ImageDraw
+
+    base = overlay(image, label_map)
+    present = [int(i) for i in np.unique(label_map)]
+    colours = palette(int(label_map.max()) + 1)
+    row = 14
+    legend_w = 160
+    canvas = Image.new("RGB", (base.width + legend_w, max(base.height, row * len(present) + 4)), (255, 255, 255))
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, i in enumerate(present):
+        y = 2 + k * row
+        draw.rectangle([base.width + 4, y, base.width + 14, y + 10], fill=tuple(int(c) for c in colours[i]))
+        draw.text((base.width + 18, y - 1), f"{i}: {names.get(i, '?')}"[:24], fill=(0, 0, 0))
+    return canvas
+
+
+def _segments_for_task(task, processor, outputs, sizes, id2label):
+    """Run the task's post-processing -> list of (label map int64 (H, W), segments list, png_names) per image."""
+    from .processing import binary_mask_to_rle
+
+    results = []
+    if task == "semantic":
+        for label_map in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes):
+            label_map = label_map.cpu().numpy().astype(np.int64)
+            ids, counts = np.unique(label_map, return_counts=True)
+            segments = [{"id": int(i), "label_id": int(i), "label": id2label.get(int(i), "?"), "area": int(c)}
+                        for i, c in zip(ids, counts)]
+            results.append((label_map, segments, {int(i): id2label.get(int(i), "?") for i in ids}))
+        return results
+    if task == "panoptic":
+        raw = processor.post_process_panoptic_segmentation(outputs, target_sizes=sizes)
+    else:
+        raw = processor.post_process_instance_segmentation(outputs, target_sizes=sizes)
+    for item in raw:
+        seg = item["segmentation"].cpu()
+        # PNG value = segment id + 1 for instance maps (their background is -1); panoptic ids
+        # already start at 1 with 0 for "no segment" (-1 everywhere when nothing survived).
+        offset = 1 if task == "instance" else 0
+        label_map = (seg.round().numpy().astype(np.int64) + offset).clip(min=0)
+        segments, names = [], {0: "no segment"}
+        for info in item["segments_info"]:
+            value = int(info["id"]) + offset
+            mask = label_map == value
+            segments.append({
+                "id": int(info["id"]),
+                "png_value": value,
+                "label_id": int(info["label_id"]),
+                "label": id2label.get(int(info["label_id"]), "?"),
+                "score": float(info["score"]),
+                "area": int(mask.sum()),
+                "rle": binary_mask_to_rle(mask),
+            })
+            names[value] = id2label.get(int(info["label_id"]), "?")
+        results.append((label_map, segments, names))
+    return results
+
+
+def _distributed():
+    """(rank, world_size, initialised_here) from torchrun's environment; gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="gloo")
+        return dist.get_rank(), dist.get_world_size(), True
+    return dist.get_rank(), dist.get_world_size(), False
+
+
+def run_segment(args) -> int:
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .processing import MaskFormerImageProcessor
+
+    rank, world, owns_group = _distributed()
+    paths, failures = expand_inputs(args.inputs)
+    shard = paths[rank::world]
+    failures = failures if rank == 0 else []  # report spec errors once
+
+    # model and processor
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.model is None:
+        model, processor = demo_model(), MaskFormerImageProcessor(size={"shortest_edge": 256, "longest_edge": 1024},
+                                                                   size_divisor=32)
+        if rank == 0:
+            print("maskformer segment: no --model given, using the embedded default (UNTRAINED weights)", file=sys.stderr)
+        model.to(device=args.device, dtype=dtype)
+    else:
+        from .modeling import MaskFormerForInstanceSegmentation
+
+        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype=dtype, device=args.device)
+        try:
+            processor = MaskFormerImageProcessor.from_pretrained(args.model)
+        except FileNotFoundError:
+            processor = MaskFormerImageProcessor()
+    if args.backend:
+        from . import dispatch
+
+        dispatch.set_backend(args.backend)
+    id2label = {int(k): v for k, v in model.config.id2label.items()}
+    os.makedirs(args.out, exist_ok=True)
+
+    used: Dict[str, int] = {}
+    all_outputs = {p: output_paths(args.out, p, used) for p in paths}  # same names on every rank
+    done = 0
+    start = time.perf_counter()
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(shard), desc=f"segment[{rank}]" if world > 1 else "segment", unit="img",
+                   disable=not sys.stderr.isatty())
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = None
+    for i in range(0, len(shard), args.batch_size):
+        batch_paths, images = [], []
+        for path in shard[i : i + args.batch_size]:
+            outs = all_outputs[path]
+            existing = [o for o in outs.values() if os.path.exists(o)]
+            if existing and not args.overwrite:
+                failures.append((path, f"{existing[0]} exists; pass --overwrite to replace it"))
+                continue
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    images.append(img.convert("RGB") if img.mode not in ("RGB",) else img.copy())
+                batch_paths.append(path)
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                failures.append((path, f"cannot read image ({type(exc).__name__}: {exc})"))
+        if not images:
+            continue
+        try:
+            inputs = processor(images=images, return_tensors="pt")
+            with torch.inference_mode():
+                outputs = model(inputs["pixel_values"].to(args.device), pixel_mask=inputs["pixel_mask"].to(args.device))
+            sizes = [(im.height, im.width) for im in images]
+            results = _segments_for_task(args.task, processor, outputs, sizes, id2label)
+        except torch.cuda.OutOfMemoryError:
+            for path in batch_paths:
+                failures.append((path, f"out of memory at batch size {args.batch_size}; retry with a smaller --batch-size"))
+            continue
+        except Exception as exc:
+            if "out of memory" in str(exc).lower():
+                msg = f"out of memory at batch size {args.batch_size}; retry with a smaller --batch-size"
+            else:
+                msg = f"{type(exc).__name__}: {exc}"
+            if args.verbose:
+                raise
+            failures.extend((path, msg) for path in batch_paths)
+            continue
+        for path, image, (label_map, segments, names) in zip(batch_paths, images, results):
+            outs = all_outputs[path]
+            save_label_map(label_map, outs["label"])
+            overlay_with_legend(image, label_map, names).save(outs["overlay"])
+            with open(outs["json"], "w") as f:
+                json.dump({"image": path, "task": args.task, "size": [image.height, image.width], "segments": segments}, f)
+            done += 1
+        if bar is not None:
+            bar.update(len(shard[i : i + args.batch_size]))
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - start
+
+    summary = {"images": done, "seconds": seconds, "failures": failures}
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, summary)
+        summary = {
+            "images": sum(g["images"] for g in gathered),
+            "seconds": max(g["seconds"] for g in gathered),
+            "failures": [f for g in gathered for f in g["failures"]],
+        }
+        if owns_group:
+            dist.destroy_process_group()
+    if rank == 0:
+        rate = summary["images"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+        print(f"maskformer segment: {summary['images']} images, {rate:.2f} images/s, {len(summary['failures'])} failures"
+              + (f" ({world} ranks)" if world > 1 else ""))
+        for spec, reason in summary["failures"]:
+            print(f"  failed: {spec}: {reason}", file=sys.stderr)
+    # Rank 0 owns the summary and the exit status; other ranks exit 0 so that torchrun does not
+    # tear rank 0 down before it has printed the combined report.
+    return 1 if summary["failures"] and rank == 0 else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description="Fast MaskFormer inference")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
@@ -179,6 +423,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     demo.add_argument("--seed", type=int, default=0)
+    seg = sub.add_parser("segment", help="segment images, folders and globs")
+    seg.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
+    seg.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the untrained embedded model)")
+    seg.add_argument("--out", required=True, help="output folder")
+    seg.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic")
+    seg.add_argument("--device", default="cpu")
+    seg.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    seg.add_argument("--backend", choices=("auto", "reference", "triton", "cpp"), default=None)
+    seg.add_argument("--batch-size", type=int, default=4)
+    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
     sub.add_parser("info", help="versions, devices and available fast paths")
     return parser
 
@@ -195,6 +449,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for seg in summary["segments"]:
                 print(f"  {seg['label']:>10s} (id {seg['label_id']}): {seg['area']} px")
             print("  wrote " + ", ".join(summary["files"]))
+        elif args.command == "segment":
+            if args.batch_size < 1:
+                raise ValueError("--batch-size must be >= 1")
+            return run_segment(args)
         elif args.command == "info":
             print(json.dumps(info(), indent=2))
         return 0
