@@ -178,6 +178,14 @@ class MaskFormerPreTrainedModel(nn.Module):
             )
         if h == 0 or w == 0:
             raise InputError(f"pixel_values has an empty spatial size {h}x{w}")
+        # The coarsest map is ceil(H / (4 * 2**(stages-1))) x ...; at 1x1 the FPN's GroupNorm has
+        # one value per group and fails deep inside (transformers too).
+        stride = 4 * 2 ** (len(self.config.backbone_config.depths) - 1)
+        if -(-h // stride) * -(-w // stride) == 1:
+            raise InputError(
+                f"pixel_values of {h}x{w} is too small: the coarsest feature map would be 1x1; make the image larger "
+                f"than {stride} pixels on at least one side (MaskFormerImageProcessor resizes to 800 by default)"
+            )
         if not pixel_values.is_floating_point():
             raise InputError(
                 f"pixel_values has integer dtype {pixel_values.dtype}: raw pixels must be rescaled and normalised "
@@ -251,8 +259,8 @@ class MaskFormerMLPPredictionHead(nn.Sequential):
 
 
 class _CriterionState(nn.Module):
-    """Holds ``criterion.empty_weight`` (class weights of the loss, null class down-weighted), a
-    buffer the hub files carry; the loss itself is not implemented yet (training issue)."""
+    """Holds ``criterion.empty_weight`` (class weights of the cross-entropy, null class
+    down-weighted), a buffer the hub files carry; the loss itself is ``maskformer.loss``."""
 
     def __init__(self, num_labels: int, eos_coef: float):
         super().__init__()
@@ -286,11 +294,8 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
 
     def forward(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_auxiliary_logits=None,
                 output_hidden_states=None, output_attentions=None, return_dict=None):
-        if mask_labels is not None or class_labels is not None:
-            raise NotImplementedError(
-                "the training loss (mask_labels / class_labels) is not implemented yet in maskformer; "
-                "run inference without labels, or use transformers for fine-tuning"
-            )
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("pass both mask_labels and class_labels to compute the loss, or neither")
         pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
         cfg = self.config
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
@@ -314,7 +319,17 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
         else:
             class_logits, mask_logits = self.heads(base.transformer_decoder_last_hidden_state, pixel_embeddings)
 
+        loss = None
+        if mask_labels is not None:
+            from .loss import maskformer_loss
+
+            loss, _ = maskformer_loss(
+                mask_logits, class_logits, mask_labels, class_labels, num_labels=cfg.num_labels,
+                empty_weight=self.criterion.empty_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,
+                cross_entropy_weight=cfg.cross_entropy_weight, auxiliary_logits=auxiliary_logits,
+            )
         out = MaskFormerForInstanceSegmentationOutput(
+            loss=loss,
             class_queries_logits=class_logits,
             masks_queries_logits=mask_logits,
             auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,

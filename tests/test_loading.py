@@ -288,6 +288,7 @@ def tiny_model(hf_tiny_checkpoint):
         (lambda: torch.randn(0, 3, 64, 64), "empty batch"),
         (lambda: torch.full((1, 3, 64, 64), float("nan")), "NaN"),
         (lambda: [[0.0]], "must be a torch.Tensor"),
+        (lambda: torch.randn(1, 3, 32, 20), "too small"),
     ],
 )
 def test_bad_pixel_values_raise(tiny_model, make, match):
@@ -299,10 +300,6 @@ def test_bad_pixel_mask_raises(tiny_model):
     with pytest.raises(InputError, match="pixel_mask must have shape"):
         tiny_model(torch.randn(2, 3, 64, 64), pixel_mask=torch.ones(2, 32, 32))
 
-
-def test_training_labels_not_silently_ignored(tiny_model):
-    with pytest.raises(NotImplementedError, match="training loss"):
-        tiny_model(torch.randn(1, 3, 64, 64), mask_labels=[torch.zeros(1, 64, 64)], class_labels=[torch.zeros(1)])
 
 
 def test_import_is_lean():
