@@ -1,0 +1,267 @@
+"""End-to-end throughput benchmark: ours against transformers, post-processing included.
+
+    maskformer bench [--models tiny,large] [--batches 1,2] [--dtypes float32,bfloat16] [--impls ...]
+    python -m benchmarks.e2e ...        (the same)
+
+For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640; random weights
+saved once by transformers, since no trained checkpoint can be downloaded here) and each
+(implementation, dtype, batch), a fresh subprocess loads the checkpoint, runs ``--warmup``
+untimed iterations, then ``--repeats`` timed ones. One iteration is the model's forward plus
+semantic post-processing to the original image size (preprocessing is the same for every row
+and excluded). Before timing, each row's semantic maps are compared with those of our fp32
+reference (``agree``: fraction of equal pixels). Peak memory is the CUDA allocator's peak on a
+GPU, and the process's peak RSS growth over its state just before the first iteration on the CPU.
+
+Implementations: ``transformers-eager``, ``transformers-compile`` (torch.compile of the model),
+``maskformer-reference`` (backend "reference"), ``maskformer-fast`` (backend "auto").
+Results: ``benchmarks/results/<device-slug>.json`` (top-level device, torch, triton, commit,
+rows) and a Markdown table beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import numpy as np
+
+# ADE20K checkpoints' architectures (facebook/maskformer-swin-{tiny,large}-ade) and the input
+# sizes their processors produce for a 4:3 image at the ADE short side.
+MODELS = {
+    "tiny": dict(backbone=dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7),
+                 image=(512, 683)),
+    "large": dict(backbone=dict(embed_dim=192, depths=[2, 2, 18, 2], num_heads=[6, 12, 24, 48], window_size=12),
+                  image=(640, 853)),
+    # a seconds-long smoke configuration for tests, not a published number
+    "toy": dict(backbone=dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7),
+                decoder=dict(d_model=64, decoder_layers=2, decoder_ffn_dim=128, num_queries=10), fpn=64,
+                image=(96, 128)),
+}
+IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "maskformer-fast")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_checkpoint(model: str, folder: str) -> str:
+    """Save a transformers MaskFormer of the given architecture (random weights, seed 0) to ``folder``."""
+    from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
+    import torch
+
+    spec = MODELS[model]
+    fpn = spec.get("fpn", 256)
+    config = MaskFormerConfig(
+        backbone_config=SwinConfig(image_size=384, out_features=["stage1", "stage2", "stage3", "stage4"], **spec["backbone"]),
+        decoder_config=DetrConfig(**spec.get("decoder", {})),
+        fpn_feature_size=fpn,
+        mask_feature_size=fpn,
+        id2label={i: f"class_{i}" for i in range(150)},
+    )
+    torch.manual_seed(0)
+    MaskFormerForInstanceSegmentation(config).eval().save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# one row, in its own process
+def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int, width: int, device: str,
+            warmup: int, repeats: int, maps_out: str) -> Dict:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(batch, 3, height, width)
+    target_sizes = [(height, width)] * batch
+
+    if impl.startswith("transformers"):
+        from transformers import MaskFormerForInstanceSegmentation as HF
+        from transformers import MaskFormerImageProcessor as HFProcessor
+
+        model = HF.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+        processor = HFProcessor()
+        if impl == "transformers-compile":
+            model = torch.compile(model)
+    else:
+        from . import MaskFormerForInstanceSegmentation, MaskFormerImageProcessor
+
+        model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint, dtype=dtype, device=device)
+        processor = MaskFormerImageProcessor()
+        try:
+            from . import dispatch
+
+            dispatch.set_backend("reference" if impl == "maskformer-reference" else "auto")
+        except ImportError:
+            pass
+    pixel_values = pixel_values.to(device=device, dtype=dtype)
+
+    def step():
+        with torch.inference_mode():
+            out = model(pixel_values=pixel_values)
+            return processor.post_process_semantic_segmentation(out, target_sizes=target_sizes)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    maps = step()  # also the first warm-up (compilation happens here for torch.compile)
+    np.save(maps_out, np.stack([m.cpu().numpy().astype(np.int32) for m in maps]))
+    for _ in range(max(0, warmup - 1)):
+        step()
+    sync()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    if device.startswith("cuda"):
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        # ru_maxrss is in KiB on Linux; growth of the peak over the pre-timing peak
+        peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    median = float(np.median(times))
+    return {"latency_ms": median * 1000, "images_per_s": batch / median, "peak_mem_mb": peak_mb,
+            "times_ms": [t * 1000 for t in times]}
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv: List[str] = None) -> int:
+    parser = argparse.ArgumentParser(prog="maskformer bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny", help="comma list of: " + ", ".join(MODELS))
+    parser.add_argument("--batches", default="1,2")
+    parser.add_argument("--dtypes", default=None, help="default: float32,bfloat16 on CUDA; float32 on the CPU")
+    parser.add_argument("--impls", default=",".join(i for i in IMPLS if i != "transformers-compile"),
+                        help="comma list of: " + ", ".join(IMPLS))
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print JSON
+    args = parser.parse_args(argv)
+
+    if args.row:
+        spec = json.loads(args.row)
+        print("ROW " + json.dumps(run_row(**spec)))
+        return 0
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = (args.dtypes or ("float32,bfloat16" if device == "cuda" else "float32")).split(",")
+    impls = args.impls.split(",")
+    unknown = [i for i in impls if i not in IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        raise SystemExit(f"unknown implementation or model: {unknown}")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    device_name = _device_name(device)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            height, width = MODELS[model]["image"]
+            checkpoint = make_checkpoint(model, os.path.join(tmp, model))
+            # the fp32 reference maps every row is compared with
+            plan = [("maskformer-reference", "float32")] + [(i, d) for i in impls for d in dtypes
+                                                            if (i, d) != ("maskformer-reference", "float32")]
+            for batch in [int(b) for b in args.batches.split(",")]:
+                reference_maps = None
+                for impl, dtype in plan:
+                    maps_out = os.path.join(tmp, "maps.npy")
+                    spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height,
+                                width=width, device=device, warmup=args.warmup, repeats=args.repeats, maps_out=maps_out)
+                    proc = subprocess.run([sys.executable, "-m", "maskformer.bench", "--row", json.dumps(spec)],
+                                          capture_output=True, text=True, cwd=REPO)
+                    line = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+                    if proc.returncode != 0 or not line:
+                        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+                        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {tail[0]}", file=sys.stderr)
+                        rows.append(dict(model=f"swin-{model}", impl=impl, dtype=dtype, batch=batch, error=tail[0]))
+                        continue
+                    result = json.loads(line[0][4:])
+                    maps = np.load(maps_out)
+                    if reference_maps is None:
+                        reference_maps = maps
+                    agree = float((maps == reference_maps).mean())
+                    row = dict(model=f"swin-{model}", impl=impl, dtype=dtype, batch=batch,
+                               images_per_s=round(result["images_per_s"], 4), latency_ms=round(result["latency_ms"], 2),
+                               peak_mem_mb=round(result["peak_mem_mb"], 1), agree=round(agree, 6),
+                               input=[height, width], times_ms=[round(t, 2) for t in result["times_ms"]])
+                    rows.append(row)
+                    print(f"  {row['model']:11s} {impl:21s} {dtype:9s} b{batch}: {row['images_per_s']:8.3f} img/s "
+                          f"{row['latency_ms']:9.1f} ms  peak +{row['peak_mem_mb']:8.1f} MB  agree {agree:.4%}", flush=True)
+    report = {
+        "device": device_name, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
+        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "threads": torch.get_num_threads(),
+        "warmup": args.warmup, "repeats": args.repeats, "rows": rows,
+        "note": "random weights (no trained checkpoint can be downloaded here); agree = fraction of semantic-map "
+                "pixels equal to maskformer-reference float32 at the same batch",
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, _slug(f"e2e-{device}-{device_name}"))
+    with open(stem + ".json", "w") as f:
+        json.dump(report, f, indent=2)
+    with open(stem + ".md", "w") as f:
+        f.write(f"# End-to-end benchmark: {device_name}\n\n")
+        f.write(f"torch {torch.__version__}, triton {triton_version}, commit {report['commit']}, {report['date']}, "
+                f"{report['threads']} threads, median of {args.repeats} after {args.warmup} warm-up.\n"
+                "One iteration = forward + semantic post-processing to the input size. Random weights.\n\n")
+        f.write("| model | impl | dtype | batch | images/s | latency ms | peak MB | agree |\n|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            if "error" in r:
+                f.write(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | failed: {r['error'][:60]} | | | |\n")
+            else:
+                f.write(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
+                        f"{r['latency_ms']:.1f} | {r['peak_mem_mb']:.1f} | {r['agree']:.4%} |\n")
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
