@@ -71,6 +71,8 @@ setup(
     long_description_content_type="text/markdown",
     packages=["maskformer", "maskformer.kernels"],
     package_dir={"maskformer": "maskformer", "maskformer.kernels": "kernels"},
+    # the small default model (scripts/train_default.py): config, weights, preprocessor config, log
+    package_data={"maskformer": ["default_model/*.json", "default_model/*.safetensors"]},
     python_requires=">=3.9",
     # torch is deliberately given as a floor only: a pinned or bare requirement would make pip
     # fetch a CUDA build over an installed CPU one. Install torch first (README).

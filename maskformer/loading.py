@@ -33,6 +33,23 @@ _OPTIONAL_KEYS = (
 )
 
 
+# The small default model shipped inside the package (scripts/train_default.py trains it).
+DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
+
+
+def load_default_model(dtype=None, device=None):
+    """The shipped default MaskFormer (4 classes: background, disc, box, stripe; trained on
+    maskformer.synthetic images). Its preprocessor config is in the same folder."""
+    from .modeling import MaskFormerForInstanceSegmentation
+
+    if not os.path.exists(os.path.join(DEFAULT_MODEL_DIR, SAFE_WEIGHTS)):
+        raise FileNotFoundError(
+            f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall maskformer or run "
+            "scripts/train_default.py --out maskformer/default_model"
+        )
+    return MaskFormerForInstanceSegmentation.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, device=device)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded as it is: missing, corrupt, or not matching the config."""
 
