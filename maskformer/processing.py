@@ -1004,7 +1004,11 @@ class MaskFormerImageProcessor:
         class_logits, mask_logits = _check_outputs(outputs, "post_process_semantic_segmentation")
         sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
         if not return_segmentation_scores:
-            return semantic_segmentation_ref(class_logits, mask_logits, sizes)
+            # maskformer.dispatch picks the fused kernels (C++ on CPU, Triton on CUDA) or
+            # semantic_segmentation_ref's computation, per MASKFORMER_BACKEND / set_backend.
+            from .dispatch import semantic_segmentation
+
+            return semantic_segmentation(class_logits, mask_logits, sizes)
         scores = _semantic_scores(class_logits, mask_logits)
         results = []
         for i in range(scores.shape[0]):
@@ -1333,10 +1337,10 @@ def _check_target_sizes(target_sizes: Any, batch_size: int) -> list[tuple[int, i
 
 
 def _semantic_scores(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
-    # Same einsum as transformers so the per-pixel sums round identically (argmax ties included).
-    class_probs = class_queries_logits.softmax(dim=-1)[..., :-1]
-    mask_probs = masks_queries_logits.sigmoid()
-    return torch.einsum("bqc, bqhw -> bchw", class_probs, mask_probs)
+    """(B, K, h, w) class scores, transformers' ops (``maskformer.kernels.mask_einsum.mask_einsum_ref``)."""
+    from .kernels.mask_einsum import mask_einsum_ref
+
+    return mask_einsum_ref(class_queries_logits, masks_queries_logits)
 
 
 def semantic_segmentation_ref(
@@ -1347,7 +1351,9 @@ def semantic_segmentation_ref(
     """Reference semantic segmentation: class-probability-weighted mask sum, resize, argmax.
 
     `scores[b, c] = sum_q softmax(class)[b, q, c] * sigmoid(mask)[b, q]` over the K real classes,
-    bilinearly resized (align_corners=False) to `target_sizes[b]`, then argmax over c.
+    bilinearly resized (align_corners=False) to `target_sizes[b]`, then argmax over c: the
+    composition of the kernels' references, which is what ``maskformer.dispatch`` runs on the
+    "reference" backend and what the fast backends are tested against.
 
     Args:
         class_queries_logits: `(B, Q, K+1)` float, last class is "no object".
@@ -1357,27 +1363,18 @@ def semantic_segmentation_ref(
     Returns:
         list of B `(H_b, W_b)` int64 tensors of class ids in `[0, K)` (first index on ties).
     """
+    from .kernels.upsample_argmax import upsample_argmax_ref
+
     if class_queries_logits.ndim != 3 or masks_queries_logits.ndim != 4:
         raise ValueError(
             f"semantic_segmentation_ref expects (B, Q, K+1) and (B, Q, h, w), got "
             f"{tuple(class_queries_logits.shape)} and {tuple(masks_queries_logits.shape)}."
         )
     scores = _semantic_scores(class_queries_logits, masks_queries_logits)  # (B, K, h, w)
-    batch = scores.shape[0]
-    if target_sizes is None:
-        return list(scores.argmax(dim=1).unbind(0))
-    if len(target_sizes) != batch:
-        raise ValueError(f"{len(target_sizes)} target sizes for a batch of {batch}.")
-    sizes = [tuple(int(v) for v in hw) for hw in target_sizes]
-    if all(s == sizes[0] for s in sizes):
-        # One interpolate for the batch: bilinear is computed per output pixel, so this equals the
-        # per-image calls bit for bit (the tests compare with transformers' per-image loop).
-        resized = F.interpolate(scores, size=sizes[0], mode="bilinear", align_corners=False)
-        return list(resized.argmax(dim=1).unbind(0))
-    return [
-        F.interpolate(scores[i : i + 1], size=sizes[i], mode="bilinear", align_corners=False)[0].argmax(dim=0)
-        for i in range(batch)
-    ]
+    if target_sizes is not None and len(target_sizes) != scores.shape[0]:
+        raise ValueError(f"{len(target_sizes)} target sizes for a batch of {scores.shape[0]}.")
+    sizes = None if target_sizes is None else [tuple(int(v) for v in hw) for hw in target_sizes]
+    return list(upsample_argmax_ref(scores, sizes))
 
 
 def binary_mask_to_rle(mask: torch.Tensor | np.ndarray) -> list[int]:

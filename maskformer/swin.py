@@ -124,6 +124,23 @@ class SwinSelfAttention(nn.Module):
         self.value = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.dropout = nn.Dropout(config.attention_probs_dropout_prob)
 
+    def fused_qkv(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(3C, C) weight and (3C,) bias of q, k and v stacked, for the one-GEMM fast path.
+
+        Cached while the three parameters are unchanged (same storage, same in-place version),
+        so inference pays the concatenation once; training or loading new weights rebuilds it.
+        """
+        params = [self.query.weight, self.key.weight, self.value.weight]
+        biases = [self.query.bias, self.key.bias, self.value.bias]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in params + [b for b in biases if b is not None])
+        cached = getattr(self, "_qkv_cache", None)
+        if cached is None or cached[0] != key:
+            weight = torch.cat([p.detach() for p in params])
+            bias = torch.cat([b.detach() for b in biases]) if biases[0] is not None else None
+            cached = (key, weight, bias)
+            self._qkv_cache = cached
+        return cached[1], cached[2]
+
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
         n = self.window_size**2
@@ -214,7 +231,37 @@ class SwinLayer(nn.Module):
         return mask
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference shifted-window attention. x (B, H, W, C) normalised -> (B, H, W, C) after the output projection."""
+        """Shifted-window attention. x (B, H, W, C) normalised -> (B, H, W, C) after the output projection.
+
+        The backend (``maskformer.dispatch``) picks the fused Triton kernel
+        (``maskformer.kernels.window_attention``: shift, padding, bias and mask folded into its
+        addressing, no partition copies) or this module's reference code below. The kernel has
+        no backward, so ``auto`` uses the reference whenever gradients are needed.
+        """
+        from . import dispatch
+
+        if dispatch.get_backend() == "reference" or self._needs_grad(x):
+            return self.window_attention_reference(x)  # no fused-weight work when it cannot be used
+        attn = self.attention.self
+        weight, bias = attn.fused_qkv()
+        args = (x, weight, bias, attn.relative_position_bias_table, self.window_size, self.shift_size, attn.num_heads)
+        if dispatch.select("window_attention", x.device, *args) == "reference":
+            return self.window_attention_reference(x)
+        from .kernels.window_attention import window_attention
+
+        return self.attention.output(window_attention(*args))
+
+    def _needs_grad(self, x: torch.Tensor) -> bool:
+        # Checked before dispatch so that `auto` quietly uses the reference in training; a forced
+        # triton backend still raises (the kernel's reasons include "requires grad").
+        from . import dispatch
+
+        return torch.is_grad_enabled() and dispatch.get_backend() == "auto" and (
+            x.requires_grad or any(p.requires_grad for p in self.attention.self.parameters())
+        )
+
+    def window_attention_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Reference shifted-window attention, transformers' operations in transformers' order."""
         b, height, width, c = x.shape
         w = self.window_size
         pad_r = (w - width % w) % w

@@ -70,7 +70,7 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from conftest import make_hf_model
+    from hf_oracle import make_hf_model
 
     folder = tmp_path_factory.mktemp("ckpt")
     make_hf_model(window_size=7).save_pretrained(folder)

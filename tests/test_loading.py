@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from maskformer import (CheckpointError, ConfigError, InputError, MaskFormerConfig, MaskFormerForInstanceSegmentation,
                         MaskFormerModel)
 
-from conftest import assert_close_rel, make_hf_model
+from hf_oracle import assert_close_rel, make_hf_model
 
 TOL = 1e-5  # see test_parity_transformers.py
 

@@ -6,7 +6,7 @@ from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation
 from maskformer.loading import load_model_state
 from maskformer.loss import maskformer_loss
 
-from conftest import assert_close_rel, hf_maskformer_config, perturb_
+from hf_oracle import assert_close_rel, hf_maskformer_config, perturb_
 
 # Loss and gradients go through the same ops as transformers', but the matcher's cost matrix
 # and the scipy assignment are exact only up to fp32 summation order; 1e-5 relative as for logits.

@@ -13,7 +13,7 @@ import torch
 from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerModel
 from maskformer.loading import load_model_state
 
-from conftest import assert_close_rel, make_hf_model
+from hf_oracle import assert_close_rel, make_hf_model
 
 TOL = 1e-5
 FIELDS = (
@@ -94,7 +94,7 @@ def test_base_model_matches_transformers():
 def test_other_activations_and_label_counts(act):
     from transformers import MaskFormerForInstanceSegmentation as HF
 
-    from conftest import hf_maskformer_config, perturb_
+    from hf_oracle import hf_maskformer_config, perturb_
 
     config = hf_maskformer_config(window_size=5, num_labels=1, num_queries=3)
     config.backbone_config.hidden_act = act
@@ -110,7 +110,7 @@ def test_decoder_auxiliary_loss_flag_matches_transformers():
     # every layer (and the last one twice); we reproduce it.
     from transformers import MaskFormerForInstanceSegmentation as HF
 
-    from conftest import hf_maskformer_config, perturb_
+    from hf_oracle import hf_maskformer_config, perturb_
 
     config = hf_maskformer_config(window_size=3)
     config.decoder_config.auxiliary_loss = True
@@ -122,7 +122,7 @@ def test_auxiliary_logits_match_transformers():
     # The one use_auxiliary_loss combination transformers 5.23 can run (see README deviations).
     from transformers import MaskFormerForInstanceSegmentation as HF
 
-    from conftest import hf_maskformer_config, perturb_
+    from hf_oracle import hf_maskformer_config, perturb_
 
     config = hf_maskformer_config(window_size=3, decoder_layers=3, use_auxiliary_loss=True)
     hf_model = perturb_(HF(config)).eval()
@@ -143,7 +143,7 @@ def test_real_size_swin_base_matches_transformers():
     6 decoder layers, 256-d) at a 256x320 input, which needs window padding at stages 1 and 3."""
     from transformers import MaskFormerForInstanceSegmentation as HF
 
-    from conftest import hf_maskformer_config, perturb_
+    from hf_oracle import hf_maskformer_config, perturb_
 
     config = hf_maskformer_config(window_size=12, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
                                   num_queries=100, d_model=256, decoder_layers=6, num_labels=150, fpn=256, mask=256)

@@ -769,18 +769,27 @@ def test_semantic_scores_and_many_classes():
     assert_equal(ours[0], torch.zeros(9, 11, dtype=torch.int64), "one-class map")
 
 
-def test_semantic_goes_through_ref(monkeypatch, scene_outputs):
-    """post_process_semantic_segmentation must route through `semantic_segmentation_ref` (the dispatch point)."""
+def test_semantic_goes_through_dispatch(monkeypatch, scene_outputs):
+    """post_process_semantic_segmentation routes through maskformer.dispatch (the backend switch),
+    and its reference backend gives `semantic_segmentation_ref`'s maps."""
+    from maskformer import dispatch
+
     calls = []
-    real = processing.semantic_segmentation_ref
+    real = dispatch.semantic_segmentation
 
-    def spy(class_logits, mask_logits, target_sizes):
+    def spy(class_logits, mask_logits, target_sizes, *args):
         calls.append(target_sizes)
-        return real(class_logits, mask_logits, target_sizes)
+        return real(class_logits, mask_logits, target_sizes, *args)
 
-    monkeypatch.setattr(processing, "semantic_segmentation_ref", spy)
-    MaskFormerImageProcessor().post_process_semantic_segmentation(scene_outputs, target_sizes=torch.tensor([[5, 6], [7, 8]]))
+    monkeypatch.setattr(dispatch, "semantic_segmentation", spy)
+    sizes = torch.tensor([[5, 6], [7, 8]])
+    with dispatch.backend("reference"):
+        maps = MaskFormerImageProcessor().post_process_semantic_segmentation(scene_outputs, target_sizes=sizes)
     assert calls == [[(5, 6), (7, 8)]]
+    ref = processing.semantic_segmentation_ref(scene_outputs.class_queries_logits, scene_outputs.masks_queries_logits,
+                                               [(5, 6), (7, 8)])
+    for a, b in zip(maps, ref):
+        assert_equal(a, b, "reference backend vs semantic_segmentation_ref")
 
 
 def _strip(results):

@@ -1,0 +1,384 @@
+"""Semantic post-processing: ours (C++, reference; Triton on CUDA) against transformers'
+``post_process_semantic_segmentation``, at ADE20k scale: 150 classes, 100 queries, 160x213 masks
+-> 640x853 maps, batch 2, realistic logits (``make_realistic_logits``).
+
+Script mode (verify, then time, then write files)::
+
+    python -m benchmarks.bench_postprocess            # or: python benchmarks/bench_postprocess.py
+    python -m benchmarks.bench_postprocess --compare benchmarks/results/postprocess-cpu.json --fail-if-regression
+
+writes ``benchmarks/results/postprocess-<device>.json`` and ``.md`` (device, versions, commit,
+config, one row per implementation). pytest-benchmark entries::
+
+    pytest benchmarks/bench_postprocess.py --benchmark-only
+
+How things are measured
+-----------------------
+* Verify first: every implementation's label maps must equal transformers' (``torch.equal``),
+  else the script stops before timing.
+* Time: wall clock of the whole call (CUDA synchronised), median and 10th/90th percentiles over
+  ``--iters`` runs after ``--warmup`` runs, all threads torch uses (``torch.get_num_threads()``).
+* Peak extra memory: tracemalloc cannot see torch's allocations (they go through the C allocator,
+  MKL and OpenMP), so each implementation runs once in a fresh subprocess: inputs are built and a
+  small warm-up call made (thread pools, the extension, the rounding calibration), then the
+  kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` = 5, Linux >= 4.0) and the process
+  records ``VmHWM - VmRSS`` across one call: every page the call touched beyond what was already
+  resident, whoever allocated it. On CUDA, ``torch.cuda.max_memory_allocated`` is used instead.
+* Roofline figure: effective bandwidth of the fused upsample+argmax (scores read once + labels
+  written once, over its time) next to this machine's measured copy bandwidth (a 256 MiB clone).
+"""
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+CONFIG = {"batch": 2, "queries": 100, "classes": 150, "mask": (160, 213), "target": (640, 853), "seed": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and implementations
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(device="cpu", config=CONFIG):
+    from maskformer.kernels.mask_einsum import make_realistic_logits
+
+    cl, ml = make_realistic_logits(config["batch"], config["queries"], config["classes"], *config["mask"],
+                                   seed=config["seed"], device=device)
+    return cl, ml, [tuple(config["target"])] * config["batch"]
+
+
+def implementations(device: str):
+    """name -> fn(class_logits, mask_logits, target_sizes) -> list of label maps. Whole pipelines
+    first, then components (marked with a '/')."""
+    from transformers.models.maskformer.image_processing_pil_maskformer import MaskFormerImageProcessorPil
+    from transformers.models.maskformer.modeling_maskformer import MaskFormerForInstanceSegmentationOutput
+
+    from maskformer import _ext, dispatch
+    from maskformer.kernels import mask_einsum as me
+    from maskformer.kernels import upsample_argmax as ua
+
+    processor = MaskFormerImageProcessorPil()
+
+    def transformers_pp(cl, ml, sizes):
+        out = MaskFormerForInstanceSegmentationOutput(class_queries_logits=cl, masks_queries_logits=ml)
+        return processor.post_process_semantic_segmentation(out, target_sizes=sizes)
+
+    def ours(backend_name):
+        def run(cl, ml, sizes):
+            with dispatch.backend(backend_name):
+                return dispatch.semantic_segmentation(cl, ml, sizes)
+
+        return run
+
+    impls = {"transformers": transformers_pp, "ours-reference": ours("reference")}
+    notes = {}
+    if device == "cuda":
+        impls["ours-triton"] = ours("triton")
+    else:
+        notes["ours-triton"] = "not run: the Triton kernels need CUDA (CPU tensors only under TRITON_INTERPRET)"
+    if device == "cpu":
+        if _ext.load_cpp() is not None:
+            impls["ours-cpp"] = ours("cpp")
+            scores = {}
+
+            def cpp_upsample_only(cl, ml, sizes):
+                key = id(cl)
+                if key not in scores:
+                    scores.clear()
+                    scores[key] = me.mask_einsum_ref(cl, ml)
+                return ua.upsample_argmax_cpp(scores[key], sizes)
+
+            impls["component/scores (torch ops, as transformers)"] = lambda cl, ml, sizes: me.mask_einsum_ref(cl, ml)
+            impls["component/upsample_argmax (C++)"] = cpp_upsample_only
+            impls["component/mask_einsum (C++ fused)"] = lambda cl, ml, sizes: me.mask_einsum_cpp(cl, ml)
+        else:
+            notes["ours-cpp"] = f"not run: {_ext.cpp_import_error()}"
+    return impls, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, args, device, warmup=2, iters=15):
+    for _ in range(warmup):
+        fn(*args)
+    _sync(device)
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    samples.sort()
+    q = statistics.quantiles(samples, n=10) if len(samples) >= 2 else [samples[0]] * 9
+    return {"median_ms": statistics.median(samples), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": samples[0],
+            "iters": iters}
+
+
+def _kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_probe(name: str, device: str) -> dict:
+    """Run in a fresh process (see module docstring): peak extra memory of one call of ``name``."""
+    impls, _ = implementations(device)
+    fn = impls[name]
+    cl, ml, sizes = make_inputs(device)
+    small = {**CONFIG, "batch": 1, "mask": (16, 21), "target": (64, 85)}
+    fn(*make_inputs(device, small))  # warm-up: thread pools, extension, calibration
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(cl, ml, sizes)
+        torch.cuda.synchronize()
+        return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "method": "cuda allocator"}
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _kib("VmRSS")
+    result = fn(cl, ml, sizes)
+    peak = _kib("VmHWM")
+    del result
+    return {"peak_extra_mib": (peak - base) / 1024, "method": "VmHWM - VmRSS (clear_refs)"}
+
+
+def peak_extra_memory(name: str, device: str) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--device", device]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if res.returncode != 0:
+        return {"peak_extra_mib": None, "error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    """Measured ceiling: read + write of a 256 MiB clone, best of 5."""
+    x = torch.empty(64 * 2**20, dtype=torch.float32, device=device).fill_(1.0)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        y = x.clone()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+        del y
+    return 2 * x.numel() * 4 / best / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def device_info(device: str) -> dict:
+    info = {"device": device, "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        info["cpu"] = platform.processor() or None
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        info["loadavg_1min_at_start"] = os.getloadavg()[0]
+    except OSError:
+        pass
+    for mod in ("triton", "transformers"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception as exc:
+            info[mod] = f"not available ({type(exc).__name__})"
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+    except Exception:
+        info["commit"] = None
+    return info
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    d, c = report["device"], report["config"]
+    lines = [
+        "# Semantic post-processing benchmark",
+        "",
+        f"- device: {d['device']} - {d.get('gpu') or d.get('cpu')} ({d['cores']} cores, torch threads "
+        f"{d['torch_threads']}, capability {d['cpu_capability']}); load average at start {d.get('loadavg_1min_at_start')}",
+        f"- torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}, commit {d['commit']}",
+        f"- config: batch {c['batch']}, {c['queries']} queries, {c['classes']} classes, mask {c['mask'][0]}x{c['mask'][1]}"
+        f" -> target {c['target'][0]}x{c['target'][1]}, realistic logits (seed {c['seed']})",
+        f"- verification: {report['verification']}",
+        f"- memory method: {report['memory_method']}",
+        f"- measured copy bandwidth: {report['copy_bandwidth_gbs']:.1f} GB/s",
+        "",
+        "| implementation | median ms | p10-p90 ms | speedup vs transformers | peak extra MiB | memory vs transformers |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["rows"]:
+        mem = "-" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.1f}"
+        ratio = "-" if r.get("memory_ratio") is None else f"1/{1 / r['memory_ratio']:.1f}" if r["memory_ratio"] else "-"
+        lines.append(f"| {r['name']} | {r['median_ms']:.1f} | {r['p10_ms']:.1f}-{r['p90_ms']:.1f} | "
+                     f"{r['speedup']:.1f}x | {mem} | {ratio} |")
+    for name, note in report.get("notes", {}).items():
+        lines.append(f"\n- {name}: {note}")
+    if report.get("roofline"):
+        lines.append(f"\n- {report['roofline']}")
+    if report.get("comparison"):
+        lines.append("\n## Against the stored baseline\n")
+        for name, ratio in report["comparison"].items():
+            lines.append(f"- {name}: {ratio:.2f}x the baseline's median time")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args) -> dict:
+    device = args.device
+    impls, notes = implementations(device)
+    cl, ml, sizes = make_inputs(device)
+    expected = impls["transformers"](cl, ml, sizes)
+    checked = []
+    for name, fn in impls.items():
+        if name.startswith("component/"):
+            continue
+        got = fn(cl, ml, sizes)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            if not torch.equal(g.cpu(), e.cpu()):
+                raise SystemExit(f"VERIFY FAILED: {name} image {i}: {int((g.cpu() != e.cpu()).sum())} labels differ")
+        checked.append(name)
+    verification = f"label maps identical to transformers (torch.equal) for {', '.join(checked)}"
+    print(f"All results match ({', '.join(checked)}). Starting benchmarks.")
+
+    rows = []
+    for name, fn in impls.items():
+        t = time_call(fn, (cl, ml, sizes), device, args.warmup, args.iters)
+        # Memory of whole pipelines only: a component's probe would include its inputs' making.
+        measure = not args.no_memory and not name.startswith("component/")
+        mem = peak_extra_memory(name, device) if measure else {"peak_extra_mib": None}
+        rows.append({"name": name, **t, **mem})
+        print(f"{name:48s} median {t['median_ms']:8.2f} ms  (p10 {t['p10_ms']:.2f}, p90 {t['p90_ms']:.2f})"
+              f"  peak extra {mem.get('peak_extra_mib') if mem.get('peak_extra_mib') is None else round(mem['peak_extra_mib'], 1)} MiB")
+    base = rows[0]
+    for r in rows:
+        r["speedup"] = base["median_ms"] / r["median_ms"]
+        if r.get("peak_extra_mib") is not None and base.get("peak_extra_mib"):
+            r["memory_ratio"] = r["peak_extra_mib"] / base["peak_extra_mib"]
+
+    bw = copy_bandwidth_gbs(device)
+    roofline = None
+    ua_row = next((r for r in rows if r["name"] == "component/upsample_argmax (C++)"), None)
+    if ua_row:
+        c = CONFIG
+        moved = c["batch"] * (c["classes"] * c["mask"][0] * c["mask"][1] * 4 + c["target"][0] * c["target"][1] * 8)
+        eff = moved / (ua_row["median_ms"] / 1e3) / 1e9
+        roofline = (f"upsample_argmax (C++): {eff:.2f} GB/s effective (scores read once + int64 labels written, "
+                    f"{moved / 2**20:.0f} MiB, over its median time) = {100 * eff / bw:.0f}% of the {bw:.1f} GB/s "
+                    "measured copy bandwidth")
+    report = {
+        "device": device_info(device),
+        "config": CONFIG,
+        "verification": verification,
+        "memory_method": rows[0].get("method", "not measured"),
+        "copy_bandwidth_gbs": bw,
+        "rows": rows,
+        "notes": notes,
+        "roofline": roofline,
+    }
+    if args.baseline:
+        old_rows = {r["name"]: r for r in args.baseline["rows"]}
+        report["comparison"] = {r["name"]: r["median_ms"] / old_rows[r["name"]]["median_ms"]
+                                for r in rows if r["name"] in old_rows}
+    return report
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=15)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--out", type=Path, default=None, help="results file stem (default results/postprocess-<device>)")
+    parser.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare with")
+    parser.add_argument("--fail-if-regression", action="store_true",
+                        help="exit 1 when an implementation is > 1.25x slower than in --compare")
+    parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe, args.device)))
+        return 0
+    stem = args.out or RESULTS / f"postprocess-{args.device}"
+    # Read the baseline before this run overwrites the file it may live in.
+    args.baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
+    report = run(args)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    write_markdown(stem.with_suffix(".md"), report)
+    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+    if args.fail_if_regression and report.get("comparison"):
+        slow = {n: r for n, r in report["comparison"].items() if r > 1.25}
+        if slow:
+            print(f"REGRESSION (> 1.25x the baseline): {slow}")
+            return 1
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark entries
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # script mode does not need pytest
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(scope="module")
+    def bench_setup():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        impls, notes = implementations(device)
+        cl, ml, sizes = make_inputs(device)
+        expected = impls["transformers"](cl, ml, sizes)
+        return device, impls, notes, (cl, ml, sizes), expected
+
+    @pytest.mark.parametrize("name", ["transformers", "ours-reference", "ours-cpp", "ours-triton"])
+    def test_postprocess(benchmark, bench_setup, name):
+        device, impls, notes, args, expected = bench_setup
+        if name not in impls:
+            pytest.skip(notes.get(name, f"{name} not available"))
+        fn = impls[name]
+        got = fn(*args)  # verify, then time
+        assert all(torch.equal(g.cpu(), e.cpu()) for g, e in zip(got, expected)), f"{name} labels differ"
+
+        def call():
+            fn(*args)
+            _sync(device)
+
+        benchmark.pedantic(call, rounds=10, warmup_rounds=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

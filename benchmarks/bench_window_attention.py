@@ -1,0 +1,437 @@
+"""Benchmark: Swin window attention, the Triton op against the reference, transformers-style eager
+attention and SDPA with a materialised bias, at the Swin-L stage shapes of a 640x640 input
+(window 12, head_dim 32; stages 160x160x192/6 heads, 80x80x384/12, 40x40x768/24, 20x20x1536/48).
+
+Script mode verifies every implementation against the fp32 reference first, then times it
+(``triton.testing.do_bench``: median and 20/80% quantiles of CUDA-event times), and writes
+``benchmarks/results/window_attention-<device>.json`` with device, versions, commit and config:
+
+    python benchmarks/bench_window_attention.py                 # bf16 + fp16, both shifts, batch 1
+    python benchmarks/bench_window_attention.py --sweep         # + the kernel's tile configurations
+    python benchmarks/bench_window_attention.py --aot           # + compile for sm_80/sm_90 (no GPU needed)
+
+Without a CUDA device it says so, skips every GPU timing and times the reference on CPU at one
+small shape. pytest-benchmark entries (GPU ones skip with a reason on a CPU machine):
+
+    pytest benchmarks/bench_window_attention.py --benchmark-only
+
+Implementations (every one includes the q/k/v projection, so the times compare whole ops):
+- ``triton``: ``maskformer.kernels.window_attention.window_attention`` (one GEMM + the kernel);
+- ``ref``: ``window_attention_ref`` (computes in fp32 whatever the input dtype);
+- ``eager``: the same math in the input dtype, as transformers' MaskFormerSwin does it;
+- ``sdpa``: eager with ``F.scaled_dot_product_attention`` and the bias + shift mask materialised
+  as its ``attn_mask`` (gathered every call, as a model would);
+- ``triton_kernel``/``sdpa_kernel``: attention only, on a precomputed q/k/v (ours: (B, H, W, 3C);
+  SDPA: windows already partitioned, mask already built): the kernel-level comparison.
+
+FLOPs (for TFLOP/s): attention 4 * B * nW * heads * N^2 * head_dim over the padded windows (padded
+tokens take part, so that work is required), plus 6 * B * H * W * C^2 for the q/k/v projection of
+the real tokens in the whole-op rows.
+"""
+import argparse
+import datetime
+import functools
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from maskformer.kernels import window_attention as wa
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WINDOW = 12
+# (name, H, W, C, heads) at a 640x640 input: Swin-L embed_dim 192, heads (6, 12, 24, 48), patch 4.
+STAGES = [
+    ("stage1", 160, 160, 192, 6),
+    ("stage2", 80, 80, 384, 12),
+    ("stage3", 40, 40, 768, 24),
+    ("stage4", 20, 20, 1536, 48),
+]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# Tile configurations for --sweep: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+SWEEP = [
+    (16, 16, 1, 2), (32, 16, 2, 2), (64, 16, 4, 2), (64, 16, 4, 3), (32, 32, 2, 2),
+    (64, 32, 4, 2), (64, 64, 4, 2), (128, 16, 8, 2), (128, 32, 8, 2),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs, implementations, FLOPs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(batch, h, w, c, heads, dtype, device, seed=0):
+    """Layernormed x (B, H, W, C), W_qkv (3C, C), b_qkv (3C,), table ((2w-1)^2, heads), in dtype."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.layer_norm(torch.randn(batch, h, w, c, generator=g), (c,))
+    weight = torch.randn(3 * c, c, generator=g) * (1.5 / c**0.5)
+    bias = torch.randn(3 * c, generator=g) * 0.5
+    table = 2.0 * torch.randn((2 * WINDOW - 1) ** 2, heads, generator=g)
+    return tuple(t.to(device=device, dtype=dtype) for t in (x, weight, bias, table))
+
+
+def implementations():
+    return {
+        "triton": wa.window_attention,
+        "ref": wa.window_attention_ref,
+        "eager": wa._window_attention_eager,
+        "sdpa": functools.partial(wa._window_attention_eager, use_sdpa=True),
+    }
+
+
+def kernel_only(args, shift, heads):
+    """(name -> zero-argument callable) for the attention alone on precomputed inputs."""
+    x, weight, bias, table = args
+    b, h, w, c = x.shape
+    qkv = torch.nn.functional.linear(x, weight, bias)
+    out = torch.empty_like(x)
+    n, d = WINDOW * WINDOW, c // heads
+    hp, wp = -(-h // WINDOW) * WINDOW, -(-w // WINDOW) * WINDOW
+    xp = torch.nn.functional.pad(x, (0, 0, 0, wp - w, 0, hp - h))
+    if shift:
+        xp = torch.roll(xp, (-shift, -shift), (1, 2))
+    windows = wa.window_partition(xp, WINDOW).reshape(-1, n, c)
+    q, k, v = torch.nn.functional.linear(windows, weight, bias).view(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    index = wa.relative_position_index(WINDOW).to(x.device)
+    mask = table[index.view(-1)].view(n, n, heads).permute(2, 0, 1).unsqueeze(0)
+    if shift:
+        mask = (mask + wa.shift_attention_mask(hp, wp, WINDOW, shift, x.device, x.dtype).unsqueeze(1)).repeat(b, 1, 1, 1)
+    mask = mask.contiguous()
+    return {
+        "triton_kernel": lambda: wa._launch(qkv, bias, table, out, WINDOW, shift, heads),
+        "sdpa_kernel": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    }
+
+
+def flops(batch, h, w, c, heads, projection=True):
+    n = WINDOW * WINDOW
+    windows = (-(-h // WINDOW)) * (-(-w // WINDOW))
+    attention = 4 * batch * windows * heads * n * n * (c // heads)
+    return attention + (6 * batch * h * w * c * c if projection else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# verification, timing
+# ---------------------------------------------------------------------------------------------
+
+
+def verify(args, shift, heads):
+    """Every implementation against the fp32 reference: max error <= 2x the eager (input dtype)
+    error + one ulp at the output's scale, as in the tests. Returns {impl: (max_err, bound, ok)}."""
+    x, weight, bias, table = args
+    gold = wa.window_attention_ref(x.float(), weight.float(), bias.float(), table.float(), WINDOW, shift, heads)
+    eager_err = (wa._window_attention_eager(*args, WINDOW, shift, heads).float() - gold).abs().max().item()
+    bound = 2 * eager_err + torch.finfo(x.dtype).eps * gold.abs().max().item()
+    report = {}
+    for name, fn in implementations().items():
+        out = fn(*args, WINDOW, shift, heads)
+        err = (out.float() - gold).abs().max().item()
+        ok = out.shape == x.shape and out.dtype == x.dtype and err <= bound and not torch.isnan(out).any().item()
+        report[name] = (err, bound, bool(ok))
+    return report
+
+
+def time_cuda(fn):
+    import triton.testing
+
+    median, p20, p80 = triton.testing.do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+def time_cpu(fn, reps=5):
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2], times[0], times[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compilation (no GPU needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def aot_compile(dtype, window, shift, head_dim, blocks=None, arch=90, has_bias=True):
+    """Compile the kernel for ``sm_<arch>`` without a GPU (triton.compile + the bundled ptxas) and
+    read registers/stack/shared memory from the cubin. Proves it compiles; says nothing of speed."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    kernel, interpreted = wa._build_kernel()
+    if interpreted:
+        raise RuntimeError("--aot needs TRITON_INTERPRET unset: the kernel was built for the interpreter")
+    n = window * window
+    bm, bn, warps = wa._default_blocks(n, head_dim)
+    stages = 2
+    if blocks:
+        bm, bn, warps, stages = blocks
+    tname = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    constants = dict(
+        WINDOW=window, SHIFT=shift, HEAD_DIM=head_dim, BLOCK_D=wa._pow2_at_least(head_dim), BLOCK_M=bm, BLOCK_N=bn,
+        HAS_QKV_BIAS=has_bias, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", UPCAST_DOT=False,
+    )
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = "*" + tname
+        else:
+            signature[name] = "fp32" if name == "qk_scale" else "i32"
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    row = dict(dtype=tname, window=window, shift=shift, head_dim=head_dim, block_m=bm, block_n=bn, num_warps=warps,
+               num_stages=stages, arch=f"sm_{arch}", shared_bytes=compiled.metadata.shared)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(cuobjdump):
+        path = os.path.join(HERE, "results", f".aot-{os.getpid()}.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        try:
+            info = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+        finally:
+            os.remove(path)
+        row["registers"] = int(re.search(r"REG:(\d+)", info).group(1))
+        row["stack_bytes"] = int(re.search(r"STACK:(\d+)", info).group(1))
+    return row
+
+
+def aot_report():
+    rows = []
+    for arch in (80, 90):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            rows.append(aot_compile(dtype, 12, 6, 32, arch=arch))
+        rows.append(aot_compile(torch.bfloat16, 7, 3, 32, arch=arch))
+    for blocks in SWEEP:
+        rows.append(aot_compile(torch.bfloat16, 12, 6, 32, blocks=blocks))
+    for head_dim in (16, 24, 64, 128, 256):
+        rows.append(aot_compile(torch.bfloat16, 12, 6, head_dim))
+    for r in rows:
+        print(
+            f"  {r['arch']} {r['dtype']} w={r['window']} D={r['head_dim']} tiles {r['block_m']}x{r['block_n']} "
+            f"warps={r['num_warps']} stages={r['num_stages']}: registers {r.get('registers', '?')}, "
+            f"stack {r.get('stack_bytes', '?')} B, shared {r['shared_bytes']} B"
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+# ---------------------------------------------------------------------------------------------
+
+
+def device_name():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return "cpu"
+
+
+def environment():
+    def version(module):
+        try:
+            return __import__(module).__version__
+        except Exception as exc:
+            return f"unavailable ({type(exc).__name__})"
+
+    def git(*cmd):  # read-only queries
+        try:
+            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
+        except Exception:
+            return None
+
+    try:  # read-only: tracked files changed since HEAD, or untracked files present
+        changed = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=HERE, capture_output=True).returncode
+        dirty = changed == 1 or bool(git("ls-files", "--others", "--exclude-standard"))
+    except Exception:
+        dirty = None
+    with open(wa.__file__, "rb") as f:  # identifies the kernel that was timed, committed or not
+        kernel_sha = hashlib.sha256(f.read()).hexdigest()
+    return {
+        "device": device_name(),
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": dirty,
+        "kernel_source_sha256": kernel_sha,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def results_path(device):
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    return os.path.join(HERE, "results", f"window_attention-{slug}.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# script mode
+# ---------------------------------------------------------------------------------------------
+
+
+def run_gpu(args, record, device="cuda", timer=time_cuda, stages=STAGES):
+    """Verify then time every implementation at every stage/dtype/shift (device/timer/stages are
+    parameters only so the logic can be dry-run on CPU under the interpreter)."""
+    ok = True
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        for stage, h, w, c, heads in stages:
+            inputs = make_inputs(args.batch, h, w, c, heads, dtype, device)
+            for shift in args.shifts:
+                label = f"{stage} {h}x{w}x{c} heads={heads} {dtype_name} shift={shift}"
+                report = verify(inputs, shift, heads)
+                record["verification"].append(
+                    dict(stage=stage, dtype=dtype_name, shift=shift,
+                         **{impl: dict(max_err=e, bound=b, ok=o) for impl, (e, b, o) in report.items()})
+                )
+                bad = [impl for impl, (_, _, o) in report.items() if not o]
+                print(f"{label}: verified " + ", ".join(f"{k} {e:.2e}/{b:.2e}" for k, (e, b, _) in report.items()))
+                if bad:
+                    print(f"  MISMATCH in {bad}: not timing this shape", file=sys.stderr)
+                    ok = False
+                    continue
+                fns = {name: functools.partial(fn, *inputs, WINDOW, shift, heads) for name, fn in implementations().items()}
+                fns.update(kernel_only(inputs, shift, heads))
+                for name, fn in fns.items():
+                    median, p20, p80 = timer(fn)
+                    total = flops(args.batch, h, w, c, heads, projection=not name.endswith("_kernel"))
+                    tflops = total / (median * 1e-3) / 1e12
+                    record["results"].append(dict(stage=stage, H=h, W=w, C=c, heads=heads, dtype=dtype_name, shift=shift,
+                                                  impl=name, ms=median, ms_p20=p20, ms_p80=p80, flops=total, tflops=tflops))
+                    print(f"  {name:>14}: {median:8.4f} ms  [{p20:.4f}, {p80:.4f}]  {tflops:7.2f} TFLOP/s")
+                if args.sweep:
+                    qkv = torch.nn.functional.linear(inputs[0], inputs[1], inputs[2])
+                    out = torch.empty_like(inputs[0])
+                    # Other tiles round P (fp16/bf16) against another running max: ~1 ulp apart.
+                    default_out = wa._launch(qkv, inputs[2], inputs[3], torch.empty_like(out), WINDOW, shift, heads)
+                    for bm, bn, warps, n_stages in SWEEP:
+                        fn = functools.partial(wa._launch, qkv, inputs[2], inputs[3], out, WINDOW, shift, heads,
+                                               block_m=bm, block_n=bn, num_warps=warps, num_stages=n_stages)
+                        fn()
+                        same = (out.float() - default_out.float()).abs().max().item()
+                        median, _, _ = timer(fn)
+                        tflops = flops(args.batch, h, w, c, heads, projection=False) / (median * 1e-3) / 1e12
+                        record["sweep"].append(dict(stage=stage, dtype=dtype_name, shift=shift, block_m=bm, block_n=bn,
+                                                    num_warps=warps, num_stages=n_stages, ms=median, tflops=tflops,
+                                                    max_diff_vs_default=same))
+                        print(f"    tiles {bm:>3}x{bn:<3} warps {warps} stages {n_stages}: {median:8.4f} ms {tflops:7.2f} TFLOP/s"
+                              f" (max diff vs default {same:.1e})")
+    return ok
+
+
+def run_cpu(args, record):
+    """No GPU: time the reference at the smallest stage (stage 4), batch 1, fp32."""
+    stage, h, w, c, heads = STAGES[-1]
+    inputs = make_inputs(1, h, w, c, heads, torch.float32, "cpu")
+    for shift in args.shifts:
+        median, lo, hi = time_cpu(functools.partial(wa.window_attention_ref, *inputs, WINDOW, shift, heads))
+        total = flops(1, h, w, c, heads)
+        record["results"].append(dict(stage=stage, H=h, W=w, C=c, heads=heads, dtype="fp32", shift=shift, impl="ref",
+                                      device="cpu", ms=median, ms_min=lo, ms_max=hi, flops=total,
+                                      tflops=total / (median * 1e-3) / 1e12))
+        print(f"cpu ref {stage} {h}x{w}x{c} heads={heads} fp32 shift={shift}: {median:.2f} ms "
+              f"({total / (median * 1e-3) / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtypes", default="bf16,fp16", help="comma-separated: bf16, fp16, fp32")
+    parser.add_argument("--shifts", default="0,6", help="comma-separated shift sizes (window 12: 0 and 6)")
+    parser.add_argument("--sweep", action="store_true", help="also time the kernel's tile configurations")
+    parser.add_argument("--aot", action="store_true", help="compile for sm_80/sm_90 and report registers (no GPU needed)")
+    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/window_attention-<device>.json)")
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    args.shifts = [int(s) for s in args.shifts.split(",")]
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the benchmark times the compiled kernel")
+
+    env = environment()
+    record = dict(env, op="window_attention", window=WINDOW, batch=args.batch, dtypes=args.dtypes, shifts=args.shifts,
+                  stages=[dict(zip(("name", "H", "W", "C", "heads"), s)) for s in STAGES],
+                  verification=[], results=[], sweep=[])
+    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
+          f"{' (dirty)' if env['dirty'] else ''}")
+    ok = True
+    if args.aot:
+        print("ahead-of-time compilation (registers per thread from the cubin):")
+        record["aot"] = aot_report()
+    if torch.cuda.is_available():
+        reasons = wa.not_supported_reasons(*make_inputs(1, 24, 24, 64, 2, torch.bfloat16, "cuda"), WINDOW, 6, 2)
+        if reasons:
+            print("the Triton op cannot run here: " + "; ".join(reasons), file=sys.stderr)
+            return 2
+        ok = run_gpu(args, record)
+        record["verified"] = ok
+        if ok:
+            print("All results match.")
+    else:
+        print("No CUDA device: the GPU verification and timings are skipped (no GPU numbers in this file); "
+              "timing the reference on CPU at one small shape instead.")
+        record["gpu_skipped"] = "no CUDA device"
+        run_cpu(args, record)
+    path = args.out or results_path(env["device"])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"wrote {path}")
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark entries
+# ---------------------------------------------------------------------------------------------
+
+
+def _cuda_or_skip():
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("TRITON_INTERPRET is set: GPU benchmarks need the compiled kernel")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: GPU benchmark skipped")
+
+
+@pytest.mark.parametrize("impl", ["triton", "sdpa", "eager", "ref"])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", STAGES, ids=[s[0] for s in STAGES])
+def test_bench_gpu(benchmark, stage, dtype, impl):
+    _cuda_or_skip()
+    name, h, w, c, heads = stage
+    inputs = make_inputs(1, h, w, c, heads, DTYPES[dtype], "cuda")
+    report = verify(inputs, WINDOW // 2, heads)
+    err, bound, ok = report[impl]
+    assert ok, f"{impl} {name} {dtype}: max error {err:.3e} > bound {bound:.3e}"
+    fn = implementations()[impl]
+
+    def run():
+        fn(*inputs, WINDOW, WINDOW // 2, heads)
+        torch.cuda.synchronize()
+
+    benchmark.extra_info.update(stage=name, dtype=dtype, impl=impl, flops=flops(1, h, w, c, heads))
+    benchmark(run)
+
+
+def test_bench_cpu_reference(benchmark):
+    """The one CPU entry: the reference at stage 4 (20x20x1536, 48 heads), fp32, shifted."""
+    name, h, w, c, heads = STAGES[-1]
+    inputs = make_inputs(1, h, w, c, heads, torch.float32, "cpu")
+    benchmark.extra_info.update(stage=name, dtype="fp32", impl="ref", flops=flops(1, h, w, c, heads))
+    out = benchmark(wa.window_attention_ref, *inputs, WINDOW, WINDOW // 2, heads)
+    assert out.shape == inputs[0].shape
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Semantic class scores from MaskFormer outputs: softmax, sigmoid and the query contraction fused.
+
+transformers' ``post_process_semantic_segmentation`` starts with::
+
+    masks_classes = class_queries_logits.softmax(dim=-1)[..., :-1]   # (B, Q, K), null class dropped
+    masks_probs = masks_queries_logits.sigmoid()                       # (B, Q, h, w)
+    segmentation = torch.einsum("bqc, bqhw -> bchw", masks_classes, masks_probs)   # (B, K, h, w)
+
+``mask_einsum_ref`` is exactly that (upcasting fp16/bf16 inputs to fp32 first). It writes the
+(B, Q, h, w) sigmoid to memory and reads it back for the GEMM. The kernels read each mask logit once:
+
+* ``mask_einsum`` (Triton): one program per (image, block of classes, block of pixels) computes the
+  class softmax of every query (online max/sum over the K+1 logits, so any K fits), the sigmoid of
+  a (queries x pixels) tile and accumulates ``probs^T @ sigmoid`` with ``tl.dot`` in fp32 IEEE
+  (never TF32: a 1e-3 relative error would flip argmaxes at region boundaries).
+* ``mask_einsum_cpp``: the same fusion on CPU (``csrc/semantic.cpp``), multithreaded over
+  (image, 128-pixel tiles), fp32 accumulation.
+
+Neither is bit-identical to the reference (MKL/cuBLAS sum in their own order): they agree to a
+few fp32 ulps. ``maskformer.dispatch.semantic_segmentation`` therefore computes the CPU scores with
+the reference ops, contracting one image at a time, where bit-identity with transformers matters more than the
+fusion (``ref_factors`` explains the one batch-sized intermediate that costs); these kernels serve
+``dispatch.mask_einsum`` and the GPU path.
+
+Limits: forward only; Triton on CUDA (or CPU tensors under TRITON_INTERPRET=1, for tests);
+fp32/fp16/bf16; K >= 1 real class.
+"""
+import functools
+from typing import List, Optional, Tuple
+
+import torch
+
+from maskformer import _ext
+
+__all__ = [
+    "mask_einsum",
+    "mask_einsum_ref",
+    "mask_einsum_cpp",
+    "not_supported_reasons",
+    "cpp_not_supported_reasons",
+    "make_realistic_logits",
+]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def mask_einsum_ref(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
+    """Semantic class scores, transformers' three lines verbatim.
+
+    Args:
+        class_queries_logits: (B, Q, K+1) float; the last class is "no object".
+        masks_queries_logits: (B, Q, h, w) float.
+
+    Returns:
+        (B, K, h, w): ``sum_q softmax(class)[b, q, k] * sigmoid(mask)[b, q]``. fp16/bf16 inputs are
+        upcast to fp32 first (fp32 math); fp32 and fp64 are computed in their own dtype. For fp32
+        inputs this is bit-identical to transformers' post-processing.
+    """
+    masks_classes, masks_probs = ref_factors(class_queries_logits, masks_queries_logits)
+    return ref_contract(masks_classes, masks_probs)
+
+
+def ref_factors(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor):
+    """The reference's two factors: (B, Q, K) class probabilities (null class dropped, a view) and
+    the (B, Q, h, w) mask probabilities, fp32 math for fp16/bf16 inputs.
+
+    Compute them over the whole batch, as transformers does: torch's vectorised sigmoid rounds an
+    element differently depending on where it falls relative to the SIMD and thread chunks of the
+    whole tensor, so ``sigmoid(x[i:i+1])`` can differ from ``sigmoid(x)[i]`` by an ulp (measured
+    on torch 2.13 CPU). The contraction, in turn, may be done one image at a time:
+    ``ref_contract(classes[i:i+1], probs[i:i+1])`` equals the batched einsum's image i (tested).
+    """
+    _check_shapes(class_queries_logits, masks_queries_logits)
+    masks_classes = _upcast(class_queries_logits).softmax(dim=-1)[..., :-1]
+    masks_probs = _upcast(masks_queries_logits).sigmoid()
+    return masks_classes, masks_probs
+
+
+def ref_contract(masks_classes: torch.Tensor, masks_probs: torch.Tensor) -> torch.Tensor:
+    """(B, Q, K), (B, Q, h, w) -> (B, K, h, w): transformers' einsum, verbatim."""
+    return torch.einsum("bqc, bqhw -> bchw", masks_classes, masks_probs)
+
+
+def _shape_reasons(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> List[str]:
+    cl, ml = class_queries_logits, masks_queries_logits
+    if cl.dim() != 3 or ml.dim() != 4:
+        return [f"expected class logits (B, Q, K+1) and mask logits (B, Q, h, w), got {tuple(cl.shape)} and {tuple(ml.shape)}"]
+    reasons = []
+    if cl.shape[:2] != ml.shape[:2]:
+        reasons.append(f"batch/queries differ: class logits {tuple(cl.shape)} vs mask logits {tuple(ml.shape)}")
+    if cl.shape[2] < 2:
+        reasons.append(f"class logits need K+1 >= 2 entries (at least one class besides 'no object'), got {cl.shape[2]}")
+    return reasons
+
+
+def _check_shapes(class_queries_logits, masks_queries_logits):
+    reasons = _shape_reasons(class_queries_logits, masks_queries_logits)
+    if reasons:
+        raise ValueError("mask_einsum: " + "; ".join(reasons))
+
+
+# ---------------------------------------------------------------------------------------------
+# Support checks
+# ---------------------------------------------------------------------------------------------
+
+
+def not_supported_reasons(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> List[str]:
+    """Why the Triton ``mask_einsum`` cannot serve these arguments; [] when it can."""
+    cl, ml = class_queries_logits, masks_queries_logits
+    reasons = _shape_reasons(cl, ml)
+    if cl.device != ml.device:
+        reasons.append(f"class logits on {cl.device}, mask logits on {ml.device}")
+    err = _ext.triton_import_error()
+    if err:
+        reasons.append(err)
+    elif ml.device.type != "cuda" and not _ext.triton_interpret_mode():
+        reasons.append(
+            f"tensors are on {ml.device.type}: the Triton kernel runs on CUDA "
+            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
+        )
+    for name, t in (("class_queries_logits", cl), ("masks_queries_logits", ml)):
+        if t.dtype not in _KERNEL_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    return reasons
+
+
+def cpp_not_supported_reasons(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> List[str]:
+    """Why ``mask_einsum_cpp`` cannot serve these arguments; [] when it can."""
+    cl, ml = class_queries_logits, masks_queries_logits
+    reasons = _shape_reasons(cl, ml)
+    reasons += _ext.cpp_missing_ops("mask_einsum")
+    for name, t in (("class_queries_logits", cl), ("masks_queries_logits", ml)):
+        if t.device.type != "cpu":
+            reasons.append(f"{name} is on {t.device}: the C++ kernel is CPU-only")
+        if t.dtype not in _KERNEL_DTYPES:
+            reasons.append(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel (built on first use: importing this module never imports triton)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernel():
+    """The @triton.jit kernel. triton.jit decides at decoration time whether it is interpreted, so
+    TRITON_INTERPRET must be set before the first call. Triton resolves names (tl) in the kernel's
+    module globals, hence the ``global``."""
+    global triton, tl, _mask_einsum_fwd_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mask_einsum_fwd_kernel(
+        cls_ptr, msk_ptr, out_ptr,
+        Q, K, HW,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    ):
+        """out[b, k, p] = sum_q softmax(cls[b, q, :])[k] * sigmoid(msk[b, q, p]); grid
+        (B, cdiv(K, BLOCK_K), cdiv(HW, BLOCK_P)); cls (B, Q, K+1), msk (B, Q, HW), out (B, K, HW)."""
+        pid_b = tl.program_id(0).to(tl.int64)
+        pid_k = tl.program_id(1)
+        pid_p = tl.program_id(2)
+        C = K + 1
+        offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        k_ok = offs_k < K
+        p_ok = offs_p < HW
+        cls_b = cls_ptr + pid_b * Q * C
+        msk_b = msk_ptr + pid_b * Q * HW
+        acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+        for q0 in range(0, Q, BLOCK_Q):
+            offs_q = q0 + tl.arange(0, BLOCK_Q)
+            q_ok = offs_q < Q
+            # Softmax statistics over all K+1 logits of these queries: online max / sum, chunks
+            # of BLOCK_C classes, so K is unbounded.
+            m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
+            s = tl.zeros((BLOCK_Q,), dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                lg = tl.load(cls_b + offs_q[:, None] * C + offs_c[None, :],
+                             mask=q_ok[:, None] & (offs_c < C)[None, :], other=float("-inf")).to(tl.float32)
+                m_new = tl.maximum(m, tl.max(lg, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded queries: all -inf
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
+                m = m_new
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            lk = tl.load(cls_b + offs_q[:, None] * C + offs_k[None, :],
+                         mask=q_ok[:, None] & k_ok[None, :], other=float("-inf")).to(tl.float32)
+            s_safe = tl.where(q_ok, s, 1.0)
+            probs = tl.exp(lk - m_safe[:, None]) / s_safe[:, None]  # (BLOCK_Q, BLOCK_K), 0 when padded
+            ml = tl.load(msk_b + offs_q[:, None] * HW + offs_p[None, :],
+                         mask=q_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+            e = tl.exp(-tl.abs(ml))  # sigmoid without overflow: exp of a non-positive number
+            sig = tl.where(ml >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+            sig = tl.where(q_ok[:, None], sig, 0.0)  # (BLOCK_Q, BLOCK_P)
+            acc += tl.dot(tl.trans(probs), sig, input_precision="ieee")
+        out_b = out_ptr + pid_b * K * HW
+        tl.store(out_b + offs_k[:, None] * HW + offs_p[None, :], acc, mask=k_ok[:, None] & p_ok[None, :])
+
+    return _mask_einsum_fwd_kernel
+
+
+def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    cl = class_queries_logits.contiguous()
+    ml = masks_queries_logits.contiguous()
+    b, q, c = cl.shape
+    k = c - 1
+    hw = ml.shape[2] * ml.shape[3]
+    kernel = _build_kernel()
+    # 64 classes x 64 pixels of fp32 accumulator per program (16 KiB of registers over 4 warps);
+    # tl.dot needs every block >= 16. Untuned: no GPU was available when this was written.
+    block_k = 64 if k > 32 else (32 if k > 16 else 16)
+    block_p = 64
+    block_q = 16 if q <= 16 else 32
+    grid = (b, triton.cdiv(k, block_k), triton.cdiv(hw, block_p))
+    if b and hw:
+        kernel[grid](cl, ml, out, q, k, hw, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=128,
+                     num_warps=4)
+    return out
+
+
+@torch.library.custom_op("maskformer::mask_einsum_triton", mutates_args=())
+def _mask_einsum_triton_op(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
+    reasons = not_supported_reasons(class_queries_logits, masks_queries_logits)
+    if reasons:
+        raise ValueError("maskformer::mask_einsum_triton cannot run: " + "; ".join(reasons))
+    b, q, c = class_queries_logits.shape
+    out = torch.empty((b, c - 1) + tuple(masks_queries_logits.shape[2:]), device=masks_queries_logits.device,
+                      dtype=torch.float32)
+    return _launch(class_queries_logits, masks_queries_logits, out)
+
+
+@_mask_einsum_triton_op.register_fake
+def _mask_einsum_triton_fake(class_queries_logits, masks_queries_logits):
+    _check_shapes(class_queries_logits, masks_queries_logits)
+    b, q, c = class_queries_logits.shape
+    return masks_queries_logits.new_empty((b, c - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
+
+
+def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
+    """Fused semantic class scores (Triton), ``torch.ops.maskformer.mask_einsum_triton``.
+
+    Args and result as ``mask_einsum_ref``: (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w) fp32 (fp32
+    math for every input dtype). Raises ValueError with ``not_supported_reasons`` when it cannot run.
+    """
+    return torch.ops.maskformer.mask_einsum_triton(class_queries_logits, masks_queries_logits)
+
+
+def mask_einsum_cpp(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
+    """Fused semantic class scores on CPU (``csrc/semantic.cpp``), ``torch.ops.maskformer.mask_einsum``.
+
+    Args and result as ``mask_einsum_ref``: (B, Q, K+1), (B, Q, h, w) fp32/fp16/bf16 CPU tensors ->
+    (B, K, h, w) fp32. Raises ValueError with ``cpp_not_supported_reasons`` when it cannot run.
+    """
+    reasons = cpp_not_supported_reasons(class_queries_logits, masks_queries_logits)
+    if reasons:
+        raise ValueError("maskformer::mask_einsum (C++) cannot run: " + "; ".join(reasons))
+    return torch.ops.maskformer.mask_einsum(class_queries_logits, masks_queries_logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs that look like a trained MaskFormer's (tests and benchmarks)
+# ---------------------------------------------------------------------------------------------
+
+
+def make_realistic_logits(
+    batch: int,
+    queries: int,
+    classes: int,
+    height: int,
+    width: int,
+    *,
+    n_objects: Optional[int] = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Synthetic (class_queries_logits (B, Q, K+1), masks_queries_logits (B, Q, h, w)).
+
+    Like a trained model's outputs: ``n_objects`` confident queries (default min(Q, 12)) each own one
+    Voronoi region of the image (mask logit +6 inside, -6 outside, N(0, 1.5) noise) and one clear
+    class (logit +10 over N(0, 1) others, no-object logit -6); every other query predicts "no
+    object" (logit +6) with a mask near -8. Region boundaries are sharp at mask resolution, so
+    after upsampling two classes cross between source pixels - where argmax ties and rounding
+    matter.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_obj = max(1, min(queries, 12 if n_objects is None else n_objects))
+    cls = torch.randn(batch, queries, classes + 1, generator=gen)
+    cls[..., classes] += 6.0
+    masks = torch.randn(batch, queries, height, width, generator=gen) * 0.5 - 8.0
+    ys = torch.linspace(0, 1, height)[:, None]
+    xs = torch.linspace(0, 1, width)[None, :]
+    for b in range(batch):
+        centres = torch.rand(n_obj, 2, generator=gen)
+        owner = torch.stack([(ys - cy) ** 2 + (xs - cx) ** 2 for cy, cx in centres.tolist()]).argmin(0)
+        chosen = torch.randperm(queries, generator=gen)[:n_obj].tolist()
+        labels = torch.randint(0, classes, (n_obj,), generator=gen).tolist()
+        for i, q in enumerate(chosen):
+            cls[b, q, classes] -= 12.0
+            cls[b, q, labels[i]] += 10.0
+            noise = torch.randn(height, width, generator=gen) * 1.5
+            masks[b, q] = torch.where(owner == i, 6.0, -6.0) + noise
+    return cls.to(device=device, dtype=dtype), masks.to(device=device, dtype=dtype)

@@ -1,0 +1,111 @@
+"""Optional backends: is the C++ extension loaded, is triton importable, and why not.
+
+Nothing here runs at import time. ``load_cpp()`` imports ``maskformer._C`` once (which registers the
+``torch.ops.maskformer.*`` CPU ops from ``csrc/``) and remembers the exception text if that fails,
+so every later dispatch decision can say *why* the C++ path is off. Set
+``MASKFORMER_DISABLE_CPP=1`` to pretend the extension is missing (read at first load).
+"""
+import functools
+import os
+from typing import List, Optional
+
+import torch
+
+__all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_error", "triton_interpret_mode"]
+
+_cpp_module = None
+_cpp_error: Optional[str] = None
+_cpp_tried = False
+
+
+def load_cpp():
+    """The ``maskformer._C`` module, or None (then ``cpp_import_error()`` says why). Cached."""
+    global _cpp_module, _cpp_error, _cpp_tried
+    if _cpp_tried:
+        return _cpp_module
+    _cpp_tried = True
+    if os.environ.get("MASKFORMER_DISABLE_CPP", "0").strip().lower() in ("1", "true", "yes", "on"):
+        _cpp_error = "disabled by MASKFORMER_DISABLE_CPP"
+        return None
+    try:
+        from . import _C  # noqa: F401  (loading the .so registers the ops)
+    except Exception as exc:  # ImportError when not built; OSError/undefined symbol when built against another torch
+        _cpp_error = (
+            f"maskformer._C could not be imported ({type(exc).__name__}: {exc}); build it with "
+            "`pip install --no-build-isolation -e .` (needs a C++ compiler)"
+        )
+        return None
+    _cpp_module = _C
+    _register_fakes()
+    return _cpp_module
+
+
+def cpp_import_error() -> Optional[str]:
+    """Why the C++ extension is unusable, or None when it loaded."""
+    load_cpp()
+    return _cpp_error
+
+
+def cpp_missing_ops(*names: str) -> List[str]:
+    """Reasons for ops of ``torch.ops.maskformer`` that the loaded extension does not provide
+    (an extension built from an older checkout)."""
+    if load_cpp() is None:
+        return [cpp_import_error()]
+    missing = [n for n in names if not hasattr(torch.ops.maskformer, n)]
+    return [f"maskformer._C has no op {', '.join(missing)} (stale build? rebuild the extension)"] if missing else []
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fakes_once():
+    """Shape functions of the C++ ops, so torch.compile / export / opcheck can trace them."""
+
+    def fake_mask_einsum(class_queries_logits, masks_queries_logits):
+        b, q, k1 = class_queries_logits.shape
+        return masks_queries_logits.new_empty((b, k1 - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
+
+    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec):
+        return out
+
+    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec):
+        return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
+
+    for name, fn in (
+        ("maskformer::mask_einsum", fake_mask_einsum),
+        ("maskformer::upsample_argmax_out", fake_upsample_argmax_out),
+        ("maskformer::bilinear_resize", fake_bilinear_resize),
+    ):
+        if hasattr(torch.ops.maskformer, name.split("::")[1]):
+            torch.library.register_fake(name)(fn)
+    return True
+
+
+def _register_fakes():
+    try:
+        _register_fakes_once()
+    except Exception:  # an older torch without register_fake: eager use is unaffected
+        pass
+
+
+def triton_import_error() -> Optional[str]:
+    """Why triton cannot be used, or None. Importing triton happens here, on first call."""
+    return _triton_import_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton is not importable ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_interpret_mode() -> bool:
+    """TRITON_INTERPRET as triton reads it (then Triton kernels run on CPU tensors, in numpy)."""
+    try:
+        import triton
+
+        return bool(triton.knobs.runtime.interpret)
+    except Exception:
+        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")

@@ -1,0 +1,369 @@
+"""Backend selection for maskformer's fast ops: reference PyTorch, Triton, or the C++ extension.
+
+Choose with the ``MASKFORMER_BACKEND`` environment variable (read at every call, not at import) or
+programmatically with ``set_backend(name)`` / ``with backend(name):`` (these win over the variable;
+``set_backend(None)`` returns to it):
+
+* ``reference``: pure PyTorch, the ``*_ref`` functions next to each kernel. Always available.
+* ``triton``: the Triton kernels. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+* ``cpp``: the CPU kernels of ``maskformer._C`` (``csrc/``), when the extension was built.
+* ``auto`` (default): Triton for CUDA tensors, C++ for CPU tensors, the reference otherwise or when
+  the fast op cannot serve the call. Falling back is silent, but the reason is kept:
+  ``last_dispatch_reason`` (and ``last_dispatch(op)``) say what ran and why, and the
+  ``maskformer.dispatch`` logger says it at DEBUG level.
+
+A *forced* backend (``triton`` or ``cpp``) never falls back: a call it cannot serve raises
+``BackendNotSupportedError`` listing every reason (device, dtype, triton missing, extension not
+built and why its import failed, TRITON_INTERPRET not set for CPU tensors, ...).
+
+Each fast op declares what it supports through ``not_supported_reasons(...)`` (human-readable
+reasons, [] when it can run), next to its kernel in ``maskformer/kernels/``. Importing this module
+imports neither triton nor the extension and never initialises CUDA.
+
+Ops: ``mask_einsum``, ``upsample_argmax`` and their composition ``semantic_segmentation`` (the
+whole of transformers' ``post_process_semantic_segmentation``); ``window_attention`` (the Swin
+blocks' shifted-window attention, Triton only: the model asks ``select`` and runs its own
+reference code when the answer is "reference").
+"""
+import contextlib
+import dataclasses
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "BackendNotSupportedError",
+    "set_backend",
+    "get_backend",
+    "backend",
+    "last_dispatch",
+    "not_supported_reasons",
+    "mask_einsum",
+    "upsample_argmax",
+    "semantic_segmentation",
+    "select",
+    "describe",
+]
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+ENV_VAR = "MASKFORMER_BACKEND"
+OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "window_attention")
+
+_log = logging.getLogger(__name__)
+_override: Optional[str] = None
+
+#: One line about the latest dispatch decision (any op): what ran and why.
+last_dispatch_reason: str = ""
+
+
+class BackendNotSupportedError(RuntimeError):
+    """A forced backend cannot serve the call; ``reasons`` lists why."""
+
+    def __init__(self, op: str, backend_name: str, reasons: List[str], source: str):
+        self.op, self.backend, self.reasons = op, backend_name, list(reasons)
+        super().__init__(
+            f"{op}: backend '{backend_name}' was forced ({source}) but cannot run: " + "; ".join(self.reasons)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchRecord:
+    """What one call ran. ``refused``: fast backends considered and why each could not run."""
+
+    op: str
+    requested: str
+    backend: str
+    refused: Dict[str, List[str]]
+
+    def __str__(self):
+        why = "; ".join(f"{b} refused: {', '.join(r)}" for b, r in self.refused.items())
+        return f"{self.op}: requested {self.requested}, ran {self.backend}" + (f" ({why})" if why else "")
+
+
+_last: Dict[str, DispatchRecord] = {}
+_latest: Optional[DispatchRecord] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the backend
+# ---------------------------------------------------------------------------------------------
+
+
+def _validate_name(name: str, source: str) -> str:
+    value = name.strip().lower()
+    if value not in BACKENDS:
+        raise ValueError(f"unknown maskformer backend {name!r} ({source}); choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every op (``auto``, ``reference``, ``triton``, ``cpp``); None returns to
+    ``MASKFORMER_BACKEND`` (default ``auto``)."""
+    global _override
+    _override = None if name is None else _validate_name(name, "set_backend")
+
+
+def _requested() -> Tuple[str, str]:
+    """(backend, where the choice comes from)."""
+    if _override is not None:
+        return _override, "set_backend()"
+    env = os.environ.get(ENV_VAR)
+    if env is not None and env.strip():
+        return _validate_name(env, f"{ENV_VAR}={env}"), f"{ENV_VAR}={env}"
+    return "auto", "default"
+
+
+def get_backend() -> str:
+    """The requested backend: ``set_backend``'s if set, else ``MASKFORMER_BACKEND``, else ``auto``."""
+    return _requested()[0]
+
+
+@contextlib.contextmanager
+def backend(name: Optional[str]):
+    """``with backend("reference"): ...``: force a backend inside the block, restore after."""
+    global _override
+    previous = _override
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _override = previous
+
+
+def last_dispatch(op: Optional[str] = None) -> Optional[DispatchRecord]:
+    """The latest decision for ``op`` (any op when None), or None before the first call."""
+    return _latest if op is None else _last.get(op)
+
+
+def _record(rec: DispatchRecord) -> str:
+    global last_dispatch_reason, _latest
+    _last[rec.op] = rec
+    _latest = rec
+    last_dispatch_reason = str(rec)
+    _log.debug("%s", rec)
+    return rec.backend
+
+
+# ---------------------------------------------------------------------------------------------
+# What each fast op supports
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    # maskformer.kernels.* import neither triton nor the extension at import time.
+    from maskformer.kernels import mask_einsum as me
+    from maskformer.kernels import upsample_argmax as ua
+
+    return me, ua
+
+
+def _semantic_reasons(fast: str, class_queries_logits, masks_queries_logits, target_sizes, out_dtype) -> List[str]:
+    me, ua = _kernels()
+    cl, ml = class_queries_logits, masks_queries_logits
+    if fast == "triton":
+        # mask_einsum (Triton) then upsample_argmax (Triton) on its fp32 scores.
+        reasons = me.not_supported_reasons(cl, ml)
+        if ml.dim() == 4 and ml.shape[2] * ml.shape[3] * max(cl.shape[-1] - 1, 1) >= 2**31:
+            reasons.append("one image's scores would have >= 2**31 elements: offsets are int32")
+        return reasons
+    # cpp: torch's own softmax/sigmoid/einsum per image (bit-identical scores), then the C++
+    # upsample_argmax.
+    reasons = list(_ext_cpp_missing("upsample_argmax_out"))
+    for name, t in (("class_queries_logits", cl), ("masks_queries_logits", ml)):
+        if t.device.type != "cpu":
+            reasons.append(f"{name} is on {t.device}: the C++ kernel is CPU-only")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            reasons.append(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")
+    if ml.dim() == 4 and ml.shape[2] * ml.shape[3] * max(cl.shape[-1] - 1, 1) >= 2**31:
+        reasons.append("one image's scores would have >= 2**31 elements: offsets are int32")
+    return reasons
+
+
+def _ext_cpp_missing(*ops):
+    from maskformer import _ext
+
+    return _ext.cpp_missing_ops(*ops)
+
+
+def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[str]:
+    """Why ``backend_name`` ("triton" or "cpp") cannot run ``op`` on these arguments; [] if it can.
+    Arguments as the op's (``mask_einsum``, ``upsample_argmax``, ``semantic_segmentation``)."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if backend_name == "reference":
+        return []
+    if backend_name not in ("triton", "cpp"):
+        raise ValueError(f"not a fast backend: {backend_name!r} (triton, cpp)")
+    if op == "window_attention":
+        if backend_name == "cpp":
+            return ["window_attention has no C++ kernel (the reference PyTorch code is the CPU path)"]
+        from maskformer.kernels import window_attention as wa
+
+        return wa.not_supported_reasons(*args, **kwargs)
+    me, ua = _kernels()
+    if op == "mask_einsum":
+        fn = me.not_supported_reasons if backend_name == "triton" else me.cpp_not_supported_reasons
+        return fn(*args, **kwargs)
+    if op == "upsample_argmax":
+        fn = ua.not_supported_reasons if backend_name == "triton" else ua.cpp_not_supported_reasons
+        return fn(*args, **kwargs)
+    return _semantic_reasons(backend_name, *args, **kwargs)
+
+
+def _choose(op: str, device: torch.device, *args) -> str:
+    requested, source = _requested()
+    if requested == "reference":
+        return _record(DispatchRecord(op, requested, "reference", {}))
+    if requested in ("triton", "cpp"):
+        reasons = not_supported_reasons(op, requested, *args)
+        if reasons:
+            _record(DispatchRecord(op, requested, "none (raised)", {requested: reasons}))
+            raise BackendNotSupportedError(op, requested, reasons, source)
+        return _record(DispatchRecord(op, requested, requested, {}))
+    # auto: one fast candidate per device type.
+    fast = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    if fast is None:
+        return _record(DispatchRecord(op, requested, "reference", {"fast": [f"no fast backend for {device.type}"]}))
+    reasons = not_supported_reasons(op, fast, *args)
+    if reasons:
+        return _record(DispatchRecord(op, requested, "reference", {fast: reasons}))
+    return _record(DispatchRecord(op, requested, fast, {}))
+
+
+def select(op: str, device: torch.device, *args) -> str:
+    """The backend that runs ``op`` on these arguments: "reference", "triton" or "cpp".
+
+    For ops whose reference lives in a model module (``window_attention``): the caller runs its
+    own code on "reference". Honours forcing (raises ``BackendNotSupportedError``) and records
+    the decision like every other op."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    return _choose(op, device, *args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+
+
+def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
+    """Semantic class scores (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w); see
+    ``maskformer.kernels.mask_einsum``. The fast backends agree with the reference to a few fp32
+    ulps (not bit for bit)."""
+    me, _ = _kernels()
+    me._check_shapes(class_queries_logits, masks_queries_logits)
+    name = _choose("mask_einsum", masks_queries_logits.device, class_queries_logits, masks_queries_logits)
+    if name == "triton":
+        return me.mask_einsum(class_queries_logits, masks_queries_logits)
+    if name == "cpp":
+        return me.mask_einsum_cpp(class_queries_logits, masks_queries_logits)
+    return me.mask_einsum_ref(class_queries_logits, masks_queries_logits)
+
+
+def upsample_argmax(
+    scores: torch.Tensor,
+    target_sizes=None,
+    out_dtype: torch.dtype = torch.int64,
+    out=None,
+):
+    """Bilinear resize (align_corners=False) + argmax over classes without (K, H, W) scores:
+    (K, h, w) -> (H, W) labels, or (B, K, h, w) -> list of (H_b, W_b); see
+    ``maskformer.kernels.upsample_argmax``. Every backend gives the reference's labels exactly."""
+    _, ua = _kernels()
+    reasons = ua._arg_reasons(scores, target_sizes, out_dtype)
+    if reasons:
+        raise ValueError("upsample_argmax: " + "; ".join(reasons))
+    name = _choose("upsample_argmax", scores.device, scores, target_sizes, out_dtype, out)
+    fn = {"triton": ua.upsample_argmax, "cpp": ua.upsample_argmax_cpp}.get(name, ua.upsample_argmax_ref)
+    return fn(scores, target_sizes, out_dtype, out)
+
+
+def _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype):
+    me, ua = _kernels()
+    me._check_shapes(class_queries_logits, masks_queries_logits)
+    batch = class_queries_logits.shape[0]
+    sizes = None
+    if target_sizes is not None:
+        if len(target_sizes) != batch:
+            raise ValueError(
+                "Make sure that you pass in as many target sizes as the batch dimension of the logits "
+                f"({len(target_sizes)} target sizes, batch {batch})"
+            )
+        sizes = [ua._as_size(s) for s in target_sizes]
+    ua._check_out_dtype(out_dtype, class_queries_logits.shape[-1] - 1)
+    return sizes
+
+
+def semantic_segmentation(
+    class_queries_logits: torch.Tensor,
+    masks_queries_logits: torch.Tensor,
+    target_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+    out_dtype: torch.dtype = torch.int64,
+) -> List[torch.Tensor]:
+    """transformers' ``post_process_semantic_segmentation`` on raw logits, label maps only.
+
+    Args:
+        class_queries_logits: (B, Q, K+1) float (fp32/fp16/bf16; fp16/bf16 computed in fp32).
+        masks_queries_logits: (B, Q, h, w) float.
+        target_sizes: None (labels at (h, w)) or B (H_b, W_b) pairs.
+        out_dtype: int64 (transformers' dtype), or int32/int16/uint8 when K - 1 fits.
+
+    Returns:
+        B label maps (H_b, W_b) (or (h, w)). Identical to transformers' for fp32 inputs: the
+        reference path is ``upsample_argmax_ref(mask_einsum_ref(...))``, i.e. transformers' ops;
+        the ``cpp`` path computes the scores with those same torch ops (bit-identical; the einsum
+        one image at a time, so one (K, h, w) score map is alive besides the batch's sigmoid) and
+        labels them with the C++ upsample_argmax, which reproduces torch's interpolation rounding; the ``triton`` path
+        fuses the scores too (a few ulps from torch's einsum, so labels are identical except
+        where two classes tie within that).
+    """
+    sizes = _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype)
+    batch = class_queries_logits.shape[0]
+    name = _choose(
+        "semantic_segmentation", masks_queries_logits.device, class_queries_logits, masks_queries_logits,
+        target_sizes, out_dtype,
+    )
+    if batch == 0:
+        return []
+    me, ua = _kernels()
+    if name == "triton":
+        scores = me.mask_einsum(class_queries_logits, masks_queries_logits)
+        return ua.upsample_argmax(scores, sizes, out_dtype)
+    if name == "cpp":
+        # transformers' softmax and sigmoid over the whole batch (see ref_factors: the sigmoid's
+        # rounding depends on the batch), then its einsum one image at a time: only one image's
+        # (K, h, w) scores are alive, and they are transformers' bit for bit.
+        masks_classes, masks_probs = me.ref_factors(class_queries_logits, masks_queries_logits)
+        labels = []
+        for i in range(batch):
+            scores = me.ref_contract(masks_classes[i : i + 1], masks_probs[i : i + 1])[0]
+            labels.append(ua.upsample_argmax_cpp(scores, None if sizes is None else sizes[i], out_dtype))
+            del scores
+        return labels
+    return ua.upsample_argmax_ref(me.mask_einsum_ref(class_queries_logits, masks_queries_logits), sizes, out_dtype)
+
+
+def describe() -> Dict[str, Union[str, Dict[str, str]]]:
+    """The requested backend and the availability of each fast one, for reports and the CLI."""
+    from maskformer import _ext
+
+    requested, source = _requested()
+    cpp_err = _ext.cpp_import_error()
+    triton_err = _ext.triton_import_error()
+    if triton_err is None:
+        triton_state = "available (CUDA" + (", and CPU tensors: TRITON_INTERPRET=1)" if _ext.triton_interpret_mode() else ")")
+    else:
+        triton_state = triton_err
+    info = {
+        "requested": requested,
+        "source": source,
+        "cpp": "available" if cpp_err is None else cpp_err,
+        "triton": triton_state,
+    }
+    if _last:
+        info["last"] = {op: str(rec) for op, rec in _last.items()}
+    return info

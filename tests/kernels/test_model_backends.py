@@ -1,0 +1,88 @@
+"""The whole model on the fast backends against its own reference path (same weights).
+
+Under TRITON_INTERPRET=1 (tests/kernels/conftest.py) the Triton window attention runs on CPU
+tensors, so a forced ``triton`` backend exercises the model integration end to end.
+"""
+import pytest
+import torch
+
+from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor, dispatch
+from maskformer.dispatch import BackendNotSupportedError
+
+
+def small_model(window_size=7, seed=0):
+    config = MaskFormerConfig(
+        backbone_config=dict(embed_dim=32, depths=[1, 2, 1, 1], num_heads=[1, 2, 2, 4], window_size=window_size),
+        decoder_config=dict(d_model=64, decoder_layers=2, decoder_ffn_dim=128, num_queries=6),
+        fpn_feature_size=32, mask_feature_size=32, num_labels=5,
+    )
+    torch.manual_seed(seed)
+    model = MaskFormerForInstanceSegmentation(config).eval()
+    with torch.no_grad():  # non-zero biases and position tables, so every term matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("window_size, size", [(7, (60, 44)), (3, (40, 52))])
+def test_triton_backend_matches_reference(triton_device, window_size, size):
+    model = small_model(window_size).to(triton_device)
+    x = torch.randn(2, 3, *size, device=triton_device)
+    with torch.no_grad():
+        with dispatch.backend("reference"):
+            ref = model(x)
+        with dispatch.backend("triton"):
+            fast = model(x)
+            assert dispatch.last_dispatch("window_attention").backend == "triton"
+    # fp32 kernel with exact (ieee) dots and an online softmax: it differs from the reference's
+    # matmul-softmax-matmul only in summation order, ~1e-7 relative per block (measured 1e-6
+    # max over the whole model); 1e-4 leaves room while a wrong bias, mask or padding (errors
+    # of order 1) cannot pass.
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        a, b = fast[name], ref[name]
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_semantic_postprocessing_dispatch_matches_reference():
+    model = small_model()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    processor = MaskFormerImageProcessor()
+    with dispatch.backend("reference"):
+        ref = processor.post_process_semantic_segmentation(out, target_sizes=[(97, 131), (50, 40)])
+    with dispatch.backend("auto"):
+        fast = processor.post_process_semantic_segmentation(out, target_sizes=[(97, 131), (50, 40)])
+        record = dispatch.last_dispatch("semantic_segmentation")
+    for a, b in zip(fast, ref):
+        assert torch.equal(a, b)
+    assert record.backend in ("cpp", "reference"), record
+
+
+def test_forced_triton_refuses_to_train_and_auto_trains_on_the_reference(triton_device, monkeypatch):
+    model = small_model().to(triton_device).train()
+    x = torch.randn(1, 3, 48, 48, device=triton_device)
+    labels = dict(mask_labels=[torch.ones(1, 48, 48, device=triton_device)],
+                  class_labels=[torch.tensor([1], device=triton_device)])
+    with dispatch.backend("triton"):
+        with pytest.raises(BackendNotSupportedError, match="grad"):
+            model(x, **labels)
+    # auto: the window attention must not even be offered to the kernel when gradients are needed
+    calls = []
+    real_select = dispatch.select
+    monkeypatch.setattr(dispatch, "select", lambda *a, **k: calls.append(a[0]) or real_select(*a, **k))
+    with dispatch.backend("auto"):
+        loss = model(x, **labels).loss
+        loss.backward()
+    assert "window_attention" not in calls
+    assert all(p.grad is not None for n, p in model.named_parameters() if "query.weight" in n)
+
+
+def test_compile_whole_model_with_triton_backend(triton_device):
+    model = small_model()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad(), dispatch.backend("triton"):
+        eager = model(x).masks_queries_logits
+        compiled = torch.compile(model, backend="aot_eager")
+        out = compiled(x).masks_queries_logits
+    assert torch.allclose(out, eager, rtol=0, atol=1e-6)
