@@ -40,6 +40,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+# One place for "is triton importable" and "is the interpreter on": maskformer._ext.
+from maskformer._ext import triton_import_error as _triton_import_error
+from maskformer._ext import triton_interpret_mode as _interpret_mode
 from maskformer.swin import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
 __all__ = ["window_attention", "window_attention_ref", "not_supported_reasons"]
@@ -156,25 +159,6 @@ def window_attention_ref(
 # ---------------------------------------------------------------------------------------------
 # Support checks
 # ---------------------------------------------------------------------------------------------
-
-
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
-def _interpret_mode() -> bool:
-    """TRITON_INTERPRET as triton reads it (triton imported lazily, so this needs it importable)."""
-    try:
-        import triton
-
-        return bool(triton.knobs.runtime.interpret)
-    except Exception:
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _shape_reasons(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads) -> List[str]:

@@ -86,26 +86,31 @@ def _register_fakes():
         pass
 
 
+_UNCHECKED = object()
+_triton_error = _UNCHECKED  # a plain global, not lru_cache: torch.compile reads it as a constant
+
+
 def triton_import_error() -> Optional[str]:
     """Why triton cannot be used, or None. Importing triton happens here, on first call."""
-    return _triton_import_error()
+    global _triton_error
+    if _triton_error is _UNCHECKED:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
 
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken install raising anything else
-        return f"triton is not importable ({type(exc).__name__}: {exc})"
-    return None
+            _triton_error = None
+        except Exception as exc:  # ImportError, or a broken install raising anything else
+            _triton_error = f"triton is not importable ({type(exc).__name__}: {exc})"
+    return _triton_error
 
 
 def triton_interpret_mode() -> bool:
-    """TRITON_INTERPRET as triton reads it (then Triton kernels run on CPU tensors, in numpy)."""
-    try:
-        import triton
+    """Whether TRITON_INTERPRET is on (then Triton kernels run on CPU tensors, in numpy).
 
-        return bool(triton.knobs.runtime.interpret)
-    except Exception:
-        return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+    Read from the environment, the source triton's own ``knobs.runtime.interpret`` reads: unlike
+    the knob (a C++ getenv), torch.compile can trace an ``os.environ`` lookup, so the dispatch
+    checks compile without a graph break.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+

@@ -78,6 +78,7 @@ def test_forced_triton_refuses_to_train_and_auto_trains_on_the_reference(triton_
     assert all(p.grad is not None for n, p in model.named_parameters() if "query.weight" in n)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # dynamo's "cannot trace" warnings mean graph breaks
 def test_compile_whole_model_with_triton_backend(triton_device):
     model = small_model()
     x = torch.randn(1, 3, 40, 40)
