@@ -142,3 +142,16 @@ def test_segment_under_torchrun_shards_inputs(tmp_path, image_folder, checkpoint
     for stem in "abc":
         assert np.array_equal(np.asarray(Image.open(out / f"{stem}.label.png")),
                               np.asarray(Image.open(single / f"{stem}.label.png")))
+
+
+def test_overlay_colours_follow_label_names():
+    from maskformer.cli import colours_for, label_colour
+
+    # same name -> same colour whatever its id; instances of one label get distinct shades
+    assert label_colour("person") == label_colour("person")
+    assert label_colour("person") != label_colour("car")
+    table = colours_for(np.array([[0, 1, 2, 3]]), {0: "background", 1: "person", 2: "car", 3: "person"})
+    assert tuple(table[1]) == label_colour("person", 0) and tuple(table[3]) == label_colour("person", 1)
+    assert tuple(table[1]) != tuple(table[3])
+    assert len(set(map(tuple, table[1:]))) == 3
+    assert table[0][0] == table[0][1] == table[0][2]  # background is grey
