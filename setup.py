@@ -53,6 +53,8 @@ def _cpp_extension():
     ext = CppExtension(
         "maskformer._C",
         sources,
+        # shared headers (bilinear.h): a change rebuilds every file that includes them
+        depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),
         extra_compile_args={"cxx": extra},
         extra_link_args=["-fopenmp"],
     )

@@ -69,10 +69,15 @@ def _register_fakes_once():
     def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec):
         return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
 
+    def fake_query_argmax_out(mask_probs, weights, mask_threshold, resize, use_fma, channels_last_vec, allow_prune,
+                              labels, own_area):
+        return None
+
     for name, fn in (
         ("maskformer::mask_einsum", fake_mask_einsum),
         ("maskformer::upsample_argmax_out", fake_upsample_argmax_out),
         ("maskformer::bilinear_resize", fake_bilinear_resize),
+        ("maskformer::query_argmax_out", fake_query_argmax_out),
     ):
         if hasattr(torch.ops.maskformer, name.split("::")[1]):
             torch.library.register_fake(name)(fn)

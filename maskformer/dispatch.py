@@ -21,7 +21,9 @@ reasons, [] when it can run), next to its kernel in ``maskformer/kernels/``. Imp
 imports neither triton nor the extension and never initialises CUDA.
 
 Ops: ``mask_einsum``, ``upsample_argmax`` and their composition ``semantic_segmentation`` (the
-whole of transformers' ``post_process_semantic_segmentation``); ``window_attention`` (the Swin
+whole of transformers' ``post_process_semantic_segmentation``); ``query_argmax`` (the per-pixel
+step of ``post_process_panoptic_segmentation``: resize, score-weighted argmax over queries and
+per-query mask areas; C++ only, the reference runs on CUDA); ``window_attention`` (the Swin
 blocks' shifted-window attention, Triton only: the model asks ``select`` and runs its own
 reference code when the answer is "reference").
 """
@@ -45,13 +47,14 @@ __all__ = [
     "mask_einsum",
     "upsample_argmax",
     "semantic_segmentation",
+    "query_argmax",
     "select",
     "describe",
 ]
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 ENV_VAR = "MASKFORMER_BACKEND"
-OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "window_attention")
+OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "query_argmax", "window_attention")
 
 _log = logging.getLogger(__name__)
 _override: Optional[str] = None
@@ -191,7 +194,8 @@ def _ext_cpp_missing(*ops):
 
 def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[str]:
     """Why ``backend_name`` ("triton" or "cpp") cannot run ``op`` on these arguments; [] if it can.
-    Arguments as the op's (``mask_einsum``, ``upsample_argmax``, ``semantic_segmentation``)."""
+    Arguments as the op's (``mask_einsum``, ``upsample_argmax``, ``semantic_segmentation``,
+    ``query_argmax``)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if backend_name == "reference":
@@ -204,6 +208,11 @@ def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[s
         from maskformer.kernels import window_attention as wa
 
         return wa.not_supported_reasons(*args, **kwargs)
+    if op == "query_argmax":
+        from maskformer.kernels import query_argmax as qa
+
+        fn = qa.not_supported_reasons if backend_name == "triton" else qa.cpp_not_supported_reasons
+        return fn(*args, **kwargs)
     me, ua = _kernels()
     if op == "mask_einsum":
         fn = me.not_supported_reasons if backend_name == "triton" else me.cpp_not_supported_reasons
@@ -345,6 +354,35 @@ def semantic_segmentation(
             del scores
         return labels
     return ua.upsample_argmax_ref(me.mask_einsum_ref(class_queries_logits, masks_queries_logits), sizes, out_dtype)
+
+
+def query_argmax(
+    mask_probs: torch.Tensor,
+    weights: torch.Tensor,
+    target_size: Optional[Tuple[int, int]] = None,
+    mask_threshold: float = 0.5,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The per-pixel step of panoptic post-processing on one image's kept queries, without a
+    (Q, H, W) tensor on the C++ backend; see ``maskformer.kernels.query_argmax``.
+
+    Args:
+        mask_probs: (Q, h, w) float mask probabilities, Q >= 1.
+        weights: (Q,) float per-query weights (class scores).
+        target_size: (H, W) for a bilinear resize (align_corners=False) first, or None.
+        mask_threshold: own-mask threshold, compared in mask_probs' dtype.
+
+    Returns:
+        ``(labels (H, W) int64, own_area (Q,) int64)``: ``argmax_q weights[q] * P[q]`` (first index
+        on ties) and ``#{P[q] >= mask_threshold}``, P the resized probabilities. Every backend
+        gives the reference's (``query_argmax_ref``, the processor's torch ops) exactly.
+    """
+    from maskformer.kernels import query_argmax as qa
+
+    qa._check_args(mask_probs, weights, target_size)  # ValueError whatever the backend
+    name = _choose("query_argmax", mask_probs.device, mask_probs, weights, target_size, mask_threshold)
+    if name == "cpp":
+        return qa.query_argmax_cpp(mask_probs, weights, target_size, mask_threshold)
+    return qa.query_argmax_ref(mask_probs, weights, target_size, mask_threshold)
 
 
 def describe() -> Dict[str, Union[str, Dict[str, str]]]:

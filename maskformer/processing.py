@@ -20,7 +20,11 @@ from Pillow's by small amounts; that backend is not what we match.
 
 The post-processing functions accept any object with `class_queries_logits`
 `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)` (transformers' output objects included)
-and run the same torch ops as transformers so ties and float rounding resolve identically.
+and run the same torch ops as transformers so ties and float rounding resolve identically. The
+semantic maps and the panoptic per-pixel step (resize, score-weighted argmax over queries, mask
+areas) go through `maskformer.dispatch`: on CPU its C++ kernels reproduce those torch ops bit for
+bit without the full-resolution (classes or queries, H, W) tensors; `MASKFORMER_BACKEND=reference`
+runs the torch ops themselves.
 
 transformers is *not* imported here: it is a test-only dependency.
 
@@ -1474,14 +1478,15 @@ def _panoptic_one(
             "segmentation": torch.full((height, width), -1, dtype=torch.int32, device=mask_probs.device),
             "segments_info": [],
         }
-    if resize:
-        mask_probs = F.interpolate(mask_probs.unsqueeze(0), size=out_size, mode="bilinear", align_corners=False)[0]
-    weighted = mask_probs * pred_scores.view(-1, 1, 1)
-    owner = weighted.argmax(0)  # (H, W): the query that wins each pixel
+    # maskformer.dispatch picks the fused C++ kernel on CPU (no (N, H, W) tensor) or the reference,
+    # `query_argmax_ref`: interpolate, `(probs * scores).argmax(0)`, `(probs >= mask_threshold)` areas;
+    # identical results either way. owner (H, W): the query that wins each pixel. own_area (N,):
+    # deviation 3, the query's own mask, not the score-weighted one (see module docstring).
+    from .dispatch import query_argmax
+
+    owner, own_area = query_argmax(mask_probs, pred_scores, out_size if resize else None, mask_threshold)
     n = mask_probs.shape[0]
     won_area = torch.bincount(owner.flatten(), minlength=n)
-    # Deviation 3: the query's own mask, not the score-weighted one (see module docstring).
-    own_area = (mask_probs >= mask_threshold).flatten(1).sum(1)
     # int64 / int64 -> float32, then a python float64 compare: the same rounding as transformers'
     # `(mask_k_area / original_area).item() > threshold`.
     ratio = won_area / own_area

@@ -78,7 +78,7 @@ def test_import_is_lean():
     extension and does not initialise CUDA."""
     code = (
         "import sys, torch, maskformer, maskformer.dispatch, maskformer._ext\n"
-        "from maskformer.kernels import mask_einsum, upsample_argmax\n"
+        "from maskformer.kernels import mask_einsum, query_argmax, upsample_argmax\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert 'maskformer._C' not in sys.modules, 'extension loaded'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
@@ -206,6 +206,57 @@ def test_single_ops_dispatch():
     assert dispatch.last_dispatch("upsample_argmax").backend == "cpp"
     for g, r in zip(labels, upsample_argmax_ref(ref, [(50, 51), (20, 19)], out_dtype=torch.int32)):
         assert torch.equal(g, r)
+
+
+def _panoptic_inputs(dtype=torch.float32):
+    """One image's kept queries: (Q, h, w) mask probabilities and (Q,) class scores."""
+    cl, ml = make_realistic_logits(1, 14, 20, 12, 15, n_objects=14, seed=4)
+    return ml[0].sigmoid().to(dtype), cl[0].softmax(-1)[:, :-1].max(-1).values.to(dtype)
+
+
+def test_query_argmax_backends():
+    """auto runs C++ on CPU when built; triton has no kernel for it: forced, it raises and says so;
+    float64 is refused by cpp (forced: raises, auto: reference with the reason); every backend
+    that runs gives the reference's labels and areas."""
+    from maskformer.kernels.query_argmax import query_argmax_ref
+
+    probs, scores = _panoptic_inputs()
+    ref = query_argmax_ref(probs, scores, (40, 50), 0.5)
+    labels, area = dispatch.query_argmax(probs, scores, (40, 50), 0.5)
+    rec = dispatch.last_dispatch("query_argmax")
+    assert rec.backend == ("cpp" if _cpp_built() else "reference"), str(rec)
+    assert torch.equal(labels, ref[0]) and torch.equal(area, ref[1])
+    with dispatch.backend("triton"):
+        with pytest.raises(dispatch.BackendNotSupportedError, match="query_argmax has no Triton kernel"):
+            dispatch.query_argmax(probs, scores, (40, 50))
+    assert dispatch.not_supported_reasons("query_argmax", "triton", probs, scores, (40, 50))
+    p64, s64 = probs.double(), scores.double()
+    if _cpp_built():
+        with dispatch.backend("cpp"):
+            with pytest.raises(dispatch.BackendNotSupportedError, match="float64 is not supported"):
+                dispatch.query_argmax(p64, s64, (40, 50))
+    labels, area = dispatch.query_argmax(p64, s64, (40, 50))
+    rec = dispatch.last_dispatch("query_argmax")
+    assert rec.backend == "reference" and any("float64" in r or "not be imported" in r for r in rec.refused["cpp"])
+    ref64 = query_argmax_ref(p64, s64, (40, 50))
+    assert torch.equal(labels, ref64[0]) and torch.equal(area, ref64[1])
+
+
+def test_query_argmax_argument_errors_and_missing_extension(monkeypatch):
+    probs, scores = _panoptic_inputs()
+    for name in ("reference", "auto", "cpp", "triton"):
+        with dispatch.backend(name):
+            with pytest.raises(ValueError, match="weights must be"):
+                dispatch.query_argmax(probs, scores[:3], (8, 8))
+    monkeypatch.setattr(_ext, "_cpp_tried", True)
+    monkeypatch.setattr(_ext, "_cpp_module", None)
+    monkeypatch.setattr(_ext, "_cpp_error", "maskformer._C could not be imported (ImportError: simulated)")
+    with dispatch.backend("cpp"):
+        with pytest.raises(dispatch.BackendNotSupportedError, match="simulated"):
+            dispatch.query_argmax(probs, scores, (30, 31))
+    dispatch.query_argmax(probs, scores, (30, 31))
+    rec = dispatch.last_dispatch("query_argmax")
+    assert rec.backend == "reference" and "simulated" in " ".join(rec.refused["cpp"])
 
 
 def test_describe():

@@ -855,11 +855,31 @@ def test_instance_binary_maps_empty(scene_outputs):
         assert ours[0]["segments_info"] == []
 
 
+def _cpp_error():
+    from maskformer import _ext
+
+    return None if _ext.load_cpp() is not None else _ext.cpp_import_error()
+
+
+# The panoptic per-pixel step goes through maskformer.dispatch: both backends must give transformers'.
+PANOPTIC_BACKENDS = [
+    "reference",
+    pytest.param("cpp", marks=pytest.mark.skipif(_cpp_error() is not None, reason=f"C++ extension: {_cpp_error()}")),
+]
+
+
+@pytest.mark.parametrize("backend", PANOPTIC_BACKENDS)
 @pytest.mark.parametrize("target", list(TARGETS), ids=list(TARGETS))
-def test_panoptic_parity(scene_outputs, target):
+def test_panoptic_parity(scene_outputs, target, backend):
+    from maskformer import dispatch
+
     kwargs = dict(target_sizes=TARGETS[target])
     for fuse in (None, {3}, {5, 7}):
-        ours = MaskFormerImageProcessor().post_process_panoptic_segmentation(scene_outputs, label_ids_to_fuse=fuse, **kwargs)
+        with dispatch.backend(backend):
+            ours = MaskFormerImageProcessor().post_process_panoptic_segmentation(
+                scene_outputs, label_ids_to_fuse=fuse, **kwargs
+            )
+        assert dispatch.last_dispatch("query_argmax").backend == backend
         theirs = HFProcessor().post_process_panoptic_segmentation(scene_outputs, label_ids_to_fuse=fuse, **kwargs)
         for i, ((seg_a, info_a), (seg_b, info_b)) in enumerate(zip(_strip(ours), _strip(theirs))):
             if fuse == {3} and i == 0:
@@ -869,6 +889,38 @@ def test_panoptic_parity(scene_outputs, target):
             assert info_a == info_b, f"fuse {fuse}, image {i}: segments_info\nours   {info_a}\ntheirs {info_b}"
             assert_equal(seg_a, seg_b, f"panoptic map {i} (fuse {fuse})")
     assert len(ours[0]["segments_info"]) >= 3, "the scene should produce several segments"
+
+
+@pytest.mark.skipif(_cpp_error() is not None, reason=f"C++ extension: {_cpp_error()}")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_panoptic_cpp_matches_reference_and_transformers_coco_scale(seed):
+    """COCO-panoptic-like outputs (100 queries, 133 classes, 30 confident objects, realistic logits
+    from `make_realistic_logits`), targets 4x, odd and smaller, several thresholds: the C++ backend
+    gives the reference backend's maps and segments exactly, and transformers' wherever no listed
+    deviation applies (no fused labels; deviation 3 only matters for boundary pixels whose
+    probability lies in [mask_threshold, mask_threshold / score), and the scores here are ~1)."""
+    from maskformer import dispatch
+    from maskformer.kernels.mask_einsum import make_realistic_logits
+
+    class_logits, mask_logits = make_realistic_logits(2, 100, 133, 40, 53, n_objects=30, seed=seed)
+    outputs = types.SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits)
+    for target in ([(160, 213), (160, 213)], [(97, 61), (13, 300)], None):
+        for threshold, mask_threshold, overlap in ((0.5, 0.5, 0.8), (0.9, 0.3, 0.5), (0.2, 0.7, 0.95)):
+            kwargs = dict(threshold=threshold, mask_threshold=mask_threshold,
+                          overlap_mask_area_threshold=overlap, target_sizes=target)
+            runs = {}
+            for backend in ("reference", "cpp"):
+                with dispatch.backend(backend):
+                    runs[backend] = _strip(MaskFormerImageProcessor().post_process_panoptic_segmentation(outputs, **kwargs))
+            theirs = _strip(HFProcessor().post_process_panoptic_segmentation(outputs, **kwargs))
+            for i in range(2):
+                (seg_c, info_c), (seg_r, info_r), (seg_t, info_t) = runs["cpp"][i], runs["reference"][i], theirs[i]
+                where = f"target {target}, thresholds {threshold}/{mask_threshold}/{overlap}, image {i}"
+                assert info_c == info_r, f"{where}: segments_info\ncpp       {info_c}\nreference {info_r}"
+                assert_equal(seg_c, seg_r, f"{where}: cpp vs reference")
+                assert info_c == info_t, f"{where}: segments_info\ncpp          {info_c}\ntransformers {info_t}"
+                assert_equal(seg_c, seg_t, f"{where}: cpp vs transformers")
+                assert len(info_c) >= 5, f"{where}: the outputs should produce several segments"
 
 
 def test_panoptic_fused_ids_are_unique(scene_outputs):

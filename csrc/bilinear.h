@@ -1,0 +1,168 @@
+// Shared by the CPU post-processing kernels (semantic.cpp, panoptic.cpp): PyTorch's bilinear
+// interpolation arithmetic (aten's CPU upsample_bilinear2d, align_corners=False, torch 2.13) at
+// one output pixel, bit for bit, plus the ISA-dispatch helpers. See semantic.cpp's header for why
+// each operation order is what it is; maskformer.kernels.upsample_argmax.torch_cpu_bilinear_rounding()
+// decides at runtime which variant (fma or not, channels-last SIMD width) torch uses.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__GNUC__)
+#define MF_INLINE inline __attribute__((always_inline))
+#else
+#define MF_INLINE inline
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define MF_X86_DISPATCH 1
+#define MF_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#else
+#define MF_X86_DISPATCH 0
+#define MF_TARGET_AVX2
+#endif
+
+namespace maskformer_bilinear {
+
+// Whether the avx2+fma clones may run (checked once).
+inline bool cpu_has_avx2_fma() {
+#if MF_X86_DISPATCH
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+MF_INLINE int32_t float_bits(float v) {
+  int32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return b;
+}
+MF_INLINE float bits_float(int32_t b) {
+  float v;
+  std::memcpy(&v, &b, sizeof(v));
+  return v;
+}
+MF_INLINE int32_t nonfinite(float v) { return (float_bits(v) & 0x7f800000) == 0x7f800000; }
+
+// ---------------------------------------------------------------------------------------------
+// Source indices and lambdas: aten's area_pixel_compute_scale / area_pixel_compute_source_index /
+// guard_index_and_lambda / compute_source_index_and_lambda for scalar_t = opmath_t = float,
+// align_corners=False and no scale factor (F.interpolate(size=...) passes none).
+// ---------------------------------------------------------------------------------------------
+struct Axis {
+  std::vector<int32_t> i0, i1;
+  std::vector<float> l0, l1;
+};
+
+inline Axis make_axis(int64_t in, int64_t out, bool use_fma) {
+  Axis a;
+  a.i0.resize(out);
+  a.i1.resize(out);
+  a.l0.resize(out);
+  a.l1.resize(out);
+  // compute_scales_value: static_cast<float>(input_size) / output_size, a float division.
+  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  for (int64_t i = 0; i < out; ++i) {
+    if (in == out) {  // aten: "scale_factor = 1, simply copy"
+      a.i0[i] = a.i1[i] = static_cast<int32_t>(i);
+      a.l0[i] = 1.f;
+      a.l1[i] = 0.f;
+      continue;
+    }
+    const float di = static_cast<float>(i) + 0.5f;
+    float src;
+    if (use_fma) {
+      src = std::fma(scale, di, -0.5f);
+    } else {
+      volatile float prod = scale * di;  // volatile: never contracted, whatever the target
+      src = prod - 0.5f;
+    }
+    if (src < 0.f) src = 0.f;
+    const int64_t i0 = std::min(static_cast<int64_t>(std::floor(src)), in - 1);
+    const float l1 = std::min(std::max(src - static_cast<float>(i0), 0.f), 1.f);
+    a.i0[i] = static_cast<int32_t>(i0);
+    a.i1[i] = static_cast<int32_t>(i0 + ((i0 < in - 1) ? 1 : 0));
+    a.l1[i] = l1;
+    a.l0[i] = 1.f - l1;
+  }
+  return a;
+}
+
+// aten Interpolate<..., interp_size=2>: `t0 * w0 + t1 * w1`.
+template <bool FMA>
+MF_INLINE float lerp2(float t0, float w0, float t1, float w1) {
+  if constexpr (FMA) {
+    return std::fma(t0, w0, t1 * w1);
+  } else {
+    return t0 * w0 + t1 * w1;
+  }
+}
+
+// aten generic kernel at one output pixel (x0/x1: source rows r0/r1 of one class).
+template <bool FMA>
+MF_INLINE float generic_value(const float* x0, const float* x1, int32_t a0, int32_t a1, float lw0, float lw1,
+                              float lh0, float lh1) {
+  const float t0 = lerp2<FMA>(x0[a0], lw0, x0[a1], lw1);
+  const float t1 = lerp2<FMA>(x1[a0], lw0, x1[a1], lw1);
+  return lerp2<FMA>(t0, lh0, t1, lh1);
+}
+
+// aten cpu_upsample_linear_channels_last at one output pixel. `lane`: the class sits in a full
+// Vectorized<float> register (interpolate(i00,w00, ...) = i00*w00 + (i01*w01 + (i10*w10 +
+// i11*w11))) rather than in the scalar tail loop (i00*w00 + i01*w01 + i10*w10 + i11*w11).
+template <bool FMA>
+MF_INLINE float channels_last_value(float a, float b, float c, float d, float w00, float w01, float w10, float w11,
+                                    bool lane) {
+  if constexpr (FMA) {
+    return lane ? std::fma(a, w00, std::fma(b, w01, std::fma(d, w11, c * w10)))
+                : std::fma(d, w11, std::fma(c, w10, std::fma(a, w00, b * w01)));
+  } else {
+    return lane ? a * w00 + (b * w01 + (c * w10 + d * w11)) : ((a * w00 + b * w01) + c * w10) + d * w11;
+  }
+}
+
+// torch.argmax semantics: NaN is the maximum and the first maximum wins.
+MF_INLINE bool takes_over(float v, float best) { return (v > best) | ((v != v) & (best == best)); }
+
+// Pruning margin. Both aten formulas compute the value as sum_i w_i * x_i over the 4 taps with
+// weights >= 0 summing to 1 +- 3u (u = 2^-24) and at most 6 roundings, so the computed value is
+// within ~9u * max_i |x_i| of [min4, max4]. We widen by 2^-18 = 64u times max|tap| plus 1e-30
+// absolute (subnormal products): pruning can never drop a class that ties or wins.
+constexpr float kPruneRel = 3.814697265625e-06f;
+constexpr float kPruneAbs = 1e-30f;
+
+// 8 floats as one value (GCC/Clang vector extensions): for the reductions and the einsum
+// micro-kernel that GCC does not vectorise from plain loops without -ffast-math. Compiled to
+// AVX2 in the avx2 clones and to SSE pairs in the baseline ones. The helpers are always inlined,
+// so the psABI note about passing 32-byte vectors without AVX does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float v8sf __attribute__((vector_size(32), aligned(4)));
+typedef int32_t v8si __attribute__((vector_size(32), aligned(4)));
+MF_INLINE v8sf load8(const float* p) {
+  v8sf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+MF_INLINE v8sf splat8(float x) { return v8sf{} + x; }
+MF_INLINE v8sf max8(v8sf a, v8sf b) { return a > b ? a : b; }
+MF_INLINE v8sf min8(v8sf a, v8sf b) { return a < b ? a : b; }
+MF_INLINE v8sf abs8(v8sf a) { return reinterpret_cast<v8sf>(reinterpret_cast<v8si>(a) & 0x7fffffff); }
+MF_INLINE float hmax8(v8sf v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+MF_INLINE float hmin8(v8sf v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] < m ? v[i] : m;
+  return m;
+}
+
+}  // namespace maskformer_bilinear
