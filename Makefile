@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.maskformer-installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test bench bench-e2e clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
+# Kernel micro-benchmarks (pytest-benchmark; they verify against the reference first) and the
+# post-processing comparisons that write benchmarks/results/*.json and .md.
 bench: setup
-	$(BIN)/python -m pytest -q benchmarks --benchmark-only
+	$(BIN)/python -m pytest -q benchmarks/bench_postprocess.py benchmarks/bench_window_attention.py --benchmark-only
+	$(BIN)/python -m benchmarks.bench_postprocess
+	$(BIN)/python -m benchmarks.bench_panoptic
+
+# End to end against transformers (slow on a CPU: Swin-T at 512x683 is seconds per image).
+bench-e2e: setup
+	$(BIN)/maskformer bench --models tiny --batches 1,2
 
 clean:
 	rm -rf build *.egg-info out .pytest_cache maskformer/_C*.so
