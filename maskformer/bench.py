@@ -9,8 +9,10 @@ saved once by transformers, since no trained checkpoint can be downloaded here) 
 untimed iterations, then ``--repeats`` timed ones. One iteration is the model's forward plus
 semantic post-processing to the original image size (preprocessing is the same for every row
 and excluded). Before timing, each row's semantic maps are compared with those of our fp32
-reference (``agree``: fraction of equal pixels). Peak memory is the CUDA allocator's peak on a
-GPU, and the process's peak RSS growth over its state just before the first iteration on the CPU.
+reference (``agree``: fraction of equal pixels). Peak memory is the CUDA allocator's peak over
+what was allocated before the timed loop on a GPU; on the CPU it is the peak resident memory
+during the timed loop over the resident memory just before it (Linux: the kernel's VmHWM mark,
+reset through /proc/self/clear_refs), i.e. the activations and outputs, not the weights.
 
 Implementations: ``transformers-eager``, ``transformers-compile`` (torch.compile of the model),
 ``maskformer-reference`` (backend "reference"), ``maskformer-fast`` (backend "auto").
@@ -99,6 +101,32 @@ def make_checkpoint(model: str, folder: str) -> str:
     return folder
 
 
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _reset_peak_rss() -> int:
+    """Reset the kernel's peak-RSS mark to the current RSS (Linux: write 5 to clear_refs) and
+    return the current RSS in KiB; the timed loop's extra memory is then VmHWM - this."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _proc_status_kib("VmRSS")
+    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak (an upper bound)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _peak_rss_kib() -> int:
+    try:
+        return _proc_status_kib("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 # ---------------------------------------------------------------------------------------------
 # one row, in its own process
 def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int, width: int, device: str,
@@ -148,7 +176,7 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_before = _reset_peak_rss()
     times = []
     for _ in range(repeats):
         sync()
@@ -159,8 +187,7 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        # ru_maxrss is in KiB on Linux; growth of the peak over the pre-timing peak
-        peak_mb = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        peak_mb = max(0, _peak_rss_kib() - rss_before) / 1024
     median = float(np.median(times))
     return {"latency_ms": median * 1000, "images_per_s": batch / median, "peak_mem_mb": peak_mb,
             "times_ms": [t * 1000 for t in times]}
