@@ -40,7 +40,8 @@ RESULTS = HERE / "results"
 if str(ROOT) not in sys.path:  # script mode: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_postprocess import _kib, copy_bandwidth_gbs, device_info, time_call  # noqa: E402
+from benchmarks.bench_postprocess import copy_bandwidth_gbs, device_info, time_call  # noqa: E402
+from maskformer.bench import measure_peak_extra  # noqa: E402
 
 CONFIG = {
     "batch": 2, "queries": 100, "classes": 133, "mask": (160, 213), "target": (640, 853), "seed": 0,
@@ -150,13 +151,8 @@ def memory_probe(name: str, objects: int) -> dict:
     cl, ml, sizes = make_inputs(objects)
     small = {**CONFIG, "batch": 1, "mask": (16, 21), "target": (64, 85)}
     fn(*make_inputs(min(objects, 12), small))  # warm-up: thread pools, extension, calibration
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base = _kib("VmRSS")
-    result = fn(cl, ml, sizes)
-    peak = _kib("VmHWM")
-    del result
-    return {"peak_extra_mib": (peak - base) / 1024, "method": "VmHWM - VmRSS (clear_refs)"}
+    _, mib, method = measure_peak_extra(fn, cl, ml, sizes)
+    return {"peak_extra_mib": mib, "method": method}
 
 
 def peak_extra_memory(name: str, objects: int) -> dict:

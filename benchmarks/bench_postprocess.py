@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from maskformer.bench import measure_peak_extra
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -135,14 +137,6 @@ def time_call(fn, args, device, warmup=2, iters=15):
             "iters": iters}
 
 
-def _kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_probe(name: str, device: str) -> dict:
     """Run in a fresh process (see module docstring): peak extra memory of one call of ``name``."""
     impls, _ = implementations(device)
@@ -151,20 +145,8 @@ def memory_probe(name: str, device: str) -> dict:
     small = {**CONFIG, "batch": 1, "mask": (16, 21), "target": (64, 85)}
     fn(*make_inputs(device, small))  # warm-up: thread pools, extension, calibration
     gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn(cl, ml, sizes)
-        torch.cuda.synchronize()
-        return {"peak_extra_mib": (torch.cuda.max_memory_allocated() - base) / 2**20, "method": "cuda allocator"}
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    base = _kib("VmRSS")
-    result = fn(cl, ml, sizes)
-    peak = _kib("VmHWM")
-    del result
-    return {"peak_extra_mib": (peak - base) / 1024, "method": "VmHWM - VmRSS (clear_refs)"}
+    _, mib, method = measure_peak_extra(fn, cl, ml, sizes, device=device)
+    return {"peak_extra_mib": mib, "method": method}
 
 
 def peak_extra_memory(name: str, device: str) -> dict:

@@ -165,4 +165,36 @@ MF_INLINE float hmin8(v8sf v) {
   return m;
 }
 
+// Two-slot cache of horizontally interpolated source rows, one pair of slots per column tile
+// (the dense sweeps of semantic.cpp and panoptic.cpp). An output row needs source rows r0 and
+// r1; moving down, the previous group's r1 is usually this group's r0, so each source row is
+// interpolated once per tile instead of once per output row. `fill(row, dst)` writes the
+// `channels * tile_w` horizontally interpolated values of source row `row` into `dst`.
+// On return *A holds row r0 and *B row r1 (the same slot when r0 == r1).
+template <typename Fill>
+MF_INLINE void cached_row_pair(std::vector<float>& slots, std::vector<int64_t>& tags, int64_t n_tiles, int64_t channels,
+                               int64_t tile_w, int64_t ct, int64_t r0, int64_t r1, Fill fill, const float** A,
+                               const float** B) {
+  if (slots.empty()) {
+    slots.resize(n_tiles * 2 * channels * tile_w);
+    tags.assign(n_tiles * 2, -1);
+  }
+  int64_t* tag = tags.data() + 2 * ct;
+  float* slot[2] = {slots.data() + (2 * ct) * channels * tile_w, slots.data() + (2 * ct + 1) * channels * tile_w};
+  int s0 = (tag[0] == r0) ? 0 : (tag[1] == r0) ? 1 : -1;
+  if (s0 < 0) {
+    s0 = (tag[0] == r1) ? 1 : 0;
+    fill(r0, slot[s0]);
+    tag[s0] = r0;
+  }
+  int s1 = (r1 == r0) ? s0 : (tag[s0 ^ 1] == r1) ? (s0 ^ 1) : -1;
+  if (s1 < 0) {
+    s1 = s0 ^ 1;
+    fill(r1, slot[s1]);
+    tag[s1] = r1;
+  }
+  *A = slot[s0];
+  *B = slot[s1];
+}
+
 }  // namespace maskformer_bilinear

@@ -109,26 +109,10 @@ MF_INLINE void dense_generic(const Plan& p, DenseScratch& s, int64_t ct, int64_t
                              int64_t* counts) {
   const int64_t ow_b = ct * p.TW, tw = std::min(p.TW, p.W - ow_b);
   const int64_t r0 = p.rows->i0[oh_b], r1 = p.rows->i1[oh_b];
-  if (s.slots.empty()) {
-    s.slots.resize(p.n_ct * 2 * p.Q * p.TW);
-    s.tags.assign(p.n_ct * 2, -1);
-  }
-  int64_t* tag = s.tags.data() + 2 * ct;
-  float* slot[2] = {s.slots.data() + (2 * ct) * p.Q * p.TW, s.slots.data() + (2 * ct + 1) * p.Q * p.TW};
-  int s0 = (tag[0] == r0) ? 0 : (tag[1] == r0) ? 1 : -1;
-  if (s0 < 0) {
-    s0 = (tag[0] == r1) ? 1 : 0;
-    horizontal_rows<FMA>(p, r0, ow_b, tw, slot[s0]);
-    tag[s0] = r0;
-  }
-  int s1 = (r1 == r0) ? s0 : (tag[s0 ^ 1] == r1) ? (s0 ^ 1) : -1;
-  if (s1 < 0) {
-    s1 = s0 ^ 1;
-    horizontal_rows<FMA>(p, r1, ow_b, tw, slot[s1]);
-    tag[s1] = r1;
-  }
-  const float* A = slot[s0];
-  const float* B = slot[s1];
+  const float* A;
+  const float* B;
+  cached_row_pair(s.slots, s.tags, p.n_ct, p.Q, p.TW, ct, r0, r1,
+                  [&](int64_t row, float* dst) { horizontal_rows<FMA>(p, row, ow_b, tw, dst); }, &A, &B);
   float* best = s.best.data();
   int32_t* idx = s.idx.data();
   const float thr = p.thr;

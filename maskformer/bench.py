@@ -101,30 +101,52 @@ def make_checkpoint(model: str, folder: str) -> str:
     return folder
 
 
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
+    """A KiB field (VmRSS, VmHWM, ...) of /proc/self/status."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise KeyError(field)
+    raise KeyError(f"{field} not in /proc/self/status")
 
 
-def _reset_peak_rss() -> int:
+def reset_peak_rss() -> int:
     """Reset the kernel's peak-RSS mark to the current RSS (Linux: write 5 to clear_refs) and
-    return the current RSS in KiB; the timed loop's extra memory is then VmHWM - this."""
+    return the current RSS in KiB; extra memory since then is ``peak_rss_kib() -`` this."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        return _proc_status_kib("VmRSS")
+        return proc_status_kib("VmRSS")
     except OSError:  # not Linux, or not allowed: fall back to the lifetime peak (an upper bound)
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def _peak_rss_kib() -> int:
+def peak_rss_kib() -> int:
     try:
-        return _proc_status_kib("VmHWM")
+        return proc_status_kib("VmHWM")
     except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure_peak_extra(fn, *args, device: str = "cpu"):
+    """Run ``fn(*args)`` once -> (result, peak extra MiB during the call, method).
+
+    CUDA: the allocator's peak over what was allocated before. CPU: peak resident memory during
+    the call over the resident memory just before it (VmHWM after clear_refs). Run it in a fresh
+    process after a warm-up call, so that lazy initialisation is not counted.
+    """
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        result = fn(*args)
+        torch.cuda.synchronize()
+        return result, (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda allocator"
+    base = reset_peak_rss()
+    result = fn(*args)
+    return result, max(0, peak_rss_kib() - base) / 1024, "VmHWM - VmRSS (clear_refs)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +198,7 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    rss_before = _reset_peak_rss()
+    rss_before = reset_peak_rss()
     times = []
     for _ in range(repeats):
         sync()
@@ -187,7 +209,7 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        peak_mb = max(0, _peak_rss_kib() - rss_before) / 1024
+        peak_mb = max(0, peak_rss_kib() - rss_before) / 1024
     median = float(np.median(times))
     return {"latency_ms": median * 1000, "images_per_s": batch / median, "peak_mem_mb": peak_mb,
             "times_ms": [t * 1000 for t in times]}
