@@ -223,6 +223,18 @@ def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[s
     return _semantic_reasons(backend_name, *args, **kwargs)
 
 
+def candidate(device: torch.device) -> Optional[str]:
+    """The fast backend a call on ``device`` would try ("triton" or "cpp"), or None when the
+    reference is requested or no fast backend exists for the device. Records nothing: callers use
+    it to skip preparing arguments (e.g. fused weights) that only a fast path would read."""
+    requested = _requested()[0]
+    if requested == "reference":
+        return None
+    if requested in ("triton", "cpp"):
+        return requested
+    return {"cuda": "triton", "cpu": "cpp"}.get(torch.device(device).type)
+
+
 def _choose(op: str, device: torch.device, *args) -> str:
     requested, source = _requested()
     if requested == "reference":
@@ -234,7 +246,7 @@ def _choose(op: str, device: torch.device, *args) -> str:
             raise BackendNotSupportedError(op, requested, reasons, source)
         return _record(DispatchRecord(op, requested, requested, {}))
     # auto: one fast candidate per device type.
-    fast = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+    fast = candidate(device)
     if fast is None:
         return _record(DispatchRecord(op, requested, "reference", {"fast": [f"no fast backend for {device.type}"]}))
     reasons = not_supported_reasons(op, fast, *args)

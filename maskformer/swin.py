@@ -240,10 +240,14 @@ class SwinLayer(nn.Module):
         """
         from . import dispatch
 
-        if dispatch.get_backend() == "reference" or self._needs_grad(x):
-            return self.window_attention_reference(x)  # no fused-weight work when it cannot be used
+        fast = dispatch.candidate(x.device)
+        if fast is None or self._needs_grad(x):
+            return self.window_attention_reference(x)
         attn = self.attention.self
-        weight, bias = attn.fused_qkv()
+        # Only the Triton kernel reads the fused (3C, C) weight: building (and caching) it for a
+        # CPU call would hold a second copy of every q/k/v weight for nothing. There is no C++
+        # window attention, so `select` refuses "cpp" (auto) or raises (forced) without the weights.
+        weight, bias = attn.fused_qkv() if fast == "triton" else (None, None)
         args = (x, weight, bias, attn.relative_position_bias_table, self.window_size, self.shift_size, attn.num_heads)
         if dispatch.select("window_attention", x.device, *args) == "reference":
             return self.window_attention_reference(x)

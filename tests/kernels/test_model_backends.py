@@ -87,3 +87,18 @@ def test_compile_whole_model_with_triton_backend(triton_device):
         compiled = torch.compile(model, backend="aot_eager")
         out = compiled(x).masks_queries_logits
     assert torch.allclose(out, eager, rtol=0, atol=1e-6)
+
+
+def test_cpu_auto_builds_no_fused_weights_and_forced_cpp_says_why():
+    """On the CPU the reference runs the Swin blocks: no second copy of the q/k/v weights is made."""
+    model = small_model()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad(), dispatch.backend("auto"):
+        model(x)
+        record = dispatch.last_dispatch("window_attention")
+    assert record.backend == "reference" and "no C++ kernel" in str(record)
+    attns = [m for m in model.modules() if type(m).__name__ == "SwinSelfAttention"]
+    assert attns and not any(hasattr(a, "_qkv_cache") for a in attns)
+    with torch.no_grad(), dispatch.backend("cpp"):
+        with pytest.raises(BackendNotSupportedError, match="window_attention has no C.. kernel"):
+            model(x)
