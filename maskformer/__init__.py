@@ -8,6 +8,7 @@ initialises CUDA; those happen on first use of a fast path (see ``maskformer.dis
 from .config import ConfigError, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig
 from .loading import CheckpointError
 from .modeling import (
+    CUDAGraphRunner,
     InputError,
     MaskFormerForInstanceSegmentation,
     MaskFormerForInstanceSegmentationOutput,
@@ -19,6 +20,7 @@ from .modeling import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CUDAGraphRunner",
     "CheckpointError",
     "ConfigError",
     "InputError",

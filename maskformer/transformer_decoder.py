@@ -85,12 +85,13 @@ class DetrDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, hidden, image_features, image_pos, query_pos):
-        """hidden (B, Q, D), image_features/image_pos (B, S, D), query_pos (B, Q, D) -> (B, Q, D), self-attn weights."""
+    def forward(self, hidden, image_features, image_keys, query_pos):
+        """hidden (B, Q, D), image_features (B, S, D), image_keys = image_features + position embedding
+        (B, S, D), query_pos (B, Q, D) -> (B, Q, D), self-attn weights."""
         qk = hidden + query_pos
         attn, self_weights = self.self_attn(qk, qk, hidden)
         hidden = self.self_attn_layer_norm(hidden + F.dropout(attn, p=self.dropout, training=self.training))
-        attn, _ = self.encoder_attn(hidden + query_pos, image_features + image_pos, image_features)
+        attn, _ = self.encoder_attn(hidden + query_pos, image_keys, image_features)
         hidden = self.encoder_attn_layer_norm(hidden + F.dropout(attn, p=self.dropout, training=self.training))
         mlp = F.dropout(self.activation_fn(self.fc1(hidden)), p=self.activation_dropout, training=self.training)
         mlp = F.dropout(self.fc2(mlp), p=self.dropout, training=self.training)
@@ -115,6 +116,21 @@ class TransformerModule(nn.Module):
         self.queries_embedder = nn.Embedding(config.num_queries, d)
         self.input_projection = nn.Conv2d(in_channels, d, kernel_size=1) if in_channels != d else None
         self.decoder = DetrDecoder(config)
+        # (h, w, channels, device, dtype) -> (1, h*w, channels) sine embedding: it depends on the
+        # shape only, so it is built once per shape on the model's device (no host work per forward).
+        self._pos_cache: Dict[tuple, torch.Tensor] = {}
+
+    def image_position_embedding(self, height: int, width: int, channels: int, device, dtype) -> torch.Tensor:
+        """(1, height*width, channels) sine embedding of the flattened feature map, cached per shape."""
+        key = (height, width, channels, device, dtype)
+        pos = self._pos_cache.get(key)
+        if pos is None:
+            pos = sine_position_embedding(1, height, width, channels // 2, device, dtype)
+            pos = pos.view(1, channels, height * width).transpose(1, 2)
+            if len(self._pos_cache) > 8:  # many input sizes: keep memory bounded
+                self._pos_cache.clear()
+            self._pos_cache[key] = pos
+        return pos
 
     def forward(self, image_features: torch.Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False) -> Dict[str, object]:
@@ -123,15 +139,16 @@ class TransformerModule(nn.Module):
         b, d, h, w = image_features.shape
         query_pos = self.queries_embedder.weight.unsqueeze(0).expand(b, -1, -1)
         hidden = torch.zeros_like(query_pos)
-        image_pos = sine_position_embedding(b, h, w, d // 2, image_features.device, image_features.dtype)
-        image_pos = image_pos.view(b, d, h * w).transpose(1, 2)
+        image_pos = self.image_position_embedding(h, w, d, image_features.device, image_features.dtype).expand(b, -1, -1)
         image_features = image_features.view(b, d, h * w).transpose(1, 2)
+        # The cross-attention keys are features + position for every layer: one add, not one per layer.
+        image_keys = image_features + image_pos
 
         decoder = self.decoder
         hidden_states: List[torch.Tensor] = [hidden]
         attentions: List[torch.Tensor] = []
         for layer in decoder.layers:
-            hidden, weights = layer(hidden, image_features, image_pos, query_pos)
+            hidden, weights = layer(hidden, image_features, image_keys, query_pos)
             hidden_states.append(hidden)
             attentions.append(weights)
             if decoder.auxiliary_loss:
