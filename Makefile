@@ -24,10 +24,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q tests
 
-# Kernel micro-benchmarks (pytest-benchmark; they verify against the reference first) and the
-# post-processing comparisons that write benchmarks/results/*.json and .md.
+# Kernel micro-benchmarks (pytest-benchmark; every entry verifies against the reference first;
+# Triton/CUDA entries skip with "no CUDA device" on a CPU machine) and the post-processing
+# comparisons that write benchmarks/results/*.json and .md.
 bench: setup
-	$(BIN)/python -m pytest -q benchmarks/bench_postprocess.py benchmarks/bench_window_attention.py --benchmark-only
+	$(BIN)/python -m pytest -q benchmarks/bench_ops.py benchmarks/bench_postprocess.py benchmarks/bench_panoptic.py benchmarks/bench_window_attention.py --benchmark-only
 	$(BIN)/python -m benchmarks.bench_postprocess
 	$(BIN)/python -m benchmarks.bench_panoptic
 

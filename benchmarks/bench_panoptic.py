@@ -10,7 +10,14 @@ Script mode (verify, then time, then write files)::
     python -m benchmarks.bench_panoptic --compare benchmarks/results/panoptic-cpu.json --fail-if-regression
 
 writes ``benchmarks/results/panoptic-<device>.json`` and ``.md`` (device, versions, commit, config,
-one table per scenario).
+one table per scenario). pytest-benchmark entries (both scenarios; transformers, ours on the
+reference and C++ backends; ~25 s on 2 CPU cores)::
+
+    pytest benchmarks/bench_panoptic.py --benchmark-only
+
+There is no Triton entry: panoptic post-processing has no Triton kernel (``query_argmax`` runs the
+reference ops on CUDA), and this benchmark runs on the CPU only. The ``query_argmax`` step alone,
+reference against C++, is in ``bench_ops.py``.
 
 How things are measured (as ``bench_postprocess``, whose helpers this reuses)
 -----------------------------------------------------------------------------
@@ -297,6 +304,54 @@ def main(argv=None):
             print(f"REGRESSION (> 1.25x the baseline): {slow}")
             return 1
     return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# pytest-benchmark entries
+# ---------------------------------------------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # script mode does not need pytest
+    pytest = None
+
+if pytest is not None:
+    # Rounds after one warm-up: transformers takes ~0.4 s per call with 12 objects and ~2 s with
+    # 100 on a 2-core CPU, so 5 and 3 keep both scenarios under ~30 s.
+    _ROUNDS = {12: 5, 100: 3}
+
+    @pytest.fixture(scope="module")
+    def panoptic_setup():
+        """objects -> (implementations, notes, (class_logits, mask_logits, sizes), transformers' result),
+        built on first use and kept for the module."""
+        impls, notes = implementations()
+        cache = {}
+
+        def get(objects):
+            if objects not in cache:
+                args = make_inputs(objects)
+                cache[objects] = (args, impls["transformers"](*args))
+            return (impls, notes) + cache[objects]
+
+        return get
+
+    @pytest.mark.parametrize("name", ["transformers", "ours-reference", "ours-cpp"])
+    @pytest.mark.parametrize("scenario", list(SCENARIOS), ids=[f"{n}-objects" for n in SCENARIOS.values()])
+    def test_panoptic(benchmark, panoptic_setup, scenario, name):
+        objects = SCENARIOS[scenario]
+        impls, notes, args, expected = panoptic_setup(objects)
+        if name not in impls:
+            pytest.skip(notes.get(name, f"{name} not available"))
+        fn = impls[name]
+        diff = _same(fn(*args), expected)  # verify, then time
+        assert not diff, f"panoptic {scenario}: {name} vs transformers: {diff}"
+        c = CONFIG
+        benchmark.extra_info.update(
+            scenario=scenario, impl=name, batch=c["batch"], queries=c["queries"], classes=c["classes"],
+            mask=f"{c['mask'][0]}x{c['mask'][1]}", target=f"{c['target'][0]}x{c['target'][1]}",
+            kept_queries=[int(p.shape[0]) for p, _ in kept_queries(*args[:2])], torch_threads=torch.get_num_threads(),
+        )
+        benchmark.pedantic(fn, args=args, rounds=_ROUNDS[objects], warmup_rounds=1)
 
 
 if __name__ == "__main__":
