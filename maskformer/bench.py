@@ -294,6 +294,9 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--name", default=None,
+                        help="results file stem (default e2e-<device>-<device name>); for runs that must not "
+                             "replace another's file, e.g. a slow model measured separately")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print JSON
     args = parser.parse_args(argv)
 
@@ -367,7 +370,7 @@ def main(argv: List[str] = None) -> int:
                 "maskformer-reference float32 at the same batch; inputs are synthetic images",
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, _slug(f"e2e-{device}-{device_name}"))
+    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
