@@ -154,6 +154,11 @@ class MaskFormerPreTrainedModel(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def _check_finite(self, pixel_values: torch.Tensor) -> None:
+        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync)."""
+        if self.check_finite and not bool(torch.isfinite(pixel_values).all()):
+            raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+
     def _check_pixel_values(self, pixel_values, pixel_mask=None) -> torch.Tensor:
         """Validate and return pixel_values (B, C, H, W) in the model's dtype."""
         if not isinstance(pixel_values, torch.Tensor):
@@ -196,8 +201,7 @@ class MaskFormerPreTrainedModel(nn.Module):
                 f"pixel_values is on {pixel_values.device} but the model is on {self.device}; "
                 f"move one of them, e.g. pixel_values.to('{self.device}')"
             )
-        if self.check_finite and not bool(torch.isfinite(pixel_values).all()):
-            raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+        self._check_finite(pixel_values)
         if pixel_mask is not None:
             if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != (b, h, w):
                 shape = tuple(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
@@ -352,8 +356,9 @@ class CUDAGraphRunner:
         runner = CUDAGraphRunner(model.eval(), pixel_values_cuda)   # warm-up + capture
         out = runner(next_pixel_values)                             # copy in, replay
 
-    A forward launches ~300 kernels for Swin-T; replaying them as one graph removes the
-    per-launch CPU cost, which dominates at batch 1 on a fast GPU. It is safe because the forward
+    A forward runs several hundred small ops (a CPU profile of Swin-T counts ~700: 124 GEMMs, 293
+    copies, 50 batched matmuls, ...); replaying their kernels as one graph removes the per-launch
+    CPU cost, which can dominate at batch 1 on a fast GPU. It is safe because the forward
     does no host work once warmed up: shift masks, position embeddings and fused q/k/v weights are
     cached per shape on the device during the warm-up, and dispatch is decided from metadata.
 
@@ -397,8 +402,7 @@ class CUDAGraphRunner:
                 f"this CUDA graph was captured for pixel_values of shape {expected[0]} on {expected[1]}, got "
                 f"{got if got is not None else type(pixel_values).__name__}; capture one CUDAGraphRunner per input shape"
             )
-        if self.model.check_finite and not bool(torch.isfinite(pixel_values).all()):
-            raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+        self.model._check_finite(pixel_values)
         self.static_input.copy_(pixel_values)  # casts to the captured dtype
         self.graph.replay()
         return self.static_output
