@@ -47,7 +47,7 @@ RESULTS = HERE / "results"
 if str(ROOT) not in sys.path:  # script mode: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_postprocess import copy_bandwidth_gbs, device_info, time_call  # noqa: E402
+from benchmarks.bench_postprocess import copy_bandwidth_gbs, device_info, time_call, write_report  # noqa: E402
 from maskformer.bench import measure_peak_extra  # noqa: E402
 
 CONFIG = {
@@ -294,16 +294,7 @@ def main(argv=None):
         old = {(s["scenario"], r["name"]): r for s in baseline["scenarios"] for r in s["rows"]}
         report["comparison"] = {f"{s['scenario']} / {r['name']}": r["median_ms"] / old[(s["scenario"], r["name"])]["median_ms"]
                                 for s in scenarios for r in s["rows"] if (s["scenario"], r["name"]) in old}
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_markdown(stem.with_suffix(".md"), report)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-    if args.fail_if_regression and report.get("comparison"):
-        slow = {n: r for n, r in report["comparison"].items() if r > 1.25}
-        if slow:
-            print(f"REGRESSION (> 1.25x the baseline): {slow}")
-            return 1
-    return 0
+    return write_report(stem, report, write_markdown, args.fail_if_regression)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -315,11 +315,17 @@ def main(argv=None):
     # Read the baseline before this run overwrites the file it may live in.
     args.baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
     report = run(args)
+    return write_report(stem, report, write_markdown, args.fail_if_regression)
+
+
+def write_report(stem: Path, report: dict, write_markdown, fail_if_regression: bool) -> int:
+    """Write ``stem``.json and .md; -> exit status: 1 when ``fail_if_regression`` and some row of
+    ``report["comparison"]`` (time / baseline time) is above 1.25, else 0."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     write_markdown(stem.with_suffix(".md"), report)
     print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
-    if args.fail_if_regression and report.get("comparison"):
+    if fail_if_regression and report.get("comparison"):
         slow = {n: r for n, r in report["comparison"].items() if r > 1.25}
         if slow:
             print(f"REGRESSION (> 1.25x the baseline): {slow}")

@@ -1,7 +1,9 @@
-"""Small building blocks shared by the backbone and the decoder: activations and DropPath."""
+"""Small building blocks shared by the backbone and the decoder: activations, DropPath and the
+per-shape cache."""
 from __future__ import annotations
 
 import math
+from typing import Callable, Dict
 
 import torch
 from torch import nn
@@ -47,3 +49,15 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.drop_prob}"
+
+
+def cached_per_shape(cache: Dict[tuple, torch.Tensor], key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``cache[key]``, built by ``build()`` on first use. Keys hold the shape, device and dtype of
+    tensors that depend on nothing else (shift masks, position embeddings), so a forward does no
+    host work once warm. More than 8 sizes clear the cache: memory stays bounded."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) > 8:
+            cache.clear()
+        value = cache[key] = build()
+    return value

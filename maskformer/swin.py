@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import MaskFormerSwinConfig, _as_pair
-from .layers import DropPath, get_activation
+from .layers import DropPath, cached_per_shape, get_activation
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -226,14 +226,8 @@ class SwinLayer(nn.Module):
     def shift_mask(self, height: int, width: int, device, dtype) -> Optional[torch.Tensor]:
         if self.shift_size == 0:
             return None
-        key = (height, width, device, dtype)
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = shift_attention_mask(height, width, self.window_size, self.shift_size, device, dtype)
-            if len(self._mask_cache) > 8:  # many input sizes: keep memory bounded
-                self._mask_cache.clear()
-            self._mask_cache[key] = mask
-        return mask
+        return cached_per_shape(self._mask_cache, (height, width, device, dtype), lambda: shift_attention_mask(
+            height, width, self.window_size, self.shift_size, device, dtype))
 
     def window_attention(self, x: torch.Tensor) -> torch.Tensor:
         """Shifted-window attention. x (B, H, W, C) normalised -> (B, H, W, C) after the output projection.

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import MaskFormerDecoderConfig
-from .layers import get_activation
+from .layers import cached_per_shape, get_activation
 
 
 def sine_position_embedding(batch: int, height: int, width: int, num_features: int, device, dtype,
@@ -122,15 +122,11 @@ class TransformerModule(nn.Module):
 
     def image_position_embedding(self, height: int, width: int, channels: int, device, dtype) -> torch.Tensor:
         """(1, height*width, channels) sine embedding of the flattened feature map, cached per shape."""
-        key = (height, width, channels, device, dtype)
-        pos = self._pos_cache.get(key)
-        if pos is None:
+        def build():
             pos = sine_position_embedding(1, height, width, channels // 2, device, dtype)
-            pos = pos.view(1, channels, height * width).transpose(1, 2)
-            if len(self._pos_cache) > 8:  # many input sizes: keep memory bounded
-                self._pos_cache.clear()
-            self._pos_cache[key] = pos
-        return pos
+            return pos.view(1, channels, height * width).transpose(1, 2)
+
+        return cached_per_shape(self._pos_cache, (height, width, channels, device, dtype), build)
 
     def forward(self, image_features: torch.Tensor, output_hidden_states: bool = False,
                 output_attentions: bool = False) -> Dict[str, object]:
