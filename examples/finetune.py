@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor
-from maskformer.cli import IMAGE_EXTENSIONS
+from maskformer.segment import IMAGE_EXTENSIONS
 
 
 def pairs(images_dir, labels_dir):

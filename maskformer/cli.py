@@ -1,9 +1,9 @@
 """The ``maskformer`` command line.
 
     maskformer demo [--out DIR] [--overwrite]   segment a generated image with the shipped default model
-    maskformer segment INPUT... --model PATH_OR_ID --out DIR [--task semantic|panoptic|instance]
-                                                segment images, folders and globs
-    maskformer info                             versions, devices, fast paths and why any is off
+    maskformer segment INPUT... [--model PATH_OR_ID] --out DIR [--task semantic|panoptic|instance]
+                                                segment images, folders and globs (maskformer.segment)
+    maskformer info                             versions, devices, CPU features, fast paths and why any is off
     maskformer bench [...]                      end-to-end benchmark against transformers (maskformer.bench)
 
 Under ``torchrun`` (WORLD_SIZE > 1) ``segment`` gives each rank its own shard of the inputs
@@ -17,18 +17,20 @@ but only for that toy domain: for natural images pass ``--model`` with a hub che
 from __future__ import annotations
 
 import argparse
-import colorsys
-import glob
 import json
 import os
 import platform
 import sys
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
 from .synthetic import SYNTHETIC_LABELS
+
+SHIPPED_MODEL = ("the shipped default model: a small MaskFormer trained on generated images of four classes "
+                 "(background, disc, box, stripe); it knows nothing else, so for photos pass --model with a "
+                 "checkpoint folder or hub id (e.g. facebook/maskformer-swin-large-ade)")
 
 
 def demo_config():
@@ -58,66 +60,13 @@ def random_model(seed: int = 0):
     return model.eval()
 
 
-def palette(n: int) -> np.ndarray:
-    """(n, 3) uint8 colours, well separated (golden-ratio hue steps), deterministic."""
-    colours = [colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.65, 0.95) for i in range(n)]
-    return (np.array(colours) * 255).round().astype(np.uint8).reshape(n, 3)
-
-
-def label_colour(name: str, instance: int = 0) -> tuple:
-    """A colour per label *name*, the same in every run, model and task (hue from a hash of the
-    name), so "person" looks the same in an ADE20K and a COCO overlay; the k-th instance of a
-    label gets a lighter or darker shade. Background-like names ("background", "no segment")
-    are grey."""
-    import hashlib
-
-    if name in ("background", "no segment", "?"):
-        grey = 0.55 + 0.08 * (instance % 3)
-        return tuple(int(round(255 * grey)) for _ in range(3))
-    digest = hashlib.md5(name.encode("utf-8")).digest()
-    hue = int.from_bytes(digest[:2], "little") / 65536.0
-    sat = 0.55 + 0.35 * digest[2] / 255.0
-    val = 0.95 - 0.25 * ((instance * 0.381966) % 1.0)
-    return tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, sat, val))
-
-
-def colours_for(label_map: np.ndarray, names: Dict[int, str]) -> np.ndarray:
-    """(max id + 1, 3) uint8 colour table for a map whose value v is labelled names[v]."""
-    table = palette(int(label_map.max()) + 1)  # fallback for values without a name
-    seen: Dict[str, int] = {}
-    for value in sorted(names):
-        if 0 <= value < len(table):
-            name = names[value]
-            table[value] = label_colour(name, seen.get(name, 0))
-            seen[name] = seen.get(name, 0) + 1
-    return table
-
-
-def overlay(image, label_map: np.ndarray, alpha: float = 0.5, names: Optional[Dict[int, str]] = None):
-    """Blend a colour-coded (H, W) label map over an RGB PIL image of the same size (colours by
-    label name when ``names`` maps map values to label names)."""
-    from PIL import Image
-
-    table = colours_for(label_map, names) if names else palette(int(label_map.max()) + 1)
-    colours = table[label_map]
-    blended = (1 - alpha) * np.asarray(image.convert("RGB"), dtype=np.float32) + alpha * colours
-    return Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-
-
-def save_label_map(label_map: np.ndarray, path: str):
-    """Lossless PNG of the ids as stored: 8-bit when they fit, else 16-bit."""
-    from PIL import Image
-
-    if label_map.min() < 0 or label_map.max() > 65535:
-        raise ValueError(f"label ids {label_map.min()}..{label_map.max()} do not fit a 16-bit PNG")
-    dtype = np.uint8 if label_map.max() < 256 else np.uint16
-    Image.fromarray(label_map.astype(dtype)).save(path)
-
-
 def _check_outputs_free(paths: List[str], overwrite: bool):
-    existing = [p for p in paths if os.path.exists(p)]
+    existing = [p for p in paths if os.path.lexists(p)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist; pass --overwrite to replace them, or choose another --out")
+    links = [p for p in paths if os.path.islink(p)]
+    if links:
+        raise FileExistsError(f"{', '.join(links)} are symbolic links; refusing to write through them (remove them)")
 
 
 def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
@@ -126,7 +75,10 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
 
     from .processing import MaskFormerImageProcessor
 
-    names = ("image.png", "semantic.png", "overlay.png", "segments.json")
+    from .overlay import color_map_image, colour_table, render_overlay
+    from .segment import save_label_map
+
+    names = ("image.png", "semantic.png", "semantic.color.png", "overlay.png", "segments.json")
     paths = {n: os.path.join(out_dir, n) for n in names}
     _check_outputs_free(list(paths.values()), overwrite)
     os.makedirs(out_dir, exist_ok=True)
@@ -147,8 +99,10 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
 
     image.save(paths["image.png"])
     save_label_map(label_map, paths["semantic.png"])
-    overlay(image, label_map, names={int(i): model.config.id2label[int(i)] for i in np.unique(label_map)}).save(
-        paths["overlay.png"])
+    label_names = {int(i): model.config.id2label[int(i)] for i in np.unique(label_map)}
+    table = colour_table(label_map, label_names)
+    render_overlay(image, label_map, label_names, table).save(paths["overlay.png"])
+    color_map_image(label_map, table).save(paths["semantic.color.png"])
     ids, counts = np.unique(label_map, return_counts=True)
     from .synthetic import mean_iou
 
@@ -170,24 +124,44 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
 
 
 def info() -> dict:
-    """Versions, devices and which fast paths are available (with the reason when one is not)."""
+    """Versions, devices, CPU features and which fast paths can run here (with the reason when one cannot)."""
     import torch
 
-    from . import __version__
+    from . import __version__, _ext
+    from .segment import cpu_features
 
+    cuda = torch.cuda.is_available()
     report = {
         "maskformer": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
+        "cuda_available": cuda,
+        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
     }
-    try:
+    feats = cpu_features()
+    capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
+    native_bf16 = feats["avx512_bf16"] or feats["amx_bf16"]
+    report["cpu"] = {
+        "model": _cpu_model(),
+        "features": {k: v for k, v in feats.items()},
+        "torch_cpu_capability": capability,
+        "bfloat16": "native (avx512_bf16/AMX): --dtype bfloat16 can be faster than float32" if native_bf16 else
+                    "no avx512_bf16/AMX: bfloat16 matmuls are emulated; --dtype float32 is the fast choice here",
+    }
+    triton_err = _ext.triton_import_error()
+    if triton_err is not None:
+        report["triton"] = f"not usable: {triton_err}"
+    else:
         import triton
 
-        report["triton"] = triton.__version__
-    except ImportError as exc:
-        report["triton"] = f"not available ({exc})"
+        if cuda:
+            report["triton"] = f"installed ({triton.__version__}), CUDA device present: the Triton kernels run"
+        else:
+            report["triton"] = (f"installed ({triton.__version__}), no CUDA device: the Triton kernels cannot run here"
+                                + (" (TRITON_INTERPRET=1 is set: they run slowly on CPU tensors, for tests)"
+                                   if _ext.triton_interpret_mode() else ""))
+    cpp_err = _ext.cpp_import_error()
+    report["cpp"] = "built: the C++ post-processing kernels run on CPU tensors" if cpp_err is None else f"not usable: {cpp_err}"
     try:
         from . import dispatch
 
@@ -197,265 +171,82 @@ def info() -> dict:
     return report
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
-
-
-def expand_inputs(specs: List[str]) -> Tuple[List[str], List[Tuple[str, str]]]:
-    """Files, folders (their images, sorted, not recursive) and globs -> (image paths, [(spec, error)])."""
-    paths, failures, seen = [], [], set()
-
-    def add(path):
-        path = os.path.normpath(path)
-        if path not in seen:
-            seen.add(path)
-            paths.append(path)
-
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                failures.append((spec, "folder holds no images (" + ", ".join(IMAGE_EXTENSIONS) + ")"))
-            for f in found:
-                add(f)
-        elif os.path.isfile(spec):
-            add(spec)
-        elif glob.has_magic(spec):
-            found = sorted(f for f in glob.glob(spec, recursive=True) if os.path.isfile(f))
-            if not found:
-                failures.append((spec, "pattern matches no file"))
-            for f in found:
-                add(f)
-        else:
-            failures.append((spec, "no such file or folder"))
-    return paths, failures
-
-
-def output_paths(out_dir: str, image_path: str, used: Dict[str, int]) -> Dict[str, str]:
-    """Per-input output files; a stem seen twice in one run gets a numeric suffix."""
-    stem = os.path.splitext(os.path.basename(image_path))[0]
-    count = used.get(stem, 0)
-    used[stem] = count + 1
-    if count:
-        stem = f"{stem}_{count}"
-    return {
-        "label": os.path.join(out_dir, f"{stem}.label.png"),
-        "overlay": os.path.join(out_dir, f"{stem}.overlay.png"),
-        "json": os.path.join(out_dir, f"{stem}.json"),
-    }
-
-
-def overlay_with_legend(image, label_map: np.ndarray, names: Dict[int, str]):
-    """Overlay plus a legend column naming each id present (colour swatch + name)."""
-    from PIL import Image, ImageDraw
-
-    base = overlay(image, label_map, names=names)
-    present = [int(i) for i in np.unique(label_map)]
-    colours = colours_for(label_map, names)
-    row = 14
-    legend_w = 160
-    canvas = Image.new("RGB", (base.width + legend_w, max(base.height, row * len(present) + 4)), (255, 255, 255))
-    canvas.paste(base, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, i in enumerate(present):
-        y = 2 + k * row
-        draw.rectangle([base.width + 4, y, base.width + 14, y + 10], fill=tuple(int(c) for c in colours[i]))
-        draw.text((base.width + 18, y - 1), f"{i}: {names.get(i, '?')}"[:24], fill=(0, 0, 0))
-    return canvas
-
-
-def _segments_for_task(task, processor, outputs, sizes, id2label):
-    """Run the task's post-processing -> list of (label map int64 (H, W), segments list, png_names) per image."""
-    from .processing import binary_mask_to_rle
-
-    results = []
-    if task == "semantic":
-        for label_map in processor.post_process_semantic_segmentation(outputs, target_sizes=sizes):
-            label_map = label_map.cpu().numpy().astype(np.int64)
-            ids, counts = np.unique(label_map, return_counts=True)
-            segments = [{"id": int(i), "label_id": int(i), "label": id2label.get(int(i), "?"), "area": int(c)}
-                        for i, c in zip(ids, counts)]
-            results.append((label_map, segments, {int(i): id2label.get(int(i), "?") for i in ids}))
-        return results
-    if task == "panoptic":
-        raw = processor.post_process_panoptic_segmentation(outputs, target_sizes=sizes)
-    else:
-        raw = processor.post_process_instance_segmentation(outputs, target_sizes=sizes)
-    for item in raw:
-        seg = item["segmentation"].cpu()
-        # PNG value = segment id + 1 for instance maps (their background is -1); panoptic ids
-        # already start at 1 with 0 for "no segment" (-1 everywhere when nothing survived).
-        offset = 1 if task == "instance" else 0
-        label_map = (seg.round().numpy().astype(np.int64) + offset).clip(min=0)
-        segments, names = [], {0: "no segment"}
-        for info in item["segments_info"]:
-            value = int(info["id"]) + offset
-            mask = label_map == value
-            segments.append({
-                "id": int(info["id"]),
-                "png_value": value,
-                "label_id": int(info["label_id"]),
-                "label": id2label.get(int(info["label_id"]), "?"),
-                "score": float(info["score"]),
-                "area": int(mask.sum()),
-                "rle": binary_mask_to_rle(mask),
-            })
-            names[value] = id2label.get(int(info["label_id"]), "?")
-        results.append((label_map, segments, names))
-    return results
-
-
-def _distributed():
-    """(rank, world_size, initialised_here) from torchrun's environment; gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-        return dist.get_rank(), dist.get_world_size(), True
-    return dist.get_rank(), dist.get_world_size(), False
-
-
-def run_segment(args) -> int:
-    import torch
-    from PIL import Image, UnidentifiedImageError
-
-    from .processing import MaskFormerImageProcessor
-
-    rank, world, owns_group = _distributed()
-    paths, failures = expand_inputs(args.inputs)
-    shard = paths[rank::world]
-    failures = failures if rank == 0 else []  # report spec errors once
-
-    # model and processor
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.model is None:
-        from .loading import DEFAULT_MODEL_DIR, load_default_model
-
-        model = load_default_model(dtype=dtype, device=args.device)
-        processor = MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR)
-        if rank == 0:
-            print("maskformer segment: no --model given, using the shipped default model (4 synthetic-shape classes)",
-                  file=sys.stderr)
-    else:
-        from .modeling import MaskFormerForInstanceSegmentation
-
-        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype=dtype, device=args.device)
-        try:
-            processor = MaskFormerImageProcessor.from_pretrained(args.model)
-        except FileNotFoundError:
-            processor = MaskFormerImageProcessor()
-    if args.backend:
-        from . import dispatch
-
-        dispatch.set_backend(args.backend)
-    id2label = {int(k): v for k, v in model.config.id2label.items()}
-    os.makedirs(args.out, exist_ok=True)
-
-    used: Dict[str, int] = {}
-    all_outputs = {p: output_paths(args.out, p, used) for p in paths}  # same names on every rank
-    done = 0
-    start = time.perf_counter()
+def _cpu_model() -> str:
     try:
-        from tqdm import tqdm
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
-        bar = tqdm(total=len(shard), desc=f"segment[{rank}]" if world > 1 else "segment", unit="img",
-                   disable=not sys.stderr.isatty())
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        bar = None
-    for i in range(0, len(shard), args.batch_size):
-        batch_paths, images = [], []
-        for path in shard[i : i + args.batch_size]:
-            outs = all_outputs[path]
-            existing = [o for o in outs.values() if os.path.exists(o)]
-            if existing and not args.overwrite:
-                failures.append((path, f"{existing[0]} exists; pass --overwrite to replace it"))
-                continue
-            try:
-                with Image.open(path) as img:
-                    img.load()
-                    images.append(img.convert("RGB") if img.mode not in ("RGB",) else img.copy())
-                batch_paths.append(path)
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
-                failures.append((path, f"cannot read image ({type(exc).__name__}: {exc})"))
-        if not images:
-            continue
-        try:
-            inputs = processor(images=images, return_tensors="pt")
-            with torch.inference_mode():
-                outputs = model(inputs["pixel_values"].to(args.device), pixel_mask=inputs["pixel_mask"].to(args.device))
-            sizes = [(im.height, im.width) for im in images]
-            results = _segments_for_task(args.task, processor, outputs, sizes, id2label)
-        except torch.cuda.OutOfMemoryError:
-            for path in batch_paths:
-                failures.append((path, f"out of memory at batch size {args.batch_size}; retry with a smaller --batch-size"))
-            continue
-        except Exception as exc:
-            if "out of memory" in str(exc).lower():
-                msg = f"out of memory at batch size {args.batch_size}; retry with a smaller --batch-size"
-            else:
-                msg = f"{type(exc).__name__}: {exc}"
-            if args.verbose:
-                raise
-            failures.extend((path, msg) for path in batch_paths)
-            continue
-        for path, image, (label_map, segments, names) in zip(batch_paths, images, results):
-            outs = all_outputs[path]
-            save_label_map(label_map, outs["label"])
-            overlay_with_legend(image, label_map, names).save(outs["overlay"])
-            with open(outs["json"], "w") as f:
-                json.dump({"image": path, "task": args.task, "size": [image.height, image.width], "segments": segments}, f)
-            done += 1
-        if bar is not None:
-            bar.update(len(shard[i : i + args.batch_size]))
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - start
 
-    summary = {"images": done, "seconds": seconds, "failures": failures}
-    if world > 1:
-        import torch.distributed as dist
+SEGMENT_EPILOG = """files written per input (NAME = the input's path relative to the folder or glob base it was
+found in, extension kept: photos/trip/a.jpg -> OUT/trip/a.jpg.*):
+  NAME.label.png    lossless label map at the photo's size: class ids (semantic), or segment values
+                    (panoptic/instance: 0 = no segment); 8-bit, or 16-bit when a value exceeds 255
+  NAME.color.png    the same map in colour, for a viewer (skip with --no-color-map)
+  NAME.overlay.png  the photo in grey with coloured segments, their outlines and a legend
+  NAME.json         size, task, model, segments (label, area; score and RLE for panoptic/instance),
+                    EXIF orientation / frames / bit depth notes, and the set's status
 
-        gathered = [None] * world
-        dist.all_gather_object(gathered, summary)
-        summary = {
-            "images": sum(g["images"] for g in gathered),
-            "seconds": max(g["seconds"] for g in gathered),
-            "failures": [f for g in gathered for f in g["failures"]],
-        }
-        if owns_group:
-            dist.destroy_process_group()
-    if rank == 0:
-        rate = summary["images"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
-        print(f"maskformer segment: {summary['images']} images, {rate:.2f} images/s, {len(summary['failures'])} failures"
-              + (f" ({world} ranks)" if world > 1 else ""))
-        for spec, reason in summary["failures"]:
-            print(f"  failed: {spec}: {reason}", file=sys.stderr)
-    # Rank 0 owns the summary and the exit status; other ranks exit 0 so that torchrun does not
-    # tear rank 0 down before it has printed the combined report.
-    return 1 if summary["failures"] and rank == 0 else 0
+Results are resumable: a re-run skips inputs whose results are complete, redoes interrupted ones,
+and never writes over another input's results or through a symbolic link. Exit status: 0 when
+nothing failed (skips are fine), 1 when an input failed, 130 when interrupted.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="maskformer", description="Fast MaskFormer inference")
-    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks on errors (default: one line)")
+    # The same flag after the subcommand; SUPPRESS keeps it from resetting one given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors (default: one line)")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="segment a synthetic image with the embedded default model (untrained)")
+    fmt = argparse.RawDescriptionHelpFormatter
+    demo = sub.add_parser("demo", parents=[common], help="segment a generated image with the shipped default model",
+                          description="Segment a freshly generated image with " + SHIPPED_MODEL + ".")
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
-    demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    demo.add_argument("--seed", type=int, default=0)
-    seg = sub.add_parser("segment", help="segment images, folders and globs")
-    seg.add_argument("inputs", nargs="+", help="image files, folders or glob patterns")
-    seg.add_argument("--model", default=None, help="checkpoint folder or hub id (default: the shipped toy default model)")
-    seg.add_argument("--out", required=True, help="output folder")
-    seg.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic")
-    seg.add_argument("--device", default="cpu")
-    seg.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    seg.add_argument("--backend", choices=("auto", "reference", "triton", "cpp"), default=None)
-    seg.add_argument("--batch-size", type=int, default=4)
-    seg.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    sub.add_parser("info", help="versions, devices and available fast paths")
+    demo.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    demo.add_argument("--seed", type=int, default=0, help="which generated image (default: 0)")
+    from .segment import DEFAULT_MAX_PIXELS
+
+    seg = sub.add_parser(
+        "segment", parents=[common], formatter_class=fmt, epilog=SEGMENT_EPILOG,
+        help="segment images, folders and globs",
+        description="Segment image files, folders (their images; subfolders with --recursive) and glob patterns.\n"
+                    "Without --model it uses " + SHIPPED_MODEL + ".")
+    seg.add_argument("inputs", nargs="+", help="image files, folders or glob patterns (quote globs)")
+    seg.add_argument("--model", default=None,
+                     help="checkpoint folder or hub id (default: the shipped toy model, see above)")
+    seg.add_argument("--out", required=True, help="output folder (created if missing; must not be a file)")
+    seg.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic",
+                     help="which maps to make (default: semantic)")
+    seg.add_argument("--recursive", action="store_true",
+                     help="also segment the images in subfolders of folder inputs (default: off; skipped "
+                          "subfolders are named on stderr)")
+    seg.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
+    seg.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                     help="model precision (default: float32; bfloat16 pays only on GPUs and CPUs with "
+                          "avx512_bf16/AMX: see `maskformer info`)")
+    seg.add_argument("--backend", choices=("auto", "reference", "triton", "cpp"), default=None,
+                     help="force the kernels' backend for the ops it has a kernel for; the others run on auto, and "
+                          "the command says which op ran where (default: auto: Triton on CUDA, C++ on CPU)")
+    seg.add_argument("--batch-size", type=int, default=4,
+                     help="images per forward pass on CUDA, batched only with images of the same input size "
+                          "(default: 4); on the CPU images run one at a time (faster there, see README)")
+    seg.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                     help=f"refuse images with more pixels than this, by their header, before decoding "
+                          f"(default: {DEFAULT_MAX_PIXELS:,}, Pillow's decompression-bomb limit)")
+    seg.add_argument("--no-color-map", action="store_true", help="do not write NAME.color.png (default: write it)")
+    seg.add_argument("--overwrite", action="store_true",
+                     help="redo inputs whose complete results exist (default: skip them); never replaces another "
+                          "input's results")
+    seg.add_argument("--quiet", action="store_true",
+                     help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
+    sub.add_parser("info", parents=[common], help="versions, devices, CPU features and available fast paths")
     sub.add_parser("bench", help="end-to-end throughput benchmark: `maskformer bench --help`")
     return parser
 
@@ -481,7 +272,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif args.command == "segment":
             if args.batch_size < 1:
                 raise ValueError("--batch-size must be >= 1")
-            return run_segment(args)
+            if args.max_pixels < 1:
+                raise ValueError("--max-pixels must be >= 1")
+            from .segment import run
+
+            return run(args)
         elif args.command == "info":
             print(json.dumps(info(), indent=2))
         return 0

@@ -404,10 +404,14 @@ def describe() -> Dict[str, Union[str, Dict[str, str]]]:
     requested, source = _requested()
     cpp_err = _ext.cpp_import_error()
     triton_err = _ext.triton_import_error()
-    if triton_err is None:
-        triton_state = "available (CUDA" + (", and CPU tensors: TRITON_INTERPRET=1)" if _ext.triton_interpret_mode() else ")")
-    else:
+    if triton_err is not None:
         triton_state = triton_err
+    elif torch.cuda.is_available():
+        triton_state = "available (CUDA" + (", and CPU tensors: TRITON_INTERPRET=1)" if _ext.triton_interpret_mode() else ")")
+    elif _ext.triton_interpret_mode():
+        triton_state = "installed, no CUDA device: runs on CPU tensors only because TRITON_INTERPRET=1 (slow; for tests)"
+    else:
+        triton_state = "installed, no CUDA device: the Triton kernels cannot run here"
     info = {
         "requested": requested,
         "source": source,

@@ -11,6 +11,7 @@ ops themselves. `MaskFormerImageProcessor.post_process_*` are the documented ent
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,23 +35,36 @@ def semantic_segmentation(
     outputs: Any,
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     return_segmentation_scores: bool = False,
+    pixel_mask: torch.Tensor | np.ndarray | None = None,
 ) -> list[torch.Tensor] | list[SemanticSegmentationResult]:
     """`MaskFormerImageProcessor.post_process_semantic_segmentation` (documented there)."""
-    class_logits, mask_logits = _check_outputs(outputs, "post_process_semantic_segmentation")
-    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    fn = "post_process_semantic_segmentation"
+    class_logits, mask_logits = _check_outputs(outputs, fn)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0], fn)
+    extents = valid_extents(pixel_mask, mask_logits, fn)
+    num_classes = class_logits.shape[-1] - 1
     if not return_segmentation_scores:
         # maskformer.dispatch picks the fused kernels (C++ on CPU, Triton on CUDA) or
         # semantic_segmentation_ref's computation, per MASKFORMER_BACKEND / set_backend.
         from . import dispatch
 
-        return dispatch.semantic_segmentation(class_logits, mask_logits, sizes)
+        _check_memory(sizes, 8, fn, mask_logits.device)
+        kwargs = {} if extents is None else {"source_extents": extents}
+        with _memory_errors_name(fn, sizes):
+            return dispatch.semantic_segmentation(class_logits, mask_logits, sizes, **kwargs)
+    _check_memory(sizes, 8 + 4 * num_classes, fn, mask_logits.device)
     scores = _semantic_scores(class_logits, mask_logits)
     results = []
-    for i in range(scores.shape[0]):
-        s = scores[i]
-        if sizes is not None:
-            s = F.interpolate(s[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
-        results.append(SemanticSegmentationResult(segmentation=s.argmax(dim=0), segmentation_scores=s))
+    with _memory_errors_name(fn, sizes):
+        for i in range(scores.shape[0]):
+            s = scores[i]
+            if extents is not None:
+                s, scales = crop_to_extent(s, extents[i])
+                if sizes is not None:
+                    s = _resize(s, sizes[i], scales, "bilinear")
+            elif sizes is not None:
+                s = F.interpolate(s[None], size=sizes[i], mode="bilinear", align_corners=False)[0]
+            results.append(SemanticSegmentationResult(segmentation=s.argmax(dim=0), segmentation_scores=s))
     return results
 
 
@@ -60,23 +74,30 @@ def instance_segmentation(
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
     return_coco_annotation: bool | None = False,
     return_binary_maps: bool | None = False,
+    pixel_mask: torch.Tensor | np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """`MaskFormerImageProcessor.post_process_instance_segmentation` (documented there)."""
+    fn = "post_process_instance_segmentation"
     if return_coco_annotation and return_binary_maps:
         raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
-    class_logits, mask_logits = _check_outputs(outputs, "post_process_instance_segmentation")
-    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
-    return [
-        _instance_one(
-            class_logits[i],
-            mask_logits[i],
-            threshold,
-            None if sizes is None else sizes[i],
-            bool(return_coco_annotation),
-            bool(return_binary_maps),
-        )
-        for i in range(class_logits.shape[0])
-    ]
+    threshold = _check_fraction(threshold, "threshold", fn)
+    class_logits, mask_logits = _check_outputs(outputs, fn)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0], fn)
+    extents = valid_extents(pixel_mask, mask_logits, fn)
+    _check_memory(sizes, 8, fn, mask_logits.device)
+    with _memory_errors_name(fn, sizes):
+        return [
+            _instance_one(
+                class_logits[i],
+                mask_logits[i],
+                threshold,
+                None if sizes is None else sizes[i],
+                bool(return_coco_annotation),
+                bool(return_binary_maps),
+                None if extents is None else extents[i],
+            )
+            for i in range(class_logits.shape[0])
+        ]
 
 
 def panoptic_segmentation(
@@ -86,10 +107,17 @@ def panoptic_segmentation(
     overlap_mask_area_threshold: float = 0.8,
     label_ids_to_fuse: set[int] | None = None,
     target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+    pixel_mask: torch.Tensor | np.ndarray | None = None,
 ) -> list[dict[str, Any]]:
     """`MaskFormerImageProcessor.post_process_panoptic_segmentation` (documented there)."""
-    class_logits, mask_logits = _check_outputs(outputs, "post_process_panoptic_segmentation")
-    sizes = _check_target_sizes(target_sizes, class_logits.shape[0])
+    fn = "post_process_panoptic_segmentation"
+    threshold = _check_fraction(threshold, "threshold", fn)
+    mask_threshold = _check_fraction(mask_threshold, "mask_threshold", fn)
+    overlap_mask_area_threshold = _check_fraction(overlap_mask_area_threshold, "overlap_mask_area_threshold", fn)
+    class_logits, mask_logits = _check_outputs(outputs, fn)
+    sizes = _check_target_sizes(target_sizes, class_logits.shape[0], fn)
+    extents = valid_extents(pixel_mask, mask_logits, fn)
+    _check_memory(sizes, 16, fn, mask_logits.device)  # the int32 map, the int64 owner map, the id lookup
     fuse = set() if label_ids_to_fuse is None else {int(x) for x in label_ids_to_fuse}
     num_labels = class_logits.shape[-1] - 1
     # sigmoid over the whole batch, as transformers: torch's CPU kernel evaluates a buffer's tail
@@ -100,20 +128,169 @@ def panoptic_segmentation(
     # Same torch comparison as transformers (the python threshold is cast to the logits' dtype).
     keep = pred_labels.ne(num_labels) & (pred_scores > threshold)
     results = []
-    for i in range(class_logits.shape[0]):
-        results.append(
-            _panoptic_one(
-                mask_probs[i][keep[i]],
-                pred_scores[i][keep[i]],
-                pred_labels[i][keep[i]],
-                mask_threshold,
-                overlap_mask_area_threshold,
-                fuse,
-                tuple(mask_logits.shape[-2:]) if sizes is None else sizes[i],
-                sizes is not None,
+    with _memory_errors_name(fn, sizes):
+        for i in range(class_logits.shape[0]):
+            extent = None if extents is None else extents[i]
+            if sizes is not None:
+                out_size = sizes[i]
+            elif extent is not None:
+                out_size = (math.ceil(extent[0]), math.ceil(extent[1]))
+            else:
+                out_size = tuple(mask_logits.shape[-2:])
+            results.append(
+                _panoptic_one(
+                    mask_probs[i][keep[i]],
+                    pred_scores[i][keep[i]],
+                    pred_labels[i][keep[i]],
+                    mask_threshold,
+                    overlap_mask_area_threshold,
+                    fuse,
+                    out_size,
+                    sizes is not None,
+                    extent,
+                )
             )
-        )
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Cropping each image's valid region (the opt-in `pixel_mask=` of every post_process_*)
+# ---------------------------------------------------------------------------------------------
+def valid_extents(pixel_mask: Any, mask_logits: torch.Tensor, fn: str) -> list[tuple[float, float]] | None:
+    """Per image, the `(rows, cols)` of the mask logits that hold the image, not batch padding.
+
+    Args:
+        pixel_mask: None, or the processor's `(B, H, W)` mask (1 on image pixels, 0 on padding;
+            each image's ones must be a top-left rectangle, as the processor pads bottom/right).
+        mask_logits: `(B, Q, h, w)`; the logits cover the padded input at stride `s = H / h`
+            (4 for MaskFormer; when H is not a multiple of h the backbone padded the input up to
+            one, so `s = ceil(H / h)`).
+
+    Returns:
+        None when there is no pixel_mask or no image has padding; else B `(vh / s, vw / s)` float
+        pairs (`vh`, `vw`: the image's rows and columns in the mask), capped at `(h, w)`: the
+        fractional extent of each image in logit rows and columns.
+    """
+    if pixel_mask is None:
+        return None
+    if isinstance(pixel_mask, np.ndarray):
+        pixel_mask = torch.from_numpy(pixel_mask)
+    if not isinstance(pixel_mask, torch.Tensor):
+        raise TypeError(f"{fn}: pixel_mask must be the processor's (batch, height, width) tensor, got "
+                        f"{type(pixel_mask).__name__}.")
+    b, _, h, w = mask_logits.shape
+    if pixel_mask.ndim != 3 or pixel_mask.shape[0] != b:
+        raise ValueError(f"{fn}: pixel_mask must be (batch, height, width) with batch {b} (the logits'), got shape "
+                         f"{tuple(pixel_mask.shape)}; pass the `pixel_mask` the processor returned with these inputs.")
+    big_h, big_w = pixel_mask.shape[1:]
+    if big_h < h or big_w < w:
+        raise ValueError(f"{fn}: pixel_mask is {big_h}x{big_w}, smaller than the mask logits' {h}x{w}; pass the "
+                         "processor's pixel_mask (at the input resolution).")
+    valid = pixel_mask.detach().to("cpu") != 0
+    rows, cols = valid.any(dim=2), valid.any(dim=1)
+    vh, vw = rows.sum(dim=1), cols.sum(dim=1)
+    stride_h = big_h // h if big_h % h == 0 else math.ceil(big_h / h)
+    stride_w = big_w // w if big_w % w == 0 else math.ceil(big_w / w)
+    extents = []
+    for i in range(b):
+        hi, wi = int(vh[i]), int(vw[i])
+        if hi == 0 or wi == 0:
+            raise ValueError(f"{fn}: pixel_mask[{i}] has no valid pixel; every image needs at least one.")
+        if int(valid[i].sum()) != hi * wi or not bool(valid[i, :hi, :wi].all()):
+            raise ValueError(f"{fn}: pixel_mask[{i}] is not a top-left rectangle of ones (the processor pads images "
+                             "bottom/right); pass the processor's pixel_mask.")
+        extents.append((min(hi / stride_h, float(h)), min(wi / stride_w, float(w))))
+    if all(e == (float(h), float(w)) for e in extents):
+        return None  # nothing to crop: the same computation as without pixel_mask
+    return extents
+
+
+def crop_to_extent(x: torch.Tensor, extent: tuple[float, float]) -> tuple[torch.Tensor, tuple[float | None, float | None]]:
+    """`x[..., :ceil(eh), :ceil(ew)]` (a view) and aten's `scales` for a resize that maps the
+    extent onto the output: `(H / eh, W / ew)` per axis, None where the extent is a whole number
+    of rows/columns (then the crop is resized exactly as `F.interpolate` resizes it)."""
+    eh, ew = extent
+    ch, cw = math.ceil(eh), math.ceil(ew)
+    return x[..., :ch, :cw], (None if float(eh).is_integer() else eh, None if float(ew).is_integer() else ew)
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int], extents: tuple[float | None, float | None], mode: str):
+    """`(C, h, w)` -> `(C, H, W)`: aten's bilinear (align_corners=False) or nearest resize, with
+    `scales_h = H / eh` where an extent is fractional (so source row `eh` lands on output row H)."""
+    sh = None if extents[0] is None else size[0] / extents[0]
+    sw = None if extents[1] is None else size[1] / extents[1]
+    if mode == "bilinear":
+        return torch.ops.aten.upsample_bilinear2d(x[None], list(size), False, sh, sw)[0]
+    return torch.ops.aten.upsample_nearest2d(x[None], list(size), sh, sw)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks
+# ---------------------------------------------------------------------------------------------
+def _check_fraction(value: Any, name: str, fn: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{fn}: {name} must be a number in [0, 1], got {value!r}.")
+    value = float(value)
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise ValueError(f"{fn}: {name} must be in [0, 1], got {value}.")
+    return value
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_memory(sizes: list[tuple[int, int]] | None, bytes_per_pixel: int, fn: str, device: torch.device) -> None:
+    """Refuse, naming the argument, a target size whose output alone cannot fit in memory."""
+    if sizes is None:
+        return
+    available = _available_bytes(device)
+    if available is None:
+        return
+    for i, (h, w) in enumerate(sizes):
+        need = h * w * bytes_per_pixel
+        if need > available:
+            raise ValueError(
+                f"{fn}: target_sizes[{i}] = {(h, w)} needs about {need / 2**30:.1f} GiB for its maps, more than the "
+                f"{available / 2**30:.1f} GiB of {device.type} memory available; pass a smaller target size."
+            )
+
+
+class _memory_errors_name:
+    """Turn an allocator failure inside post-processing into an error that names target_sizes."""
+
+    def __init__(self, fn: str, sizes: list[tuple[int, int]] | None):
+        self.fn, self.sizes = fn, sizes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or not isinstance(exc, (RuntimeError, MemoryError)):
+            return False
+        text = str(exc).lower()
+        if not isinstance(exc, MemoryError) and "alloc" not in text and "out of memory" not in text:
+            return False
+        largest = max(self.sizes, key=lambda s: s[0] * s[1]) if self.sizes else None
+        raise MemoryError(
+            f"{self.fn}: ran out of memory"
+            + (f" producing maps of up to {largest[0]}x{largest[1]} (target_sizes); pass smaller target sizes"
+               if largest else "; the logits are too large for this machine")
+            + f" ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from exc
+
 
 def _check_outputs(outputs: Any, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     def get(name: str) -> Any:
@@ -165,10 +342,12 @@ def _check_outputs(outputs: Any, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
     return class_logits, mask_logits
 
 
-def _check_target_sizes(target_sizes: Any, batch_size: int) -> list[tuple[int, int]] | None:
+def _check_target_sizes(target_sizes: Any, batch_size: int, fn: str = "post_process") -> list[tuple[int, int]] | None:
     if target_sizes is None:
         return None
     if isinstance(target_sizes, torch.Tensor):
+        if target_sizes.is_floating_point() or target_sizes.dtype == torch.bool:
+            raise TypeError(f"{fn}: target_sizes must hold integers (height, width), got a {target_sizes.dtype} tensor.")
         target_sizes = target_sizes.tolist()
     if len(target_sizes) != batch_size:
         raise ValueError(
@@ -178,9 +357,14 @@ def _check_target_sizes(target_sizes: Any, batch_size: int) -> list[tuple[int, i
     out = []
     for i, hw in enumerate(target_sizes):
         try:
-            h, w = (int(v) for v in hw)
-        except (TypeError, ValueError):
-            raise ValueError(f"target_sizes[{i}] must be a (height, width) pair, got {hw!r}.") from None
+            values = list(hw.tolist() if isinstance(hw, (torch.Tensor, np.ndarray)) else hw)
+        except TypeError:
+            raise ValueError(f"{fn}: target_sizes[{i}] must be a (height, width) pair, got {hw!r}.") from None
+        values = [v.item() if isinstance(v, torch.Tensor) and v.ndim == 0 and not v.is_floating_point()
+                  and v.dtype != torch.bool else v for v in values]
+        if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) for v in values):
+            raise ValueError(f"{fn}: target_sizes[{i}] must be a (height, width) pair of ints, got {hw!r}.")
+        h, w = int(values[0]), int(values[1])
         if h <= 0 or w <= 0:
             raise ValueError(f"target_sizes[{i}] must be positive, got {(h, w)}.")
         out.append((h, w))
@@ -254,9 +438,14 @@ def _instance_one(
     target_size: tuple[int, int] | None,
     return_coco_annotation: bool,
     return_binary_maps: bool,
+    extent: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """One image of instance post-processing; `mask_cls` (Q, K+1), `mask_pred` (Q, h, w)."""
+    """One image of instance post-processing; `mask_cls` (Q, K+1), `mask_pred` (Q, h, w); `extent`:
+    the image's valid region of the masks (see `valid_extents`), None for the whole (transformers)."""
     num_queries, num_classes = mask_cls.shape[0], mask_cls.shape[1] - 1
+    scales: tuple[float | None, float | None] = (None, None)
+    if extent is not None:
+        mask_pred, scales = crop_to_extent(mask_pred, extent)
     scores = F.softmax(mask_cls, dim=-1)[:, :-1]
     # Same call as transformers: with sorted=False the order of equal-score candidates (and so the
     # segment ids and which instance is drawn last) is topk's, which we must not change.
@@ -271,22 +460,24 @@ def _instance_one(
 
     height, width = mask_pred.shape[-2:] if target_size is None else target_size
     # transformers compares `tensor.item() >= threshold` in python (float64): do the same.
-    candidates = torch.nonzero(pred_scores.double() >= threshold).flatten()
-    pred_masks = pred_masks[candidates]
-    if target_size is not None and len(candidates) > 0:
-        # Only the candidates are resized (nearest is per channel, so the values are unchanged):
-        # 100 queries -> usually < 10 maps at the target size.
-        pred_masks = F.interpolate(pred_masks.unsqueeze(0), size=target_size, mode="nearest")[0]
-    elif target_size is not None:
-        pred_masks = pred_masks.new_zeros((0, height, width))
+    candidates = torch.nonzero(pred_scores.double() >= threshold).flatten().tolist()
     segmentation = torch.full((height, width), -1.0, device=mask_pred.device)
-    nonempty = pred_masks.flatten(1).any(dim=1).tolist()
     segments, instance_maps = [], []
-    for c, j in enumerate(candidates.tolist()):
-        if not nonempty[c]:
+    keep_maps = return_coco_annotation or return_binary_maps
+    for j in candidates:
+        # One candidate at a time at the target size (nearest is per mask, so this is the batched
+        # F.interpolate's result): one (H, W) map alive, not (candidates, H, W).
+        mask = pred_masks[j]
+        if target_size is not None:
+            if extent is None:
+                mask = F.interpolate(mask[None, None], size=target_size, mode="nearest")[0, 0]
+            else:
+                mask = _resize(mask[None], target_size, scales, "nearest")[0]
+        on = mask == 1
+        if not bool(on.any()):
             continue
         segment_id = len(segments)
-        segmentation[pred_masks[c] == 1] = segment_id
+        segmentation[on] = segment_id
         segments.append(
             {
                 "id": segment_id,
@@ -295,7 +486,8 @@ def _instance_one(
                 "score": round(float(pred_scores[j]), 6),
             }
         )
-        instance_maps.append(pred_masks[c])
+        if keep_maps:
+            instance_maps.append(mask)
     if return_coco_annotation:
         return {"segmentation": [binary_mask_to_rle(m) for m in instance_maps], "segments_info": segments}
     if return_binary_maps:
@@ -317,8 +509,10 @@ def _panoptic_one(
     label_ids_to_fuse: set[int],
     out_size: tuple[int, int],
     resize: bool,
+    extent: tuple[float, float] | None = None,
 ) -> dict[str, Any]:
-    """One image of panoptic post-processing on the kept queries: `mask_probs` (N, h, w), scores/labels (N,)."""
+    """One image of panoptic post-processing on the kept queries: `mask_probs` (N, h, w), scores/labels (N,);
+    `extent`: the image's valid region of the masks (see `valid_extents`), None for the whole."""
     height, width = out_size
     if mask_probs.shape[0] == 0:
         return {
@@ -331,7 +525,8 @@ def _panoptic_one(
     # deviation 3, the query's own mask, not the score-weighted one (see module docstring).
     from .dispatch import query_argmax
 
-    owner, own_area = query_argmax(mask_probs, pred_scores, out_size if resize else None, mask_threshold)
+    kwargs = {} if extent is None else {"source_extent": extent}
+    owner, own_area = query_argmax(mask_probs, pred_scores, out_size if resize else None, mask_threshold, **kwargs)
     n = mask_probs.shape[0]
     won_area = torch.bincount(owner.flatten(), minlength=n)
     # int64 / int64 -> float32, then a python float64 compare: the same rounding as transformers'

@@ -234,6 +234,61 @@ def _pil_to_rgb(img: PIL.Image.Image) -> PIL.Image.Image:
     return img.convert("RGB")
 
 
+# Pillow modes that hold more than 8 bits per sample. `convert("RGB")` clips them at 255 (a 16-bit
+# photo becomes 99% white), so they are scaled to 8 bits first (`to_8bit`).
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8bit(img: PIL.Image.Image, where: str = "image") -> PIL.Image.Image:
+    """A single-channel image of more than 8 bits per sample as an 8-bit "L" image; other images as
+    they are.
+
+    "I;16*" (16-bit PNG and TIFF) maps 0..65535 onto 0..255 (divide by 257, round). "I" (32-bit
+    integer, what Pillow makes of some 16-bit files) holding 0..255 is taken as it is and 0..65535
+    as 16-bit; larger values raise. "F" (float) in [0, 1] is scaled by 255, in [0, 255] taken as it
+    is; anything else (negative, NaN, above 255) raises: there is no way to know its range.
+    """
+    if img.mode not in _WIDE_MODES:
+        return img
+    arr = np.asarray(img)
+    if img.mode == "F":
+        if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
+            raise ValueError(
+                f"{where} is a floating-point image (Pillow mode 'F') with values in [{arr.min()}, {arr.max()}]; "
+                "only [0, 1] or [0, 255] can be mapped to 8 bits. Convert it to an 8-bit image first."
+            )
+        scaled = arr * 255.0 if arr.max() <= 1.0 else arr
+    else:
+        arr = arr.astype(np.int64)
+        lo, hi = int(arr.min()), int(arr.max())
+        if img.mode.startswith("I;16") or (img.mode == "I" and 255 < hi <= 65535 and lo >= 0):
+            scaled = arr / 257.0
+        elif lo >= 0 and hi <= 255:
+            scaled = arr
+        else:
+            raise ValueError(
+                f"{where} is a 32-bit integer image (Pillow mode 'I') with values in [{lo}, {hi}]; only 0..255 "
+                "(8-bit) or 0..65535 (16-bit) can be mapped to 8 bits. Convert it to an 8-bit image first."
+            )
+    return PIL.Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), mode="L")
+
+
+def prepare_pil_image(img: PIL.Image.Image, where: str = "image") -> PIL.Image.Image:
+    """What we do to a PIL image before transformers' conversion: apply its EXIF orientation
+    (Pillow's `ImageOps.exif_transpose`: a phone JPEG tagged "rotate 90" is segmented the way every
+    viewer shows it) and scale more-than-8-bit single-channel images to 8 bits (`to_8bit`).
+    Both differ from transformers, which ignores the tag and clips 16-bit values at 255."""
+    from PIL import ImageOps
+
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # a malformed EXIF block: keep the pixels as stored
+        orientation = 1
+    if orientation not in (None, 1):
+        img = ImageOps.exif_transpose(img)
+    return to_8bit(img, where)
+
+
 def _infer_channel_axis(shape: tuple[int, ...], where: str) -> int:
     # transformers' rule with num_channels=(1, 3, 4): channels-first wins when both ends fit.
     first_ok, last_ok = shape[0] in (1, 3, 4), shape[2] in (1, 3, 4)
@@ -251,6 +306,7 @@ def _infer_channel_axis(shape: tuple[int, ...], where: str) -> int:
 def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: str | None, where: str) -> np.ndarray:
     """One input image -> `(3, H, W)` numpy array, dtype as given (bool becomes uint8)."""
     if isinstance(image, PIL.Image.Image):
+        image = prepare_pil_image(image, where)
         if do_convert_rgb or (do_convert_rgb is None and image.mode != "RGB"):
             image = _pil_to_rgb(image)
         arr = np.array(image)

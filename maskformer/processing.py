@@ -590,6 +590,7 @@ class MaskFormerImageProcessor:
         outputs: Any,
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
         return_segmentation_scores: bool = False,
+        pixel_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor] | list[SemanticSegmentationResult]:
         """Per-pixel class ids.
 
@@ -599,12 +600,20 @@ class MaskFormerImageProcessor:
             target_sizes: optional B pairs `(H_i, W_i)` (list or `(B, 2)` tensor); the per-class
                 scores are bilinearly resized to them before the argmax. None: maps at `(h, w)`.
             return_segmentation_scores: also return the `(K, H_i, W_i)` scores.
+            pixel_mask: optional, opt-in (not in transformers): the `(B, H, W)` `pixel_mask` the
+                processor returned with these inputs. Each image's maps are then made from its own
+                region of the logits only: the padding a batch added to smaller images is cropped off
+                before the resize, and the image's (fractional) extent in the logits is mapped onto
+                its target size. Without it, as in transformers, the padded logits are resized whole
+                and the maps of every image smaller than the batch's largest (or not a multiple of
+                `size_divisor`) come out shifted and squashed. With `target_sizes=None` the maps are
+                at the cropped logit size.
 
         Returns:
             list of B `(H_i, W_i)` int64 tensors, or of `SemanticSegmentationResult` with
             `segmentation` and `segmentation_scores` when `return_segmentation_scores=True`.
         """
-        return postprocessing.semantic_segmentation(outputs, target_sizes, return_segmentation_scores)
+        return postprocessing.semantic_segmentation(outputs, target_sizes, return_segmentation_scores, pixel_mask)
 
     def post_process_instance_segmentation(
         self,
@@ -615,6 +624,7 @@ class MaskFormerImageProcessor:
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
         return_coco_annotation: bool | None = False,
         return_binary_maps: bool | None = False,
+        pixel_mask: torch.Tensor | None = None,
     ) -> list[dict[str, Any]]:
         """Instances: the top-Q (query, class) pairs scored by class probability x mean mask probability.
 
@@ -628,14 +638,26 @@ class MaskFormerImageProcessor:
                 entry (see module docstring, deviation 5).
             return_binary_maps: `segmentation` becomes `(N, H, W)` float32 binary masks, one per
                 `segments_info` entry (overlaps preserved).
+            pixel_mask: optional, opt-in (not in transformers): the `(B, H, W)` `pixel_mask` the
+                processor returned with these inputs. Each image's maps are then made from its own
+                region of the logits only: the padding a batch added to smaller images is cropped off
+                before the resize, and the image's (fractional) extent in the logits is mapped onto
+                its target size. Without it, as in transformers, the padded logits are resized whole
+                and the maps of every image smaller than the batch's largest (or not a multiple of
+                `size_divisor`) come out shifted and squashed. With `target_sizes=None` the maps are
+                at the cropped logit size.
 
         Returns:
             list of B dicts with `segmentation` (`(H, W)` float32 map of instance ids, -1 for
             background; or RLEs; or binary maps) and `segments_info` (list of dicts with `id`,
             `label_id`, `was_fused` (always False), `score` rounded to 6 decimals).
         """
+        postprocessing._check_fraction(mask_threshold, "mask_threshold", "post_process_instance_segmentation")
+        postprocessing._check_fraction(
+            overlap_mask_area_threshold, "overlap_mask_area_threshold", "post_process_instance_segmentation"
+        )
         return postprocessing.instance_segmentation(
-            outputs, threshold, target_sizes, return_coco_annotation, return_binary_maps
+            outputs, threshold, target_sizes, return_coco_annotation, return_binary_maps, pixel_mask
         )
 
     def post_process_panoptic_segmentation(
@@ -646,6 +668,7 @@ class MaskFormerImageProcessor:
         overlap_mask_area_threshold: float = 0.8,
         label_ids_to_fuse: set[int] | None = None,
         target_sizes: Sequence[tuple[int, int]] | torch.Tensor | None = None,
+        pixel_mask: torch.Tensor | None = None,
     ) -> list[dict[str, Any]]:
         """Panoptic maps: every pixel goes to the query with the largest score x mask probability.
 
@@ -657,6 +680,14 @@ class MaskFormerImageProcessor:
                 is > this.
             label_ids_to_fuse: class ids whose instances are merged into one segment.
             target_sizes: optional B pairs `(H_i, W_i)`; probabilities are bilinearly resized first.
+            pixel_mask: optional, opt-in (not in transformers): the `(B, H, W)` `pixel_mask` the
+                processor returned with these inputs. Each image's maps are then made from its own
+                region of the logits only: the padding a batch added to smaller images is cropped off
+                before the resize, and the image's (fractional) extent in the logits is mapped onto
+                its target size. Without it, as in transformers, the padded logits are resized whole
+                and the maps of every image smaller than the batch's largest (or not a multiple of
+                `size_divisor`) come out shifted and squashed. With `target_sizes=None` the maps are
+                at the cropped logit size.
 
         Returns:
             list of B dicts with `segmentation`: `(H, W)` int32 segment ids (1, 2, ...; 0 where no
@@ -664,7 +695,7 @@ class MaskFormerImageProcessor:
             `id`, `label_id`, `was_fused`, `score` (rounded to 6 decimals).
         """
         return postprocessing.panoptic_segmentation(
-            outputs, threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse, target_sizes
+            outputs, threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse, target_sizes, pixel_mask
         )
 
 

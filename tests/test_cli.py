@@ -21,7 +21,9 @@ def test_demo_writes_outputs_and_never_overwrites(tmp_path):
     image = Image.open(out / "image.png")
     semantic = np.asarray(Image.open(out / "semantic.png"))
     assert semantic.shape == (image.height, image.width)
-    assert Image.open(out / "overlay.png").size == image.size
+    overlay = Image.open(out / "overlay.png")
+    assert overlay.height >= image.height and overlay.width > image.width  # drawing + legend panel
+    assert Image.open(out / "semantic.color.png").size == image.size
     summary = json.load(open(out / "segments.json"))
     assert "default model" in summary["model"]
     assert summary["miou_vs_ground_truth"] >= 0.8  # the shipped model segments its own domain (see test_default_model)
@@ -83,9 +85,9 @@ def test_segment_folder_with_a_corrupt_image(tmp_path, image_folder, checkpoint,
     result = run_cli("segment", str(image_folder), "--model", checkpoint, "--out", str(out), "--task", task,
                      "--batch-size", "2")
     assert result.returncode == 1, result.stderr  # one failure -> non-zero exit
-    assert "3 images" in result.stdout and "1 failures" in result.stdout
-    assert "corrupt.png: cannot read image" in result.stderr and "Traceback" not in result.stderr
-    for stem, (w, h) in {"a": (96, 80), "b": (70, 101), "c": (64, 64)}.items():
+    assert "3 done, 0 skipped, 1 failed" in result.stdout
+    assert "corrupt.png: is not an image" in result.stderr and "Traceback" not in result.stderr
+    for stem, (w, h) in {"a.png": (96, 80), "b.jpg": (70, 101), "c.png": (64, 64)}.items():
         label = np.asarray(Image.open(out / f"{stem}.label.png"))
         assert label.shape == (h, w)
         assert Image.open(out / f"{stem}.overlay.png").height >= h
@@ -104,14 +106,14 @@ def test_segment_refuses_to_overwrite_and_names_missing_inputs(tmp_path, image_f
     out = tmp_path / "out"
     first = run_cli("segment", str(image_folder / "a.png"), "--model", checkpoint, "--out", str(out))
     assert first.returncode == 0, first.stderr
-    stamp = os.path.getmtime(out / "a.label.png")
+    stamp = os.path.getmtime(out / "a.png.label.png")
     again = run_cli("segment", str(image_folder / "a.png"), str(tmp_path / "missing.png"), "--model", checkpoint,
                     "--out", str(out))
-    assert again.returncode == 1
-    assert "exists; pass --overwrite" in again.stderr and "missing.png: no such file" in again.stderr
-    assert os.path.getmtime(out / "a.label.png") == stamp
+    assert again.returncode == 1  # the missing input; the complete result is skipped, not redone
+    assert "0 done, 1 skipped, 1 failed" in again.stdout and "missing.png: no such file" in again.stderr
+    assert os.path.getmtime(out / "a.png.label.png") == stamp
     glob_run = run_cli("segment", str(image_folder / "*.png"), "--model", checkpoint, "--out", str(out), "--overwrite")
-    assert "2 images" in glob_run.stdout  # a.png and c.png; corrupt.png fails
+    assert "2 done, 0 skipped, 1 failed" in glob_run.stdout  # a.png and c.png; corrupt.png fails
     assert glob_run.returncode == 1
 
 
@@ -132,26 +134,27 @@ def test_segment_under_torchrun_shards_inputs(tmp_path, image_folder, checkpoint
     result = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "maskformer",
                              "segment", str(image_folder), "--model", checkpoint, "--out", str(out), "--batch-size", "1"],
                             capture_output=True, text=True, timeout=300, env=env)
-    assert "3 images" in result.stdout and "(2 ranks)" in result.stdout, result.stdout + result.stderr
+    assert "3 done, 0 skipped, 1 failed" in result.stdout and "(2 ranks)" in result.stdout, result.stdout + result.stderr
     assert "corrupt.png" in result.stderr
-    # same maps as a single-process run. Batch size 1 on both sides: MaskFormer (like
-    # transformers) does not mask the padding of a batch, so a map depends on what it was
-    # batched with, and sharding changes the batches.
+    # same maps as a single-process run at another batch size: images are never padded to each
+    # other, so neither the sharding nor the batches change a map.
     single = tmp_path / "single"
-    run_cli("segment", str(image_folder), "--model", checkpoint, "--out", str(single), "--batch-size", "1")
-    for stem in "abc":
+    run_cli("segment", str(image_folder), "--model", checkpoint, "--out", str(single), "--batch-size", "3")
+    for stem in ("a.png", "b.jpg", "c.png"):
         assert np.array_equal(np.asarray(Image.open(out / f"{stem}.label.png")),
                               np.asarray(Image.open(single / f"{stem}.label.png")))
 
 
 def test_overlay_colours_follow_label_names():
-    from maskformer.cli import colours_for, label_colour
+    from maskformer.overlay import colour_table, label_colour
 
     # same name -> same colour whatever its id; instances of one label get distinct shades
     assert label_colour("person") == label_colour("person")
     assert label_colour("person") != label_colour("car")
-    table = colours_for(np.array([[0, 1, 2, 3]]), {0: "background", 1: "person", 2: "car", 3: "person"})
-    assert tuple(table[1]) == label_colour("person", 0) and tuple(table[3]) == label_colour("person", 1)
-    assert tuple(table[1]) != tuple(table[3])
+    table = colour_table(np.array([[0, 1, 2, 3]]), {0: "background", 1: "person", 2: "car", 3: "person"})
     assert len(set(map(tuple, table[1:]))) == 3
-    assert table[0][0] == table[0][1] == table[0][2]  # background is grey
+    assert table[0][0] == table[0][1] == table[0][2]  # background is grey...
+    assert tuple(label_colour("no segment")) != tuple(table[0])  # ...and not the colour of "no segment"
+    # touching segments are kept apart even when their names would give close colours
+    for a, b in zip(table[:-1], table[1:]):
+        assert np.linalg.norm(a.astype(float) - b.astype(float)) >= 80

@@ -845,10 +845,10 @@ def test_instance_binary_maps_empty(scene_outputs):
     """Deviation 6: no instance -> (0, H, W), not transformers' (H, W) map of -1."""
     for target, shape in ((None, MASK_SIZE), ([(13, 19), (5, 7)], (13, 19))):
         ours = MaskFormerImageProcessor().post_process_instance_segmentation(
-            scene_outputs, threshold=1.01, target_sizes=target, return_binary_maps=True
+            scene_outputs, threshold=1.0, target_sizes=target, return_binary_maps=True
         )
         theirs = HFProcessor().post_process_instance_segmentation(
-            scene_outputs, threshold=1.01, target_sizes=target, return_binary_maps=True
+            scene_outputs, threshold=1.0, target_sizes=target, return_binary_maps=True
         )
         assert theirs[0]["segmentation"].shape == shape, "transformers changed; revisit deviation 6"
         assert ours[0]["segmentation"].shape == (0, *shape) and ours[0]["segmentation"].dtype == torch.float32
