@@ -63,14 +63,14 @@ def _register_fakes_once():
         b, q, k1 = class_queries_logits.shape
         return masks_queries_logits.new_empty((b, k1 - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
 
-    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec):
+    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
         return out
 
-    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec):
+    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
         return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
 
     def fake_query_argmax_out(mask_probs, weights, mask_threshold, resize, use_fma, channels_last_vec, allow_prune,
-                              labels, own_area):
+                              labels, own_area, scale_h=-1.0, scale_w=-1.0):
         return None
 
     for name, fn in (
