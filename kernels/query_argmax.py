@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from maskformer import _ext
+from maskformer import _devices, _ext
 
 __all__ = [
     "query_argmax_ref",
@@ -47,10 +47,11 @@ Size = Tuple[int, int]
 Extent = Tuple[float, float]
 
 
-def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size,
-                source_extent=None) -> Tuple[Optional[Size], Optional[Extent]]:
+def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size, source_extent=None,
+                out=None) -> Tuple[Optional[Size], Optional[Extent]]:
     """(target size as an int pair or None, extent as a float pair or None). Raises ValueError on
-    malformed arguments and bad extents."""
+    malformed arguments, bad extents and tensors on different devices."""
+    _devices.check_same_device("query_argmax", mask_probs=mask_probs, weights=weights, out=out)
     if not isinstance(mask_probs, torch.Tensor) or mask_probs.dim() != 3:
         shape = tuple(mask_probs.shape) if isinstance(mask_probs, torch.Tensor) else type(mask_probs).__name__
         raise ValueError(f"mask_probs must be a (Q, h, w) tensor, got {shape}")
@@ -205,7 +206,7 @@ def query_argmax_cpp(
     reasons = cpp_not_supported_reasons(mask_probs, weights, target_size, mask_threshold, source_extent)
     if reasons:
         raise ValueError("maskformer::query_argmax_out (C++) cannot run: " + "; ".join(reasons))
-    size, extent = _check_args(mask_probs, weights, target_size, source_extent)
+    size, extent = _check_args(mask_probs, weights, target_size, source_extent, out)
     crop = _crop(mask_probs, extent)
     shape = tuple(crop.shape[1:]) if size is None else size
     q = mask_probs.shape[0]

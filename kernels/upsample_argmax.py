@@ -57,7 +57,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from maskformer import _ext
+from maskformer import _devices, _ext
 
 __all__ = [
     "upsample_argmax",
@@ -212,10 +212,16 @@ def _check_out_dtype(out_dtype: torch.dtype, num_classes: int) -> None:
 
 
 def _arguments(scores, target_sizes, source_extents, out=None):
-    """(images, sizes, extents, batched) for the public functions; ValueError on bad arguments."""
+    """(images, sizes, extents, batched) for the public functions; ValueError on bad arguments
+    (devices included)."""
+    _check_devices(scores, out)
     images, sizes, batched = _images_and_sizes(scores, target_sizes)
     extents = _extents(scores, source_extents, batched)
     return images, sizes, extents, batched
+
+
+def _check_devices(scores, out) -> None:
+    _devices.check_same_device("upsample_argmax", scores=scores, out=out)
 
 
 def _outputs(images, sizes, extents, out_dtype, out, batched) -> List[torch.Tensor]:
@@ -465,7 +471,7 @@ def not_supported_reasons(
     err = _ext.triton_import_error()
     if err:
         reasons.append(err)
-    elif scores.device.type != "cuda" and not _ext.triton_interpret_mode():
+    elif not (scores.device.type == "cuda" or (scores.device.type == "cpu" and _ext.triton_interpret_mode())):
         reasons.append(
             f"scores are on {scores.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
@@ -670,6 +676,8 @@ def _upsample_argmax_triton_op(
 
 @_upsample_argmax_triton_op.register_fake
 def _upsample_argmax_triton_fake(scores, out, resize, use_fma, channels_last_vec, scale_h, scale_w):
+    # A real meta tensor mixed with others dispatches here: refuse rather than leave `out` unwritten.
+    _devices.check_same_device("maskformer::upsample_argmax_triton", scores=scores, out=out)
     return None
 
 

@@ -20,6 +20,11 @@ Each fast op declares what it supports through ``not_supported_reasons(...)`` (h
 reasons, [] when it can run), next to its kernel in ``maskformer/kernels/``. Importing this module
 imports neither triton nor the extension and never initialises CUDA.
 
+Whatever the backend, malformed arguments raise ValueError before any choice is made, tensors on
+different devices included (a meta tensor among CPU tensors would otherwise reach an op's fake
+kernel and come back as unwritten memory; ``maskformer._devices``). Tensors all on the meta device
+run the reference (shape propagation); a forced fast backend refuses them.
+
 Padded batches: ``upsample_argmax`` / ``semantic_segmentation`` take ``source_extents`` and
 ``query_argmax`` ``source_extent``, each image's valid region in mask pixels (fractional: logits
 have stride 4), so that only that region is resized to the image's size; see
@@ -269,6 +274,10 @@ def select(op: str, device: torch.device, *args) -> str:
     the decision like every other op."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if op == "window_attention":
+        from maskformer.kernels import window_attention as wa
+
+        wa.check_devices(*args[:4])
     return _choose(op, device, *args)
 
 
@@ -280,7 +289,7 @@ def select(op: str, device: torch.device, *args) -> str:
 def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
     """Semantic class scores (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w); see
     ``maskformer.kernels.mask_einsum``. The fast backends agree with the reference to a few fp32
-    ulps (not bit for bit)."""
+    ulps (not bit for bit). ValueError for malformed shapes or tensors on different devices."""
     me, _ = _kernels()
     me._check_shapes(class_queries_logits, masks_queries_logits)
     name = _choose("mask_einsum", masks_queries_logits.device, class_queries_logits, masks_queries_logits)
@@ -358,7 +367,7 @@ def semantic_segmentation(
 
     Args:
         class_queries_logits: (B, Q, K+1) float (fp32/fp16/bf16; fp16/bf16 computed in fp32).
-        masks_queries_logits: (B, Q, h, w) float.
+        masks_queries_logits: (B, Q, h, w) float, on the same device.
         target_sizes: None (labels at (h, w), or at the crop size) or B (H_b, W_b) pairs.
         out_dtype: int64 (transformers' dtype), or int32/int16/uint8 when K - 1 fits.
         source_extents: None (transformers: the whole, possibly padded, logits are resized), or B
@@ -420,7 +429,7 @@ def query_argmax(
 
     Args:
         mask_probs: (Q, h, w) float mask probabilities, Q >= 1.
-        weights: (Q,) float per-query weights (class scores).
+        weights: (Q,) float per-query weights (class scores), on mask_probs' device.
         target_size: (H, W) for a bilinear resize (align_corners=False) first, or None.
         mask_threshold: own-mask threshold, compared in mask_probs' dtype.
         source_extent: None, or the image's valid region ``(eh, ew)`` in mask pixels (floats,
