@@ -316,6 +316,7 @@ MF_INLINE void dense_channels_last(const Plan& p, Scratch& s, int64_t ct, int64_
 template <bool FMA>
 MF_INLINE void sparse_tile(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t ow_b, int64_t ow_e, int32_t* labels) {
   const int64_t full = p.cl_vec > 0 ? p.K - p.K % p.cl_vec : 0;
+  const int64_t sk = p.sk;
   const int64_t r0 = p.rows->i0[oh_b], r1 = p.rows->i1[oh_b];
   const float* x0 = p.x + r0 * p.sh;
   const float* x1 = p.x + r1 * p.sh;
@@ -338,8 +339,8 @@ MF_INLINE void sparse_tile(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t ow
       int32_t bi = 0;
       for (int64_t t = 0; t < n; ++t) {
         const int32_t k = nc < 0 ? static_cast<int32_t>(t) : c[t];
-        const float* y0 = x0 + k * p.sk;
-        const float* y1 = x1 + k * p.sk;
+        const float* y0 = x0 + k * sk;
+        const float* y1 = x1 + k * sk;
         const float v = p.cl_vec > 0 ? channels_last_value<FMA>(y0[a0], y0[a1], y1[a0], y1[a1], lh0 * lw0,
                                                                  lh0 * lw1, lh1 * lw0, lh1 * lw1, k < full)
                                      : generic_value<FMA>(y0, y1, a0, a1, lw0, lw1, lh0, lh1);
