@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #if defined(__GNUC__)
@@ -52,23 +53,27 @@ MF_INLINE int32_t nonfinite(float v) { return (float_bits(v) & 0x7f800000) == 0x
 // ---------------------------------------------------------------------------------------------
 // Source indices and lambdas: aten's area_pixel_compute_scale / area_pixel_compute_source_index /
 // guard_index_and_lambda / compute_source_index_and_lambda for scalar_t = opmath_t = float,
-// align_corners=False and no scale factor (F.interpolate(size=...) passes none).
+// align_corners=False.
 // ---------------------------------------------------------------------------------------------
 struct Axis {
   std::vector<int32_t> i0, i1;
   std::vector<float> l0, l1;
 };
 
-inline Axis make_axis(int64_t in, int64_t out, bool use_fma) {
+// `scale`: the source step aten uses. Negative: none given, aten's compute_scales_value takes
+// static_cast<float>(input_size) / output_size (F.interpolate(size=...) passes no scale factor).
+// >= 0: the step for an explicit scale factor s, static_cast<float>(1.0 / s), computed by the
+// caller (a crop of `in` rows holding a fractional extent of e rows passes s = out / e).
+inline Axis make_axis(int64_t in, int64_t out, bool use_fma, float scale = -1.f) {
   Axis a;
   a.i0.resize(out);
   a.i1.resize(out);
   a.l0.resize(out);
   a.l1.resize(out);
   // compute_scales_value: static_cast<float>(input_size) / output_size, a float division.
-  const float scale = static_cast<float>(in) / static_cast<float>(out);
+  if (!(scale >= 0.f)) scale = static_cast<float>(in) / static_cast<float>(out);
   for (int64_t i = 0; i < out; ++i) {
-    if (in == out) {  // aten: "scale_factor = 1, simply copy"
+    if (in == out) {  // aten: "scale_factor = 1, simply copy", whatever the scale
       a.i0[i] = a.i1[i] = static_cast<int32_t>(i);
       a.l0[i] = 1.f;
       a.l1[i] = 0.f;
@@ -164,6 +169,38 @@ MF_INLINE float hmin8(v8sf v) {
   for (int i = 1; i < 8; ++i) m = v[i] < m ? v[i] : m;
   return m;
 }
+
+// Band-wide bounds of the pruning passes (semantic.cpp phase A, panoptic.cpp classify_rows) over
+// one or more runs of contiguous floats: max v, max |v|, and a probe that is NaN exactly when some
+// value is inf or NaN (v * 0). A crop's rows are separate runs; a contiguous plane is one.
+struct BandStats {
+  v8sf vmx = splat8(-std::numeric_limits<float>::infinity()), vmag = v8sf{}, vprobe = v8sf{};
+  float mx = -std::numeric_limits<float>::infinity(), mag = 0.f, probe = 0.f;
+
+  MF_INLINE void add(const float* xs, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const v8sf v = load8(xs + i);
+      vmx = max8(vmx, v);
+      vmag = max8(vmag, abs8(v));
+      vprobe += v * 0.f;
+    }
+    for (; i < n; ++i) {
+      mx = xs[i] > mx ? xs[i] : mx;
+      mag = std::fabs(xs[i]) > mag ? std::fabs(xs[i]) : mag;
+      probe += xs[i] * 0.f;
+    }
+  }
+  // (max v, max |v|) of everything added; returns whether every value was finite.
+  MF_INLINE bool finish(float* max_v, float* max_abs) const {
+    const float vm = hmax8(vmx), va = hmax8(vmag);
+    *max_v = vm > mx ? vm : mx;
+    *max_abs = va > mag ? va : mag;
+    float pr = probe;
+    for (int k = 0; k < 8; ++k) pr += vprobe[k];
+    return pr == 0.f;
+  }
+};
 
 // Two-slot cache of horizontally interpolated source rows, one pair of slots per column tile
 // (the dense sweeps of semantic.cpp and panoptic.cpp). An output row needs source rows r0 and

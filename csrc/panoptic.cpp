@@ -4,12 +4,17 @@
 //
 //   maskformer::query_argmax_out(mask_probs (Q,h,w) fp32, weights (Q,) fp32, mask_threshold, resize,
 //                                use_fma, channels_last_vec, allow_prune,
-//                                labels (H,W) int64 (a!), own_area (Q,) int64 (b!))
+//                                labels (H,W) int64 (a!), own_area (Q,) int64 (b!),
+//                                scale_h=-1, scale_w=-1)
 //       with P = F.interpolate(mask_probs, (H, W), bilinear, align_corners=False) (P = mask_probs
-//       when !resize):
+//       when !resize); scale_h/scale_w >= 0: aten's source step for an explicit scale factor
+//       (upsample_bilinear2d(..., scales_h, scales_w): static_cast<float>(1.0 / scales_h), computed
+//       by the caller), negative: none:
 //         labels[y, x] = argmax_q weights[q] * P[q, y, x]   (torch.argmax: first index on ties, NaN wins)
 //         own_area[q]  = #{(y, x) : P[q, y, x] >= float32(mask_threshold)}
 //       Both outputs are overwritten. allow_prune=false forces the dense sweep (tests, benchmarks).
+//       mask_probs with unit column stride (a crop of padded probabilities, [:, :h', :w']) is read
+//       in place through its plane and row strides; other layouts are copied contiguous once.
 //       The reference allocates P (Q x H x W fp32: 218 MB at Q=100, 640x853) and a bool mask of the
 //       same size. Extra memory here: per-thread scratch (dense path: 2*Q*W floats of cached rows)
 //       and, when pruning, cell tables of h*w*(list_max + 2) int32. Measured peak extra RSS at
@@ -63,7 +68,8 @@ constexpr int32_t kQueryMask = kMixed - 1;
 constexpr int64_t kPruneFromQ = 12;
 
 struct Plan {
-  const float* x;   // (Q, h, w) contiguous fp32
+  const float* x;   // (Q, h, w) fp32, x[q][r][c] at x + q * sq + r * sh + c
+  int64_t sq, sh;   // plane and row strides (elements)
   const float* wt;  // (Q,)
   float thr;
   int64_t Q, h, w, H, W;
@@ -97,7 +103,7 @@ MF_INLINE void horizontal_rows(const Plan& p, int64_t r, int64_t ow_b, int64_t t
   const float* lw0 = p.cols->l0.data() + ow_b;
   const float* lw1 = p.cols->l1.data() + ow_b;
   for (int64_t q = 0; q < p.Q; ++q) {
-    const float* row = p.x + (q * p.h + r) * p.w;
+    const float* row = p.x + q * p.sq + r * p.sh;
     float* d = dst + q * p.TW;
     for (int64_t j = 0; j < tw; ++j) d[j] = lerp2<FMA>(row[iw0[j]], lw0[j], row[iw1[j]], lw1[j]);
   }
@@ -166,8 +172,8 @@ MF_INLINE void dense_channels_last(const Plan& p, DenseScratch& s, int64_t ct, i
   float* best = s.best.data();
   int32_t* idx = s.idx.data();
   for (int64_t q = 0; q < p.Q; ++q) {
-    const float* x0 = p.x + (q * p.h + r0) * p.w;
-    const float* x1 = p.x + (q * p.h + r1) * p.w;
+    const float* x0 = p.x + q * p.sq + r0 * p.sh;
+    const float* x1 = p.x + q * p.sq + r1 * p.sh;
     const float wq = p.wt[q];
     const int32_t qq = static_cast<int32_t>(q);
     const bool lane = q < full;
@@ -235,11 +241,10 @@ MF_INLINE float hi_bound(float mx, float mag) { return mx + mag * kPruneRel + kP
 // bound is about half (a third) of a region's level. Margin as kPruneRel, doubled for the sum.
 MF_INLINE void refine_candidates(const Plan& p, int64_t r, int64_t c, float lower, int32_t* list, int64_t& n,
                                  int64_t& nc) {
-  const int64_t hw = p.h * p.w;
-  const int64_t o0 = r * p.w + c, o1 = std::min(r + 1, p.h - 1) * p.w + c;
+  const int64_t o0 = r * p.sh + c, o1 = std::min(r + 1, p.h - 1) * p.sh + c;
   const int64_t dc = c < p.w - 1 ? 1 : 0;
   auto taps = [&](int32_t q, float* t) {
-    const float* xq = p.x + q * hw;
+    const float* xq = p.x + q * p.sq;
     const float wq = p.wt[q];
     t[0] = xq[o0] * wq;
     t[1] = xq[o0 + dc] * wq;
@@ -287,7 +292,7 @@ MF_INLINE void refine_candidates(const Plan& p, int64_t r, int64_t c, float lowe
     int32_t e = list[t];
     if (e & kCand) {
       const int32_t q = e & kQueryMask;
-      const float* xq = p.x + q * hw;
+      const float* xq = p.x + q * p.sq;
       const float mx = std::max(std::max(xq[o0], xq[o0 + dc]), std::max(xq[o1], xq[o1 + dc]));
       const float mn = std::min(std::min(xq[o0], xq[o0 + dc]), std::min(xq[o1], xq[o1 + dc]));
       if (hi_bound(mx, std::max(mx, -mn)) * p.wt[q] < bound) e &= ~kCand;
@@ -305,7 +310,7 @@ MF_INLINE void refine_candidates(const Plan& p, int64_t r, int64_t c, float lowe
 // `counts`, returns the number of output pixels in dense cells.
 MF_INLINE int64_t classify_rows(const Plan& p, int64_t rb, int64_t re, CellScratch& s, const int64_t* rows_of,
                                 const int64_t* cols_of, int64_t* counts) {
-  const int64_t w = p.w, hw = p.h * p.w, ncell = (re - rb) * w;
+  const int64_t w = p.w, ncell = (re - rb) * w;
   const int64_t nwords = (p.Q + 31) / 32;
   const int64_t last_row = std::min(re, p.h - 1);
   const float thr = p.thr;
@@ -317,28 +322,16 @@ MF_INLINE int64_t classify_rows(const Plan& p, int64_t rb, int64_t re, CellScrat
   std::fill(s.above.begin(), s.above.begin() + nwords * ncell, 0u);
   std::fill(s.mixed.begin(), s.mixed.begin() + nwords * ncell, 0u);
 
-  // Band-wide bounds per query.
+  // Band-wide bounds per query: max v, max |v|, finiteness (one stream when the plane's rows
+  // are contiguous, sh == w; else one run per row).
   bool band_finite = true;
+  const bool one_run = p.sh == w;
+  const int64_t runs = one_run ? 1 : last_row - rb + 1, run_len = one_run ? (last_row - rb + 1) * w : w;
   for (int64_t q = 0; q < p.Q; ++q) {
-    const float* xs = p.x + q * hw + rb * w;
-    const int64_t n = (last_row - rb + 1) * w;
-    // max v, max |v|, and a probe that is NaN exactly when some value is inf or NaN (v * 0).
-    v8sf vmx = splat8(-std::numeric_limits<float>::infinity()), vmag = v8sf{}, vprobe = v8sf{};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const v8sf v = load8(xs + i);
-      vmx = max8(vmx, v);
-      vmag = max8(vmag, abs8(v));
-      vprobe += v * 0.f;
-    }
-    float mx = hmax8(vmx), mag = hmax8(vmag), probe = 0.f;
-    for (int k = 0; k < 8; ++k) probe += vprobe[k];
-    for (; i < n; ++i) {
-      mx = xs[i] > mx ? xs[i] : mx;
-      mag = std::fabs(xs[i]) > mag ? std::fabs(xs[i]) : mag;
-      probe += xs[i] * 0.f;
-    }
-    band_finite &= (probe == 0.f);
+    BandStats st;
+    for (int64_t t = 0; t < runs; ++t) st.add(p.x + q * p.sq + (rb + t) * p.sh, run_len);
+    float mx, mag;
+    band_finite &= st.finish(&mx, &mag);
     s.hi[q] = hi_bound(mx, mag);
     s.order[q].upper = s.hi[q] * p.wt[q];
     s.order[q].q = static_cast<int32_t>(q);
@@ -358,8 +351,8 @@ MF_INLINE int64_t classify_rows(const Plan& p, int64_t rb, int64_t re, CellScrat
     const int64_t q = order[t].q;
     const float wq = p.wt[q];
     for (int64_t r = rb; r < re; ++r) {
-      const float* x0 = p.x + q * hw + r * w;
-      const float* x1 = p.x + q * hw + std::min(r + 1, p.h - 1) * w;
+      const float* x0 = p.x + q * p.sq + r * p.sh;
+      const float* x1 = p.x + q * p.sq + std::min(r + 1, p.h - 1) * p.sh;
       float* lo_r = lower + (r - rb) * w;
       int32_t* bad_r = bad + (r - rb) * w;
       // Cells c < w-1 read columns (c, c+1), the last one (w-1, w-1): two loops, so the first
@@ -408,8 +401,8 @@ MF_INLINE int64_t classify_rows(const Plan& p, int64_t rb, int64_t re, CellScrat
     const float wq = p.wt[q];
     const uint32_t bit = 1u << (q & 31);
     for (int64_t r = rb; r < re; ++r) {
-      const float* x0 = p.x + q * hw + r * w;
-      const float* x1 = p.x + q * hw + std::min(r + 1, p.h - 1) * w;
+      const float* x0 = p.x + q * p.sq + r * p.sh;
+      const float* x1 = p.x + q * p.sq + std::min(r + 1, p.h - 1) * p.sh;
       const float* lo_r = lower + (r - rb) * w;
       const int64_t off = (q >> 5) * ncell + (r - rb) * w;
       uint32_t* cb = s.cand.data() + off;
@@ -477,13 +470,13 @@ MF_INLINE int64_t classify_rows(const Plan& p, int64_t rb, int64_t re, CellScrat
 // Phase B for output rows [oh_b, oh_e): generic rounding (the pruned path is only taken then).
 template <bool FMA>
 MF_INLINE void sparse_rows(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t* labels, int64_t* counts) {
-  const int64_t hw = p.h * p.w;
+  const int64_t sq = p.sq;
   const float thr = p.thr;
   for (int64_t oh = oh_b; oh < oh_e; ++oh) {
     const int64_t r0 = p.rows->i0[oh], r1 = p.rows->i1[oh];
     const float lh0 = p.rows->l0[oh], lh1 = p.rows->l1[oh];
-    const float* x0 = p.x + r0 * p.w;
-    const float* x1 = p.x + r1 * p.w;
+    const float* x0 = p.x + r0 * p.sh;
+    const float* x1 = p.x + r1 * p.sh;
     const int32_t* cell_n = p.cell_n + r0 * p.w;
     const int32_t* cell_nc = p.cell_nc + r0 * p.w;
     const int32_t* cell_list = p.cell_list + r0 * p.w * p.list_max;
@@ -504,7 +497,7 @@ MF_INLINE void sparse_rows(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t* l
       int32_t bi = 0;
       if (n < 0) {  // dense cell: every query, both questions
         for (int64_t q = 0; q < p.Q; ++q) {
-          const float v = generic_value<FMA>(x0 + q * hw, x1 + q * hw, a0, a1, lw0, lw1, lh0, lh1);
+          const float v = generic_value<FMA>(x0 + q * sq, x1 + q * sq, a0, a1, lw0, lw1, lh0, lh1);
           counts[q] += v >= thr ? 1 : 0;
           const float wv = v * p.wt[q];
           if (q == 0 || takes_over(wv, best)) {
@@ -523,7 +516,7 @@ MF_INLINE void sparse_rows(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t* l
         const bool cand = (e & kCand) != 0, mixed = (e & kMixed) != 0;
         if (cand && one) bi = q;
         if (!mixed && !(cand && !one)) continue;
-        const float v = generic_value<FMA>(x0 + q * hw, x1 + q * hw, a0, a1, lw0, lw1, lh0, lh1);
+        const float v = generic_value<FMA>(x0 + q * sq, x1 + q * sq, a0, a1, lw0, lw1, lh0, lh1);
         if (mixed) counts[q] += v >= thr ? 1 : 0;
         if (cand && !one) {
           const float wv = v * p.wt[q];
@@ -593,21 +586,29 @@ static int64_t column_tile(int64_t Q, int64_t W) {
   return std::min(tw, W);
 }
 
-// No resize (transformers' target_sizes=None): P is mask_probs itself.
-static void identity_labels(const float* x, const float* wt, float thr, int64_t Q, int64_t P, int64_t* labels,
-                            std::vector<int64_t>& band_counts, int64_t n_bands) {
-  const int64_t band = (P + n_bands - 1) / n_bands;
+// No resize (transformers' target_sizes=None): P is mask_probs itself. Pixels go in chunks of one
+// run of contiguous floats (the whole plane when its rows are contiguous, sh == w; else a row),
+// chunks in bands (>= 4 per thread), one row of `band_counts` (Q counts) per band.
+static void identity_labels(const float* x, int64_t sq, int64_t sh, int64_t h, int64_t w, const float* wt, float thr,
+                            int64_t Q, int64_t* labels, std::vector<int64_t>& band_counts, int64_t threads) {
+  constexpr int64_t chunk = 1024;
+  const bool one_run = sh == w;
+  const int64_t runs = one_run ? 1 : h, run_len = one_run ? h * w : w;
+  const int64_t per_run = (run_len + chunk - 1) / chunk, n_chunks = runs * per_run;
+  const int64_t n_bands = std::max<int64_t>(1, std::min<int64_t>(4 * threads, n_chunks));
+  const int64_t band = (n_chunks + n_bands - 1) / n_bands;
+  band_counts.assign(n_bands * Q, 0);
   at::parallel_for(0, n_bands, 1, [&](int64_t b, int64_t e) {
-    constexpr int64_t chunk = 1024;
     std::vector<float> best(chunk);
     std::vector<int32_t> idx(chunk);
     for (int64_t t = b; t < e; ++t) {
       int64_t* counts = band_counts.data() + t * Q;
-      const int64_t pe = std::min(P, (t + 1) * band);
-      for (int64_t p0 = t * band; p0 < pe; p0 += chunk) {
-        const int64_t n = std::min(chunk, pe - p0);
+      const int64_t ce = std::min(n_chunks, (t + 1) * band);
+      for (int64_t ch = t * band; ch < ce; ++ch) {
+        const int64_t run = ch / per_run, r0 = (ch % per_run) * chunk, n = std::min(chunk, run_len - r0);
+        const float* x0 = x + run * sh + r0;
         for (int64_t q = 0; q < Q; ++q) {
-          const float* xq = x + q * P + p0;
+          const float* xq = x0 + q * sq;
           const float wq = wt[q];
           const int32_t qq = static_cast<int32_t>(q);
           int32_t c = 0;
@@ -621,16 +622,18 @@ static void identity_labels(const float* x, const float* wt, float thr, int64_t 
           }
           counts[q] += c;
         }
-        for (int64_t j = 0; j < n; ++j) labels[p0 + j] = idx[j];
+        int64_t* out = labels + run * w + r0;
+        for (int64_t j = 0; j < n; ++j) out[j] = idx[j];
       }
     }
   });
 }
 
 // allow_prune=false forces the dense sweep (tests and benchmarks check both paths on one input).
+// scale_h / scale_w: aten's source step for an explicit scale factor, negative for none (make_axis).
 void query_argmax_out(const at::Tensor& mask_probs_in, const at::Tensor& weights_in, double mask_threshold, bool resize,
                       bool use_fma, int64_t channels_last_vec, bool allow_prune, at::Tensor& labels,
-                      at::Tensor& own_area) {
+                      at::Tensor& own_area, double scale_h, double scale_w) {
   TORCH_CHECK(mask_probs_in.dim() == 3, "mask_probs must be (Q, h, w), got ", mask_probs_in.sizes());
   TORCH_CHECK(mask_probs_in.scalar_type() == at::kFloat, "mask_probs must be float32, got ",
               mask_probs_in.scalar_type());
@@ -653,7 +656,11 @@ void query_argmax_out(const at::Tensor& mask_probs_in, const at::Tensor& weights
   TORCH_CHECK(resize || (H == h && W == w), "without resize, labels must be (h, w) = (", h, ", ", w, "), got ",
               labels.sizes());
   TORCH_CHECK(H < (int64_t(1) << 31) && W < (int64_t(1) << 31), "target too large");
-  const at::Tensor x = mask_probs_in.contiguous();
+  TORCH_CHECK(!std::isnan(scale_h) && !std::isnan(scale_w), "scale_h / scale_w must not be NaN");
+  // Unit column stride: read in place through the plane and row strides (a crop of padded
+  // probabilities is a strided view); anything else is copied contiguous once.
+  const at::Tensor x = mask_probs_in.stride(2) == 1 ? mask_probs_in : mask_probs_in.contiguous();
+  const int64_t sq = x.stride(0), sh = x.stride(1);
   const at::Tensor wt = weights_in.contiguous();
   const float* xp = x.data_ptr<float>();
   const float* wp = wt.data_ptr<float>();
@@ -673,17 +680,17 @@ void query_argmax_out(const at::Tensor& mask_probs_in, const at::Tensor& weights
     for (size_t i = 0; i < band_counts.size(); ++i) own[i % Q] += band_counts[i];
   };
   if (!resize) {
-    const int64_t n_bands = std::max<int64_t>(1, std::min<int64_t>(4 * threads, (h * w + 1023) / 1024));
-    band_counts.assign(n_bands * Q, 0);
-    identity_labels(xp, wp, thr, Q, h * w, lp, band_counts, n_bands);
+    identity_labels(xp, sq, sh, h, w, wp, thr, Q, lp, band_counts, threads);
     finish();
     return;
   }
 
-  const Axis rows = make_axis(h, H, use_fma);
-  const Axis cols = make_axis(w, W, use_fma);
+  const Axis rows = make_axis(h, H, use_fma, scale_h < 0 ? -1.f : static_cast<float>(scale_h));
+  const Axis cols = make_axis(w, W, use_fma, scale_w < 0 ? -1.f : static_cast<float>(scale_w));
   Plan plan;
   plan.x = xp;
+  plan.sq = sq;
+  plan.sh = sh;
   plan.wt = wp;
   plan.thr = thr;
   plan.Q = Q; plan.h = h; plan.w = w; plan.H = H; plan.W = W;
@@ -766,7 +773,8 @@ void query_argmax_out(const at::Tensor& mask_probs_in, const at::Tensor& weights
 TORCH_LIBRARY_FRAGMENT(maskformer, m) {
   m.def(
       "query_argmax_out(Tensor mask_probs, Tensor weights, float mask_threshold, bool resize, bool use_fma, "
-      "int channels_last_vec, bool allow_prune, Tensor(a!) labels, Tensor(b!) own_area) -> ()");
+      "int channels_last_vec, bool allow_prune, Tensor(a!) labels, Tensor(b!) own_area, float scale_h=-1., "
+      "float scale_w=-1.) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(maskformer, CPU, m) { m.impl("query_argmax_out", &maskformer_panoptic::query_argmax_out); }

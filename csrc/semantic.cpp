@@ -8,13 +8,20 @@
 //       torch.einsum (MKL sums in its own order): within 8e-7 of it at Q=100, K=150 (scores <= 1).
 //       32 ms for batch 2 at 160x213 on 2 cores, vs 27 ms for torch's sigmoid + MKL einsum, which
 //       it beats only on memory (no (B, Q, h, w) sigmoid tensor).
-//   maskformer::upsample_argmax_out(scores (K,h,w), out (H,W) int, resize, use_fma, channels_last_vec)
-//       bilinear resize (align_corners=False) fused with argmax over classes. Extra memory: the
+//   maskformer::upsample_argmax_out(scores (K,h,w), out (H,W) int, resize, use_fma, channels_last_vec,
+//                                   scale_h=-1, scale_w=-1)
+//       bilinear resize (align_corners=False) fused with argmax over classes. fp32 scores are read
+//       in place through their plane and row strides when stride(2) == 1 (a crop of padded
+//       logits, x[:, :h', :w'], is never copied); other layouts and fp16/bf16 are made contiguous
+//       fp32 first. scale_h/scale_w: aten's source step for an explicit scale factor
+//       (static_cast<float>(1.0 / scales_h), computed by the caller), negative for none (then
+//       float(h) / float(H), as F.interpolate(size=...)). Extra memory: the
 //       candidate tables (h*w*(max(4, K/16)+1) int32), kRowChunk rows of int32 staging and, on the
 //       dense path, 2*K*208 floats per column tile and thread. Measured: 7 MiB peak extra RSS for
 //       K=150, 100x75 -> 4000x3000 (the reference's resized scores would be 7.2 GB).
-//   maskformer::bilinear_resize(x (C,h,w), H, W, use_fma, channels_last_vec) -> (C,H,W) fp32
-//       the same per-pixel arithmetic, materialised: the test hook proving the rounding is aten's.
+//   maskformer::bilinear_resize(x (C,h,w), H, W, use_fma, channels_last_vec, scale_h=-1, scale_w=-1)
+//       -> (C,H,W) fp32: the same per-pixel arithmetic, materialised: the test hook proving the
+//       rounding is aten's.
 //
 // Bit-exactness. The label map must equal argmax(F.interpolate(...)), and two classes' upsampled
 // scores can differ by one ulp at a region boundary, so every value we compare is computed with
@@ -77,7 +84,8 @@ constexpr int64_t kDenseBelowK = 16;
 //      when a tile has too many dense cells, by the dense sweep over all K classes.
 // ---------------------------------------------------------------------------------------------
 struct Plan {
-  const float* x;  // (K, h, w) contiguous fp32
+  const float* x;  // (K, h, w) fp32, x[k][r][c] at x + k * sk + r * sh + c
+  int64_t sk, sh;  // plane and row strides (elements)
   int64_t K, h, w, H, W;
   const Axis* rows;
   const Axis* cols;
@@ -116,7 +124,7 @@ struct ClassBound {
 template <bool FMA>
 MF_INLINE void candidates_rows(const Plan& p, int64_t rb, int64_t re, float* lower, int32_t* bad, uint32_t* bits,
                                ClassBound* order) {
-  const int64_t w = p.w, hw = p.h * p.w, nrow = re - rb, ncell = nrow * w;
+  const int64_t w = p.w, nrow = re - rb, ncell = nrow * w;
   const int64_t nwords = (p.K + 31) / 32;
   const int64_t nvec = w - 1;  // cells whose right tap is c+1; c = w-1 taps (c, c)
   const int64_t last_row = std::min(re, p.h - 1);  // cell rows read source rows rb .. re (clamped)
@@ -127,27 +135,15 @@ MF_INLINE void candidates_rows(const Plan& p, int64_t rb, int64_t re, float* low
   std::fill(bits, bits + nwords * ncell, 0u);
 
   // Band-wide bounds per class: max v, max |v|, and whether a value is not finite (v * 0 is NaN
-  // exactly for inf and NaN).
+  // exactly for inf and NaN). Rows contiguous within the plane (sh == w): one stream.
   bool band_finite = true;
+  const bool one_run = p.sh == w;
+  const int64_t runs = one_run ? 1 : last_row - rb + 1, run_len = one_run ? (last_row - rb + 1) * w : w;
   for (int64_t k = 0; k < p.K; ++k) {
-    const float* xs = p.x + k * hw + rb * w;
-    const int64_t n = (last_row - rb + 1) * w;
-    v8sf vmx = splat8(-std::numeric_limits<float>::infinity()), vmag = v8sf{}, vprobe = v8sf{};
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const v8sf v = load8(xs + i);
-      vmx = max8(vmx, v);
-      vmag = max8(vmag, abs8(v));
-      vprobe += v * 0.f;
-    }
-    float mx = hmax8(vmx), mag = hmax8(vmag), probe = vprobe[0] + vprobe[1] + vprobe[2] + vprobe[3] + vprobe[4] +
-                                                     vprobe[5] + vprobe[6] + vprobe[7];
-    for (; i < n; ++i) {
-      mx = xs[i] > mx ? xs[i] : mx;
-      mag = std::fabs(xs[i]) > mag ? std::fabs(xs[i]) : mag;
-      probe += xs[i] * 0.f;
-    }
-    band_finite &= (probe == 0.f);
+    BandStats st;
+    for (int64_t t = 0; t < runs; ++t) st.add(p.x + k * p.sk + (rb + t) * p.sh, run_len);
+    float mx, mag;
+    band_finite &= st.finish(&mx, &mag);
     order[k].upper = mx + mag * kPruneRel + kPruneAbs;
     order[k].k = static_cast<int32_t>(k);
   }
@@ -167,8 +163,8 @@ MF_INLINE void candidates_rows(const Plan& p, int64_t rb, int64_t re, float* low
     }
     const int64_t k = order[t].k;
     for (int64_t r = rb; r < re; ++r) {
-      const float* x0 = p.x + k * hw + r * w;
-      const float* x1 = p.x + k * hw + std::min(r + 1, p.h - 1) * w;
+      const float* x0 = p.x + k * p.sk + r * p.sh;
+      const float* x1 = p.x + k * p.sk + std::min(r + 1, p.h - 1) * p.sh;
       float* lo_r = lower + (r - rb) * w;
       int32_t* bad_r = bad + (r - rb) * w;
       for (int64_t c = 0; c < nvec; ++c) {
@@ -200,8 +196,8 @@ MF_INLINE void candidates_rows(const Plan& p, int64_t rb, int64_t re, float* low
     const int64_t k = order[t].k;
     const int sh = static_cast<int>(k & 31);
     for (int64_t r = rb; r < re; ++r) {
-      const float* x0 = p.x + k * hw + r * w;
-      const float* x1 = p.x + k * hw + std::min(r + 1, p.h - 1) * w;
+      const float* x0 = p.x + k * p.sk + r * p.sh;
+      const float* x1 = p.x + k * p.sk + std::min(r + 1, p.h - 1) * p.sh;
       const float* lo_r = lower + (r - rb) * w;
       uint32_t* bw = bits + (k >> 5) * ncell + (r - rb) * w;
       for (int64_t c = 0; c < nvec; ++c) {
@@ -245,7 +241,7 @@ MF_INLINE void horizontal_row(const Plan& p, int64_t r, int64_t ow_b, int64_t tw
   const float* lw0 = p.cols->l0.data() + ow_b;
   const float* lw1 = p.cols->l1.data() + ow_b;
   for (int64_t k = 0; k < p.K; ++k) {
-    const float* row = p.x + (k * p.h + r) * p.w;
+    const float* row = p.x + k * p.sk + r * p.sh;
     float* d = dst + k * p.TW;
     for (int64_t j = 0; j < tw; ++j) d[j] = lerp2<FMA>(row[iw0[j]], lw0[j], row[iw1[j]], lw1[j]);
   }
@@ -300,8 +296,8 @@ MF_INLINE void dense_channels_last(const Plan& p, Scratch& s, int64_t ct, int64_
     const float lh0 = p.rows->l0[oh], lh1 = p.rows->l1[oh];
     int32_t* idx = labels + (oh - oh_b) * p.W + ow_b;
     for (int64_t k = 0; k < p.K; ++k) {
-      const float* x0 = p.x + (k * p.h + r0) * p.w;
-      const float* x1 = p.x + (k * p.h + r1) * p.w;
+      const float* x0 = p.x + k * p.sk + r0 * p.sh;
+      const float* x1 = p.x + k * p.sk + r1 * p.sh;
       const int32_t kk = static_cast<int32_t>(k);
       const bool lane = k < full;
       for (int64_t j = 0; j < tw; ++j) {
@@ -320,10 +316,10 @@ MF_INLINE void dense_channels_last(const Plan& p, Scratch& s, int64_t ct, int64_
 template <bool FMA>
 MF_INLINE void sparse_tile(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t ow_b, int64_t ow_e, int32_t* labels) {
   const int64_t full = p.cl_vec > 0 ? p.K - p.K % p.cl_vec : 0;
-  const int64_t hw = p.h * p.w;
+  const int64_t sk = p.sk;
   const int64_t r0 = p.rows->i0[oh_b], r1 = p.rows->i1[oh_b];
-  const float* x0 = p.x + r0 * p.w;
-  const float* x1 = p.x + r1 * p.w;
+  const float* x0 = p.x + r0 * p.sh;
+  const float* x1 = p.x + r1 * p.sh;
   const int32_t* cand_n = p.cand_n + r0 * p.w;
   const int32_t* cand = p.cand + r0 * p.w * p.list_max;
   for (int64_t oh = oh_b; oh < oh_e; ++oh) {
@@ -343,8 +339,8 @@ MF_INLINE void sparse_tile(const Plan& p, int64_t oh_b, int64_t oh_e, int64_t ow
       int32_t bi = 0;
       for (int64_t t = 0; t < n; ++t) {
         const int32_t k = nc < 0 ? static_cast<int32_t>(t) : c[t];
-        const float* y0 = x0 + k * hw;
-        const float* y1 = x1 + k * hw;
+        const float* y0 = x0 + k * sk;
+        const float* y1 = x1 + k * sk;
         const float v = p.cl_vec > 0 ? channels_last_value<FMA>(y0[a0], y0[a1], y1[a0], y1[a1], lh0 * lw0,
                                                                  lh0 * lw1, lh1 * lw0, lh1 * lw1, k < full)
                                      : generic_value<FMA>(y0, y1, a0, a1, lw0, lw1, lh0, lh1);
@@ -468,8 +464,17 @@ static at::Tensor as_float_scores(const at::Tensor& scores) {
               "scores dtype must be float32, float16 or bfloat16, got ", st);
   TORCH_CHECK(scores.size(0) >= 1 && scores.size(1) >= 1 && scores.size(2) >= 1, "empty scores ", scores.sizes());
   TORCH_CHECK(scores.numel() < (int64_t(1) << 31), "scores too large for int32 indexing");
-  // Upcast once (O(K*h*w)): the reference interpolates the fp32 upcast too.
+  // fp32 with unit column stride: read in place through the plane and row strides (a crop of
+  // padded logits is a strided view). Anything else: one O(K*h*w) contiguous fp32 copy (the
+  // reference interpolates the fp32 upcast too).
+  if (st == at::kFloat && scores.stride(2) == 1) return scores;
   return scores.to(at::kFloat).contiguous();
+}
+
+// The source step of one axis for make_axis: negative = none given (float(in) / float(out)).
+static float axis_scale(double scale, const char* name) {
+  TORCH_CHECK(!std::isnan(scale), name, " must not be NaN");
+  return scale < 0 ? -1.f : static_cast<float>(scale);
 }
 
 // Column tile of the dense path: two cached rows (2 x K x TW floats) should stay in L2 (~256 KiB):
@@ -481,9 +486,11 @@ static int64_t column_tile(int64_t K, int64_t W) {
 }
 
 at::Tensor& upsample_argmax_out(const at::Tensor& scores_in, at::Tensor& out, bool resize, bool use_fma,
-                                int64_t channels_last_vec) {
-  at::Tensor x = as_float_scores(scores_in);
+                                int64_t channels_last_vec, double scale_h, double scale_w) {
+  const at::Tensor x = as_float_scores(scores_in);
   const int64_t K = x.size(0), h = x.size(1), w = x.size(2);
+  const int64_t sk = x.stride(0), sh = x.stride(1);
+  const float step_h = axis_scale(scale_h, "scale_h"), step_w = axis_scale(scale_w, "scale_w");
   check_out(out, K);
   const int64_t H = out.size(0), W = out.size(1);
   TORCH_CHECK(resize || (H == h && W == w), "without resize, out must be (h, w) = (", h, ", ", w, "), got ",
@@ -496,18 +503,23 @@ at::Tensor& upsample_argmax_out(const at::Tensor& scores_in, at::Tensor& out, bo
   const auto ost = out.scalar_type();
 
   if (!resize) {
-    // transformers' target_sizes=None branch: a plain argmax over classes.
-    const int64_t P = h * w;
+    // transformers' target_sizes=None branch: a plain argmax over classes, in chunks of one run
+    // of contiguous pixels (the whole plane when its rows are contiguous, else one row).
+    const bool one_run = sh == w;
+    const int64_t runs = one_run ? 1 : h, run_len = one_run ? h * w : w;
     const int64_t chunk = 1024;
-    at::parallel_for(0, (P + chunk - 1) / chunk, 1, [&](int64_t b, int64_t e) {
+    const int64_t per_run = (run_len + chunk - 1) / chunk;
+    at::parallel_for(0, runs * per_run, 1, [&](int64_t b, int64_t e) {
       std::vector<float> best(chunk);
       std::vector<int32_t> idx(chunk);
       for (int64_t c = b; c < e; ++c) {
-        const int64_t p0 = c * chunk, n = std::min(chunk, P - p0);
-        std::memcpy(best.data(), xp + p0, n * sizeof(float));
+        const int64_t run = c / per_run, r0 = (c % per_run) * chunk, n = std::min(chunk, run_len - r0);
+        const float* x0 = xp + run * sh + r0;
+        const int64_t p0 = run * w + r0;  // first output pixel
+        std::memcpy(best.data(), x0, n * sizeof(float));
         std::fill(idx.begin(), idx.begin() + n, 0);
         for (int64_t k = 1; k < K; ++k) {
-          const float* xk = xp + k * P + p0;
+          const float* xk = x0 + k * sk;
           const int32_t kk = static_cast<int32_t>(k);
           for (int64_t j = 0; j < n; ++j) {
             const bool take = takes_over(xk[j], best[j]);
@@ -521,10 +533,12 @@ at::Tensor& upsample_argmax_out(const at::Tensor& scores_in, at::Tensor& out, bo
     return out;
   }
 
-  const Axis rows = make_axis(h, H, use_fma);
-  const Axis cols = make_axis(w, W, use_fma);
+  const Axis rows = make_axis(h, H, use_fma, step_h);
+  const Axis cols = make_axis(w, W, use_fma, step_w);
   Plan plan;
   plan.x = xp;
+  plan.sk = sk;
+  plan.sh = sh;
   plan.K = K; plan.h = h; plan.w = w; plan.H = H; plan.W = W;
   plan.rows = &rows; plan.cols = &cols;
   plan.cl_vec = channels_last_vec;
@@ -571,14 +585,14 @@ at::Tensor& upsample_argmax_out(const at::Tensor& scores_in, at::Tensor& out, bo
 
 // Test hook: the per-pixel values upsample_argmax_out compares, materialised (C, H, W).
 template <bool FMA>
-static void resize_values(const float* x, int64_t C, int64_t h, int64_t w, const Axis& rows, const Axis& cols,
+static void resize_values(const float* x, int64_t C, int64_t sc, int64_t sh, const Axis& rows, const Axis& cols,
                           float* y, int64_t H, int64_t W, int64_t vec) {
   const int64_t full = (vec > 0) ? C - C % vec : 0;
   at::parallel_for(0, C, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) {
       for (int64_t oh = 0; oh < H; ++oh) {
-        const float* x0 = x + (c * h + rows.i0[oh]) * w;
-        const float* x1 = x + (c * h + rows.i1[oh]) * w;
+        const float* x0 = x + c * sc + rows.i0[oh] * sh;
+        const float* x1 = x + c * sc + rows.i1[oh] * sh;
         const float lh0 = rows.l0[oh], lh1 = rows.l1[oh];
         for (int64_t ow = 0; ow < W; ++ow) {
           const int32_t a0 = cols.i0[ow], a1 = cols.i1[ow];
@@ -593,19 +607,20 @@ static void resize_values(const float* x, int64_t C, int64_t h, int64_t w, const
   });
 }
 
-at::Tensor bilinear_resize(const at::Tensor& x_in, int64_t H, int64_t W, bool use_fma, int64_t channels_last_vec) {
-  at::Tensor x = as_float_scores(x_in);
+at::Tensor bilinear_resize(const at::Tensor& x_in, int64_t H, int64_t W, bool use_fma, int64_t channels_last_vec,
+                           double scale_h, double scale_w) {
+  const at::Tensor x = as_float_scores(x_in);
   TORCH_CHECK(H >= 1 && W >= 1, "target size must be positive, got ", H, "x", W);
   TORCH_CHECK(channels_last_vec >= 0, "channels_last_vec must be >= 0");
-  const int64_t C = x.size(0), h = x.size(1), w = x.size(2);
-  at::Tensor y = at::empty({C, H, W}, x.options());
-  const Axis rows = make_axis(h, H, use_fma);
-  const Axis cols = make_axis(w, W, use_fma);
+  const int64_t C = x.size(0), h = x.size(1), w = x.size(2), sc = x.stride(0), sh = x.stride(1);
+  at::Tensor y = at::empty({C, H, W}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  const Axis rows = make_axis(h, H, use_fma, axis_scale(scale_h, "scale_h"));
+  const Axis cols = make_axis(w, W, use_fma, axis_scale(scale_w, "scale_w"));
   // Baseline build on purpose: a test hook, and there the plain variant must not be contracted.
   if (use_fma) {
-    resize_values<true>(x.data_ptr<float>(), C, h, w, rows, cols, y.data_ptr<float>(), H, W, channels_last_vec);
+    resize_values<true>(x.data_ptr<float>(), C, sc, sh, rows, cols, y.data_ptr<float>(), H, W, channels_last_vec);
   } else {
-    resize_values<false>(x.data_ptr<float>(), C, h, w, rows, cols, y.data_ptr<float>(), H, W, channels_last_vec);
+    resize_values<false>(x.data_ptr<float>(), C, sc, sh, rows, cols, y.data_ptr<float>(), H, W, channels_last_vec);
   }
   return y;
 }
@@ -814,9 +829,11 @@ at::Tensor mask_einsum(const at::Tensor& class_logits, const at::Tensor& mask_lo
 TORCH_LIBRARY_FRAGMENT(maskformer, m) {
   m.def("mask_einsum(Tensor class_queries_logits, Tensor masks_queries_logits) -> Tensor");
   m.def(
-      "upsample_argmax_out(Tensor scores, Tensor(a!) out, bool resize, bool use_fma, int channels_last_vec) "
-      "-> Tensor(a!)");
-  m.def("bilinear_resize(Tensor x, int H, int W, bool use_fma, int channels_last_vec) -> Tensor");
+      "upsample_argmax_out(Tensor scores, Tensor(a!) out, bool resize, bool use_fma, int channels_last_vec, "
+      "float scale_h=-1., float scale_w=-1.) -> Tensor(a!)");
+  m.def(
+      "bilinear_resize(Tensor x, int H, int W, bool use_fma, int channels_last_vec, float scale_h=-1., "
+      "float scale_w=-1.) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(maskformer, CPU, m) {

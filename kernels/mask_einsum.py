@@ -30,7 +30,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from maskformer import _ext
+from maskformer import _devices, _ext
 
 __all__ = [
     "mask_einsum",
@@ -103,6 +103,10 @@ def _shape_reasons(class_queries_logits: torch.Tensor, masks_queries_logits: tor
 
 
 def _check_shapes(class_queries_logits, masks_queries_logits):
+    """ValueError for tensors on different devices or malformed shapes (every entry, and the fake
+    kernel, which is where a meta tensor mixed with real ones would land)."""
+    _devices.check_same_device("mask_einsum", class_queries_logits=class_queries_logits,
+                               masks_queries_logits=masks_queries_logits)
     reasons = _shape_reasons(class_queries_logits, masks_queries_logits)
     if reasons:
         raise ValueError("mask_einsum: " + "; ".join(reasons))
@@ -122,7 +126,7 @@ def not_supported_reasons(class_queries_logits: torch.Tensor, masks_queries_logi
     err = _ext.triton_import_error()
     if err:
         reasons.append(err)
-    elif ml.device.type != "cuda" and not _ext.triton_interpret_mode():
+    elif not (ml.device.type == "cuda" or (ml.device.type == "cpu" and _ext.triton_interpret_mode())):
         reasons.append(
             f"tensors are on {ml.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
@@ -252,8 +256,11 @@ def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.
     """Fused semantic class scores (Triton), ``torch.ops.maskformer.mask_einsum_triton``.
 
     Args and result as ``mask_einsum_ref``: (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w) fp32 (fp32
-    math for every input dtype). Raises ValueError with ``not_supported_reasons`` when it cannot run.
+    math for every input dtype). Raises ValueError with ``not_supported_reasons`` when it cannot run
+    (and for tensors on different devices). Tensors all on the meta device give a meta result (the
+    op's fake kernel: shape propagation).
     """
+    _check_shapes(class_queries_logits, masks_queries_logits)
     return torch.ops.maskformer.mask_einsum_triton(class_queries_logits, masks_queries_logits)
 
 
@@ -263,6 +270,8 @@ def mask_einsum_cpp(class_queries_logits: torch.Tensor, masks_queries_logits: to
     Args and result as ``mask_einsum_ref``: (B, Q, K+1), (B, Q, h, w) fp32/fp16/bf16 CPU tensors ->
     (B, K, h, w) fp32. Raises ValueError with ``cpp_not_supported_reasons`` when it cannot run.
     """
+    _devices.check_same_device("mask_einsum", class_queries_logits=class_queries_logits,
+                               masks_queries_logits=masks_queries_logits)
     reasons = cpp_not_supported_reasons(class_queries_logits, masks_queries_logits)
     if reasons:
         raise ValueError("maskformer::mask_einsum (C++) cannot run: " + "; ".join(reasons))

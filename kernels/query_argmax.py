@@ -9,6 +9,10 @@ Q kept queries::
     own_area = (probs >= mask_threshold).flatten(1).sum(1)    # (Q,): each query's own mask area
 
 (``own_area`` thresholds the unweighted probabilities: deviation 3 of ``maskformer.processing``.)
+With ``source_extent=(eh, ew)`` (an image padded into a larger batch) ``mask_probs`` is first
+cropped to the view ``[:, :ceil(eh), :ceil(ew)]`` and resized with aten's explicit scale factors,
+so the first eh rows map exactly onto the H output rows (``upsample_argmax_ref`` explains the
+semantics); the padding is never read, and the C++ kernel reads the crop in place.
 ``query_argmax_ref`` computes exactly that (weighting ``probs`` in place, as transformers does, and
 counting the areas one query at a time) and allocates ``probs``: 218 MB at Q=100 and 640x853.
 ``query_argmax_cpp`` (``csrc/panoptic.cpp``) computes each query's interpolated value per output
@@ -20,16 +24,17 @@ source cell (one possible winner? clearly above / below the threshold?) and eval
 queries a cell leaves open. The results are identical to the reference, not just close.
 
 Limits: fp32 probabilities and weights (other dtypes go to the reference: torch's fp16/bf16
-interpolation rounds differently); CPU only; probabilities with channels-last strides go to the
-reference too (aten interpolates them with another kernel). There is no Triton kernel: on CUDA the
-reference runs.
+interpolation rounds differently); CPU only. Layouts: a view with unit column stride (a crop) is
+read in place, anything else is copied contiguous once; aten's kernel choice (generic or
+channels-last) is decided on the strides the reference interpolates, so channels-last inputs are
+served too. There is no Triton kernel: on CUDA the reference runs.
 """
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from maskformer import _ext
+from maskformer import _devices, _ext
 
 __all__ = [
     "query_argmax_ref",
@@ -39,10 +44,14 @@ __all__ = [
 ]
 
 Size = Tuple[int, int]
+Extent = Tuple[float, float]
 
 
-def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size) -> Optional[Size]:
-    """The target size as an int pair (or None). Raises ValueError on malformed arguments."""
+def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size, source_extent=None,
+                out=None) -> Tuple[Optional[Size], Optional[Extent]]:
+    """(target size as an int pair or None, extent as a float pair or None). Raises ValueError on
+    malformed arguments, bad extents and tensors on different devices."""
+    _devices.check_same_device("query_argmax", mask_probs=mask_probs, weights=weights, out=out)
     if not isinstance(mask_probs, torch.Tensor) or mask_probs.dim() != 3:
         shape = tuple(mask_probs.shape) if isinstance(mask_probs, torch.Tensor) else type(mask_probs).__name__
         raise ValueError(f"mask_probs must be a (Q, h, w) tensor, got {shape}")
@@ -51,8 +60,13 @@ def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size) ->
     if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (mask_probs.shape[0],):
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise ValueError(f"weights must be a ({mask_probs.shape[0]},) tensor (one per query), got {shape}")
+    from maskformer.kernels.upsample_argmax import as_extent
+
+    extent = None
+    if source_extent is not None:
+        extent = as_extent(source_extent, mask_probs.shape[1], mask_probs.shape[2], "source_extent")
     if target_size is None:
-        return None
+        return None, extent
     if isinstance(target_size, torch.Tensor):
         target_size = target_size.tolist()
     try:
@@ -61,7 +75,7 @@ def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size) ->
         raise ValueError(f"target_size must be a (height, width) pair or None, got {target_size!r}") from None
     if hh < 1 or ww < 1:
         raise ValueError(f"target_size must be positive, got {(hh, ww)}")
-    return hh, ww
+    return (hh, ww), extent
 
 
 def _threshold_fp32(mask_threshold: float) -> float:
@@ -79,6 +93,7 @@ def query_argmax_ref(
     weights: torch.Tensor,
     target_size: Optional[Size] = None,
     mask_threshold: float = 0.5,
+    source_extent: Optional[Extent] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Reference: the panoptic processor's torch ops, materialising the (Q, H, W) probabilities.
 
@@ -88,16 +103,28 @@ def query_argmax_ref(
         target_size: (H, W) to resize to (bilinear, align_corners=False), or None: no resize.
         mask_threshold: a pixel belongs to query q's own mask when its probability is >= this
             (compared in mask_probs' dtype, as torch does with a python float).
+        source_extent: None, or the image's valid region ``(eh, ew)`` in mask pixels (floats,
+            ``0 < eh <= h``, ``0 < ew <= w``, else ValueError): the rest is padding. ``mask_probs``
+            is cropped to the view ``[:, :ceil(eh), :ceil(ew)]`` and, with a target size, resized
+            by ``aten.upsample_bilinear2d(crop[None], [H, W], False, scales_h, scales_w)`` with
+            ``scales_h = H / eh`` for a fractional eh, None for an integer one (per axis): the first
+            eh rows map exactly onto the H output rows; an integer extent is ``F.interpolate`` of
+            the crop, the full extent (h, w) the same as None. Without a target size, labels are
+            at the crop size (ceil(eh), ceil(ew)).
 
     Returns:
         labels: (H, W) int64, ``argmax_q weights[q] * P[q]`` with P the resized probabilities
             (first index on ties, NaN wins: torch.argmax).
         own_area: (Q,) int64, ``#{pixels: P[q] >= mask_threshold}``.
     """
-    size = _check_args(mask_probs, weights, target_size)
-    probs = mask_probs
-    if size is not None:
+    from maskformer.kernels.upsample_argmax import _crop, aten_scales
+
+    size, extent = _check_args(mask_probs, weights, target_size, source_extent)
+    probs = _crop(mask_probs, extent)
+    if size is not None and extent is None:
         probs = F.interpolate(mask_probs.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
+    elif size is not None:
+        probs = torch.ops.aten.upsample_bilinear2d(probs.unsqueeze(0), list(size), False, *aten_scales(extent, size))[0]
     # One query at a time: `(probs >= t).flatten(1).sum(1)` gives the same counts but sums through an
     # int64 (Q, H, W) copy of the bool mask (437 MB at Q=100, 640x853; 8x slower).
     own_area = torch.stack([(p >= mask_threshold).sum() for p in probs])
@@ -115,24 +142,25 @@ def query_argmax_ref(
 # ---------------------------------------------------------------------------------------------
 
 
-def _arg_reasons(mask_probs, weights, target_size) -> List[str]:
+def _arg_reasons(mask_probs, weights, target_size, source_extent=None) -> List[str]:
     try:
-        _check_args(mask_probs, weights, target_size)
+        _check_args(mask_probs, weights, target_size, source_extent)
     except ValueError as exc:
         return [str(exc)]
     return []
 
 
-def not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5) -> List[str]:
+def not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5, source_extent=None) -> List[str]:
     """Why a Triton ``query_argmax`` cannot serve these arguments: there is none yet."""
-    return _arg_reasons(mask_probs, weights, target_size) + [
+    return _arg_reasons(mask_probs, weights, target_size, source_extent) + [
         "query_argmax has no Triton kernel (the reference PyTorch ops are the CUDA path)"
     ]
 
 
-def cpp_not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5) -> List[str]:
+def cpp_not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5,
+                              source_extent=None) -> List[str]:
     """Why ``query_argmax_cpp`` cannot serve these arguments; [] when it can."""
-    reasons = _arg_reasons(mask_probs, weights, target_size)
+    reasons = _arg_reasons(mask_probs, weights, target_size, source_extent)
     reasons += _ext.cpp_missing_ops("query_argmax_out")
     for name, t in (("mask_probs", mask_probs), ("weights", weights)):
         if not isinstance(t, torch.Tensor):
@@ -146,12 +174,6 @@ def cpp_not_supported_reasons(mask_probs, weights, target_size=None, mask_thresh
             )
     if isinstance(mask_probs, torch.Tensor) and mask_probs.numel() >= 2**31:
         reasons.append("mask_probs has >= 2**31 elements: offsets are int32")
-    if (isinstance(mask_probs, torch.Tensor) and mask_probs.dim() == 3 and not mask_probs.is_contiguous()
-            and mask_probs.unsqueeze(0).is_contiguous(memory_format=torch.channels_last)):
-        # F.interpolate keeps this layout and takes aten's channels-last kernel, which rounds
-        # differently; rounding_for() describes contiguous inputs only.
-        reasons.append("mask_probs has channels-last strides (the reference interpolates them with aten's "
-                       "channels-last kernel); pass a contiguous tensor")
     return reasons
 
 
@@ -167,21 +189,26 @@ def query_argmax_cpp(
     mask_threshold: float = 0.5,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     prune: bool = True,
+    source_extent: Optional[Extent] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused resize + weighted argmax over queries + own areas on CPU
     (``torch.ops.maskformer.query_argmax_out``).
 
-    Same arguments and results as ``query_argmax_ref``, never materialises (Q, H, W). ``out``: an
-    optional ``(labels (H, W) int64, own_area (Q,) int64)`` pair of contiguous CPU tensors that is
+    Same arguments and results as ``query_argmax_ref`` (``source_extent`` included: the crop is read
+    in place through its strides), never materialises (Q, H, W). ``out``: an optional
+    ``(labels (H, W) int64, own_area (Q,) int64)`` pair of contiguous CPU tensors that is
     overwritten and returned. ``prune=False`` forces the dense sweep over all queries at every pixel
     (for tests and benchmarks; the result is the same). Raises ValueError with
     ``cpp_not_supported_reasons`` when it cannot run.
     """
-    reasons = cpp_not_supported_reasons(mask_probs, weights, target_size, mask_threshold)
+    from maskformer.kernels.upsample_argmax import _crop, kernel_scales, rounding_for
+
+    reasons = cpp_not_supported_reasons(mask_probs, weights, target_size, mask_threshold, source_extent)
     if reasons:
         raise ValueError("maskformer::query_argmax_out (C++) cannot run: " + "; ".join(reasons))
-    size = _check_args(mask_probs, weights, target_size)
-    shape = tuple(mask_probs.shape[1:]) if size is None else size
+    size, extent = _check_args(mask_probs, weights, target_size, source_extent, out)
+    crop = _crop(mask_probs, extent)
+    shape = tuple(crop.shape[1:]) if size is None else size
     q = mask_probs.shape[0]
     if out is None:
         labels = torch.empty(shape, dtype=torch.int64)
@@ -194,11 +221,9 @@ def query_argmax_cpp(
                     f"out {name} must be a contiguous {want} int64 CPU tensor, got {tuple(t.shape)} {t.dtype} "
                     f"on {t.device}"
                 )
-    from maskformer.kernels.upsample_argmax import rounding_for
-
-    fma, vec = rounding_for(mask_probs, size)
+    fma, vec = rounding_for(mask_probs, size, extent)
     torch.ops.maskformer.query_argmax_out(
-        mask_probs, weights, _threshold_fp32(mask_threshold), size is not None, fma, vec, prune, labels, own_area
+        crop, weights, _threshold_fp32(mask_threshold), size is not None, fma, vec, prune, labels, own_area,
+        *kernel_scales(extent, size),
     )
     return labels, own_area
-

@@ -13,18 +13,29 @@ from the 4 source taps and keep a running argmax, so only the (H, W) labels are 
 * ``upsample_argmax_cpp`` (``csrc/semantic.cpp``): the same values on CPU, plus candidate pruning
   (a class whose 4 taps are all below another class's 4 taps cannot win in that source cell).
 
+Padded batches: ``source_extents`` gives each image's valid region (eh, ew) in source pixels,
+generally fractional (803 input rows span 200.75 rows of stride-4 logits). The scores are cropped
+to the view ``x[:, :ceil(eh), :ceil(ew)]`` and resized with aten's explicit scale factors
+``H / eh`` (fractional) or none (integer), so the first eh rows map exactly onto the H output rows
+and the padding is never read (see ``upsample_argmax_ref``). Both kernels read the crop in place
+through its plane and row strides (unit column stride; fp32 is never copied) and take aten's
+float source step for each axis (``kernel_scales``).
+
 Identical labels, not just close ones. At a region boundary two classes' upsampled scores cross
 between output pixels, so an ulp of difference in the interpolated values flips pixels. The
 kernels therefore reproduce PyTorch's arithmetic bit for bit (ATen/native/UpSample.h and
 native/cpu/UpSampleKernel.cpp in torch 2.13):
 
-* source index ``scale * (i + 0.5) - 0.5`` with ``scale = float(in) / float(out)``, clamped at 0;
+* source index ``scale * (i + 0.5) - 0.5`` with ``scale = float(in) / float(out)`` (with a scale
+  factor s: ``scale = float(1.0 / s)``, the double quotient rounded), clamped at 0;
   ``i0 = min(floor(src), in - 1)``, ``i1 = i0 + (i0 < in - 1)``, ``l1 = clamp(src - i0, 0, 1)``,
-  ``l0 = 1 - l1``; identity when ``in == out``;
+  ``l0 = 1 - l1``; identity when ``in == out``, whatever the scale;
 * generic kernel: ``t_r = x[r][i0]*lw0 + x[r][i1]*lw1`` then ``t_h0*lh0 + t_h1*lh1``;
-* channels-last kernel, which aten picks when ``H + W <= 128``, for a 1x1 mask with K > 3, and for
-  K == 3 on one thread: ``w00 = lh0*lw0`` ... and a per-class summation order that depends on
-  whether the class sits in a full SIMD vector (see ``csrc/semantic.cpp``);
+* channels-last kernel, which aten picks when ``H + W <= 128``, for a channels-last contiguous input
+  with K > 3 (a contiguous 1x1 map; not a 1x1 crop view of a larger one), and for K == 3 on one
+  thread: ``w00 = lh0*lw0`` ... and a per-class summation order that depends on whether the class
+  sits in a full SIMD vector (see ``csrc/semantic.cpp``). ``rounding_for`` decides on the tensor
+  aten would see (sizes and strides of the crop);
 * aten is compiled with FMA contraction on AVX2/AVX512 machines (``a*b + c*d`` becomes
   ``fma(a, b, c*d)``) and without it on the DEFAULT capability. ``torch_cpu_bilinear_rounding()``
   finds out which at runtime by comparing ``F.interpolate`` on probe inputs with an emulation of
@@ -38,12 +49,15 @@ wins (torch.argmax).
 """
 import dataclasses
 import functools
+import math
+import numbers
+import struct
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
-from maskformer import _ext
+from maskformer import _devices, _ext
 
 __all__ = [
     "upsample_argmax",
@@ -55,6 +69,12 @@ __all__ = [
     "torch_cpu_bilinear_rounding",
     "torch_cpu_uses_channels_last",
     "bilinear_resize_emulated",
+    "rounding_for",
+    "as_extent",
+    "crop_size",
+    "aten_scales",
+    "kernel_scales",
+    "NO_SCALE",
     "OUT_DTYPES",
 ]
 
@@ -63,6 +83,10 @@ _MAX_LABEL = {torch.int64: 2**63 - 1, torch.int32: 2**31 - 1, torch.int16: 2**15
 _SCORE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 Size = Tuple[int, int]
+Extent = Tuple[float, float]
+
+#: The kernels' "no scale factor given" step (see ``kernel_scales``): any negative value.
+NO_SCALE = -1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,6 +126,84 @@ def _as_size(size) -> Size:
     return hh, ww
 
 
+def as_extent(extent, h: int, w: int, name: str = "source_extents") -> Extent:
+    """One source extent as a float pair, checked against the (h, w) source: 0 < eh <= h and
+    0 < ew <= w (NaN and inf fail). Raises ValueError naming ``name`` and the values."""
+    if isinstance(extent, torch.Tensor):
+        extent = extent.tolist()
+    pair = None
+    if not isinstance(extent, (str, bytes)):
+        try:
+            items = list(extent)
+        except TypeError:
+            items = []
+        if len(items) == 2 and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+            pair = (float(items[0]), float(items[1]))
+    if pair is None:
+        raise ValueError(f"{name}: an extent must be a (height, width) pair of numbers or None, got {extent!r}")
+    eh, ew = pair
+    if not (0.0 < eh <= h and 0.0 < ew <= w):
+        raise ValueError(
+            f"{name}: extent {(eh, ew)} is outside the source: need 0 < height <= {h} and 0 < width <= {w}"
+        )
+    return pair
+
+
+def _extents(scores: torch.Tensor, source_extents, batched: bool) -> List[Optional[Extent]]:
+    """Per-image validated extent or None (see ``upsample_argmax_ref``). Raises ValueError."""
+    h, w = scores.shape[-2], scores.shape[-1]
+    if not batched:
+        return [None if source_extents is None else as_extent(source_extents, h, w)]
+    b = scores.shape[0]
+    if source_extents is None:
+        return [None] * b
+    if isinstance(source_extents, torch.Tensor):
+        source_extents = source_extents.tolist()
+    try:
+        entries = list(source_extents)
+    except TypeError:
+        raise ValueError(f"source_extents must be None or a sequence of {b} extents, got {source_extents!r}") from None
+    if len(entries) != b:
+        raise ValueError(f"source_extents has {len(entries)} entries for a batch of {b} score maps")
+    return [None if e is None else as_extent(e, h, w, f"source_extents[{i}]") for i, e in enumerate(entries)]
+
+
+def crop_size(extent: Extent) -> Size:
+    """The source rows and columns an extent touches: (ceil(eh), ceil(ew))."""
+    return math.ceil(extent[0]), math.ceil(extent[1])
+
+
+def _crop(img: torch.Tensor, extent: Optional[Extent]) -> torch.Tensor:
+    """(K, h, w) -> the (K, ceil(eh), ceil(ew)) view of its valid region (img itself for None)."""
+    if extent is None:
+        return img
+    ch, cw = crop_size(extent)
+    return img[:, :ch, :cw]
+
+
+def aten_scales(extent: Optional[Extent], size: Size) -> Tuple[Optional[float], Optional[float]]:
+    """The ``scales_h, scales_w`` arguments of ``aten.upsample_bilinear2d`` that map the first eh
+    (ew) source rows (columns) onto H (W) output rows (columns): H / eh for a fractional extent,
+    None for an integer one (then aten uses float(in) / float(out), as F.interpolate(size=...))."""
+    if extent is None:
+        return None, None
+    return tuple(None if float(e).is_integer() else n / e for e, n in zip(extent, size))
+
+
+def kernel_scales(extent: Optional[Extent], size: Optional[Size]) -> Tuple[float, float]:
+    """The per-axis source step aten derives from ``aten_scales``, for the kernels:
+    ``static_cast<float>(1.0 / scales_h)`` (compute_scales_value), or ``NO_SCALE`` where no
+    scale is given (the kernels then use float(in) / float(out))."""
+    if extent is None or size is None:
+        return NO_SCALE, NO_SCALE
+    return tuple(NO_SCALE if s is None else _to_float32(1.0 / s) for s in aten_scales(extent, size))
+
+
+def _to_float32(x: float) -> float:
+    """x rounded to the nearest float32 (as C's double -> float cast), as a python float."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def _check_out_dtype(out_dtype: torch.dtype, num_classes: int) -> None:
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
@@ -109,9 +211,25 @@ def _check_out_dtype(out_dtype: torch.dtype, num_classes: int) -> None:
         raise ValueError(f"out_dtype {out_dtype} cannot hold class index {num_classes - 1}")
 
 
-def _outputs(images, sizes, out_dtype, out, batched) -> List[torch.Tensor]:
+def _arguments(scores, target_sizes, source_extents, out=None):
+    """(images, sizes, extents, batched) for the public functions; ValueError on bad arguments
+    (devices included)."""
+    _check_devices(scores, out)
+    images, sizes, batched = _images_and_sizes(scores, target_sizes)
+    extents = _extents(scores, source_extents, batched)
+    return images, sizes, extents, batched
+
+
+def _check_devices(scores, out) -> None:
+    _devices.check_same_device("upsample_argmax", scores=scores, out=out)
+
+
+def _outputs(images, sizes, extents, out_dtype, out, batched) -> List[torch.Tensor]:
     """Allocate (or check the caller's) label maps, one per image."""
-    shapes = [tuple(s) if s is not None else tuple(img.shape[1:]) for img, s in zip(images, sizes)]
+    shapes = [
+        tuple(s) if s is not None else (tuple(img.shape[1:]) if e is None else crop_size(e))
+        for img, s, e in zip(images, sizes, extents)
+    ]
     if out is None:
         return [torch.empty(shape, dtype=out_dtype, device=img.device) for shape, img in zip(shapes, images)]
     outs = list(out) if batched else [out]
@@ -136,29 +254,46 @@ def upsample_argmax_ref(
     target_sizes: Union[None, Size, Sequence[Size]] = None,
     out_dtype: torch.dtype = torch.int64,
     out: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+    source_extents: Union[None, Extent, Sequence[Optional[Extent]]] = None,
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Reference upsample + argmax: transformers' per-image ``F.interpolate`` then ``argmax``.
 
     Args:
         scores: (K, h, w) or (B, K, h, w) float class scores (fp16/bf16 are upcast to fp32).
         target_sizes: for (K, h, w) one (H, W) pair or None; for (B, K, h, w) B pairs or None.
-            None: no resize, labels at (h, w) (transformers' ``target_sizes=None`` branch).
+            None: no resize, labels at the source (or crop) size (transformers' ``target_sizes=None``
+            branch).
         out_dtype: int64 (default, as transformers), int32, int16 or uint8 (must hold K - 1).
         out: optional preallocated label map(s), contiguous, of the result's shape and dtype.
+        source_extents: where each image's content lies in the (padded) source, for (K, h, w) one
+            ``(eh, ew)`` pair of floats or None, for (B, K, h, w) None or B entries, each a pair or
+            None; ``0 < eh <= h`` and ``0 < ew <= w`` (else ValueError). The image occupies source
+            rows [0, eh) and columns [0, ew) (an image of 803 input rows spans 200.75 rows of
+            stride-4 logits); the rest is padding and never read. The scores are cropped to the
+            view ``x[:, :ceil(eh), :ceil(ew)]`` and, with a target size (H, W), resized by
+            ``aten.upsample_bilinear2d(crop[None], [H, W], False, scales_h, scales_w)`` with
+            ``scales_h = H / eh`` for a fractional eh and None for an integer one (per axis), so
+            the first eh source rows map exactly onto the H output rows; an integer extent is
+            ``F.interpolate`` of the crop and a full extent (h, w) gives the result of None.
+            Without a target size the labels are at the crop size (ceil(eh), ceil(ew)).
 
     Returns:
         (H, W) labels for (K, h, w) input, a list of B (H_b, W_b) maps for batched input. Ties go to
         the lowest class index, NaN wins (torch.argmax).
     """
-    images, sizes, batched = _images_and_sizes(scores, target_sizes)
+    images, sizes, extents, batched = _arguments(scores, target_sizes, source_extents, out)
     _check_out_dtype(out_dtype, scores.shape[-3])
-    outs = _outputs(images, sizes, out_dtype, out, batched)
-    for img, size, o in zip(images, sizes, outs):
-        img = img.float() if img.dtype in (torch.float16, torch.bfloat16) else img
+    outs = _outputs(images, sizes, extents, out_dtype, out, batched)
+    for img, size, extent, o in zip(images, sizes, extents, outs):
+        # Upcast, then crop: fp16/bf16 scores give exactly the labels of their fp32 upcast.
+        x = _crop(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, extent)
         if size is None:
-            labels = img.argmax(dim=0)
+            labels = x.argmax(dim=0)
+        elif extent is None:
+            labels = F.interpolate(x.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0)
         else:
-            labels = F.interpolate(img.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0].argmax(dim=0)
+            resized = torch.ops.aten.upsample_bilinear2d(x.unsqueeze(0), list(size), False, *aten_scales(extent, size))
+            labels = resized[0].argmax(dim=0)
         o.copy_(labels)
     return outs if batched else outs[0]
 
@@ -190,13 +325,18 @@ def _fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (a.double() * b.double() + c.double()).float()
 
 
-def _axis(n_in: int, n_out: int, fma: bool):
-    """aten's (i0, i1, l0, l1) for one axis, exactly (scale * (i + 0.5) has <= 38 bits, so the
-    fp64 fma below rounds once)."""
+def _axis(n_in: int, n_out: int, fma: bool, step: float = NO_SCALE):
+    """aten's (i0, i1, l0, l1) for one axis, exactly (for steps >= 2**-28 and n_out < 2**14,
+    scale * (i + 0.5) - 0.5 fits fp64's 53 bits, so the fp64 fma below rounds once). ``step``:
+    aten's source step when a scale factor is given (``kernel_scales``), else NO_SCALE:
+    float(n_in) / float(n_out)."""
     if n_in == n_out:
         i = torch.arange(n_out)
         return i, i, torch.ones(n_out), torch.zeros(n_out)
-    scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
+    if step >= 0:
+        scale = torch.tensor(step, dtype=torch.float32)
+    else:
+        scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
     di = torch.arange(n_out, dtype=torch.float32) + 0.5
     if fma:
         src = _fma32(scale.expand_as(di), di, torch.full_like(di, -0.5))
@@ -209,15 +349,18 @@ def _axis(n_in: int, n_out: int, fma: bool):
     return i0, i1, 1.0 - l1, l1
 
 
-def bilinear_resize_emulated(x: torch.Tensor, size: Size, fma: bool, channels_last_vec: int = 0) -> torch.Tensor:
+def bilinear_resize_emulated(x: torch.Tensor, size: Size, fma: bool, channels_last_vec: int = 0,
+                             steps: Tuple[float, float] = (NO_SCALE, NO_SCALE)) -> torch.Tensor:
     """aten's bilinear resize (align_corners=False) of (C, h, w) fp32 -> (C, H, W), emulated in
     PyTorch with an explicit operation order. ``channels_last_vec`` > 0 selects the channels-last
-    kernel's order for that SIMD width. For calibration and tests; slow and memory-hungry."""
+    kernel's order for that SIMD width; ``steps``: the per-axis source steps of explicit scale
+    factors (``kernel_scales``), NO_SCALE for none. For calibration and tests; slow and
+    memory-hungry."""
     x = x.float()
     c = x.shape[0]
     hh, ww = size
-    a0, a1, h0, h1 = _axis(x.shape[1], hh, fma)
-    b0, b1, w0, w1 = _axis(x.shape[2], ww, fma)
+    a0, a1, h0, h1 = _axis(x.shape[1], hh, fma, steps[0])
+    b0, b1, w0, w1 = _axis(x.shape[2], ww, fma, steps[1])
     r0, r1 = x[:, a0], x[:, a1]
     x00, x01, x10, x11 = r0[:, :, b0], r0[:, :, b1], r1[:, :, b0], r1[:, :, b1]
     if channels_last_vec:
@@ -240,14 +383,22 @@ def bilinear_resize_emulated(x: torch.Tensor, size: Size, fma: bool, channels_la
     return (x00 * W0 + x01 * W1) * H0 + (x10 * W0 + x11 * W1) * H1
 
 
-def torch_cpu_uses_channels_last(num_classes: int, h: int, w: int, height: int, width: int) -> bool:
-    """Whether aten's CPU upsample_bilinear2d takes its channels-last kernel for a contiguous
-    (1, K, h, w) fp32 input and an (H, W) output (``_use_vectorized_kernel_cond_2d`` and the
-    one-thread RGB rule in UpSampleKernel.cpp; checked against torch 2.13 by the tests)."""
-    # A contiguous (1, K, h, w) tensor is also channels-last contiguous only when h * w == 1 (size-1
-    # dims are ignored) or K == 1 (excluded by K > 3).
+def torch_cpu_uses_channels_last(num_classes: int, h: int, w: int, height: int, width: int,
+                                 channels_last_input: Optional[bool] = None) -> bool:
+    """Whether aten's CPU upsample_bilinear2d takes its channels-last kernel for a (1, K, h, w)
+    fp32 input and an (H, W) output (``_use_vectorized_kernel_cond_2d`` and the one-thread RGB rule
+    in UpSampleKernel.cpp; checked against torch 2.13 by the tests).
+
+    ``channels_last_input``: whether the input is channels-last contiguous
+    (``x.is_contiguous(memory_format=torch.channels_last)``); None means a contiguous input, which
+    is channels-last contiguous too only when h * w == 1 (size-1 dims are ignored) or K == 1. A
+    strided view is neither: a 1x1 crop of a larger map takes the generic kernel where its
+    contiguous copy takes the channels-last one (``rounding_for`` decides on the view).
+    """
+    if channels_last_input is None:
+        channels_last_input = h * w == 1 or num_classes == 1
     return (
-        (h * w == 1 and num_classes > 3)
+        (channels_last_input and num_classes > 3)
         or height + width <= 128
         or (torch.get_num_threads() == 1 and num_classes == 3)
     )
@@ -283,13 +434,29 @@ def torch_cpu_bilinear_rounding() -> BilinearRounding:
 # ---------------------------------------------------------------------------------------------
 
 
-def _arg_reasons(scores, target_sizes, out_dtype) -> List[str]:
+def _arg_reasons(scores, target_sizes, out_dtype, out=None, source_extents=None) -> List[str]:
     try:
-        _images_and_sizes(scores, target_sizes)
+        _arguments(scores, target_sizes, source_extents, out)
         _check_out_dtype(out_dtype, scores.shape[-3])
     except ValueError as exc:
         return [str(exc)]
     return []
+
+
+def _offset_reasons(scores, target_sizes, source_extents) -> List[str]:
+    """int32 offsets: what one image's kernel reads (its crop, in place when stride(-1) == 1)
+    and writes must each span < 2**31 elements. Call after _arg_reasons found nothing."""
+    images, sizes, extents, _ = _arguments(scores, target_sizes, source_extents)
+    reasons = []
+    for img, extent in zip(images, extents):
+        x = _crop(img, extent)
+        span = x.numel() if x.stride(-1) != 1 else 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
+        if span >= 2**31:
+            reasons.append("one image's scores span >= 2**31 elements: offsets are int32")
+            break
+    if any(s is not None and s[0] * s[1] >= 2**31 for s in sizes):
+        reasons.append("a target has >= 2**31 pixels: offsets are int32")
+    return reasons
 
 
 def not_supported_reasons(
@@ -297,27 +464,22 @@ def not_supported_reasons(
     target_sizes: Union[None, Size, Sequence[Size]] = None,
     out_dtype: torch.dtype = torch.int64,
     out=None,
+    source_extents: Union[None, Extent, Sequence[Optional[Extent]]] = None,
 ) -> List[str]:
     """Why the Triton ``upsample_argmax`` cannot serve these arguments; [] when it can."""
-    reasons = _arg_reasons(scores, target_sizes, out_dtype)
+    reasons = _arg_reasons(scores, target_sizes, out_dtype, out, source_extents)
     err = _ext.triton_import_error()
     if err:
         reasons.append(err)
-    elif scores.device.type != "cuda" and not _ext.triton_interpret_mode():
+    elif not (scores.device.type == "cuda" or (scores.device.type == "cpu" and _ext.triton_interpret_mode())):
         reasons.append(
             f"scores are on {scores.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
         )
     if scores.dtype not in _SCORE_DTYPES:
         reasons.append(f"scores dtype {scores.dtype} is not supported (fp32, fp16, bf16)")
-    if scores.dim() >= 3 and scores.shape[-3:].numel() >= 2**31:
-        reasons.append("one image's scores have >= 2**31 elements: offsets are int32")
-    try:
-        _, sizes, _ = _images_and_sizes(scores, target_sizes)
-        if any(s is not None and s[0] * s[1] >= 2**31 for s in sizes):
-            reasons.append("a target has >= 2**31 pixels: offsets are int32")
-    except ValueError:
-        pass
+    if not reasons:
+        reasons += _offset_reasons(scores, target_sizes, source_extents)
     return reasons
 
 
@@ -326,9 +488,10 @@ def cpp_not_supported_reasons(
     target_sizes: Union[None, Size, Sequence[Size]] = None,
     out_dtype: torch.dtype = torch.int64,
     out=None,
+    source_extents: Union[None, Extent, Sequence[Optional[Extent]]] = None,
 ) -> List[str]:
     """Why ``upsample_argmax_cpp`` cannot serve these arguments; [] when it can."""
-    reasons = _arg_reasons(scores, target_sizes, out_dtype)
+    reasons = _arg_reasons(scores, target_sizes, out_dtype, out, source_extents)
     reasons += _ext.cpp_missing_ops("upsample_argmax_out")
     if scores.device.type != "cpu":
         reasons.append(f"scores are on {scores.device}: the C++ kernel is CPU-only")
@@ -339,16 +502,29 @@ def cpp_not_supported_reasons(
     return reasons
 
 
-def rounding_for(scores: torch.Tensor, size: Optional[Size]) -> Tuple[bool, int]:
-    """(use_fma, channels_last_vec) the kernels must use to match F.interpolate for this image
-    (scores (K, h, w)) and target size on scores' device."""
+def _interpolated_layout(img: torch.Tensor, extent: Optional[Extent]) -> torch.Tensor:
+    """A tensor with the sizes and strides of what the reference interpolates for image ``img``
+    (K, h, w): its crop, of the fp32 upcast for fp16/bf16 (``.float()`` keeps the strides of a
+    dense tensor and makes any other contiguous; built on the meta device: no copy)."""
+    if img.dtype in (torch.float16, torch.bfloat16):
+        img = torch.empty_strided(img.shape, img.stride(), dtype=img.dtype, device="meta").float()
+    return _crop(img, extent)
+
+
+def rounding_for(scores: torch.Tensor, size: Optional[Size], extent: Optional[Extent] = None) -> Tuple[bool, int]:
+    """(use_fma, channels_last_vec) the kernels must use to match the reference for this image
+    (scores (K, h, w), cropped to ``extent``) and target size on scores' device. aten's kernel
+    choice depends on the crop's sizes and on whether the tensor it is handed (a view) is
+    channels-last contiguous."""
     if scores.device.type == "cuda":
         return True, 0
     r = torch_cpu_bilinear_rounding()
     if size is None:
         return r.fma, 0
-    k, h, w = scores.shape
-    return r.fma, (r.channels_last_vec if torch_cpu_uses_channels_last(k, h, w, size[0], size[1]) else 0)
+    x = _interpolated_layout(scores, extent)
+    k, h, w = x.shape
+    cl_input = x.unsqueeze(0).is_contiguous(memory_format=torch.channels_last)
+    return r.fma, (r.channels_last_vec if torch_cpu_uses_channels_last(k, h, w, size[0], size[1], cl_input) else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,12 +560,14 @@ def _build_kernel():
     @triton.jit
     def _upsample_argmax_kernel(
         x_ptr, out_ptr, best_ptr,
-        K, h, w, H, W, scale_h, scale_w,
+        K, h, w, H, W, stride_k, stride_h, scale_h, scale_w,
         RESIZE: tl.constexpr, FMA: tl.constexpr, CL_VEC: tl.constexpr, STORE_BEST: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         """labels[p] = argmax_k bilinear(x[k])(p) for BLOCK output pixels p of one image; x (K, h, w)
-        contiguous, labels (H, W); best (H, W) fp32 gets the winning value when STORE_BEST (tests)."""
+        with unit column stride (x[k, r, c] at k * stride_k + r * stride_h + c: a crop is read in
+        place), labels (H, W); scale_h/w: aten's source steps; best (H, W) fp32 gets the winning
+        value when STORE_BEST (tests)."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = offs < H * W
         oh = offs // W
@@ -406,10 +584,10 @@ def _build_kernel():
             lh1 = tl.zeros((BLOCK,), tl.float32)
             lw0 = lh0
             lw1 = lh1
-        p00 = r0 * w + c0
-        p01 = r0 * w + c1
-        p10 = r1 * w + c0
-        p11 = r1 * w + c1
+        p00 = r0 * stride_h + c0
+        p01 = r0 * stride_h + c1
+        p10 = r1 * stride_h + c0
+        p11 = r1 * stride_h + c1
         if CL_VEC > 0:
             w00 = lh0 * lw0
             w01 = lh0 * lw1
@@ -419,7 +597,7 @@ def _build_kernel():
         best = tl.full((BLOCK,), float("-inf"), tl.float32)
         idx = tl.zeros((BLOCK,), tl.int32)
         for k in range(0, K):
-            base = x_ptr + k * h * w
+            base = x_ptr + k * stride_k
             a = tl.load(base + p00, mask=ok, other=0.0).to(tl.float32)
             if RESIZE:
                 b = tl.load(base + p01, mask=ok, other=0.0).to(tl.float32)
@@ -456,22 +634,26 @@ def _build_kernel():
 
 
 def _launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, channels_last_vec: int,
-                best: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One image: x (K, h, w) contiguous, out (H, W) contiguous int; best (H, W) fp32 or None."""
+                best: Optional[torch.Tensor] = None, scale_h: float = NO_SCALE,
+                scale_w: float = NO_SCALE) -> torch.Tensor:
+    """One image: x (K, h, w) with x.stride(2) == 1, out (H, W) contiguous int; best (H, W) fp32 or
+    None; scale_h/w: ``kernel_scales`` (NO_SCALE: float(h) / float(H))."""
     kernel = _build_kernel()
     k, h, w = x.shape
     hh, ww = out.shape
-    # float(in) / float(out) in fp32, as aten's area_pixel_compute_scale<float>; Triton passes
-    # Python floats as fp32, and this value is exactly representable.
-    scale_h = (torch.tensor(h, dtype=torch.float32) / torch.tensor(hh, dtype=torch.float32)).item()
-    scale_w = (torch.tensor(w, dtype=torch.float32) / torch.tensor(ww, dtype=torch.float32)).item()
+    # float(in) / float(out) in fp32, as aten's area_pixel_compute_scale<float>, or the caller's
+    # fp32 step; Triton passes Python floats as fp32, and these values are exactly representable.
+    if scale_h < 0:
+        scale_h = (torch.tensor(h, dtype=torch.float32) / torch.tensor(hh, dtype=torch.float32)).item()
+    if scale_w < 0:
+        scale_w = (torch.tensor(w, dtype=torch.float32) / torch.tensor(ww, dtype=torch.float32)).item()
     # 1024 pixels per program: 4 gathers per class and pixel from a (K, h, w) block that stays in
     # L2; untuned (no GPU was available when this was written).
     block = 1024
     grid = (triton.cdiv(hh * ww, block),)
     kernel[grid](
         x, out, best if best is not None else out,
-        k, h, w, hh, ww, scale_h, scale_w,
+        k, h, w, hh, ww, x.stride(0), x.stride(1), scale_h, scale_w,
         RESIZE=resize, FMA=fma, CL_VEC=channels_last_vec, STORE_BEST=best is not None, BLOCK=block,
         num_warps=4,
         # Only the fmas we spell: Triton would otherwise fuse `a * b + c` of the plain variant.
@@ -481,15 +663,21 @@ def _launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, cha
 
 
 @torch.library.custom_op("maskformer::upsample_argmax_triton", mutates_args=("out",))
-def _upsample_argmax_triton_op(scores: torch.Tensor, out: torch.Tensor, resize: bool) -> None:
-    """One image: scores (K, h, w) -> out (H, W) int labels, in place."""
-    x = scores.contiguous()
-    fma, vec = rounding_for(x, tuple(out.shape) if resize else None)
-    _launch_one(x, out, resize, fma, vec)
+def _upsample_argmax_triton_op(
+    scores: torch.Tensor, out: torch.Tensor, resize: bool, use_fma: bool, channels_last_vec: int,
+    scale_h: float, scale_w: float,
+) -> None:
+    """One image: scores (K, h, w) -> out (H, W) int labels, in place. A unit-column-stride view (a
+    crop) is read in place; the rounding (use_fma, channels_last_vec) and the source steps
+    (scale_h/w, NO_SCALE for none) are the caller's (``rounding_for``, ``kernel_scales``)."""
+    x = scores if scores.stride(-1) == 1 else scores.contiguous()
+    _launch_one(x, out, resize, use_fma, channels_last_vec, None, scale_h, scale_w)
 
 
 @_upsample_argmax_triton_op.register_fake
-def _upsample_argmax_triton_fake(scores, out, resize):
+def _upsample_argmax_triton_fake(scores, out, resize, use_fma, channels_last_vec, scale_h, scale_w):
+    # A real meta tensor mixed with others dispatches here: refuse rather than leave `out` unwritten.
+    _devices.check_same_device("maskformer::upsample_argmax_triton", scores=scores, out=out)
     return None
 
 
@@ -498,19 +686,23 @@ def upsample_argmax(
     target_sizes: Union[None, Size, Sequence[Size]] = None,
     out_dtype: torch.dtype = torch.int64,
     out: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+    source_extents: Union[None, Extent, Sequence[Optional[Extent]]] = None,
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Fused bilinear upsample + argmax (Triton), one launch per image.
 
-    Same arguments and result as ``upsample_argmax_ref``; never materialises (K, H, W). Raises
-    ValueError with ``not_supported_reasons`` when it cannot run.
+    Same arguments and result as ``upsample_argmax_ref`` (``source_extents`` included: the crop is
+    read in place, never copied); never materialises (K, H, W). Raises ValueError with
+    ``not_supported_reasons`` when it cannot run.
     """
-    reasons = not_supported_reasons(scores, target_sizes, out_dtype, out)
+    reasons = not_supported_reasons(scores, target_sizes, out_dtype, out, source_extents)
     if reasons:
         raise ValueError("maskformer::upsample_argmax_triton cannot run: " + "; ".join(reasons))
-    images, sizes, batched = _images_and_sizes(scores, target_sizes)
-    outs = _outputs(images, sizes, out_dtype, out, batched)
-    for img, size, o in zip(images, sizes, outs):
-        torch.ops.maskformer.upsample_argmax_triton(img, o, size is not None)
+    images, sizes, extents, batched = _arguments(scores, target_sizes, source_extents, out)
+    outs = _outputs(images, sizes, extents, out_dtype, out, batched)
+    for img, size, extent, o in zip(images, sizes, extents, outs):
+        fma, vec = rounding_for(img, size, extent)
+        torch.ops.maskformer.upsample_argmax_triton(_crop(img, extent), o, size is not None, fma, vec,
+                                                    *kernel_scales(extent, size))
     return outs if batched else outs[0]
 
 
@@ -519,19 +711,22 @@ def upsample_argmax_cpp(
     target_sizes: Union[None, Size, Sequence[Size]] = None,
     out_dtype: torch.dtype = torch.int64,
     out: Union[None, torch.Tensor, Sequence[torch.Tensor]] = None,
+    source_extents: Union[None, Extent, Sequence[Optional[Extent]]] = None,
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Fused bilinear upsample + argmax on CPU (``torch.ops.maskformer.upsample_argmax_out``).
 
-    Same arguments and result as ``upsample_argmax_ref``; extra memory is O(K * tile) per thread
-    plus the candidate tables (O(h * w * max(4, K/16)) ints), never (K, H, W). Raises ValueError
-    with ``cpp_not_supported_reasons`` when it cannot run.
+    Same arguments and result as ``upsample_argmax_ref`` (``source_extents`` included: an fp32 crop
+    is read in place through its strides, fp16/bf16 crops are upcast, only the crop); extra memory
+    is O(K * tile) per thread plus the candidate tables (O(h * w * max(4, K/16)) ints), never
+    (K, H, W). Raises ValueError with ``cpp_not_supported_reasons`` when it cannot run.
     """
-    reasons = cpp_not_supported_reasons(scores, target_sizes, out_dtype, out)
+    reasons = cpp_not_supported_reasons(scores, target_sizes, out_dtype, out, source_extents)
     if reasons:
         raise ValueError("maskformer::upsample_argmax_out (C++) cannot run: " + "; ".join(reasons))
-    images, sizes, batched = _images_and_sizes(scores, target_sizes)
-    outs = _outputs(images, sizes, out_dtype, out, batched)
-    for img, size, o in zip(images, sizes, outs):
-        fma, vec = rounding_for(img, size)
-        torch.ops.maskformer.upsample_argmax_out(img, o, size is not None, fma, vec)
+    images, sizes, extents, batched = _arguments(scores, target_sizes, source_extents, out)
+    outs = _outputs(images, sizes, extents, out_dtype, out, batched)
+    for img, size, extent, o in zip(images, sizes, extents, outs):
+        fma, vec = rounding_for(img, size, extent)
+        torch.ops.maskformer.upsample_argmax_out(_crop(img, extent), o, size is not None, fma, vec,
+                                                 *kernel_scales(extent, size))
     return outs if batched else outs[0]

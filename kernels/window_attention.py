@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 
 # One place for "is triton importable" and "is the interpreter on": maskformer._ext.
+from maskformer import _devices
 from maskformer._ext import triton_import_error as _triton_import_error
 from maskformer._ext import triton_interpret_mode as _interpret_mode
 from maskformer.swin import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
-__all__ = ["window_attention", "window_attention_ref", "not_supported_reasons"]
+__all__ = ["window_attention", "window_attention_ref", "not_supported_reasons", "check_devices"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # q, the fp32 accumulator (both BLOCK_M x head_dim) and the K/V tiles live in registers. Compiled
@@ -114,6 +115,13 @@ def _window_attention_eager(
     return out[:, :height, :width, :]
 
 
+def check_devices(x, qkv_weight, qkv_bias, bias_table) -> None:
+    """ValueError naming each tensor's device when they are not all on one device (every entry and
+    the fake kernel check this: a meta tensor mixed with CPU ones would reach the fake kernel)."""
+    _devices.check_same_device("window_attention", x=x, qkv_weight=qkv_weight, qkv_bias=qkv_bias,
+                               bias_table=bias_table)
+
+
 def window_attention_ref(
     x: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -141,8 +149,10 @@ def window_attention_ref(
         fp32 and fp64 are computed in their own dtype. Equal to
         ``SwinLayer.window_attention`` minus the output projection, itself equal to transformers'
         MaskFormerSwin: padded tokens take part unmasked in non-shifted windows, the shift mask
-        (-100 across regions) is built on the padded map.
+        (-100 across regions) is built on the padded map. ValueError for tensors on different
+        devices.
     """
+    check_devices(x, qkv_weight, qkv_bias, bias_table)
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     out = _window_attention_eager(
         x.to(compute),
@@ -197,7 +207,7 @@ def _kernel_reasons(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size
     import_error = _triton_import_error()
     if import_error:
         reasons.append(import_error)
-    elif x.device.type != "cuda" and not _interpret_mode():
+    elif not (x.device.type == "cuda" or (x.device.type == "cpu" and _interpret_mode())):
         reasons.append(
             f"x is on {x.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
@@ -537,6 +547,7 @@ def _window_attention_op(
 
 @_window_attention_op.register_fake
 def _window_attention_fake(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads):
+    check_devices(x, qkv_weight, qkv_bias, bias_table)
     reasons = _shape_reasons(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads)
     if reasons:
         raise ValueError("maskformer::window_attention: " + "; ".join(reasons))
@@ -559,6 +570,9 @@ def window_attention(
     (B, H, W, C) in x's dtype, before the output projection. Scores, softmax and accumulation are
     fp32 whatever the dtype; for fp16/bf16 the q/k/v projection and the probabilities fed to the
     P @ V product are in x's dtype (as flash attention). Forward only. Raises ValueError with
-    ``not_supported_reasons`` when it cannot run (check those first to fall back to the reference).
+    ``not_supported_reasons`` when it cannot run (check those first to fall back to the reference),
+    and for tensors on different devices. Tensors all on the meta device give a meta result (the
+    op's fake kernel: shape propagation, as torch.compile tracing uses it).
     """
+    check_devices(x, qkv_weight, qkv_bias, bias_table)
     return torch.ops.maskformer.window_attention(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads)

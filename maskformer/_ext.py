@@ -57,20 +57,28 @@ def cpp_missing_ops(*names: str) -> List[str]:
 
 @functools.lru_cache(maxsize=None)
 def _register_fakes_once():
-    """Shape functions of the C++ ops, so torch.compile / export / opcheck can trace them."""
+    """Shape functions of the C++ ops, so torch.compile / export / opcheck can trace them. They are
+    also the Meta kernels: a call mixing a real meta tensor with CPU ones dispatches here, so they
+    check devices (ValueError) rather than return an output that nothing wrote."""
+    from maskformer._devices import check_same_device
 
     def fake_mask_einsum(class_queries_logits, masks_queries_logits):
+        check_same_device("maskformer::mask_einsum", class_queries_logits=class_queries_logits,
+                          masks_queries_logits=masks_queries_logits)
         b, q, k1 = class_queries_logits.shape
         return masks_queries_logits.new_empty((b, k1 - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
 
-    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec):
+    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
+        check_same_device("maskformer::upsample_argmax_out", scores=scores, out=out)
         return out
 
-    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec):
+    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
         return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
 
     def fake_query_argmax_out(mask_probs, weights, mask_threshold, resize, use_fma, channels_last_vec, allow_prune,
-                              labels, own_area):
+                              labels, own_area, scale_h=-1.0, scale_w=-1.0):
+        check_same_device("maskformer::query_argmax_out", mask_probs=mask_probs, weights=weights, labels=labels,
+                          own_area=own_area)
         return None
 
     for name, fn in (

@@ -20,6 +20,16 @@ Each fast op declares what it supports through ``not_supported_reasons(...)`` (h
 reasons, [] when it can run), next to its kernel in ``maskformer/kernels/``. Importing this module
 imports neither triton nor the extension and never initialises CUDA.
 
+Whatever the backend, malformed arguments raise ValueError before any choice is made, tensors on
+different devices included (a meta tensor among CPU tensors would otherwise reach an op's fake
+kernel and come back as unwritten memory; ``maskformer._devices``). Tensors all on the meta device
+run the reference (shape propagation); a forced fast backend refuses them.
+
+Padded batches: ``upsample_argmax`` / ``semantic_segmentation`` take ``source_extents`` and
+``query_argmax`` ``source_extent``, each image's valid region in mask pixels (fractional: logits
+have stride 4), so that only that region is resized to the image's size; see
+``maskformer.kernels.upsample_argmax.upsample_argmax_ref`` for the exact semantics.
+
 Ops: ``mask_einsum``, ``upsample_argmax`` and their composition ``semantic_segmentation`` (the
 whole of transformers' ``post_process_semantic_segmentation``); ``query_argmax`` (the per-pixel
 step of ``post_process_panoptic_segmentation``: resize, score-weighted argmax over queries and
@@ -164,7 +174,8 @@ def _kernels():
     return me, ua
 
 
-def _semantic_reasons(fast: str, class_queries_logits, masks_queries_logits, target_sizes, out_dtype) -> List[str]:
+def _semantic_reasons(fast: str, class_queries_logits, masks_queries_logits, target_sizes=None,
+                      out_dtype=torch.int64, source_extents=None) -> List[str]:
     me, ua = _kernels()
     cl, ml = class_queries_logits, masks_queries_logits
     if fast == "triton":
@@ -263,6 +274,10 @@ def select(op: str, device: torch.device, *args) -> str:
     the decision like every other op."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
+    if op == "window_attention":
+        from maskformer.kernels import window_attention as wa
+
+        wa.check_devices(*args[:4])
     return _choose(op, device, *args)
 
 
@@ -274,7 +289,7 @@ def select(op: str, device: torch.device, *args) -> str:
 def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
     """Semantic class scores (B, Q, K+1), (B, Q, h, w) -> (B, K, h, w); see
     ``maskformer.kernels.mask_einsum``. The fast backends agree with the reference to a few fp32
-    ulps (not bit for bit)."""
+    ulps (not bit for bit). ValueError for malformed shapes or tensors on different devices."""
     me, _ = _kernels()
     me._check_shapes(class_queries_logits, masks_queries_logits)
     name = _choose("mask_einsum", masks_queries_logits.device, class_queries_logits, masks_queries_logits)
@@ -290,20 +305,41 @@ def upsample_argmax(
     target_sizes=None,
     out_dtype: torch.dtype = torch.int64,
     out=None,
+    source_extents=None,
 ):
-    """Bilinear resize (align_corners=False) + argmax over classes without (K, H, W) scores:
-    (K, h, w) -> (H, W) labels, or (B, K, h, w) -> list of (H_b, W_b); see
-    ``maskformer.kernels.upsample_argmax``. Every backend gives the reference's labels exactly."""
+    """Bilinear resize (align_corners=False) + argmax over classes without (K, H, W) scores; see
+    ``maskformer.kernels.upsample_argmax``. Every backend gives the reference's labels exactly.
+
+    Args:
+        scores: (K, h, w) or (B, K, h, w) float class scores (fp32, or fp16/bf16 computed as their
+            fp32 upcast).
+        target_sizes: (K, h, w): one (H, W) pair or None; (B, K, h, w): B pairs or None. None: no
+            resize.
+        out_dtype: int64 (default), int32, int16 or uint8 when K - 1 fits.
+        out: optional preallocated contiguous label map(s) of the result's shape and dtype.
+        source_extents: None, or each image's valid region ``(eh, ew)`` in score pixels (floats,
+            ``0 < eh <= h``, ``0 < ew <= w``): one pair (or None) for (K, h, w), B entries each a
+            pair or None for (B, K, h, w). Only rows [0, eh) and columns [0, ew) are read: the view
+            ``[:, :ceil(eh), :ceil(ew)]`` is resized with aten's scale factors H / eh, W / ew (None
+            where the extent is an integer), so the first eh rows map exactly onto the H output
+            rows. Without a target size the labels are at (ceil(eh), ceil(ew)). A full extent
+            (h, w) gives the same labels as None.
+
+    Returns:
+        (H, W) labels for (K, h, w) scores, a list of B (H_b, W_b) maps for (B, K, h, w), of
+        ``out_dtype``; ties to the lowest class, NaN wins (torch.argmax).
+    """
     _, ua = _kernels()
-    reasons = ua._arg_reasons(scores, target_sizes, out_dtype)
+    reasons = ua._arg_reasons(scores, target_sizes, out_dtype, out, source_extents)
     if reasons:
         raise ValueError("upsample_argmax: " + "; ".join(reasons))
-    name = _choose("upsample_argmax", scores.device, scores, target_sizes, out_dtype, out)
+    name = _choose("upsample_argmax", scores.device, scores, target_sizes, out_dtype, out, source_extents)
     fn = {"triton": ua.upsample_argmax, "cpp": ua.upsample_argmax_cpp}.get(name, ua.upsample_argmax_ref)
-    return fn(scores, target_sizes, out_dtype, out)
+    return fn(scores, target_sizes, out_dtype, out, source_extents)
 
 
-def _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype):
+def _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype, source_extents):
+    """(sizes, extents) per image, or ValueError."""
     me, ua = _kernels()
     me._check_shapes(class_queries_logits, masks_queries_logits)
     batch = class_queries_logits.shape[0]
@@ -316,7 +352,8 @@ def _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes,
             )
         sizes = [ua._as_size(s) for s in target_sizes]
     ua._check_out_dtype(out_dtype, class_queries_logits.shape[-1] - 1)
-    return sizes
+    extents = ua._extents(masks_queries_logits, source_extents, batched=True)
+    return sizes, (None if source_extents is None else extents)
 
 
 def semantic_segmentation(
@@ -324,36 +361,46 @@ def semantic_segmentation(
     masks_queries_logits: torch.Tensor,
     target_sizes: Optional[Sequence[Tuple[int, int]]] = None,
     out_dtype: torch.dtype = torch.int64,
+    source_extents: Optional[Sequence[Optional[Tuple[float, float]]]] = None,
 ) -> List[torch.Tensor]:
     """transformers' ``post_process_semantic_segmentation`` on raw logits, label maps only.
 
     Args:
         class_queries_logits: (B, Q, K+1) float (fp32/fp16/bf16; fp16/bf16 computed in fp32).
-        masks_queries_logits: (B, Q, h, w) float.
-        target_sizes: None (labels at (h, w)) or B (H_b, W_b) pairs.
+        masks_queries_logits: (B, Q, h, w) float, on the same device.
+        target_sizes: None (labels at (h, w), or at the crop size) or B (H_b, W_b) pairs.
         out_dtype: int64 (transformers' dtype), or int32/int16/uint8 when K - 1 fits.
+        source_extents: None (transformers: the whole, possibly padded, logits are resized), or B
+            entries, each None or the image's valid region ``(eh, ew)`` in mask-logit pixels
+            (floats, ``0 < eh <= h``, ``0 < ew <= w``; an image of 803 padded-input rows at stride
+            4 spans 200.75 rows). The class scores are computed on the whole batch as transformers
+            does, then each image's scores are cropped to ``[:, :ceil(eh), :ceil(ew)]`` and resized
+            so that the first eh rows map exactly onto its H_b rows (``upsample_argmax``); padding
+            never influences the labels.
 
     Returns:
-        B label maps (H_b, W_b) (or (h, w)). Identical to transformers' for fp32 inputs: the
-        reference path is ``upsample_argmax_ref(mask_einsum_ref(...))``, i.e. transformers' ops;
-        the ``cpp`` path computes the scores with those same torch ops (bit-identical; the einsum
-        one image at a time, so one (K, h, w) score map is alive besides the batch's sigmoid) and
-        labels them with the C++ upsample_argmax, which reproduces torch's interpolation rounding; the ``triton`` path
-        fuses the scores too (a few ulps from torch's einsum, so labels are identical except
-        where two classes tie within that).
+        B label maps (H_b, W_b) (or (h, w), or the crop size). Identical to transformers' for fp32
+        inputs without extents: the reference path is ``upsample_argmax_ref(mask_einsum_ref(...))``,
+        i.e. transformers' ops; the ``cpp`` path computes the scores with those same torch ops
+        (bit-identical; the einsum one image at a time, so one (K, h, w) score map is alive besides
+        the batch's sigmoid) and labels them with the C++ upsample_argmax, which reproduces torch's
+        interpolation rounding (and reads a crop in place); the ``triton`` path fuses the scores too
+        (a few ulps from torch's einsum, so labels are identical except where two classes tie
+        within that).
     """
-    sizes = _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype)
+    sizes, extents = _validate_semantic(class_queries_logits, masks_queries_logits, target_sizes, out_dtype,
+                                        source_extents)
     batch = class_queries_logits.shape[0]
     name = _choose(
         "semantic_segmentation", masks_queries_logits.device, class_queries_logits, masks_queries_logits,
-        target_sizes, out_dtype,
+        target_sizes, out_dtype, source_extents,
     )
     if batch == 0:
         return []
     me, ua = _kernels()
     if name == "triton":
         scores = me.mask_einsum(class_queries_logits, masks_queries_logits)
-        return ua.upsample_argmax(scores, sizes, out_dtype)
+        return ua.upsample_argmax(scores, sizes, out_dtype, source_extents=extents)
     if name == "cpp":
         # transformers' softmax and sigmoid over the whole batch (see ref_factors: the sigmoid's
         # rounding depends on the batch), then its einsum one image at a time: only one image's
@@ -362,10 +409,12 @@ def semantic_segmentation(
         labels = []
         for i in range(batch):
             scores = me.ref_contract(masks_classes[i : i + 1], masks_probs[i : i + 1])[0]
-            labels.append(ua.upsample_argmax_cpp(scores, None if sizes is None else sizes[i], out_dtype))
+            labels.append(ua.upsample_argmax_cpp(scores, None if sizes is None else sizes[i], out_dtype,
+                                                 source_extents=None if extents is None else extents[i]))
             del scores
         return labels
-    return ua.upsample_argmax_ref(me.mask_einsum_ref(class_queries_logits, masks_queries_logits), sizes, out_dtype)
+    return ua.upsample_argmax_ref(me.mask_einsum_ref(class_queries_logits, masks_queries_logits), sizes, out_dtype,
+                                  source_extents=extents)
 
 
 def query_argmax(
@@ -373,15 +422,21 @@ def query_argmax(
     weights: torch.Tensor,
     target_size: Optional[Tuple[int, int]] = None,
     mask_threshold: float = 0.5,
+    source_extent: Optional[Tuple[float, float]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The per-pixel step of panoptic post-processing on one image's kept queries, without a
     (Q, H, W) tensor on the C++ backend; see ``maskformer.kernels.query_argmax``.
 
     Args:
         mask_probs: (Q, h, w) float mask probabilities, Q >= 1.
-        weights: (Q,) float per-query weights (class scores).
+        weights: (Q,) float per-query weights (class scores), on mask_probs' device.
         target_size: (H, W) for a bilinear resize (align_corners=False) first, or None.
         mask_threshold: own-mask threshold, compared in mask_probs' dtype.
+        source_extent: None, or the image's valid region ``(eh, ew)`` in mask pixels (floats,
+            ``0 < eh <= h``, ``0 < ew <= w``): mask_probs is cropped to ``[:, :ceil(eh),
+            :ceil(ew)]`` and resized so that the first eh rows map exactly onto the H output rows
+            (aten's scale factor H / eh, none for an integer eh); without a target size the result
+            is at the crop size. The full extent (h, w) is the same as None.
 
     Returns:
         ``(labels (H, W) int64, own_area (Q,) int64)``: ``argmax_q weights[q] * P[q]`` (first index
@@ -390,11 +445,11 @@ def query_argmax(
     """
     from maskformer.kernels import query_argmax as qa
 
-    qa._check_args(mask_probs, weights, target_size)  # ValueError whatever the backend
-    name = _choose("query_argmax", mask_probs.device, mask_probs, weights, target_size, mask_threshold)
+    qa._check_args(mask_probs, weights, target_size, source_extent)  # ValueError whatever the backend
+    name = _choose("query_argmax", mask_probs.device, mask_probs, weights, target_size, mask_threshold, source_extent)
     if name == "cpp":
-        return qa.query_argmax_cpp(mask_probs, weights, target_size, mask_threshold)
-    return qa.query_argmax_ref(mask_probs, weights, target_size, mask_threshold)
+        return qa.query_argmax_cpp(mask_probs, weights, target_size, mask_threshold, source_extent=source_extent)
+    return qa.query_argmax_ref(mask_probs, weights, target_size, mask_threshold, source_extent)
 
 
 def describe() -> Dict[str, Union[str, Dict[str, str]]]:

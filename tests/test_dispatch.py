@@ -337,3 +337,78 @@ def test_out_dtype(hf_post_process):
                 ours = dispatch.semantic_segmentation(cl, ml, sizes, out_dtype=dt)
                 for o, t in zip(ours, theirs):
                     assert_labels_equal(o, t.to(dt), f"{backend_name} {dt}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded batches: source_extents
+# ---------------------------------------------------------------------------------------------
+
+
+def _backend_available(name):
+    if name == "cpp" and not _cpp_built():
+        pytest.skip(f"C++ extension not built: {_ext.cpp_import_error()}")
+    if name == "triton" and not _triton_usable():
+        pytest.skip("triton not importable or TRITON_INTERPRET not set")
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpp", "triton"])
+def test_semantic_segmentation_source_extents_on_every_backend(backend_name):
+    """Identical maps on every backend: the reference crops the reference scores and resizes with
+    the extent's scales; padding logits (changed at random here) never change a label; a full
+    extent is the same as none."""
+    _backend_available(backend_name)
+    cl, ml = make_realistic_logits(3, 12, 30, 12, 14, seed=5)
+    extents = [(8.25, 10.5), None, (0.75, 11.0)]
+    sizes = [(33, 42), (36, 44), (30, 20)]
+    ref = upsample_argmax_ref(mask_einsum_ref(cl, ml), sizes, source_extents=extents)
+    padded = ml.clone()  # new logits beyond each crop [:ceil(eh), :ceil(ew)]
+    padded[0, :, 9:, :] = torch.randn(12, 3, 14) * 10
+    padded[0, :, :, 11:] = torch.randn(12, 12, 3) * 10
+    padded[2, :, 1:, :] = torch.randn(12, 11, 14) * 10
+    padded[2, :, :, 11:] = torch.randn(12, 12, 3) * 10
+    with dispatch.backend(backend_name):
+        for logits in (ml, padded):
+            got = dispatch.semantic_segmentation(cl, logits, sizes, source_extents=extents)
+            assert dispatch.last_dispatch("semantic_segmentation").backend == backend_name
+            for i in range(3):
+                assert_labels_equal(got[i], ref[i], f"{backend_name} image {i} extent {extents[i]}")
+        full = dispatch.semantic_segmentation(cl, ml, sizes, source_extents=[(12, 14)] * 3)
+        none = dispatch.semantic_segmentation(cl, ml, sizes)
+        crop_sized = dispatch.semantic_segmentation(cl, ml, None, source_extents=extents)
+    for i in range(3):
+        assert_labels_equal(full[i], none[i], f"{backend_name} full extent image {i}")
+    assert [tuple(m.shape) for m in crop_sized] == [(9, 11), (12, 14), (1, 11)]
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "cpp", "triton"])
+def test_upsample_argmax_and_query_argmax_source_extents(backend_name):
+    _backend_available(backend_name)
+    from maskformer.kernels.query_argmax import query_argmax_ref
+
+    scores = mask_einsum_ref(*make_realistic_logits(2, 12, 30, 9, 11, seed=6))
+    extents = [(7.5, 10.25), None]
+    ref = upsample_argmax_ref(scores, [(40, 45), (20, 21)], source_extents=extents)
+    with dispatch.backend(backend_name):
+        got = dispatch.upsample_argmax(scores, [(40, 45), (20, 21)], source_extents=extents)
+        assert dispatch.last_dispatch("upsample_argmax").backend == backend_name
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r)
+    probs, weights = _panoptic_inputs()
+    ref = query_argmax_ref(probs, weights, (40, 50), 0.5, source_extent=(10.75, 13.5))
+    with dispatch.backend("auto" if backend_name == "triton" else backend_name):  # (no Triton kernel)
+        labels, area = dispatch.query_argmax(probs, weights, (40, 50), 0.5, source_extent=(10.75, 13.5))
+    assert torch.equal(labels, ref[0]) and torch.equal(area, ref[1])
+
+
+def test_source_extents_argument_errors_whatever_the_backend():
+    cl, ml = _small()
+    for name in ("reference", "auto", "cpp", "triton"):
+        with dispatch.backend(name):
+            with pytest.raises(ValueError, match="source_extents has 1 entries for a batch of 2"):
+                dispatch.semantic_segmentation(cl, ml, source_extents=[(4, 4)])
+            with pytest.raises(ValueError, match=r"source_extents\[1\]: extent \(9.5, 4.0\) is outside"):
+                dispatch.semantic_segmentation(cl, ml, source_extents=[None, (9.5, 4)])
+            with pytest.raises(ValueError, match="source_extents"):
+                dispatch.upsample_argmax(torch.rand(3, 4, 4), (8, 8), source_extents=(0, 2))
+            with pytest.raises(ValueError, match="source_extent"):
+                dispatch.query_argmax(torch.rand(3, 4, 4), torch.rand(3), (8, 8), source_extent=(float("nan"), 2))

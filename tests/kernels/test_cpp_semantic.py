@@ -233,6 +233,38 @@ def test_very_large_target_memory(cpp_ops):
     assert extra_kib < 64 * 1024, f"peak extra RSS {extra_kib / 1024:.1f} MiB during a 4000x3000, K=150 call"
 
 
+def _step(scale):
+    """aten's source step for an explicit scale factor: static_cast<float>(1.0 / scale); -1: none."""
+    return -1.0 if scale is None else torch.tensor(1.0 / scale, dtype=torch.float64).float().item()
+
+
+def test_strided_views_and_explicit_scales(cpp_ops):
+    """The op reads a (K, h', w') view with unit column stride in place (a crop of padded scores:
+    plane and row strides of the larger map) and takes aten's source step for explicit scale
+    factors: the values equal aten.upsample_bilinear2d on the view with those scales, bit for bit,
+    and the labels equal those of a contiguous copy (resize, no resize, pruned and dense paths)."""
+    g = torch.Generator().manual_seed(12)
+    base = torch.rand(1, 20, 30, generator=g)
+    x = base * (1 + torch.randint(-3, 4, (40, 20, 30), generator=g) * U32)  # near ties: rounding decides
+    view = x[:, :13, :17]
+    r = ua.torch_cpu_bilinear_rounding()
+    for size, scales in (((97, 131), (97 / 12.5, 131 / 16.25)), ((40, 33), (40 / 12.75, None)), ((9, 11), (None, None))):
+        vec = r.channels_last_vec if sum(size) <= 128 else 0
+        steps = [_step(s) for s in scales]
+        ref = torch.ops.aten.upsample_bilinear2d(view[None], list(size), False, *scales)[0]
+        got = cpp_ops.bilinear_resize(view, size[0], size[1], r.fma, vec, *steps)
+        assert torch.equal(got, ref), f"{size} {scales}: {int((got != ref).sum())} values differ from aten"
+        labels = torch.full(size, -1, dtype=torch.int64)
+        cpp_ops.upsample_argmax_out(view, labels, True, r.fma, vec, *steps)
+        assert_labels_equal(labels, ref.argmax(0), f"view {size}")
+        copy = torch.full(size, -1, dtype=torch.int64)
+        cpp_ops.upsample_argmax_out(view.contiguous(), copy, True, r.fma, vec, *steps)
+        assert_labels_equal(labels, copy, f"view vs copy {size}")
+    labels = torch.full((13, 17), -1, dtype=torch.int64)
+    cpp_ops.upsample_argmax_out(view, labels, False, r.fma, 0)
+    assert_labels_equal(labels, view.argmax(0), "no resize")
+
+
 def test_argument_errors(cpp_ops):
     x = torch.rand(5, 4, 4)
     with pytest.raises(ValueError, match="cannot hold class index"):
@@ -295,3 +327,8 @@ def test_opcheck(cpp_ops):
     out = torch.empty(9, 7, dtype=torch.int64)
     torch.library.opcheck(cpp_ops.upsample_argmax_out.default, (torch.rand(3, 4, 5), out, True, True, 0),
                           test_utils=tests)
+    # A crop view with explicit source steps (source_extents; -1: no scale factor on that axis).
+    crop = torch.rand(3, 6, 8)[:, :4, :5]
+    torch.library.opcheck(cpp_ops.upsample_argmax_out.default, (crop, out, True, True, 0, 0.4375, -1.0),
+                          test_utils=tests)
+    torch.library.opcheck(cpp_ops.bilinear_resize.default, (crop, 9, 7, True, 0, 0.4375, 0.625), test_utils=tests)

@@ -310,6 +310,28 @@ def test_default_capability_build(cpp_ops):
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
+def test_strided_view_and_explicit_scales(cpp_ops):
+    """query_argmax_out reads a (Q, h', w') view with unit column stride in place (a crop of
+    padded probabilities) and takes aten's source steps for explicit scale factors: results equal
+    the processor's ops on aten.upsample_bilinear2d of the view with those scales, on both paths."""
+    probs, scores = realistic_probs(24, 40, 53, seed=12)
+    view = probs[:, :31, :45]
+    r = ua.torch_cpu_bilinear_rounding()
+    for size, scales in (((121, 178), (121 / 30.25, 178 / 44.5)), ((40, 33), (None, 33 / 44.75)), (None, None)):
+        if size is None:
+            p = view
+        else:
+            p = torch.ops.aten.upsample_bilinear2d(view[None], list(size), False, *scales)[0]
+        want = ((p * scores[:, None, None]).argmax(0), torch.stack([(v >= 0.5).sum() for v in p]))
+        steps = [-1.0 if s is None else torch.tensor(1.0 / s, dtype=torch.float64).float().item() for s in scales or (None, None)]
+        vec = r.channels_last_vec if size is not None and sum(size) <= 128 else 0
+        for prune in (True, False):
+            shape = size or (31, 45)
+            got = (torch.full(shape, -7, dtype=torch.int64), torch.full((24,), -7, dtype=torch.int64))
+            cpp_ops.query_argmax_out(view, scores, 0.5, size is not None, r.fma, vec, prune, got[0], got[1], *steps)
+            assert_same(got, want, f"view {size} prune={prune}")
+
+
 def test_argument_errors(cpp_ops):
     probs, scores = torch.rand(5, 4, 4), torch.rand(5)
     with pytest.raises(ValueError, match=r"weights must be a \(5,\) tensor"):
@@ -331,9 +353,6 @@ def test_argument_errors(cpp_ops):
     with pytest.raises(RuntimeError, match="without resize"):
         cpp_ops.query_argmax_out(probs, scores, 0.5, False, True, 0, True, torch.empty(8, 8, dtype=torch.int64),
                                  torch.empty(5, dtype=torch.int64))
-    cl_strided = probs.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # (Q, h, w), channels-last strides
-    with pytest.raises(ValueError, match="channels-last strides"):
-        qa.query_argmax_cpp(cl_strided, scores, (8, 8))
     transposed = probs.transpose(1, 2).contiguous().transpose(1, 2)  # strided, but aten's generic kernel
     assert_same(qa.query_argmax_cpp(transposed, scores, (9, 7)), qa.query_argmax_ref(transposed, scores, (9, 7)),
                 "transposed strides")
@@ -347,3 +366,7 @@ def test_opcheck(cpp_ops):
     args = (probs, scores, 0.5, True, True, 0, True, torch.empty(9, 7, dtype=torch.int64),
             torch.empty(5, dtype=torch.int64))
     torch.library.opcheck(cpp_ops.query_argmax_out.default, args, test_utils=("test_schema", "test_faketensor"))
+    # A crop view with explicit source steps (source_extent; -1: no scale factor on that axis).
+    crop_args = (probs[:, :3, :5], scores, 0.5, True, True, 0, True, torch.empty(9, 7, dtype=torch.int64),
+                 torch.empty(5, dtype=torch.int64), 0.3125, -1.0)
+    torch.library.opcheck(cpp_ops.query_argmax_out.default, crop_args, test_utils=("test_schema", "test_faketensor"))
