@@ -17,7 +17,7 @@ $(STAMP): setup.py
 
 setup: $(STAMP)
 
-# Main job on the embedded default (a small built-in configuration with UNTRAINED weights).
+# Main job on the embedded default: the shipped small model, trained on generated shapes only.
 demo: setup
 	$(BIN)/maskformer demo --out out/demo --overwrite
 

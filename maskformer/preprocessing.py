@@ -306,6 +306,8 @@ def _infer_channel_axis(shape: tuple[int, ...], where: str) -> int:
 def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: str | None, where: str) -> np.ndarray:
     """One input image -> `(3, H, W)` numpy array, dtype as given (bool becomes uint8)."""
     if isinstance(image, PIL.Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"{where} is a PIL image of size {image.width}x{image.height}; an image needs at least one pixel.")
         image = prepare_pil_image(image, where)
         if do_convert_rgb or (do_convert_rgb is None and image.mode != "RGB"):
             image = _pil_to_rgb(image)

@@ -113,6 +113,22 @@ Loading:
     prefers the `processor_config.json` entry when both files exist (they normally agree).
     [test_config_file_priority]
 
+Inputs and arguments (added after the list above):
+
+18. PIL images with an EXIF orientation tag are transposed first (`ImageOps.exif_transpose`), so a
+    phone photo tagged "rotate 90" is processed the way every viewer shows it; transformers ignores
+    the tag. [test_exif_orientation_is_applied]
+19. PIL images of more than 8 bits per sample (`I;16` PNG/TIFF, `I`, `F`) are scaled to 8 bits
+    (`preprocessing.to_8bit`); transformers refuses them by default ("values outside the range
+    [0, 255]") and with `do_convert_rgb=True` its `convert("RGB")` clips them at 255, so a 16-bit
+    photo becomes almost all white. Ranges that cannot be mapped are an error. [test_sixteen_bit_images_are_scaled]
+20. Post-processing thresholds outside [0, 1] or NaN, `target_sizes` that are not integer pairs,
+    a target size whose maps cannot fit in memory (the error names `target_sizes`) and 0x0 images
+    are errors (transformers computes on, or fails deep inside torch). [tests/test_postprocess_crop.py]
+21. Opt-in `pixel_mask=` on the three post-processings: each image's region of the logits is cropped
+    before the resize (see `postprocessing.valid_extents`); without it the result is transformers'.
+    [tests/test_postprocess_crop.py]
+
 Not changed, on purpose (parity kept, noted for users):
 
 * With `ignore_index` set, padding pixels of `mask_labels` hold `ignore_index` (e.g. 255.0) in

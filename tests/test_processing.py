@@ -1073,3 +1073,42 @@ def test_rle_helpers_match_transformers():
     ours = processing.convert_segmentation_to_rle(seg)
     theirs = hf_convert(seg)
     assert ours == [list(map(int, r)) for r in theirs]
+
+
+def test_exif_orientation_is_applied():
+    """Deviation 18: the tag is applied (transformers ignores it, pinned below)."""
+    rng = np.random.default_rng(0)
+    upright = PIL.Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8))
+    stored = upright.transpose(PIL.Image.Transpose.ROTATE_90)  # how the camera wrote it; tag 6 undoes it
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    import io
+
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif)
+    tagged = PIL.Image.open(io.BytesIO(buf.getvalue()))
+    assert tagged.getexif().get(0x0112) == 6
+    kwargs = dict(size={"height": 32, "width": 32}, return_tensors="pt")
+    ours = MaskFormerImageProcessor()(tagged, **kwargs)["pixel_values"]
+    assert torch.equal(ours, MaskFormerImageProcessor()(upright, **kwargs)["pixel_values"])
+    theirs = HFProcessor()(tagged, **kwargs)["pixel_values"]
+    assert torch.equal(theirs, HFProcessor()(stored, **kwargs)["pixel_values"]), "transformers now applies EXIF"
+
+
+def test_sixteen_bit_images_are_scaled():
+    """Deviation 19: an I;16 image is scaled to 8 bits; transformers clips it to (mostly) white."""
+    rng = np.random.default_rng(1)
+    eight = rng.integers(0, 256, (20, 30), dtype=np.uint8)
+    deep = PIL.Image.fromarray(eight.astype(np.uint16) * 257)
+    assert deep.mode == "I;16"
+    ours = MaskFormerImageProcessor()(deep, return_tensors="pt")["pixel_values"]
+    assert torch.equal(ours, MaskFormerImageProcessor()(PIL.Image.fromarray(eight), return_tensors="pt")["pixel_values"])
+    with pytest.raises(ValueError, match="outside the range"):  # transformers' default: refuses it...
+        HFProcessor()(deep, return_tensors="pt")
+    theirs = HFProcessor(do_convert_rgb=True)(deep, return_tensors="pt")["pixel_values"]  # ...or clips it
+    white = HFProcessor()(PIL.Image.new("RGB", (30, 20), (255, 255, 255)), return_tensors="pt")["pixel_values"]
+    assert (theirs == white).float().mean() > 0.9, "transformers no longer clips 16-bit images"
+    mine = MaskFormerImageProcessor(do_convert_rgb=True)(deep, return_tensors="pt")["pixel_values"]
+    assert torch.equal(mine, ours)
+    with pytest.raises(ValueError, match="Pillow mode 'F'"):
+        MaskFormerImageProcessor()(PIL.Image.fromarray(np.full((4, 4), -3.0, dtype=np.float32)))
