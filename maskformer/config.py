@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from .hub import resolve_file
+
 # Activations the reference model implements, by transformers' names.
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 
@@ -378,8 +380,6 @@ class MaskFormerConfig(_ConfigBase):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, **hub_kwargs) -> "MaskFormerConfig":
-        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.loading``)."""
-        from .loading import resolve_file
-
+        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.hub.resolve_file``)."""
         path = resolve_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
         return cls.from_json_file(path)

@@ -18,6 +18,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import MaskFormerConfig
 from .pixel_decoder import PixelDecoder
 from .swin import SwinBackbone
@@ -120,7 +121,7 @@ class MaskFormerPreTrainedModel(nn.Module):
         # set to False when inputs are known to be finite (CUDAGraphRunner turns it off while capturing).
         self.check_finite = True
 
-    # -- loading and saving live in loading.py; these are the transformers-style entry points.
+    # -- loading and saving live in checkpoint.py; these are the transformers-style entry points.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
         """Load a checkpoint from a local folder or a hub repo id.
@@ -131,17 +132,13 @@ class MaskFormerPreTrainedModel(nn.Module):
         arguments (``revision``, ``cache_dir``, ``local_files_only``, ``token``) pass through.
         Missing, unexpected or misshapen tensors raise ``CheckpointError`` listing them.
         """
-        from .loading import load_pretrained
-
         if "torch_dtype" in kwargs:  # transformers' older spelling
             dtype = kwargs.pop("torch_dtype") if dtype is None else dtype
-        return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
+        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):
         """Write ``config.json`` and the weights (safetensors by default) in transformers' layout."""
-        from .loading import save_pretrained
-
-        return save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+        return checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
     @property
     def device(self) -> torch.device:

@@ -706,8 +706,8 @@ def _hub_config(
     subfolder: str,
 ) -> dict[str, Any]:
     """preprocessor_config.json (or processor_config.json's nested entry) of a hub repo, via
-    ``maskformer.loading.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
-    from .loading import resolve_file
+    ``maskformer.hub.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
+    from .hub import resolve_file
 
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
