@@ -5,14 +5,15 @@
 "no object") and the mask embedder whose output is contracted with the per-pixel embeddings:
 ``masks_queries_logits[b, q] = sum_c mask_embed[b, q, c] * pixel_embeddings[b, c]``.
 
-Outputs use transformers' field names; they can be read by attribute, by key, by position
-(``outputs[0]``, skipping fields that are None, as transformers' ``ModelOutput``), and passed to
-``MaskFormerImageProcessor.post_process_*``.
+Outputs use transformers' field names and behave as its ``ModelOutput``: an ordered dict of the
+fields that are not None, read by attribute, key or position (``outputs[0]``), assignable, and
+accepted by ``MaskFormerImageProcessor.post_process_*``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import torch
@@ -25,35 +26,94 @@ from .swin import SwinBackbone
 from .transformer_decoder import TransformerModule
 
 
-class ModelOutput(Mapping):
-    """Dataclass outputs that also behave as an ordered mapping of their non-None fields."""
+class ModelOutput(OrderedDict):
+    """Model outputs as transformers' ``ModelOutput``: a dataclass that is also an ordered dict.
 
-    def _present(self):
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+    The keys are the fields that are not None, in field order at construction; reading by
+    attribute (``out.loss``), key (``out["loss"]``) or position (``out[0]``, over the keys) and
+    ``to_tuple()`` agree. Assigning by attribute or key updates both views, a new non-None field
+    is appended to the keys (as transformers does), and a key that is not a field can be added
+    with ``out["name"] = value``. ``del``, ``pop``, ``setdefault`` and ``update`` raise, as in
+    transformers. One difference, on purpose: a field set to None leaves the keys and the tuple
+    (transformers keeps the old value under the key while the attribute says None, or keeps a
+    None in the tuple). Registered as a pytree node (as transformers'), so ``torch.export`` and
+    DDP's ``static_graph`` see the tensors inside.
+    """
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, slice)):
-            return self.to_tuple()[key]
-        value = getattr(self, key, None) if isinstance(key, str) and key in self._names() else None
-        if value is None:
-            raise KeyError(key)
-        return value
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        torch.utils._pytree.register_pytree_node(
+            cls, _output_flatten, functools.partial(_output_unflatten, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        )
+
+    def __post_init__(self):
+        for name in self._field_names():
+            value = self.__dict__.get(name)
+            if value is not None:
+                super().__setitem__(name, value)
 
     @classmethod
-    def _names(cls):
-        return {f.name for f in fields(cls)}
+    def _field_names(cls):
+        # The dataclass's own field table (a dict, in definition order): torch.compile traces a
+        # dict lookup where it cannot trace dataclasses.fields().
+        return cls.__dataclass_fields__
 
-    def __iter__(self):
-        return iter([name for name, _ in self._present()])
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._field_names():
+            self._set_key(name, value)
 
-    def __len__(self):
-        return len(self._present())
+    def __setitem__(self, key, value):
+        if not isinstance(key, str):
+            raise TypeError(f"{type(self).__name__} keys are field names (str), got {type(key).__name__}")
+        super().__setattr__(key, value)
+        self._set_key(key, value)
+
+    def _set_key(self, key, value):
+        if value is None:
+            if key in self:
+                super().__delitem__(key)
+        else:
+            super().__setitem__(key, value)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.to_tuple()[key]
+
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self).__name__} keys cannot be removed or merged (as transformers' ModelOutput); set a field "
+            "to None to drop it, or build a dict with dict(outputs)"
+        )
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
 
     def to_tuple(self) -> tuple:
-        return tuple(value for _, value in self._present())
+        """The values of the keys (the non-None fields), in order."""
+        return tuple(self.values())
+
+    def __reduce__(self):
+        # Rebuilt empty, then key by key: the keys keep their order (pickle, copy.deepcopy).
+        return (type(self), (), None, None, iter(list(self.items())))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(self.keys())})"
 
 
-@dataclass(repr=False)
+def _output_flatten(output: "ModelOutput"):
+    return list(output.values()), list(output.keys())
+
+
+def _output_unflatten(cls, values, keys) -> "ModelOutput":
+    out = cls()
+    for k, v in zip(keys, values):
+        out[k] = v
+    return out
+
+
+@dataclass(repr=False, eq=False)
 class MaskFormerModelOutput(ModelOutput):
     """encoder_last_hidden_state (B, C_4, H/32, W/32); pixel_decoder_last_hidden_state (B, M, H/4, W/4);
     transformer_decoder_last_hidden_state (B, Q, D); the *_hidden_states tuples when asked;
@@ -68,11 +128,8 @@ class MaskFormerModelOutput(ModelOutput):
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
 
-    def __repr__(self):
-        return f"MaskFormerModelOutput({', '.join(self)})"
 
-
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     """class_queries_logits (B, Q, num_labels + 1); masks_queries_logits (B, Q, H/4, W/4);
     then the fields of ``MaskFormerModelOutput``. ``loss`` and ``auxiliary_logits`` are for training."""
@@ -89,9 +146,6 @@ class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
-
-    def __repr__(self):
-        return f"MaskFormerForInstanceSegmentationOutput({', '.join(self)})"
 
 
 class InputError(ValueError):
@@ -224,18 +278,22 @@ class MaskFormerModel(MaskFormerPreTrainedModel):
         features = self.pixel_level_module.encoder(pixel_values)
         pixel_embeddings, fpn_outputs = self.pixel_level_module.decoder(features)
         decoded = self.transformer_module(features[-1], output_hidden_states, output_attentions)
-        out = MaskFormerModelOutput(
+        states = {}
+        if output_hidden_states:
+            states = dict(
+                encoder_hidden_states=tuple(features),
+                pixel_decoder_hidden_states=tuple(fpn_outputs),
+                transformer_decoder_hidden_states=decoded["hidden_states"],
+                hidden_states=tuple(features) + tuple(fpn_outputs) + decoded["hidden_states"],
+            )
+        # Built in one call: the keys follow the field order, as transformers' (attentions last).
+        return MaskFormerModelOutput(
             encoder_last_hidden_state=features[-1],
             pixel_decoder_last_hidden_state=pixel_embeddings,
             transformer_decoder_last_hidden_state=decoded["last_hidden_state"],
             attentions=decoded["attentions"] if output_attentions else None,
+            **states,
         )
-        if output_hidden_states:
-            out.encoder_hidden_states = tuple(features)
-            out.pixel_decoder_hidden_states = tuple(fpn_outputs)
-            out.transformer_decoder_hidden_states = decoded["hidden_states"]
-            out.hidden_states = out.encoder_hidden_states + out.pixel_decoder_hidden_states + out.transformer_decoder_hidden_states
-        return out
 
     def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, output_attentions=None, return_dict=None):
         pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
@@ -275,7 +333,9 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
 
     forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused)
     -> ``MaskFormerForInstanceSegmentationOutput`` with class_queries_logits (B, Q, K + 1) and
-    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)).
+    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)). With ``mask_labels`` (a list of B
+    (N_i, H, W) float binary masks, or one (B, N, H, W) tensor) and ``class_labels`` (a list of B
+    (N_i,) int64 class ids, or one (B, N) tensor) it also returns the training ``loss``.
     """
 
     def __init__(self, config: MaskFormerConfig):
@@ -329,6 +389,8 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
                 empty_weight=self.criterion.empty_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,
                 cross_entropy_weight=cfg.cross_entropy_weight, auxiliary_logits=auxiliary_logits,
             )
+        names = ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states", "hidden_states")
+        states = {name: getattr(base, name) for name in names} if output_hidden_states else {}
         out = MaskFormerForInstanceSegmentationOutput(
             loss=loss,
             class_queries_logits=class_logits,
@@ -338,12 +400,8 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
             pixel_decoder_last_hidden_state=pixel_embeddings,
             transformer_decoder_last_hidden_state=base.transformer_decoder_last_hidden_state,
             attentions=base.attentions,
+            **states,
         )
-        if output_hidden_states:
-            out.encoder_hidden_states = base.encoder_hidden_states
-            out.pixel_decoder_hidden_states = base.pixel_decoder_hidden_states
-            out.transformer_decoder_hidden_states = base.transformer_decoder_hidden_states
-            out.hidden_states = base.hidden_states
         return out if return_dict else out.to_tuple()
 
 

@@ -134,7 +134,9 @@ class TransformerModule(nn.Module):
             image_features = self.input_projection(image_features)
         b, d, h, w = image_features.shape
         query_pos = self.queries_embedder.weight.unsqueeze(0).expand(b, -1, -1)
-        hidden = torch.zeros_like(query_pos)
+        # In training the zero input is a leaf that requires grad, as transformers makes it, so
+        # outputs.transformer_decoder_hidden_states[0].retain_grad() works and receives a gradient.
+        hidden = torch.zeros_like(query_pos, requires_grad=self.training)
         image_pos = self.image_position_embedding(h, w, d, image_features.device, image_features.dtype).expand(b, -1, -1)
         image_features = image_features.view(b, d, h * w).transpose(1, 2)
         # The cross-attention keys are features + position for every layer: one add, not one per layer.
