@@ -50,9 +50,9 @@ def resolve_file(path_or_repo_id, filename: str, *, required: bool = True, revis
     a device or a pipe.
     """
     name = os.fspath(path_or_repo_id)
-    subfolder = os.fspath(subfolder or "").strip("/\\")
+    subfolder = os.fspath(subfolder or "")
     if subfolder:
-        check_relative_name(subfolder, "subfolder")
+        subfolder = check_relative_name(subfolder.rstrip("/\\"), "subfolder")
     check_relative_name(filename, "file name")
     if os.path.isdir(name):
         folder = os.path.join(name, subfolder) if subfolder else name

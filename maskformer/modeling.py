@@ -170,6 +170,7 @@ class MaskFormerPreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, MaskFormerConfig):
             raise TypeError(f"expected a maskformer.MaskFormerConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since the config was built
         self.config = config
         # Checking pixel_values for NaN/inf costs one reduction (and a device sync on CUDA);
         # set to False when inputs are known to be finite (CUDAGraphRunner turns it off while capturing).

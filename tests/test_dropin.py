@@ -4,7 +4,9 @@ Each test builds the same thing with transformers (the oracle) and with maskform
 calls on both and compares; where we differ on purpose, the test pins transformers' behaviour
 next to ours so the difference cannot drift unnoticed.
 """
+import json
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -176,3 +178,74 @@ def test_model_outputs_are_assignable_and_round_trip():
     leaves, spec = torch.utils._pytree.tree_flatten(out)
     rebuilt = torch.utils._pytree.tree_unflatten(leaves, spec)
     assert type(rebuilt) is type(out) and list(rebuilt.keys()) == list(out.keys())
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. configs: to_dict / to_json_string / to_json_file, subfolder=, transformers' constructors
+# ------------------------------------------------------------------------------------------------
+def _checked_fields(data):
+    """The fields both libraries model, from a config dict (ours or transformers')."""
+    keys = ("fpn_feature_size", "mask_feature_size", "no_object_weight", "dice_weight", "mask_weight",
+            "cross_entropy_weight", "use_auxiliary_loss", "init_std", "init_xavier_std")
+    out = {k: data[k] for k in keys}
+    out["id2label"] = {int(k): v for k, v in data["id2label"].items()}
+    out["backbone"] = {k: data["backbone_config"][k] for k in ("embed_dim", "depths", "num_heads", "window_size")}
+    out["decoder"] = {k: data["decoder_config"][k] for k in ("d_model", "decoder_layers", "num_queries", "decoder_ffn_dim")}
+    return out
+
+
+@pytest.mark.parametrize("use_diff", [True, False])
+def test_config_json_both_ways_with_transformers(tmp_path, use_diff):
+    """transformers' diff JSON leaves out its defaults: reading it back here checks our defaults are its."""
+    from transformers import MaskFormerConfig as HFConfig
+
+    theirs = hf_maskformer_config(window_size=7, num_labels=5, use_auxiliary_loss=True)
+    theirs.to_json_file(tmp_path / "theirs.json", use_diff=use_diff)
+    ours = MaskFormerConfig.from_json_file(str(tmp_path / "theirs.json"))
+    assert _checked_fields(ours.to_dict()) == _checked_fields(theirs.to_dict())
+    ours.to_json_file(tmp_path / "ours.json", use_diff=use_diff)
+    assert _checked_fields(HFConfig.from_json_file(tmp_path / "ours.json").to_dict()) == _checked_fields(theirs.to_dict())
+    text = ours.to_json_string(use_diff=use_diff)
+    assert json.loads(text) == json.load(open(tmp_path / "ours.json"))
+    assert MaskFormerConfig.from_dict(json.loads(text)) == ours
+    assert isinstance(ours.to_dict(), dict) and ours.to_dict()["model_type"] == "maskformer"
+
+
+def test_config_diff_json_leaves_defaults_out():
+    config = MaskFormerConfig(num_labels=3)
+    diff = json.loads(config.to_json_string())
+    assert "fpn_feature_size" not in diff and diff["id2label"] == {"0": "LABEL_0", "1": "LABEL_1", "2": "LABEL_2"}
+    assert "fpn_feature_size" in json.loads(config.to_json_string(use_diff=False))
+
+
+def test_from_backbone_and_decoder_configs_as_transformers():
+    """transformers 4.x's classmethod (5.x dropped it; its own tests still call it): the same config as
+    transformers' constructor builds from transformers' sub-configs."""
+    from transformers import DetrConfig, SwinConfig
+    from transformers import MaskFormerConfig as HFConfig
+
+    kwargs = dict(backbone_config=SwinConfig(depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 1, 2, 2]),
+                  decoder_config=DetrConfig(decoder_layers=2, d_model=32, decoder_attention_heads=2, num_queries=10),
+                  mask_feature_size=32, fpn_feature_size=32, num_labels=4)
+    theirs = HFConfig(**kwargs)
+    ours = MaskFormerConfig.from_backbone_and_decoder_configs(**kwargs)
+    assert _checked_fields(ours.to_dict()) == _checked_fields(theirs.to_dict())
+
+
+def test_subfolder_everywhere(tmp_path, hf_tiny_checkpoint):
+    from transformers import MaskFormerForInstanceSegmentation as HF
+
+    from maskformer import MaskFormerImageProcessor
+
+    folder, _ = hf_tiny_checkpoint
+    shutil.copytree(folder, tmp_path / "repo" / "sub")
+    MaskFormerImageProcessor().save_pretrained(tmp_path / "repo" / "sub")
+    root = str(tmp_path / "repo")
+    theirs = HF.from_pretrained(root, subfolder="sub")
+    ours = MaskFormerForInstanceSegmentation.from_pretrained(root, subfolder="sub")
+    assert ours.config.num_labels == theirs.config.num_labels == 4
+    assert MaskFormerConfig.from_pretrained(root, subfolder="sub").num_labels == 4
+    assert MaskFormerImageProcessor.from_pretrained(root, subfolder="sub").size == {"shortest_edge": 800, "longest_edge": 1333}
+    for bad in ("../repo/sub", "/etc"):
+        with pytest.raises(Exception, match="not a plain file name"):
+            MaskFormerConfig.from_pretrained(root, subfolder=bad)
