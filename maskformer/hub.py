@@ -22,17 +22,17 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
 
 
-def check_relative_name(filename: str, what: str) -> str:
+def check_relative_name(filename: str, what: str, hint: str = "") -> str:
     """``filename`` as a path relative to a checkpoint folder, or CheckpointError when it could
     reach outside it (absolute, a drive, ``..``, empty parts) or is not a string."""
-    if not isinstance(filename, str) or not filename:
-        raise CheckpointError(f"{what} must be a non-empty file name, got {filename!r}")
+    if not isinstance(filename, str):
+        raise CheckpointError(f"{what} must be a file name (a string), got {filename!r}")
     parts = re.split(r"[\\/]", filename)
-    if os.path.isabs(filename) or os.path.splitdrive(filename)[0] or filename.startswith(("/", "\\")) \
+    if not filename or os.path.isabs(filename) or os.path.splitdrive(filename)[0] or filename.startswith(("/", "\\")) \
             or any(p in ("", ".", "..") for p in parts):
         raise CheckpointError(
             f"{what} {filename!r} is not a plain file name inside the checkpoint folder (absolute paths, '..' and "
-            "empty path parts are refused); the index file is corrupt or hostile: re-download the checkpoint"
+            f"empty path parts are refused){hint}"
         )
     return filename
 

@@ -165,6 +165,8 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     config_class = MaskFormerConfig
     main_input_name = "pixel_values"
+    base_model_prefix = "model"  # transformers' name for where the base model sits in the head model
+    checkpoint_prefix = "model."  # prefix of the base model's tensors in a checkpoint
 
     def __init__(self, config: MaskFormerConfig):
         super().__init__()
@@ -179,16 +181,29 @@ class MaskFormerPreTrainedModel(nn.Module):
     # -- loading and saving live in checkpoint.py; these are the transformers-style entry points.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
-        """Load a checkpoint from a local folder or a hub repo id.
+        """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
-        sharded with its index). ``dtype``: a torch dtype, its name, or None/"auto" for the
-        stored dtype. ``device``: where to place the weights (default CPU). Hub keyword
-        arguments (``revision``, ``cache_dir``, ``local_files_only``, ``token``) pass through.
-        Missing, unexpected or misshapen tensors raise ``CheckpointError`` listing them.
+        sharded with its index). Keyword arguments:
+
+        - ``dtype`` (or ``torch_dtype``): a torch dtype, its name, or None/"auto" for the stored dtype;
+          ``device``, or ``device_map`` ("cpu", "cuda:0", "auto", or a dict sending everything to
+          one device: maskformer does not split a model across devices);
+        - config fields to override, e.g. ``num_labels=7`` / ``id2label=...`` for fine-tuning,
+          with ``ignore_mismatched_sizes=True`` to re-initialise the class head (a warning lists
+          the re-initialised tensors); ``config=`` replaces config.json;
+        - ``output_loading_info=True`` returns ``(model, {"missing_keys", "unexpected_keys",
+          "mismatched_keys", "error_msgs"})`` as transformers does;
+        - ``strict=True`` refuses a checkpoint without the heads (by default a MaskFormerModel
+          checkpoint loads into MaskFormerForInstanceSegmentation with fresh heads and a warning);
+        - ``use_safetensors`` True/False restricts the weight format; hub arguments ``revision``,
+          ``cache_dir``, ``local_files_only``, ``token``, ``subfolder``, ``force_download``;
+        - accepted and ignored: ``trust_remote_code``, ``low_cpu_mem_usage``, ``attn_implementation``.
+
+        Any other keyword raises TypeError naming it. Missing backbone or decoder tensors, unexpected
+        or misshapen ones, and a config that does not describe the weights raise
+        ``CheckpointError`` / ``ConfigError`` naming them, before the weights are read.
         """
-        if "torch_dtype" in kwargs:  # transformers' older spelling
-            dtype = kwargs.pop("torch_dtype") if dtype is None else dtype
         return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):
@@ -269,6 +284,8 @@ class MaskFormerModel(MaskFormerPreTrainedModel):
     forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused, as in
     transformers) -> ``MaskFormerModelOutput``.
     """
+
+    checkpoint_prefix = ""  # its tensors are "model.*" in a checkpoint with heads
 
     def __init__(self, config: MaskFormerConfig):
         super().__init__(config)

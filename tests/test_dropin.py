@@ -249,3 +249,158 @@ def test_subfolder_everywhere(tmp_path, hf_tiny_checkpoint):
     for bad in ("../repo/sub", "/etc"):
         with pytest.raises(Exception, match="not a plain file name"):
             MaskFormerConfig.from_pretrained(root, subfolder=bad)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. from_pretrained keyword arguments
+# ------------------------------------------------------------------------------------------------
+def _hf_from_pretrained(*args, **kwargs):
+    from transformers import MaskFormerForInstanceSegmentation as HF
+
+    return HF.from_pretrained(*args, **kwargs)
+
+
+def _encoder_states_match(ours, theirs, x):
+    with torch.no_grad():
+        a, b = ours.eval()(x), theirs.eval()(x)
+    for name in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state", "transformer_decoder_last_hidden_state",
+                 "masks_queries_logits"):
+        assert_close_rel(a[name], b[name], TOL, name)
+    return a, b
+
+
+def test_fine_tuning_with_new_num_labels_as_transformers(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    theirs, their_info = _hf_from_pretrained(folder, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+    with pytest.warns(UserWarning, match=r"re-initialised.*class_predictor\.weight: checkpoint \(5, 32\) -> model \(8, 32\)"):
+        ours, info = MaskFormerForInstanceSegmentation.from_pretrained(
+            folder, num_labels=7, ignore_mismatched_sizes=True, output_loading_info=True)
+    assert ours.config.num_labels == theirs.config.num_labels == 7
+    assert ours.config.id2label == theirs.config.id2label
+    assert info == their_info  # sets of keys, and (key, checkpoint shape, model shape) for the resized ones
+    assert {k for k, _, _ in info["mismatched_keys"]} == {"class_predictor.weight", "class_predictor.bias",
+                                                         "criterion.empty_weight"}
+    a, b = _encoder_states_match(ours, theirs, torch.randn(1, 3, 64, 48))  # everything but the class head loaded
+    assert a.class_queries_logits.shape == b.class_queries_logits.shape == (1, 5, 8)
+    assert torch.isfinite(a.class_queries_logits).all()
+    assert ours.criterion.empty_weight.tolist() == pytest.approx([1.0] * 7 + [0.1])
+
+
+def test_new_num_labels_without_ignore_mismatched_sizes_raises_as_transformers(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        _hf_from_pretrained(folder, num_labels=7)
+    with pytest.raises(RuntimeError, match=r"num_labels=7 but the checkpoint's class head has 4 classes.*"
+                                           r"ignore_mismatched_sizes=True"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, num_labels=7)
+
+
+def test_id2label_override(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    names = {0: "road", 1: "car"}
+    theirs = _hf_from_pretrained(folder, id2label=names, ignore_mismatched_sizes=True)
+    with pytest.warns(UserWarning, match="re-initialised"):
+        ours = MaskFormerForInstanceSegmentation.from_pretrained(folder, id2label=names, ignore_mismatched_sizes=True)
+    assert ours.config.id2label == theirs.config.id2label == names
+    assert ours.class_predictor.weight.shape == theirs.class_predictor.weight.shape == (3, 32)
+    # Deliberate difference: transformers keeps the checkpoint's label2id (class_0..class_3), which then
+    # names classes the model no longer has; ours is derived from the new id2label.
+    assert theirs.config.label2id == {f"class_{i}": i for i in range(4)}
+    assert ours.config.label2id == {"road": 0, "car": 1}
+
+
+def test_loading_info_and_config_overrides_as_transformers(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    theirs, their_info = _hf_from_pretrained(folder, output_loading_info=True, output_hidden_states=True)
+    ours, info = MaskFormerForInstanceSegmentation.from_pretrained(folder, output_loading_info=True,
+                                                                   output_hidden_states=True)
+    assert info == their_info == {"missing_keys": set(), "unexpected_keys": set(), "mismatched_keys": set(),
+                                  "error_msgs": []}
+    assert ours.config.output_hidden_states is theirs.config.output_hidden_states is True
+
+
+def test_dtype_alias_device_map_and_ignored_arguments(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    assert _hf_from_pretrained(folder, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert MaskFormerForInstanceSegmentation.from_pretrained(folder, torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+    for device_map in ("cpu", "auto", {"": "cpu"}, {"model": "cpu", "class_predictor": "cpu"}, torch.device("cpu")):
+        # (transformers needs accelerate for any device_map; not installed here)
+        model = MaskFormerForInstanceSegmentation.from_pretrained(folder, device_map=device_map)
+        assert model.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="one device"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, device_map={"model": "cpu", "class_predictor": "cuda:0"})
+    with pytest.raises(ValueError, match="disagree"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, dtype="float16", torch_dtype="bfloat16")
+    model = MaskFormerForInstanceSegmentation.from_pretrained(
+        folder, trust_remote_code=True, low_cpu_mem_usage=True, attn_implementation="eager", use_safetensors=True)
+    assert model.config.num_labels == 4
+    with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, use_safetensors=False)
+
+
+def test_unknown_keyword_is_named(hf_tiny_checkpoint):
+    folder, _ = hf_tiny_checkpoint
+    with pytest.raises(TypeError, match="foo_bar"):
+        _hf_from_pretrained(folder, foo_bar=3)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['foo_bar'\]") as info:
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, foo_bar=3)
+    assert "resolve_file" not in str(info.value)
+    with pytest.raises(TypeError, match="revison"):
+        MaskFormerConfig.from_pretrained(folder, revison="main")
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. a MaskFormerModel checkpoint (no heads) into MaskFormerForInstanceSegmentation, and back
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hf_base_checkpoint(tmp_path_factory):
+    from transformers import MaskFormerModel as HFBase
+
+    hf_model = make_hf_model(window_size=3)
+    base = HFBase(hf_model.config)
+    base.load_state_dict(hf_model.model.state_dict())
+    folder = tmp_path_factory.mktemp("hf_base")
+    base.save_pretrained(folder)
+    return str(folder), base.eval()
+
+
+def test_heads_initialised_from_a_base_checkpoint_as_transformers(hf_base_checkpoint):
+    folder, hf_base = hf_base_checkpoint
+    theirs, their_info = _hf_from_pretrained(folder, output_loading_info=True)
+    with pytest.warns(UserWarning, match=r"no heads.*class_predictor\.weight.*strict=True"):
+        ours, info = MaskFormerForInstanceSegmentation.from_pretrained(folder, output_loading_info=True)
+    assert info == their_info
+    assert "class_predictor.weight" in info["missing_keys"] and len(info["missing_keys"]) == 9
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        a, b = ours(x), hf_base(x)
+    for name in ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state", "transformer_decoder_last_hidden_state"):
+        assert_close_rel(a[name], b[name], TOL, name)
+    assert torch.isfinite(a.class_queries_logits).all() and torch.isfinite(a.masks_queries_logits).all()
+    with pytest.raises(RuntimeError, match=r"strict=True.*class_predictor"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, strict=True)
+
+
+def test_missing_backbone_weights_still_raise(tmp_path, hf_base_checkpoint):
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(hf_base_checkpoint[0], folder)
+    path = f"{folder}/model.safetensors"
+    state = load_file(path)
+    key = "pixel_level_module.encoder.model.encoder.layers.0.blocks.0.layernorm_before.weight"
+    del state[key]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match=r"1 missing: model\." + key.replace(".", r"\.")):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder)
+
+
+def test_base_model_from_a_head_checkpoint_reports_the_heads_as_transformers(hf_tiny_checkpoint):
+    from transformers import MaskFormerModel as HFBase
+
+    from maskformer import MaskFormerModel
+
+    folder, _ = hf_tiny_checkpoint
+    _, their_info = HFBase.from_pretrained(folder, output_loading_info=True)
+    _, info = MaskFormerModel.from_pretrained(folder, output_loading_info=True)
+    assert info == their_info and "class_predictor.weight" in info["unexpected_keys"]
