@@ -112,7 +112,8 @@ class _ConfigBase:
         for name, default in self._fields.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
         kwargs.pop("model_type", None)
-        self.extra.update(kwargs)
+        # As JSON will hold them (str keys, lists): a config equals itself after a save and load.
+        self.extra.update(json.loads(json.dumps(kwargs, default=str)))
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]):

@@ -372,7 +372,13 @@ class MaskFormerImageProcessor:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> MaskFormerImageProcessor:
-        """Build from a config dict (e.g. a parsed `preprocessor_config.json`); `overrides` win."""
+        """Build from a config dict (e.g. a parsed `preprocessor_config.json`); `overrides` win, also
+        when given by a legacy name (`size_divisibility=8` replaces the dict's `size_divisor`, as
+        transformers 4.x did; 5.23 ignores it)."""
+        overrides = dict(overrides)
+        for legacy, name in (("size_divisibility", "size_divisor"), ("reduce_labels", "do_reduce_labels")):
+            if legacy in overrides and name not in overrides:
+                overrides[name] = overrides.pop(legacy)
         merged = dict(config)
         merged.update(overrides)
         return cls(**merged)

@@ -404,3 +404,15 @@ def test_base_model_from_a_head_checkpoint_reports_the_heads_as_transformers(hf_
     _, their_info = HFBase.from_pretrained(folder, output_loading_info=True)
     _, info = MaskFormerModel.from_pretrained(folder, output_loading_info=True)
     assert info == their_info and "class_predictor.weight" in info["unexpected_keys"]
+
+
+def test_config_built_from_transformers_sub_configs_survives_json(tmp_path):
+    """Keys we keep untouched (transformers' extras, with int-keyed dicts) are held as JSON holds
+    them, so the config equals itself after to_json_file / from_json_file."""
+    from transformers import DetrConfig, SwinConfig
+
+    config = MaskFormerConfig(backbone_config=SwinConfig(depths=[1, 1, 1, 1], embed_dim=16, num_heads=[1, 1, 2, 2]),
+                              decoder_config=DetrConfig(d_model=32, decoder_attention_heads=2), mask_feature_size=32,
+                              fpn_feature_size=32, num_labels=4)
+    config.to_json_file(tmp_path / "c.json", use_diff=False)
+    assert MaskFormerConfig.from_json_file(str(tmp_path / "c.json")) == config

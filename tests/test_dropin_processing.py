@@ -159,3 +159,13 @@ def test_scalar_mean_round_trips_as_given():
     theirs, ours = hf_processor(image_mean=0.5, image_std=0.25), MaskFormerImageProcessor(image_mean=0.5, image_std=0.25)
     assert ours.to_dict()["image_mean"] == theirs.to_dict()["image_mean"] == 0.5
     assert MaskFormerImageProcessor.from_dict(ours.to_dict()).to_dict() == ours.to_dict()
+
+
+def test_from_dict_legacy_overrides_win():
+    """transformers 4.x's own test: from_dict(config, size=42, max_size=84, size_divisibility=8) gives
+    {shortest_edge: 42, longest_edge: 84} and size_divisor 8. 5.23 drops max_size and size_divisibility
+    (pinned here); we keep 4.x's meaning (deviation 8: legacy keys are honoured)."""
+    theirs = hf_processor().from_dict(SETTINGS, size=42, max_size=84, size_divisibility=8)
+    assert theirs.size_divisor == 0 and theirs.size.longest_edge is None
+    ours = MaskFormerImageProcessor.from_dict(SETTINGS, size=42, max_size=84, size_divisibility=8)
+    assert ours.size == {"shortest_edge": 42, "longest_edge": 84} and ours.size_divisor == 8
