@@ -178,7 +178,8 @@ def __getattr__(name):
 def _record(rec: DispatchRecord) -> str:
     _records.by_op[rec.op] = rec
     _records.latest = rec
-    _log.debug("%s", rec)
+    if not torch.compiler.is_compiling():  # torch.compile cannot trace a logger call that is enabled
+        _log.debug("%s", rec)
     return rec.backend
 
 

@@ -222,8 +222,11 @@ class MaskFormerPreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_finite(self, pixel_values: torch.Tensor) -> None:
-        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync)."""
-        if self.check_finite and not bool(torch.isfinite(pixel_values).all()):
+        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync).
+
+        Skipped inside ``torch.compile`` / ``torch.export``: a branch on tensor data cannot be
+        traced into one graph (check the inputs before calling a compiled or exported model)."""
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
             raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
 
     def _check_pixel_values(self, pixel_values, pixel_mask=None) -> torch.Tensor:

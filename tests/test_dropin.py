@@ -416,3 +416,20 @@ def test_config_built_from_transformers_sub_configs_survives_json(tmp_path):
                               fpn_feature_size=32, num_labels=4)
     config.to_json_file(tmp_path / "c.json", use_diff=False)
     assert MaskFormerConfig.from_json_file(str(tmp_path / "c.json")) == config
+
+
+def test_compile_fullgraph_and_export_as_transformers_models_do():
+    """transformers' models compile into one graph and export; so do ours (outputs are pytree nodes,
+    the NaN check is skipped while tracing)."""
+    hf_model = make_hf_model(window_size=3)
+    ours = ours_like(hf_model).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        eager = ours(x)
+        compiled = torch.compile(ours, backend="eager", fullgraph=True)(x)
+        exported = torch.export.export(ours, (x,), strict=False).module()(x)
+    for out in (compiled, exported):
+        assert type(out) is type(eager) and list(out.keys()) == list(eager.keys())
+        assert torch.allclose(out.class_queries_logits, eager.class_queries_logits, atol=1e-6)
+    with pytest.raises(Exception, match="NaN"):
+        ours(torch.full_like(x, float("nan")))  # eager still checks
