@@ -211,6 +211,15 @@ def test_config_json_both_ways_with_transformers(tmp_path, use_diff):
     assert isinstance(ours.to_dict(), dict) and ours.to_dict()["model_type"] == "maskformer"
 
 
+def test_num_labels_disagreeing_with_id2label():
+    """Deliberate difference: transformers warns and lets num_labels replace the names; we refuse."""
+    from transformers import MaskFormerConfig as HFConfig
+
+    assert HFConfig(num_labels=3, id2label={0: "a", 1: "b"}).num_labels == 3
+    with pytest.raises(ValueError, match="num_labels=3 disagrees with id2label, which has 2 entries"):
+        MaskFormerConfig(num_labels=3, id2label={0: "a", 1: "b"})
+
+
 def test_config_diff_json_leaves_defaults_out():
     config = MaskFormerConfig(num_labels=3)
     diff = json.loads(config.to_json_string())
@@ -391,6 +400,9 @@ def test_missing_backbone_weights_still_raise(tmp_path, hf_base_checkpoint):
     key = "pixel_level_module.encoder.model.encoder.layers.0.blocks.0.layernorm_before.weight"
     del state[key]
     save_file(state, path, metadata={"format": "pt"})
+    # Deliberate difference: transformers initialises the missing backbone tensor at random (and warns)
+    _, their_info = _hf_from_pretrained(folder, output_loading_info=True)
+    assert "model." + key in their_info["missing_keys"]
     with pytest.raises(RuntimeError, match=r"1 missing: model\." + key.replace(".", r"\.")):
         MaskFormerForInstanceSegmentation.from_pretrained(folder)
 
