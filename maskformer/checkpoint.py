@@ -507,27 +507,6 @@ IGNORED_KWARGS = {
     "_from_auto": "transformers' internal flag",
     "_from_pipeline": "transformers' internal flag",
 }
-# Config fields a keyword argument may override, as transformers' from_pretrained(..., num_labels=7).
-_LABEL_KWARGS = ("num_labels", "id2label", "label2id")
-
-
-def _config_overrides(kwargs: dict) -> dict:
-    names = set(MaskFormerConfig._fields) | set(_LABEL_KWARGS) | {"backbone_config", "decoder_config"}
-    return {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-
-
-def _apply_overrides(config: MaskFormerConfig, overrides: dict) -> MaskFormerConfig:
-    if not overrides:
-        return config
-    data = config.to_dict()
-    if any(k in overrides for k in _LABEL_KWARGS):
-        # new classes: the file's names go unless given (num_labels=7 gives LABEL_0..6, as transformers)
-        for k in _LABEL_KWARGS:
-            data.pop(k, None)
-    data.update(overrides)
-    return MaskFormerConfig.from_dict(data)
-
-
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=None, device_map=None,
                     ignore_mismatched_sizes: bool = False, output_loading_info: bool = False, strict: bool = False,
                     use_safetensors: Optional[bool] = None, **kwargs):
@@ -540,12 +519,12 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
     hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     for name in IGNORED_KWARGS:
         kwargs.pop(name, None)
-    overrides = _config_overrides(kwargs)
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in MaskFormerConfig.override_names()}
     if kwargs:
         raise TypeError(
             f"from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}. It accepts dtype (torch_dtype), "
             f"device, device_map, config, ignore_mismatched_sizes, output_loading_info, strict, use_safetensors, the "
-            f"hub arguments {', '.join(HUB_KWARGS)}, and config fields to override ({', '.join(_LABEL_KWARGS)}, "
+            f"hub arguments {', '.join(HUB_KWARGS)}, and config fields to override (num_labels, id2label, label2id, "
             "output_hidden_states, ...)"
         )
     torch_dtype = _parse_dtype(dtype)
@@ -560,7 +539,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
         config = MaskFormerConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
     elif not isinstance(config, MaskFormerConfig):
         config = MaskFormerConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
-    config = _apply_overrides(config, overrides)
+    config = config.with_overrides(**overrides)
     files = find_checkpoint_files(path_or_repo_id, use_safetensors=use_safetensors, **hub_kwargs)
     base_model = _is_base_model_class(cls)
     shapes, dropped = _to_model_keys(read_checkpoint(files, shapes_only=True), base_model)

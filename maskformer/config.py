@@ -556,16 +556,38 @@ class MaskFormerConfig(_ConfigBase):
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **hub_kwargs) -> "MaskFormerConfig":
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "MaskFormerConfig":
         """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.hub.resolve_file``).
 
-        Hub keyword arguments: ``revision``, ``cache_dir``, ``local_files_only``, ``token``,
-        ``subfolder``, ``force_download``."""
-        unknown = sorted(set(hub_kwargs) - set(HUB_KWARGS))
-        if unknown:
+        Keyword arguments: the hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+        ``subfolder``, ``force_download``) and config fields to override, as transformers
+        (``num_labels=7`` or ``id2label=`` replace the file's class names)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.override_names()}
+        if kwargs:
             raise TypeError(
-                f"MaskFormerConfig.from_pretrained() got unexpected keyword argument(s) {unknown}; it accepts "
-                f"{', '.join(HUB_KWARGS)}. To change a field, set it on the returned config"
+                f"MaskFormerConfig.from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}; it accepts "
+                f"{', '.join(HUB_KWARGS)} and config fields ({', '.join(sorted(cls.override_names()))})"
             )
         path = resolve_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
-        return cls.from_json_file(path)
+        return cls.from_json_file(path).with_overrides(**overrides)
+
+    @classmethod
+    def override_names(cls):
+        """Fields a keyword argument of ``from_pretrained`` may set."""
+        return set(cls._fields) | {"num_labels", "id2label", "label2id", "backbone_config", "decoder_config"}
+
+    def with_overrides(self, **overrides) -> "MaskFormerConfig":
+        """A copy with ``overrides`` applied (and checked; ``self`` when there are none). New classes (``num_labels`` / ``id2label``)
+        drop the old names: ``num_labels=7`` gives LABEL_0..LABEL_6, as transformers."""
+        unknown = sorted(set(overrides) - self.override_names())
+        if unknown:
+            raise TypeError(f"not MaskFormerConfig fields: {unknown}")
+        if not overrides:
+            return self
+        data = self.to_dict()
+        if overrides.keys() & {"num_labels", "id2label", "label2id"}:
+            for key in ("num_labels", "id2label", "label2id"):
+                data.pop(key, None)
+        data.update(overrides)
+        return type(self).from_dict(data)

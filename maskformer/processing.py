@@ -393,6 +393,7 @@ class MaskFormerImageProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
         subfolder: str = "",
+        force_download: bool = False,
         **overrides: Any,
     ) -> MaskFormerImageProcessor:
         """Load from a local folder, a JSON file, or a hub repo id (through `huggingface_hub`).
@@ -424,7 +425,7 @@ class MaskFormerImageProcessor:
                 "form 'owner/name')."
             )
         return cls.from_dict(
-            _hub_config(path, cache_dir, revision, token, local_files_only, subfolder), **overrides
+            _hub_config(path, cache_dir, revision, token, local_files_only, subfolder, force_download), **overrides
         )
 
     # -- preprocessing -----------------------------------------------------------------------
@@ -738,12 +739,14 @@ def _hub_config(
     token: Any,
     local_files_only: bool,
     subfolder: str,
+    force_download: bool = False,
 ) -> dict[str, Any]:
     """preprocessor_config.json (or processor_config.json's nested entry) of a hub repo, via
     ``maskformer.hub.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
     from .hub import resolve_file
 
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+               force_download=force_download)
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     path = resolve_file(repo_id, prefix + CONFIG_NAME, required=False, **hub)
     if path is not None:

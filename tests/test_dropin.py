@@ -445,3 +445,12 @@ def test_compile_fullgraph_and_export_as_transformers_models_do():
         assert torch.allclose(out.class_queries_logits, eager.class_queries_logits, atol=1e-6)
     with pytest.raises(Exception, match="NaN"):
         ours(torch.full_like(x, float("nan")))  # eager still checks
+
+
+def test_config_from_pretrained_overrides_as_transformers(hf_tiny_checkpoint):
+    from transformers import MaskFormerConfig as HFConfig
+
+    folder, _ = hf_tiny_checkpoint
+    theirs = HFConfig.from_pretrained(folder, num_labels=6, mask_weight=5.0)
+    ours = MaskFormerConfig.from_pretrained(folder, num_labels=6, mask_weight=5.0)
+    assert ours.id2label == theirs.id2label and ours.mask_weight == theirs.mask_weight == 5.0
