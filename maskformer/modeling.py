@@ -210,6 +210,33 @@ class MaskFormerPreTrainedModel(nn.Module):
         """Write ``config.json`` and the weights (safetensors by default) in transformers' layout."""
         return checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Recompute the Swin blocks' and the decoder layers' activations in the backward pass
+        instead of keeping them (less memory in training, one more forward of compute), as
+        transformers' method of the same name. ``gradient_checkpointing_kwargs`` go to
+        ``torch.utils.checkpoint.checkpoint`` (default ``use_reentrant=False``)."""
+        import torch.utils.checkpoint
+
+        kwargs = dict(use_reentrant=False, **(gradient_checkpointing_kwargs or {}))
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", None) is not None for m in self.modules())
+
+    # transformers 5's names for the same
+    activation_checkpointing_enable = gradient_checkpointing_enable
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -334,6 +334,9 @@ class SwinBackbone(nn.Module):
         self.model = SwinModel(config)
         self.channels = config.stage_channels
         self.hidden_states_norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
+        # model.gradient_checkpointing_enable() sets a torch.utils.checkpoint.checkpoint partial here:
+        # in training each block's activations are then recomputed in the backward pass.
+        self.gradient_checkpointing = None
 
     def forward(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
         """pixel_values (B, 3, H, W) -> one (B, C_i, H_i, W_i) map per stage, fine to coarse.
@@ -350,8 +353,9 @@ class SwinBackbone(nn.Module):
         x, dims = self.model.embeddings(pixel_values)
         features = []
         for stage, norm in zip(self.model.encoder.layers, self.hidden_states_norms):
+            checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
             for block in stage.blocks:
-                x = block(x, dims)
+                x = block(x, dims) if checkpoint is None else checkpoint(block, x, dims)
             b, _, c = x.shape
             if channels_last:
                 features.append(norm(x).view(b, dims[0], dims[1], c).permute(0, 3, 1, 2))

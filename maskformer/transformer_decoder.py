@@ -119,6 +119,7 @@ class TransformerModule(nn.Module):
         # (h, w, channels, device, dtype) -> (1, h*w, channels) sine embedding: it depends on the
         # shape only, so it is built once per shape on the model's device (no host work per forward).
         self._pos_cache: Dict[tuple, torch.Tensor] = {}
+        self.gradient_checkpointing = None  # see SwinBackbone.gradient_checkpointing
 
     def image_position_embedding(self, height: int, width: int, channels: int, device, dtype) -> torch.Tensor:
         """(1, height*width, channels) sine embedding of the flattened feature map, cached per shape."""
@@ -145,8 +146,10 @@ class TransformerModule(nn.Module):
         decoder = self.decoder
         hidden_states: List[torch.Tensor] = [hidden]
         attentions: List[torch.Tensor] = []
+        checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
         for layer in decoder.layers:
-            hidden, weights = layer(hidden, image_features, image_keys, query_pos)
+            args = (hidden, image_features, image_keys, query_pos)
+            hidden, weights = layer(*args) if checkpoint is None else checkpoint(layer, *args)
             hidden_states.append(hidden)
             attentions.append(weights)
             if decoder.auxiliary_loss:

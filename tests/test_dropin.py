@@ -454,3 +454,31 @@ def test_config_from_pretrained_overrides_as_transformers(hf_tiny_checkpoint):
     theirs = HFConfig.from_pretrained(folder, num_labels=6, mask_weight=5.0)
     ours = MaskFormerConfig.from_pretrained(folder, num_labels=6, mask_weight=5.0)
     assert ours.id2label == theirs.id2label and ours.mask_weight == theirs.mask_weight == 5.0
+
+
+def test_gradient_checkpointing():
+    """transformers' API name; transformers 5.23 refuses it for MaskFormer (pinned). Ours gives the
+    same loss and gradients as without it (dropout included: checkpointing replays the random state)."""
+    hf_model = make_hf_model(window_size=3)
+    with pytest.raises(ValueError, match="does not support activation checkpointing"):
+        hf_model.activation_checkpointing_enable()
+    ours = ours_like(hf_model).train()
+    x = torch.randn(2, 3, 64, 48)
+    masks, classes = stacked_labels()
+
+    def loss_and_grads():
+        ours.zero_grad()
+        torch.manual_seed(1)
+        loss = ours(x, mask_labels=masks, class_labels=classes).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    ours.activation_checkpointing_enable()  # or gradient_checkpointing_enable(), its older name
+    assert ours.is_gradient_checkpointing
+    loss, grads = loss_and_grads()
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(grads[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
