@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from maskformer import _devices
 from maskformer._ext import triton_import_error as _triton_import_error
 from maskformer._ext import triton_interpret_mode as _interpret_mode
-from maskformer.swin import relative_position_index, shift_attention_mask, window_partition, window_reverse
+from maskformer.windows import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
 __all__ = ["window_attention", "window_attention_ref", "not_supported_reasons", "check_devices"]
 

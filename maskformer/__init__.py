@@ -6,7 +6,7 @@ Importing the package loads torch but never triton, never the C++ extension, and
 initialises CUDA; those happen on first use of a fast path (see ``maskformer.dispatch``).
 """
 from .config import ConfigError, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig
-from .loading import CheckpointError
+from .hub import CheckpointError
 from .modeling import (
     CUDAGraphRunner,
     InputError,

@@ -4,9 +4,13 @@ Nothing here runs at import time. ``load_cpp()`` imports ``maskformer._C`` once 
 ``torch.ops.maskformer.*`` CPU ops from ``csrc/``) and remembers the exception text if that fails,
 so every later dispatch decision can say *why* the C++ path is off. Set
 ``MASKFORMER_DISABLE_CPP=1`` to pretend the extension is missing (read at first load).
+
+Thread-safe: the first loads run under a lock and publish their result only when complete, so
+threads racing on the first call all see the extension loaded, or all see why it is not.
 """
 import functools
 import os
+import threading
 from typing import List, Optional
 
 import torch
@@ -15,28 +19,33 @@ __all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_err
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
-_cpp_tried = False
+_cpp_tried = False  # set last, once _cpp_module or _cpp_error holds the outcome
+_load_lock = threading.Lock()
 
 
 def load_cpp():
     """The ``maskformer._C`` module, or None (then ``cpp_import_error()`` says why). Cached."""
     global _cpp_module, _cpp_error, _cpp_tried
-    if _cpp_tried:
+    if _cpp_tried:  # fast path: the outcome is published (and never changes afterwards)
         return _cpp_module
-    _cpp_tried = True
-    if os.environ.get("MASKFORMER_DISABLE_CPP", "0").strip().lower() in ("1", "true", "yes", "on"):
-        _cpp_error = "disabled by MASKFORMER_DISABLE_CPP"
-        return None
-    try:
-        from . import _C  # noqa: F401  (loading the .so registers the ops)
-    except Exception as exc:  # ImportError when not built; OSError/undefined symbol when built against another torch
-        _cpp_error = (
-            f"maskformer._C could not be imported ({type(exc).__name__}: {exc}); build it with "
-            "`pip install --no-build-isolation -e .` (needs a C++ compiler)"
-        )
-        return None
-    _cpp_module = _C
-    _register_fakes()
+    with _load_lock:
+        if _cpp_tried:  # another thread finished the load while this one waited
+            return _cpp_module
+        module, error = None, None
+        if os.environ.get("MASKFORMER_DISABLE_CPP", "0").strip().lower() in ("1", "true", "yes", "on"):
+            error = "disabled by MASKFORMER_DISABLE_CPP"
+        else:
+            try:
+                from . import _C as module  # noqa: F401  (loading the .so registers the ops)
+            except Exception as exc:  # ImportError when not built; OSError/undefined symbol when built against another torch
+                error = (
+                    f"maskformer._C could not be imported ({type(exc).__name__}: {exc}); build it with "
+                    "`pip install --no-build-isolation -e .` (needs a C++ compiler)"
+                )
+            else:
+                _register_fakes()
+        _cpp_module, _cpp_error = module, error
+        _cpp_tried = True
     return _cpp_module
 
 
@@ -107,13 +116,16 @@ def triton_import_error() -> Optional[str]:
     """Why triton cannot be used, or None. Importing triton happens here, on first call."""
     global _triton_error
     if _triton_error is _UNCHECKED:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
+        with _load_lock:
+            if _triton_error is _UNCHECKED:
+                try:
+                    import triton  # noqa: F401
+                    import triton.language  # noqa: F401
 
-            _triton_error = None
-        except Exception as exc:  # ImportError, or a broken install raising anything else
-            _triton_error = f"triton is not importable ({type(exc).__name__}: {exc})"
+                    error = None
+                except Exception as exc:  # ImportError, or a broken install raising anything else
+                    error = f"triton is not importable ({type(exc).__name__}: {exc})"
+                _triton_error = error
     return _triton_error
 
 

@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any, Dict, Optional
 
+from .hub import HUB_KWARGS, resolve_file
+
 # Activations the reference model implements, by transformers' names.
 SUPPORTED_ACTIVATIONS = ("gelu", "relu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish")
 
@@ -25,12 +27,78 @@ class ConfigError(ValueError):
     """A configuration that maskformer cannot build a model for, with the reason and the fix."""
 
 
-def _as_pair(value, name):
+# ------------------------------------------------------------------------------------------------
+# Field checks. Every field is checked for type and range before anything is built, so an absurd
+# or hostile config.json fails at once with the field's name instead of after minutes and
+# gigabytes (1e9 labels build a 6 GB id2label dict; 1e6 decoder layers never finish building).
+# Limits sit far above any released checkpoint: MaskFormer's largest (Swin-L) has embed_dim 192,
+# depths [2, 2, 18, 2], 48 heads, windows of 12, 100 queries, 6 decoder layers, 171 classes.
+# ------------------------------------------------------------------------------------------------
+MAX_LABELS = 100_000  # id2label is a Python dict of this size (ImageNet-22k has 21,841 classes)
+MAX_WINDOW = 48  # each block's relative_position_index holds window_size**4 int64: 42 MB at 48
+MAX_PARAMETERS = 10_000_000_000  # 40 GB of fp32 weights; MaskFormer Swin-L has 0.21 billion
+
+
+def _kind(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_int(value) -> bool:
+    import numbers
+
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(value, name: str, lo: int, hi: int) -> int:
+    """``value`` as an int in [lo, hi], or ConfigError naming ``name``."""
+    if not _is_int(value):
+        raise ConfigError(f"{name} must be an integer in [{lo}, {hi}], got {_kind(value)}")
+    if not lo <= int(value) <= hi:
+        raise ConfigError(f"{name}={value} is out of range: it must lie in [{lo}, {hi}]")
+    return int(value)
+
+
+def check_float(value, name: str, lo: float, hi: float = float("inf"), lo_open: bool = False) -> float:
+    import numbers
+
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a number, got {_kind(value)}")
+    value = float(value)
+    if not (lo < value if lo_open else lo <= value) or not value <= hi:  # also refuses NaN
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]"
+        raise ConfigError(f"{name}={value} is out of range: it must lie in {interval}")
+    return value
+
+
+def check_bool(value, name: str, optional: bool = False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false{' (or null)' if optional else ''}, got {_kind(value)}")
+    return value
+
+
+def check_int_list(value, name: str, lo: int, hi: int, max_len: int) -> list:
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{name} must be a list of integers, got {_kind(value)}")
+    if not 1 <= len(value) <= max_len:
+        raise ConfigError(f"{name} must have 1 to {max_len} entries, got {len(value)}")
+    return [check_int(v, f"{name}[{i}]", lo, hi) for i, v in enumerate(value)]
+
+
+def check_choice(value, name: str, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{name}={value!r} is not supported; use one of {tuple(choices)}")
+    return value
+
+
+def _as_pair(value, name, lo: int = 1, hi: int = 1 << 16):
     if isinstance(value, (list, tuple)):
         if len(value) != 2:
             raise ConfigError(f"{name} must be an int or a pair of ints, got {value!r}")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
+        return check_int(value[0], f"{name}[0]", lo, hi), check_int(value[1], f"{name}[1]", lo, hi)
+    value = check_int(value, name, lo, hi)
+    return value, value
 
 
 class _ConfigBase:
@@ -44,7 +112,8 @@ class _ConfigBase:
         for name, default in self._fields.items():
             setattr(self, name, copy.deepcopy(kwargs.pop(name, default)))
         kwargs.pop("model_type", None)
-        self.extra.update(kwargs)
+        # As JSON will hold them (str keys, lists): a config equals itself after a save and load.
+        self.extra.update(json.loads(json.dumps(kwargs, default=str)))
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]):
@@ -59,6 +128,24 @@ class _ConfigBase:
             out[name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
         out["model_type"] = self.model_type
         return dict(sorted(out.items()))
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        """``to_dict()`` without the values equal to the defaults (``model_type`` always kept)."""
+        default = type(self)().to_dict()
+        out = {k: v for k, v in self.to_dict().items() if k not in default or default[k] != v}
+        out["model_type"] = self.model_type
+        return dict(sorted(out.items()))
+
+    def to_json_string(self, use_diff: bool = True) -> str:
+        """The config as JSON text; ``use_diff`` (default, as transformers) keeps only the values
+        that differ from the defaults, which ``from_dict`` fills back in."""
+        data = self.to_diff_dict() if use_diff else self.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path, use_diff: bool = True) -> None:
+        """Write ``to_json_string(use_diff)`` to ``json_file_path``."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string(use_diff=use_diff))
 
     def __eq__(self, other):
         return type(self) is type(other) and self.to_dict() == other.to_dict()
@@ -106,31 +193,40 @@ class MaskFormerSwinConfig(_ConfigBase):
         if "num_hidden_layers" in kwargs:
             kwargs.pop("num_hidden_layers")
         super().__init__(**kwargs)
-        self.depths = [int(d) for d in self.depths]
-        self.num_heads = [int(h) for h in self.num_heads]
         self.validate()
 
     def validate(self):
-        if len(self.depths) != len(self.num_heads) or not self.depths:
+        """Check every field's type and range (normalising lists and numbers); ConfigError names the field."""
+        p = "backbone_config."
+        self.image_size = list(_as_pair(self.image_size, p + "image_size")) if isinstance(self.image_size, (list, tuple)) \
+            else _as_pair(self.image_size, p + "image_size")[0]
+        self.patch_size = list(_as_pair(self.patch_size, p + "patch_size", 1, 64)) \
+            if isinstance(self.patch_size, (list, tuple)) else _as_pair(self.patch_size, p + "patch_size", 1, 64)[0]
+        self.num_channels = check_int(self.num_channels, p + "num_channels", 1, 64)
+        self.embed_dim = check_int(self.embed_dim, p + "embed_dim", 1, 4096)
+        self.depths = check_int_list(self.depths, p + "depths", 1, 64, max_len=8)
+        self.num_heads = check_int_list(self.num_heads, p + "num_heads", 1, 1024, max_len=8)
+        self.window_size = check_int(self.window_size, p + "window_size", 1, MAX_WINDOW)
+        self.mlp_ratio = check_float(self.mlp_ratio, p + "mlp_ratio", 0.0, 64.0, lo_open=True)
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            setattr(self, name, check_float(getattr(self, name), p + name, 0.0, 1.0))
+        self.initializer_range = check_float(self.initializer_range, p + "initializer_range", 0.0)
+        self.layer_norm_eps = check_float(self.layer_norm_eps, p + "layer_norm_eps", 0.0, 1.0, lo_open=True)
+        self.qkv_bias = check_bool(self.qkv_bias, p + "qkv_bias")
+        self.use_absolute_embeddings = check_bool(self.use_absolute_embeddings, p + "use_absolute_embeddings")
+        if len(self.depths) != len(self.num_heads):
             raise ConfigError(
                 f"Swin config: depths {self.depths} and num_heads {self.num_heads} must be non-empty and of the "
                 "same length (one entry per stage)"
             )
-        if any(d < 1 for d in self.depths):
-            raise ConfigError(f"Swin config: every stage needs at least one block, got depths={self.depths}")
         for i, heads in enumerate(self.num_heads):
             dim = self.embed_dim * 2**i
-            if heads < 1 or dim % heads:
+            if dim % heads:
                 raise ConfigError(
                     f"Swin config: stage {i} has {dim} channels, which {heads} heads do not divide; "
                     "choose num_heads that divide embed_dim * 2**stage"
                 )
-        if int(self.window_size) < 1:
-            raise ConfigError(f"Swin config: window_size must be >= 1, got {self.window_size}")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(
-                f"Swin config: hidden_act={self.hidden_act!r} is not supported; use one of {SUPPORTED_ACTIVATIONS}"
-            )
+        self.hidden_act = check_choice(self.hidden_act, p + "hidden_act", SUPPORTED_ACTIVATIONS)
         if self.use_absolute_embeddings:
             # transformers' MaskFormerSwin adds a (1, N+1, C) table to (B, N, C) patch tokens,
             # which cannot broadcast, so no checkpoint can have been trained or run with it.
@@ -138,7 +234,14 @@ class MaskFormerSwinConfig(_ConfigBase):
                 "Swin config: use_absolute_embeddings=True is not supported (transformers' MaskFormerSwin "
                 "backbone cannot run with it either); set it to False"
             )
-        _as_pair(self.patch_size, "patch_size")
+
+    def approx_num_parameters(self) -> int:
+        """Weights of the blocks and patch merges (biases and norms left out: within 1%)."""
+        total = 0
+        for i, (depth, dim) in enumerate(zip(self.depths, self.stage_channels)):
+            total += depth * dim * dim * (4 + 2 * self.mlp_ratio)
+            total += 8 * dim * dim if i < len(self.depths) - 1 else 0
+        return int(total)
 
     @property
     def hidden_size(self) -> int:
@@ -194,6 +297,19 @@ class MaskFormerDecoderConfig(_ConfigBase):
         self.validate()
 
     def validate(self):
+        """Check every field's type and range; ConfigError names the field."""
+        p = "decoder_config."
+        self.num_queries = check_int(self.num_queries, p + "num_queries", 1, 10_000)
+        self.d_model = check_int(self.d_model, p + "d_model", 2, 16_384)
+        self.decoder_layers = check_int(self.decoder_layers, p + "decoder_layers", 1, 100)
+        self.decoder_ffn_dim = check_int(self.decoder_ffn_dim, p + "decoder_ffn_dim", 1, 131_072)
+        self.decoder_attention_heads = check_int(self.decoder_attention_heads, p + "decoder_attention_heads", 1, 1024)
+        self.activation_function = check_choice(self.activation_function, p + "activation_function", SUPPORTED_ACTIVATIONS)
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            setattr(self, name, check_float(getattr(self, name), p + name, 0.0, 1.0))
+        self.auxiliary_loss = check_bool(self.auxiliary_loss, p + "auxiliary_loss")
+        self.init_std = check_float(self.init_std, p + "init_std", 0.0)
+        self.init_xavier_std = check_float(self.init_xavier_std, p + "init_xavier_std", 0.0)
         if self.d_model % self.decoder_attention_heads:
             raise ConfigError(
                 f"decoder config: d_model={self.d_model} is not divisible by decoder_attention_heads="
@@ -201,13 +317,10 @@ class MaskFormerDecoderConfig(_ConfigBase):
             )
         if self.d_model % 2:
             raise ConfigError(f"decoder config: d_model must be even for the sine position embedding, got {self.d_model}")
-        if self.num_queries < 1 or self.decoder_layers < 1:
-            raise ConfigError("decoder config: num_queries and decoder_layers must be >= 1")
-        if self.activation_function not in SUPPORTED_ACTIVATIONS:
-            raise ConfigError(
-                f"decoder config: activation_function={self.activation_function!r} is not supported; use one of "
-                f"{SUPPORTED_ACTIVATIONS}"
-            )
+
+    def approx_num_parameters(self) -> int:
+        d = self.d_model
+        return int(self.decoder_layers * (8 * d * d + 2 * d * self.decoder_ffn_dim) + self.num_queries * d)
 
     @property
     def hidden_size(self) -> int:
@@ -305,17 +418,44 @@ class MaskFormerConfig(_ConfigBase):
         return MaskFormerDecoderConfig.from_dict(decoder_config)
 
     def _set_labels(self, id2label, label2id, num_labels):
+        # Checked before anything is built: num_labels=1e9 would otherwise build a 6 GB dict.
+        if num_labels is not None:
+            num_labels = check_int(num_labels, "num_labels", 1, MAX_LABELS)
         if id2label is not None:
-            id2label = {int(k): str(v) for k, v in dict(id2label).items()}
-            if num_labels is not None and int(num_labels) != len(id2label):
-                raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(id2label)} entries")
+            if not isinstance(id2label, dict):
+                raise ConfigError(f"id2label must be a mapping from class index to name, got {_kind(id2label)}")
+            if not 1 <= len(id2label) <= MAX_LABELS:
+                raise ConfigError(f"id2label must have 1 to {MAX_LABELS} entries, got {len(id2label)}")
+            parsed = {}
+            for key, name in id2label.items():
+                index = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+                if not _is_int(index):
+                    raise ConfigError(f"id2label keys must be integers (or their strings, as in config.json), got {key!r}")
+                parsed[int(index)] = str(name)
+            if sorted(parsed) != list(range(len(parsed))):
+                shown = sorted(parsed)[:10]
+                raise ConfigError(
+                    f"id2label keys must be the class indices 0..{len(parsed) - 1} (one per classifier output), got "
+                    f"{shown}{' ...' if len(parsed) > 10 else ''}"
+                )
+            if num_labels is not None and num_labels != len(parsed):
+                raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(parsed)} entries")
+            id2label = parsed
         else:
-            n = 2 if num_labels is None else int(num_labels)  # transformers' default
+            n = 2 if num_labels is None else num_labels  # transformers' default
             id2label = {i: f"LABEL_{i}" for i in range(n)}
-        if len(id2label) < 1:
-            raise ConfigError("MaskFormer needs at least one class in id2label / num_labels")
+        if label2id:
+            if not isinstance(label2id, dict):
+                raise ConfigError(f"label2id must be a mapping from class name to index, got {_kind(label2id)}")
+            checked = {}
+            for name, index in label2id.items():
+                index = int(index) if isinstance(index, str) and index.strip().lstrip("-").isdigit() else index
+                checked[str(name)] = check_int(index, f"label2id[{name!r}]", 0, len(id2label) - 1)
+            label2id = checked
+        else:
+            label2id = {v: k for k, v in id2label.items()}
         self.id2label = dict(sorted(id2label.items()))
-        self.label2id = {str(k): int(v) for k, v in dict(label2id).items()} if label2id else {v: k for k, v in self.id2label.items()}
+        self.label2id = label2id
 
     @property
     def num_labels(self) -> int:
@@ -331,15 +471,49 @@ class MaskFormerConfig(_ConfigBase):
         return self.mask_feature_size
 
     def validate(self):
+        """Check every field (the backbone's and the decoder's too) for type and range, and the model
+        size the config implies; ConfigError names the field."""
         for name in ("fpn_feature_size", "mask_feature_size"):
-            value = getattr(self, name)
-            if value < 32 or value % 32:
+            value = check_int(getattr(self, name), name, 32, 16_384)
+            if value % 32:
                 raise ConfigError(f"{name}={value} must be a positive multiple of 32 (it feeds GroupNorm with 32 groups)")
-        if self.decoder_config.d_model != self.mask_feature_size:
-            # mask_embedder maps d_model -> mask_feature_size, but transformers builds it as
-            # MLP(hidden, hidden, mask_feature_size) and einsums with the pixel embeddings, so any
-            # pair works; nothing to check. Kept as a note: the two may differ.
-            pass
+            setattr(self, name, value)
+        for name in ("no_object_weight", "init_std", "init_xavier_std", "dice_weight", "cross_entropy_weight",
+                     "mask_weight"):
+            setattr(self, name, check_float(getattr(self, name), name, 0.0))
+        for name in ("use_auxiliary_loss", "output_hidden_states", "output_attentions", "return_dict"):
+            setattr(self, name, check_bool(getattr(self, name), name))
+        self.output_auxiliary_logits = check_bool(self.output_auxiliary_logits, "output_auxiliary_logits", optional=True)
+        if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
+            raise ConfigError(
+                f"backbone={self.extra.get('backbone')!r} / use_timm_backbone={self.extra.get('use_timm_backbone')!r}: "
+                "named (timm or hub) backbones are not supported; maskformer builds the Swin backbone described by "
+                "backbone_config. Remove `backbone` and `use_timm_backbone`, or use transformers"
+            )
+        self.backbone_config.validate()
+        self.decoder_config.validate()
+        if not isinstance(self.id2label, dict) or self.num_labels > MAX_LABELS:
+            raise ConfigError(f"id2label must be a dict of at most {MAX_LABELS} classes")
+        total = self.approx_num_parameters()
+        if total > MAX_PARAMETERS:
+            parts = (
+                f"backbone {self.backbone_config.approx_num_parameters():.3g} (embed_dim={self.backbone_config.embed_dim}, "
+                f"depths={self.backbone_config.depths}, mlp_ratio={self.backbone_config.mlp_ratio}); transformer decoder "
+                f"{self.decoder_config.approx_num_parameters():.3g} (d_model={self.decoder_config.d_model}, decoder_layers="
+                f"{self.decoder_config.decoder_layers}, decoder_ffn_dim={self.decoder_config.decoder_ffn_dim})"
+            )
+            raise ConfigError(
+                f"this config implies about {total:.3g} parameters ({parts}), more than the {MAX_PARAMETERS:.0e} "
+                "maskformer builds; check these fields (the largest MaskFormer checkpoint has 0.21 billion)"
+            )
+
+    def approx_num_parameters(self) -> int:
+        """Weights the config implies (backbone, pixel decoder, transformer decoder, heads), within a few percent."""
+        channels = self.backbone_config.stage_channels
+        f, m, d = self.fpn_feature_size, self.mask_feature_size, self.decoder_config.d_model
+        pixel_decoder = 9 * f * channels[-1] + sum(f * c + 9 * f * f for c in channels[:-1]) + 9 * m * f
+        heads = (self.num_labels + 1) * d + 2 * d * d + d * m + channels[-1] * d
+        return self.backbone_config.approx_num_parameters() + pixel_decoder + self.decoder_config.approx_num_parameters() + heads
 
     def to_dict(self):
         out = super().to_dict()
@@ -363,6 +537,11 @@ class MaskFormerConfig(_ConfigBase):
         return path
 
     @classmethod
+    def from_backbone_and_decoder_configs(cls, backbone_config, decoder_config, **kwargs) -> "MaskFormerConfig":
+        """transformers' constructor of the same name: the two sub-configs (ours, transformers' or dicts)."""
+        return cls(backbone_config=backbone_config, decoder_config=decoder_config, **kwargs)
+
+    @classmethod
     def from_json_file(cls, path: str) -> "MaskFormerConfig":
         try:
             with open(path, "r", encoding="utf-8") as f:
@@ -377,9 +556,38 @@ class MaskFormerConfig(_ConfigBase):
         return cls.from_dict(data)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **hub_kwargs) -> "MaskFormerConfig":
-        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.loading``)."""
-        from .loading import resolve_file
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "MaskFormerConfig":
+        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.hub.resolve_file``).
 
+        Keyword arguments: the hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+        ``subfolder``, ``force_download``) and config fields to override, as transformers
+        (``num_labels=7`` or ``id2label=`` replace the file's class names)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.override_names()}
+        if kwargs:
+            raise TypeError(
+                f"MaskFormerConfig.from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}; it accepts "
+                f"{', '.join(HUB_KWARGS)} and config fields ({', '.join(sorted(cls.override_names()))})"
+            )
         path = resolve_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
-        return cls.from_json_file(path)
+        return cls.from_json_file(path).with_overrides(**overrides)
+
+    @classmethod
+    def override_names(cls):
+        """Fields a keyword argument of ``from_pretrained`` may set."""
+        return set(cls._fields) | {"num_labels", "id2label", "label2id", "backbone_config", "decoder_config"}
+
+    def with_overrides(self, **overrides) -> "MaskFormerConfig":
+        """A copy with ``overrides`` applied (and checked; ``self`` when there are none). New classes (``num_labels`` / ``id2label``)
+        drop the old names: ``num_labels=7`` gives LABEL_0..LABEL_6, as transformers."""
+        unknown = sorted(set(overrides) - self.override_names())
+        if unknown:
+            raise TypeError(f"not MaskFormerConfig fields: {unknown}")
+        if not overrides:
+            return self
+        data = self.to_dict()
+        if overrides.keys() & {"num_labels", "id2label", "label2id"}:
+            for key in ("num_labels", "id2label", "label2id"):
+                data.pop(key, None)
+        data.update(overrides)
+        return type(self).from_dict(data)

@@ -1,16 +1,18 @@
 """Backend selection for maskformer's fast ops: reference PyTorch, Triton, or the C++ extension.
 
 Choose with the ``MASKFORMER_BACKEND`` environment variable (read at every call, not at import) or
-programmatically with ``set_backend(name)`` / ``with backend(name):`` (these win over the variable;
-``set_backend(None)`` returns to it):
+programmatically: ``with backend(name):`` forces a backend for the code inside the block, in this
+thread (or asyncio task) only; ``set_backend(name)`` forces it process-wide, for every thread.
+The block wins over the setter, the setter over the variable; ``set_backend(None)`` returns to it.
+A function compiled by ``torch.compile`` keeps the backend it was traced with.
 
 * ``reference``: pure PyTorch, the ``*_ref`` functions next to each kernel. Always available.
 * ``triton``: the Triton kernels. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 * ``cpp``: the CPU kernels of ``maskformer._C`` (``csrc/``), when the extension was built.
 * ``auto`` (default): Triton for CUDA tensors, C++ for CPU tensors, the reference otherwise or when
   the fast op cannot serve the call. Falling back is silent, but the reason is kept:
-  ``last_dispatch_reason`` (and ``last_dispatch(op)``) say what ran and why, and the
-  ``maskformer.dispatch`` logger says it at DEBUG level.
+  ``last_dispatch(op)`` (and ``last_dispatch_reason``) say what ran and why in the calling thread,
+  and the ``maskformer.dispatch`` logger says it at DEBUG level.
 
 A *forced* backend (``triton`` or ``cpp``) never falls back: a call it cannot serve raises
 ``BackendNotSupportedError`` listing every reason (device, dtype, triton missing, extension not
@@ -38,9 +40,11 @@ blocks' shifted-window attention, Triton only: the model asks ``select`` and run
 reference code when the answer is "reference").
 """
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
+import threading
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -67,10 +71,10 @@ ENV_VAR = "MASKFORMER_BACKEND"
 OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "query_argmax", "window_attention")
 
 _log = logging.getLogger(__name__)
-_override: Optional[str] = None
-
-#: One line about the latest dispatch decision (any op): what ran and why.
-last_dispatch_reason: str = ""
+_override: Optional[str] = None  # set_backend(): process-wide
+_NOT_SET = "<not set>"
+# with backend(): this thread / asyncio task only. None inside a block means "the variable".
+_context_override: contextvars.ContextVar = contextvars.ContextVar("maskformer_backend", default=_NOT_SET)
 
 
 class BackendNotSupportedError(RuntimeError):
@@ -97,8 +101,15 @@ class DispatchRecord:
         return f"{self.op}: requested {self.requested}, ran {self.backend}" + (f" ({why})" if why else "")
 
 
-_last: Dict[str, DispatchRecord] = {}
-_latest: Optional[DispatchRecord] = None
+class _Records(threading.local):
+    """The latest decisions of the calling thread (a thread sees only its own calls)."""
+
+    def __init__(self):
+        self.by_op: Dict[str, DispatchRecord] = {}
+        self.latest: Optional[DispatchRecord] = None
+
+
+_records = _Records()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,15 +125,29 @@ def _validate_name(name: str, source: str) -> str:
 
 
 def set_backend(name: Optional[str]) -> None:
-    """Force a backend for every op (``auto``, ``reference``, ``triton``, ``cpp``); None returns to
-    ``MASKFORMER_BACKEND`` (default ``auto``)."""
+    """Force a backend for every op (``auto``, ``reference``, ``triton``, ``cpp``) in every thread of
+    the process; None returns to ``MASKFORMER_BACKEND`` (default ``auto``). A ``with backend(...)``
+    block still wins inside it. To choose for one thread or task only, use ``with backend(name):``."""
     global _override
     _override = None if name is None else _validate_name(name, "set_backend")
 
 
+def _block_override() -> Optional[str]:
+    return _context_override.get()
+
+
+# torch.compile cannot trace ContextVar.get, so the value is read once, when tracing: what
+# torch.compiler.assume_constant_result(fn) marks. That call imports torch._dynamo, and triton
+# with it, which importing this module must not do; its mark is this attribute.
+_block_override._dynamo_marked_constant = True
+
+
 def _requested() -> Tuple[str, str]:
     """(backend, where the choice comes from)."""
-    if _override is not None:
+    block = _block_override()
+    if block not in (_NOT_SET, None):
+        return block, "with backend()"
+    if block is _NOT_SET and _override is not None:
         return _override, "set_backend()"
     env = os.environ.get(ENV_VAR)
     if env is not None and env.strip():
@@ -137,27 +162,34 @@ def get_backend() -> str:
 
 @contextlib.contextmanager
 def backend(name: Optional[str]):
-    """``with backend("reference"): ...``: force a backend inside the block, restore after."""
-    global _override
-    previous = _override
-    set_backend(name)
+    """``with backend("reference"): ...``: force a backend for the code inside the block, in this
+    thread (or asyncio task) only; other threads keep theirs. Blocks nest, and each restores what
+    was in force before it, whatever other threads do meanwhile. ``backend(None)`` uses
+    ``MASKFORMER_BACKEND`` inside the block, ignoring ``set_backend``."""
+    token = _context_override.set(None if name is None else _validate_name(name, "backend()"))
     try:
         yield
     finally:
-        _override = previous
+        _context_override.reset(token)
 
 
 def last_dispatch(op: Optional[str] = None) -> Optional[DispatchRecord]:
-    """The latest decision for ``op`` (any op when None), or None before the first call."""
-    return _latest if op is None else _last.get(op)
+    """The calling thread's latest decision for ``op`` (any op when None), or None before its first call."""
+    return _records.latest if op is None else _records.by_op.get(op)
+
+
+def __getattr__(name):
+    # ``last_dispatch_reason``: one line about the calling thread's latest decision (any op).
+    if name == "last_dispatch_reason":
+        return str(_records.latest) if _records.latest is not None else ""
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _record(rec: DispatchRecord) -> str:
-    global last_dispatch_reason, _latest
-    _last[rec.op] = rec
-    _latest = rec
-    last_dispatch_reason = str(rec)
-    _log.debug("%s", rec)
+    _records.by_op[rec.op] = rec
+    _records.latest = rec
+    if not torch.compiler.is_compiling():  # torch.compile cannot trace a logger call that is enabled
+        _log.debug("%s", rec)
     return rec.backend
 
 
@@ -473,6 +505,6 @@ def describe() -> Dict[str, Union[str, Dict[str, str]]]:
         "cpp": "available" if cpp_err is None else cpp_err,
         "triton": triton_state,
     }
-    if _last:
-        info["last"] = {op: str(rec) for op, rec in _last.items()}
+    if _records.by_op:
+        info["last"] = {op: str(rec) for op, rec in _records.by_op.items()}
     return info

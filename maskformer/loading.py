@@ -1,37 +1,27 @@
-"""Checkpoint files: finding them (local folder or hub), reading them safely, loading them strictly.
+"""The loading entry points that know the model classes: the shipped default model, and the
+names older code imports from here.
 
-Weights are read from, in order of preference: ``model.safetensors``,
-``model.safetensors.index.json`` (shards), ``pytorch_model.bin``, ``pytorch_model.bin.index.json``.
-``.bin`` files are read with ``torch.load(weights_only=True)``: tensors only, never arbitrary
-pickled code. Keys are those of the hub files, so a checkpoint saved by transformers loads with
-no renaming. The model is built on the meta device and the checkpoint tensors are assigned to
-it, so loading Swin-L does not first spend seconds on a random initialisation.
+Layers, bottom up (no module imports one above it, so the import graph has no cycle):
+``hub`` (finding files) <- ``config`` <- ``checkpoint`` (reading, checking, assigning and writing
+weights) <- ``modeling`` (the model classes and their ``from_pretrained``) <- ``loading``.
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-from typing import Dict, Iterable, List, Optional
 
-import torch
-
-from .config import MaskFormerConfig
-
-SAFE_WEIGHTS = "model.safetensors"
-SAFE_INDEX = "model.safetensors.index.json"
-TORCH_WEIGHTS = "pytorch_model.bin"
-TORCH_INDEX = "pytorch_model.bin.index.json"
-
-# Tensors a checkpoint may lack: each is either unused by MaskFormer (the classification Swin's
-# final norm) or derivable from the config (the relative position index, the loss's class
-# weights), and is filled in when absent.
-_OPTIONAL_KEYS = (
-    re.compile(r"(^|\.)pixel_level_module\.encoder\.model\.layernorm\.(weight|bias)$"),
-    re.compile(r"\.relative_position_index$"),
-    re.compile(r"^criterion\.empty_weight$"),
+from .checkpoint import (  # noqa: F401  (public names, importable from here as before)
+    SAFE_INDEX,
+    SAFE_WEIGHTS,
+    TORCH_INDEX,
+    TORCH_WEIGHTS,
+    load_model_state,
+    load_pretrained,
+    load_state_dict,
+    normalize_keys,
+    save_pretrained,
 )
-
+from .hub import CheckpointError, resolve_file  # noqa: F401
+from .modeling import MaskFormerForInstanceSegmentation
 
 # The small default model shipped inside the package (scripts/train_default.py trains it).
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
@@ -40,323 +30,9 @@ DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "de
 def load_default_model(dtype=None, device=None):
     """The shipped default MaskFormer (4 classes: background, disc, box, stripe; trained on
     maskformer.synthetic images). Its preprocessor config is in the same folder."""
-    from .modeling import MaskFormerForInstanceSegmentation
-
     if not os.path.exists(os.path.join(DEFAULT_MODEL_DIR, SAFE_WEIGHTS)):
         raise FileNotFoundError(
             f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall maskformer or run "
             "scripts/train_default.py --out maskformer/default_model"
         )
     return MaskFormerForInstanceSegmentation.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, device=device)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded as it is: missing, corrupt, or not matching the config."""
-
-
-def _looks_local(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name and not re.fullmatch(r"[\w.-]+/[\w.-]+", name)
-
-
-def resolve_file(path_or_repo_id, filename: str, *, required: bool = True, revision: Optional[str] = None,
-                 cache_dir: Optional[str] = None, local_files_only: bool = False, token=None) -> Optional[str]:
-    """Return a local path to ``filename`` inside a folder or a hub repo, or None if absent and not required.
-
-    A hub repo id is resolved through ``huggingface_hub.hf_hub_download`` (its cache, or the
-    network unless ``local_files_only`` or ``HF_HUB_OFFLINE=1``).
-    """
-    name = os.fspath(path_or_repo_id)
-    if os.path.isdir(name):
-        path = os.path.join(name, filename)
-        if os.path.isfile(path):
-            return path
-        if required:
-            raise FileNotFoundError(f"{filename} not found in the folder {name!r}")
-        return None
-    if os.path.isfile(name):
-        raise CheckpointError(f"{name!r} is a file; pass the folder that holds config.json and the weights")
-    if _looks_local(name) or name.count("/") > 1:
-        raise FileNotFoundError(f"no such folder {name!r} (nor is it a hub repo id such as 'facebook/maskformer-swin-base-ade')")
-    try:
-        import huggingface_hub
-        from huggingface_hub import errors as hub_errors
-    except ImportError as exc:
-        raise ImportError(
-            f"{name!r} is not a local folder, and loading from the hub needs huggingface_hub: "
-            "`pip install huggingface_hub`, or download the checkpoint and pass its folder"
-        ) from exc
-    try:
-        return huggingface_hub.hf_hub_download(
-            name, filename, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-        )
-    except hub_errors.LocalEntryNotFoundError as exc:
-        if not required:
-            # Offline with a partial cache: the file may exist upstream; report only if needed.
-            return None
-        raise FileNotFoundError(
-            f"{filename} of {name!r} is not in the local hub cache and the hub cannot be reached (offline, or "
-            "HF_HUB_OFFLINE=1 / local_files_only=True); download it once with network access or pass a local folder"
-        ) from exc
-    except hub_errors.EntryNotFoundError:  # after its subclass LocalEntryNotFoundError
-        if required:
-            raise FileNotFoundError(f"{filename} is not in the hub repo {name!r}") from None
-        return None
-    except hub_errors.RepositoryNotFoundError as exc:
-        raise FileNotFoundError(f"hub repo {name!r} does not exist or is private (pass token=... for a private repo)") from exc
-    except hub_errors.RevisionNotFoundError as exc:
-        raise FileNotFoundError(f"revision {revision!r} of hub repo {name!r} does not exist") from exc
-
-
-def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
-                              "re-download or re-save it") from exc
-
-
-def _read_torch_bin(path: str) -> Dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors, truncated zip, unsafe globals
-        raise CheckpointError(
-            f"{path} could not be read as a tensors-only PyTorch checkpoint ({type(exc).__name__}: {exc}); it may be "
-            "corrupt, or contain pickled code, which maskformer never loads"
-        ) from exc
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat dict of tensors (a state dict)")
-    return state
-
-
-def _read_index(index_path: str, reader) -> Dict[str, torch.Tensor]:
-    try:
-        with open(index_path, "r", encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path} is not a valid shard index (needs a 'weight_map'): {exc}") from exc
-    return weight_map
-
-
-def load_state_dict(path_or_repo_id, **hub_kwargs) -> Dict[str, torch.Tensor]:
-    """Read every tensor of a checkpoint (single file or shards) into a CPU state dict."""
-    for filename, reader in ((SAFE_WEIGHTS, _read_safetensors), (TORCH_WEIGHTS, _read_torch_bin)):
-        path = resolve_file(path_or_repo_id, filename, required=False, **hub_kwargs)
-        if path is not None:
-            return reader(path)
-        index_name = SAFE_INDEX if reader is _read_safetensors else TORCH_INDEX
-        index_path = resolve_file(path_or_repo_id, index_name, required=False, **hub_kwargs)
-        if index_path is not None:
-            weight_map = _read_index(index_path, reader)
-            state: Dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                shard_path = resolve_file(path_or_repo_id, shard, required=False, **hub_kwargs)
-                if shard_path is None:
-                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing")
-                state.update(reader(shard_path))
-            missing = sorted(set(weight_map) - set(state))
-            if missing:
-                raise CheckpointError(f"{len(missing)} tensors listed in {index_name} are in no shard: {missing[:10]}")
-            return state
-    raise FileNotFoundError(
-        f"no weights found for {os.fspath(path_or_repo_id)!r}: expected one of {SAFE_WEIGHTS}, {SAFE_INDEX}, "
-        f"{TORCH_WEIGHTS}, {TORCH_INDEX}"
-    )
-
-
-def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-# transformers 5 names some decoder tensors differently in memory than in the files it writes
-# (it renames on save and load); a state dict taken from a live transformers model, e.g.
-# torch.save(hf_model.state_dict(), ...), uses the in-memory names.
-_IN_MEMORY_RENAMES = (
-    (re.compile(r"(transformer_module\.decoder\.layers\.\d+\.(?:self_attn|encoder_attn))\.o_proj\."), r"\1.out_proj."),
-    (re.compile(r"(transformer_module\.decoder\.layers\.\d+)\.mlp\.(fc[12])\."), r"\1.\2."),
-)
-
-
-def normalize_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Map transformers' in-memory decoder names (o_proj, mlp.fc1) to the file names we use."""
-    out = {}
-    for key, value in state.items():
-        for pattern, repl in _IN_MEMORY_RENAMES:
-            key = pattern.sub(repl, key)
-        out[key] = value
-    return out
-
-
-def _adapt_prefix(model, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Let a MaskFormerModel load from a ForInstanceSegmentation checkpoint (drop the heads), as transformers does."""
-    from .modeling import MaskFormerModel
-
-    if isinstance(model, MaskFormerModel) and any(k.startswith("model.") for k in state):
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    return state
-
-
-def _materialise_optional(model, missing: List[str]):
-    """Fill in the optional tensors a checkpoint lacked (see _OPTIONAL_KEYS), on the CPU."""
-    from .swin import relative_position_index
-
-    for key in missing:
-        module_name, _, attr = key.rpartition(".")
-        module = model.get_submodule(module_name)
-        old = getattr(module, attr)
-        if attr == "relative_position_index":
-            value = relative_position_index(module.window_size)
-        elif attr == "empty_weight":
-            value = torch.ones(model.config.num_labels + 1)
-            value[-1] = model.config.no_object_weight
-        elif attr == "weight":
-            value = torch.ones(old.shape)
-        else:
-            value = torch.zeros(old.shape)
-        if isinstance(old, torch.nn.Parameter):
-            setattr(module, attr, torch.nn.Parameter(value, requires_grad=old.requires_grad))
-        else:
-            module.register_buffer(attr, value, persistent=True)
-
-
-def load_model_state(model, state: Dict[str, torch.Tensor]):
-    """Assign ``state`` to ``model`` (possibly on the meta device) strictly; raise CheckpointError listing problems."""
-    state = _adapt_prefix(model, normalize_keys(state))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
-    ]
-    optional_missing = [k for k in missing if any(p.search(k) for p in _OPTIONAL_KEYS)]
-    missing = [k for k in missing if k not in optional_missing]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing: {_format_keys(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_format_keys(unexpected)}")
-    if wrong_shape:
-        problems.append(f"{len(wrong_shape)} with the wrong shape: {_format_keys(wrong_shape)}")
-    if problems:
-        raise CheckpointError(
-            "the checkpoint does not match the model built from its config.json: " + "; ".join(problems)
-            + ". Check that config.json and the weights belong to the same MaskFormer checkpoint"
-        )
-    if any(not torch.is_floating_point(v) and not v.dtype == torch.int64 for v in state.values()):
-        bad = [k for k, v in state.items() if not (torch.is_floating_point(v) or v.dtype == torch.int64)]
-        raise CheckpointError(f"unexpected tensor dtypes in the checkpoint: {_format_keys(bad)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    _materialise_optional(model, optional_missing)
-
-
-def _parse_dtype(dtype) -> Optional[torch.dtype]:
-    if dtype is None or dtype == "auto":
-        return None
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if isinstance(dtype, str):
-        value = getattr(torch, dtype.replace("torch.", ""), None)
-        if isinstance(value, torch.dtype):
-            return value
-    raise ValueError(f"dtype {dtype!r} is not a torch dtype; use e.g. torch.bfloat16, 'float16' or 'auto'")
-
-
-def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config: Optional[MaskFormerConfig] = None, **hub_kwargs):
-    """Build ``cls`` from a checkpoint folder or hub repo (see ``MaskFormerPreTrainedModel.from_pretrained``)."""
-    torch_dtype = _parse_dtype(dtype)
-    if torch_dtype is not None and not torch_dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating dtype, got {torch_dtype}")
-    if config is None:
-        config = MaskFormerConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
-    state = load_state_dict(path_or_repo_id, **hub_kwargs)
-    with torch.device("meta"):
-        model = cls(config)
-    load_model_state(model, state)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:  # would be a bug in load_model_state; never hand out meta tensors
-        raise CheckpointError(f"tensors left uninitialised after loading: {_format_keys(leftover)}")
-    if torch_dtype is not None:
-        model.to(torch_dtype)  # floating tensors only; the int64 index buffers stay
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def save_pretrained(model, save_directory, *, safe_serialization: bool = True, max_shard_size=None) -> str:
-    """Write config.json and the weights into ``save_directory`` (created if needed).
-
-    ``max_shard_size`` (bytes, or a string such as "200MB") splits the weights into shards with an
-    index file, as transformers does.
-    """
-    save_directory = os.fspath(save_directory)
-    if os.path.isfile(save_directory):
-        raise FileExistsError(f"{save_directory!r} is a file; save_pretrained needs a folder")
-    os.makedirs(save_directory, exist_ok=True)
-    model.config.save_pretrained(save_directory)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    limit = _parse_size(max_shard_size)
-    shards = _split(state, limit)
-    weights_name = SAFE_WEIGHTS if safe_serialization else TORCH_WEIGHTS
-    # Remove stale weight files of the other layout, so the folder holds one checkpoint only.
-    for stale in (SAFE_WEIGHTS, SAFE_INDEX, TORCH_WEIGHTS, TORCH_INDEX):
-        stale_path = os.path.join(save_directory, stale)
-        if os.path.exists(stale_path):
-            os.remove(stale_path)
-    if len(shards) == 1:
-        _write(shards[0], os.path.join(save_directory, weights_name), safe_serialization)
-        return save_directory
-    stem, ext = weights_name.rsplit(".", 1)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
-        _write(shard, os.path.join(save_directory, name), safe_serialization)
-        weight_map.update({k: name for k in shard})
-    total = sum(v.numel() * v.element_size() for v in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    with open(os.path.join(save_directory, SAFE_INDEX if safe_serialization else TORCH_INDEX), "w") as f:
-        json.dump(index, f, indent=2)
-    return save_directory
-
-
-def _parse_size(size) -> Optional[int]:
-    if size is None:
-        return None
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"max_shard_size {size!r} is not a size such as 200000000, '200MB' or '2GiB'")
-    number, unit = float(match.group(1)), match.group(2).upper()
-    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(number * scale)
-
-
-def _split(state: Dict[str, torch.Tensor], limit: Optional[int]) -> List[Dict[str, torch.Tensor]]:
-    if limit is None:
-        return [state]
-    shards, current, size = [], {}, 0
-    for key, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def _write(state: Dict[str, torch.Tensor], path: str, safe: bool):
-    if safe:
-        from safetensors.torch import save_file
-
-        save_file(state, path, metadata={"format": "pt"})
-    else:
-        torch.save(state, path)

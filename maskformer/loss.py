@@ -99,14 +99,42 @@ def _pad_targets(mask_labels: Sequence[Tensor]) -> Tensor:
     return out
 
 
-def _check_labels(mask_labels, class_labels, batch: int, num_labels: int):
+def as_label_lists(mask_labels, class_labels) -> Tuple[List[Tensor], List[Tensor]]:
+    """One (N_i, H, W) mask tensor and one (N_i,) class tensor per image, from lists (what the
+    processor returns) or from stacked tensors (B, N, H, W) and (B, N), which transformers also takes."""
+    if isinstance(mask_labels, Tensor):
+        if mask_labels.dim() != 4:
+            raise ValueError(
+                f"mask_labels as one tensor must be (batch, N, height, width), got shape {tuple(mask_labels.shape)}; "
+                "or pass a list with one (N_i, height, width) tensor per image"
+            )
+        mask_labels = list(mask_labels.unbind(0))
+    if isinstance(class_labels, Tensor):
+        if class_labels.dim() != 2:
+            raise ValueError(
+                f"class_labels as one tensor must be (batch, N), got shape {tuple(class_labels.shape)}; "
+                "or pass a list with one (N_i,) tensor per image"
+            )
+        class_labels = list(class_labels.unbind(0))
     if not isinstance(mask_labels, (list, tuple)) or not isinstance(class_labels, (list, tuple)):
-        raise ValueError("mask_labels and class_labels must be lists with one tensor per image (as the processor returns)")
+        raise ValueError(
+            "mask_labels and class_labels must be lists with one tensor per image (as the processor returns) or "
+            f"stacked tensors (B, N, H, W) and (B, N); got {type(mask_labels).__name__} and {type(class_labels).__name__}"
+        )
+    return list(mask_labels), list(class_labels)
+
+
+def _check_labels(mask_labels, class_labels, batch: int, num_labels: int):
     if len(mask_labels) != batch or len(class_labels) != batch:
         raise ValueError(f"got {len(mask_labels)} mask_labels and {len(class_labels)} class_labels for a batch of {batch}")
     for i, (m, c) in enumerate(zip(mask_labels, class_labels)):
+        if not isinstance(m, Tensor) or not isinstance(c, Tensor):
+            raise ValueError(f"image {i}: mask_labels and class_labels must hold tensors, got {type(m).__name__} and "
+                             f"{type(c).__name__}")
         if m.dim() != 3 or c.dim() != 1 or m.shape[0] != c.shape[0]:
             raise ValueError(f"image {i}: mask_labels must be (N, H, W) and class_labels (N,), got {tuple(m.shape)} and {tuple(c.shape)}")
+        if c.is_floating_point() or c.is_complex() or c.dtype == torch.bool:
+            raise ValueError(f"image {i}: class_labels must be an integer tensor (class ids), got {c.dtype}")
         if c.numel() and (int(c.min()) < 0 or int(c.max()) >= num_labels):
             raise ValueError(f"image {i}: class_labels must lie in [0, {num_labels}), got {c.min().item()}..{c.max().item()}")
 
@@ -120,6 +148,7 @@ def maskformer_loss(masks_queries_logits: Tensor, class_queries_logits: Tensor, 
     Returns (total loss, dict of weighted losses: loss_mask, loss_dice, loss_cross_entropy and,
     per auxiliary prediction i, the same keys suffixed _i).
     """
+    mask_labels, class_labels = as_label_lists(mask_labels, class_labels)
     _check_labels(mask_labels, class_labels, class_queries_logits.shape[0], num_labels)
     num_masks = torch.as_tensor(sum(len(c) for c in class_labels), dtype=torch.float, device=class_queries_logits.device)
     num_masks = torch.clamp(num_masks, min=1)

@@ -5,54 +5,115 @@
 "no object") and the mask embedder whose output is contracted with the per-pixel embeddings:
 ``masks_queries_logits[b, q] = sum_c mask_embed[b, q, c] * pixel_embeddings[b, c]``.
 
-Outputs use transformers' field names; they can be read by attribute, by key, by position
-(``outputs[0]``, skipping fields that are None, as transformers' ``ModelOutput``), and passed to
-``MaskFormerImageProcessor.post_process_*``.
+Outputs use transformers' field names and behave as its ``ModelOutput``: an ordered dict of the
+fields that are not None, read by attribute, key or position (``outputs[0]``), assignable, and
+accepted by ``MaskFormerImageProcessor.post_process_*``.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
+import functools
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import checkpoint
 from .config import MaskFormerConfig
 from .pixel_decoder import PixelDecoder
 from .swin import SwinBackbone
 from .transformer_decoder import TransformerModule
 
 
-class ModelOutput(Mapping):
-    """Dataclass outputs that also behave as an ordered mapping of their non-None fields."""
+class ModelOutput(OrderedDict):
+    """Model outputs as transformers' ``ModelOutput``: a dataclass that is also an ordered dict.
 
-    def _present(self):
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None]
+    The keys are the fields that are not None, in field order at construction; reading by
+    attribute (``out.loss``), key (``out["loss"]``) or position (``out[0]``, over the keys) and
+    ``to_tuple()`` agree. Assigning by attribute or key updates both views, a new non-None field
+    is appended to the keys (as transformers does), and a key that is not a field can be added
+    with ``out["name"] = value``. ``del``, ``pop``, ``setdefault`` and ``update`` raise, as in
+    transformers. One difference, on purpose: a field set to None leaves the keys and the tuple
+    (transformers keeps the old value under the key while the attribute says None, or keeps a
+    None in the tuple). Registered as a pytree node (as transformers'), so ``torch.export`` and
+    DDP's ``static_graph`` see the tensors inside.
+    """
 
-    def __getitem__(self, key):
-        if isinstance(key, (int, slice)):
-            return self.to_tuple()[key]
-        value = getattr(self, key, None) if isinstance(key, str) and key in self._names() else None
-        if value is None:
-            raise KeyError(key)
-        return value
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        torch.utils._pytree.register_pytree_node(
+            cls, _output_flatten, functools.partial(_output_unflatten, cls),
+            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        )
+
+    def __post_init__(self):
+        for name in self._field_names():
+            value = self.__dict__.get(name)
+            if value is not None:
+                super().__setitem__(name, value)
 
     @classmethod
-    def _names(cls):
-        return {f.name for f in fields(cls)}
+    def _field_names(cls):
+        # The dataclass's own field table (a dict, in definition order): torch.compile traces a
+        # dict lookup where it cannot trace dataclasses.fields().
+        return cls.__dataclass_fields__
 
-    def __iter__(self):
-        return iter([name for name, _ in self._present()])
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._field_names():
+            self._set_key(name, value)
 
-    def __len__(self):
-        return len(self._present())
+    def __setitem__(self, key, value):
+        if not isinstance(key, str):
+            raise TypeError(f"{type(self).__name__} keys are field names (str), got {type(key).__name__}")
+        super().__setattr__(key, value)
+        self._set_key(key, value)
+
+    def _set_key(self, key, value):
+        if value is None:
+            if key in self:
+                super().__delitem__(key)
+        else:
+            super().__setitem__(key, value)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return self.to_tuple()[key]
+
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError(
+            f"{type(self).__name__} keys cannot be removed or merged (as transformers' ModelOutput); set a field "
+            "to None to drop it, or build a dict with dict(outputs)"
+        )
+
+    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
 
     def to_tuple(self) -> tuple:
-        return tuple(value for _, value in self._present())
+        """The values of the keys (the non-None fields), in order."""
+        return tuple(self.values())
+
+    def __reduce__(self):
+        # Rebuilt empty, then key by key: the keys keep their order (pickle, copy.deepcopy).
+        return (type(self), (), None, None, iter(list(self.items())))
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(self.keys())})"
 
 
-@dataclass(repr=False)
+def _output_flatten(output: "ModelOutput"):
+    return list(output.values()), list(output.keys())
+
+
+def _output_unflatten(cls, values, keys) -> "ModelOutput":
+    out = cls()
+    for k, v in zip(keys, values):
+        out[k] = v
+    return out
+
+
+@dataclass(repr=False, eq=False)
 class MaskFormerModelOutput(ModelOutput):
     """encoder_last_hidden_state (B, C_4, H/32, W/32); pixel_decoder_last_hidden_state (B, M, H/4, W/4);
     transformer_decoder_last_hidden_state (B, Q, D); the *_hidden_states tuples when asked;
@@ -67,11 +128,8 @@ class MaskFormerModelOutput(ModelOutput):
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
 
-    def __repr__(self):
-        return f"MaskFormerModelOutput({', '.join(self)})"
 
-
-@dataclass(repr=False)
+@dataclass(repr=False, eq=False)
 class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     """class_queries_logits (B, Q, num_labels + 1); masks_queries_logits (B, Q, H/4, W/4);
     then the fields of ``MaskFormerModelOutput``. ``loss`` and ``auxiliary_logits`` are for training."""
@@ -88,9 +146,6 @@ class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None
-
-    def __repr__(self):
-        return f"MaskFormerForInstanceSegmentationOutput({', '.join(self)})"
 
 
 class InputError(ValueError):
@@ -110,38 +165,77 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     config_class = MaskFormerConfig
     main_input_name = "pixel_values"
+    base_model_prefix = "model"  # transformers' name for where the base model sits in the head model
+    checkpoint_prefix = "model."  # prefix of the base model's tensors in a checkpoint
 
     def __init__(self, config: MaskFormerConfig):
         super().__init__()
         if not isinstance(config, MaskFormerConfig):
             raise TypeError(f"expected a maskformer.MaskFormerConfig, got {type(config).__name__}")
+        config.validate()  # fields may have been changed since the config was built
         self.config = config
         # Checking pixel_values for NaN/inf costs one reduction (and a device sync on CUDA);
         # set to False when inputs are known to be finite (CUDAGraphRunner turns it off while capturing).
         self.check_finite = True
 
-    # -- loading and saving live in loading.py; these are the transformers-style entry points.
+    # -- loading and saving live in checkpoint.py; these are the transformers-style entry points.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
-        """Load a checkpoint from a local folder or a hub repo id.
+        """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
-        sharded with its index). ``dtype``: a torch dtype, its name, or None/"auto" for the
-        stored dtype. ``device``: where to place the weights (default CPU). Hub keyword
-        arguments (``revision``, ``cache_dir``, ``local_files_only``, ``token``) pass through.
-        Missing, unexpected or misshapen tensors raise ``CheckpointError`` listing them.
-        """
-        from .loading import load_pretrained
+        sharded with its index). Keyword arguments:
 
-        if "torch_dtype" in kwargs:  # transformers' older spelling
-            dtype = kwargs.pop("torch_dtype") if dtype is None else dtype
-        return load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
+        - ``dtype`` (or ``torch_dtype``): a torch dtype, its name, or None/"auto" for the stored dtype;
+          ``device``, or ``device_map`` ("cpu", "cuda:0", "auto", or a dict sending everything to
+          one device: maskformer does not split a model across devices);
+        - config fields to override, e.g. ``num_labels=7`` / ``id2label=...`` for fine-tuning,
+          with ``ignore_mismatched_sizes=True`` to re-initialise the class head (a warning lists
+          the re-initialised tensors); ``config=`` replaces config.json;
+        - ``output_loading_info=True`` returns ``(model, {"missing_keys", "unexpected_keys",
+          "mismatched_keys", "error_msgs"})`` as transformers does;
+        - ``strict=True`` refuses a checkpoint without the heads (by default a MaskFormerModel
+          checkpoint loads into MaskFormerForInstanceSegmentation with fresh heads and a warning);
+        - ``use_safetensors`` True/False restricts the weight format; hub arguments ``revision``,
+          ``cache_dir``, ``local_files_only``, ``token``, ``subfolder``, ``force_download``;
+        - accepted and ignored: ``trust_remote_code``, ``low_cpu_mem_usage``, ``attn_implementation``.
+
+        Any other keyword raises TypeError naming it. Missing backbone or decoder tensors, unexpected
+        or misshapen ones, and a config that does not describe the weights raise
+        ``CheckpointError`` / ``ConfigError`` naming them, before the weights are read.
+        """
+        return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):
         """Write ``config.json`` and the weights (safetensors by default) in transformers' layout."""
-        from .loading import save_pretrained
+        return checkpoint.save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
-        return save_pretrained(self, save_directory, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+        """Recompute the Swin blocks' and the decoder layers' activations in the backward pass
+        instead of keeping them (less memory in training, one more forward of compute), as
+        transformers' method of the same name. ``gradient_checkpointing_kwargs`` go to
+        ``torch.utils.checkpoint.checkpoint`` (default ``use_reentrant=False``)."""
+        import torch.utils.checkpoint
+
+        kwargs = dict(use_reentrant=False, **(gradient_checkpointing_kwargs or {}))
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", None) is not None for m in self.modules())
+
+    # transformers 5's names for the same
+    activation_checkpointing_enable = gradient_checkpointing_enable
+    activation_checkpointing_disable = gradient_checkpointing_disable
 
     @property
     def device(self) -> torch.device:
@@ -155,8 +249,11 @@ class MaskFormerPreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_finite(self, pixel_values: torch.Tensor) -> None:
-        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync)."""
-        if self.check_finite and not bool(torch.isfinite(pixel_values).all()):
+        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync).
+
+        Skipped inside ``torch.compile`` / ``torch.export``: a branch on tensor data cannot be
+        traced into one graph (check the inputs before calling a compiled or exported model)."""
+        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
             raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
 
     def _check_pixel_values(self, pixel_values, pixel_mask=None) -> torch.Tensor:
@@ -218,6 +315,8 @@ class MaskFormerModel(MaskFormerPreTrainedModel):
     transformers) -> ``MaskFormerModelOutput``.
     """
 
+    checkpoint_prefix = ""  # its tensors are "model.*" in a checkpoint with heads
+
     def __init__(self, config: MaskFormerConfig):
         super().__init__(config)
         self.pixel_level_module = PixelLevelModule(config)
@@ -227,18 +326,22 @@ class MaskFormerModel(MaskFormerPreTrainedModel):
         features = self.pixel_level_module.encoder(pixel_values)
         pixel_embeddings, fpn_outputs = self.pixel_level_module.decoder(features)
         decoded = self.transformer_module(features[-1], output_hidden_states, output_attentions)
-        out = MaskFormerModelOutput(
+        states = {}
+        if output_hidden_states:
+            states = dict(
+                encoder_hidden_states=tuple(features),
+                pixel_decoder_hidden_states=tuple(fpn_outputs),
+                transformer_decoder_hidden_states=decoded["hidden_states"],
+                hidden_states=tuple(features) + tuple(fpn_outputs) + decoded["hidden_states"],
+            )
+        # Built in one call: the keys follow the field order, as transformers' (attentions last).
+        return MaskFormerModelOutput(
             encoder_last_hidden_state=features[-1],
             pixel_decoder_last_hidden_state=pixel_embeddings,
             transformer_decoder_last_hidden_state=decoded["last_hidden_state"],
             attentions=decoded["attentions"] if output_attentions else None,
+            **states,
         )
-        if output_hidden_states:
-            out.encoder_hidden_states = tuple(features)
-            out.pixel_decoder_hidden_states = tuple(fpn_outputs)
-            out.transformer_decoder_hidden_states = decoded["hidden_states"]
-            out.hidden_states = out.encoder_hidden_states + out.pixel_decoder_hidden_states + out.transformer_decoder_hidden_states
-        return out
 
     def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, output_attentions=None, return_dict=None):
         pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
@@ -278,7 +381,9 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
 
     forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused)
     -> ``MaskFormerForInstanceSegmentationOutput`` with class_queries_logits (B, Q, K + 1) and
-    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)).
+    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)). With ``mask_labels`` (a list of B
+    (N_i, H, W) float binary masks, or one (B, N, H, W) tensor) and ``class_labels`` (a list of B
+    (N_i,) int64 class ids, or one (B, N) tensor) it also returns the training ``loss``.
     """
 
     def __init__(self, config: MaskFormerConfig):
@@ -332,6 +437,8 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
                 empty_weight=self.criterion.empty_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,
                 cross_entropy_weight=cfg.cross_entropy_weight, auxiliary_logits=auxiliary_logits,
             )
+        names = ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states", "hidden_states")
+        states = {name: getattr(base, name) for name in names} if output_hidden_states else {}
         out = MaskFormerForInstanceSegmentationOutput(
             loss=loss,
             class_queries_logits=class_logits,
@@ -341,12 +448,8 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
             pixel_decoder_last_hidden_state=pixel_embeddings,
             transformer_decoder_last_hidden_state=base.transformer_decoder_last_hidden_state,
             attentions=base.attentions,
+            **states,
         )
-        if output_hidden_states:
-            out.encoder_hidden_states = base.encoder_hidden_states
-            out.pixel_decoder_hidden_states = base.pixel_decoder_hidden_states
-            out.transformer_decoder_hidden_states = base.transformer_decoder_hidden_states
-            out.hidden_states = base.hidden_states
         return out if return_dict else out.to_tuple()
 
 

@@ -304,7 +304,11 @@ def _infer_channel_axis(shape: tuple[int, ...], where: str) -> int:
 
 
 def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: str | None, where: str) -> np.ndarray:
-    """One input image -> `(3, H, W)` numpy array, dtype as given (bool becomes uint8)."""
+    """One input image -> `(C, H, W)` numpy array, dtype as given (bool becomes uint8).
+
+    `do_convert_rgb`: True converts every image to RGB, None converts non-RGB images (C = 3 then),
+    False keeps the image's own channels (1 to 4; PIL images as `np.array` gives them).
+    """
     if isinstance(image, PIL.Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"{where} is a PIL image of size {image.width}x{image.height}; an image needs at least one pixel.")
@@ -314,13 +318,7 @@ def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: st
         arr = np.array(image)
         if arr.ndim == 2:
             arr = arr[:, :, None]
-        arr = np.moveaxis(arr, -1, 0)
-        if arr.shape[0] != 3:
-            raise ValueError(
-                f"{where} is a PIL image of mode {image.mode!r} ({arr.shape[0]} channels) and do_convert_rgb=False; "
-                "pass do_convert_rgb=True (or None) to convert it to RGB."
-            )
-        return arr
+        return np.moveaxis(arr, -1, 0)
 
     arr = _tensor_to_numpy(image) if isinstance(image, torch.Tensor) else image
     if arr.dtype == np.bool_:
@@ -337,21 +335,22 @@ def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: st
         raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}.")
     hwc = np.moveaxis(arr, axis, -1)
     channels = hwc.shape[-1]
-    if channels not in (1, 3, 4):
+    if not 1 <= channels <= 4:
         raise ValueError(
-            f"{where} has {channels} channels (shape {tuple(arr.shape)}); expected 1, 3 or 4. "
-            "Convert it to RGB first."
+            f"{where} has {channels} channels (shape {tuple(arr.shape)}); expected 1 to 4 (Pillow resizes L, LA, RGB "
+            "and RGBA images). Convert it first."
         )
     if np.issubdtype(hwc.dtype, np.floating) and not np.isfinite(hwc).all():
         raise ValueError(f"{where} contains NaN or infinite values; clean the image before preprocessing.")
-    if channels != 3:
-        if do_convert_rgb is False:
-            raise ValueError(
-                f"{where} has {channels} channel(s) and do_convert_rgb=False; pass do_convert_rgb=True (or None) "
-                "to convert it to RGB."
-            )
+    if channels != 3 and do_convert_rgb is not False:
         if channels == 1:
             hwc = np.repeat(hwc, 3, axis=-1)
+        elif channels == 2:
+            raise ValueError(
+                f"{where} has 2 channels and do_convert_rgb={do_convert_rgb}: 2-channel arrays are not converted to RGB "
+                "(transformers neither). Pass do_convert_rgb=False with a 2-value (or scalar) image_mean/image_std to "
+                "keep them, or convert the image to RGB first."
+            )
         else:
             # Blend onto white with transformers' numpy arithmetic (rounding for integer dtypes).
             if np.issubdtype(hwc.dtype, np.floating) and (hwc.min() < 0.0 or hwc.max() > 1.0):
@@ -368,15 +367,26 @@ def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: st
     return np.moveaxis(hwc, -1, 0)
 
 
+def resolve_convert_rgb(do_convert_rgb: bool | None, do_normalize: bool, image_mean: Any, image_std: Any) -> bool | None:
+    """The `do_convert_rgb` to apply to a batch. None (the default) converts non-RGB images only when
+    the normalisation needs three channels (a 3-value `image_mean` or `image_std`), where transformers
+    fails; with scalar or per-channel values, or `do_normalize=False`, images keep their channels, as
+    transformers keeps them."""
+    if do_convert_rgb is not None:
+        return do_convert_rgb
+    three = [v for v in (image_mean, image_std) if not isinstance(v, float) and len(v) == 3]
+    return None if do_normalize and three else False
+
+
 # ---------------------------------------------------------------------------------------------
 # Pixel operations
 # ---------------------------------------------------------------------------------------------
 def _resize_image(chw: np.ndarray, size_hw: tuple[int, int], resample: int, where: str) -> np.ndarray:
-    """Resize a `(3, H, W)` image with Pillow exactly as transformers' PIL backend does.
+    """Resize a `(C, H, W)` image (C in 1..4) with Pillow exactly as transformers' PIL backend does.
 
     Non-uint8 input goes through uint8 first (transformers' `to_pil_image`): integer-valued data in
     [0, 255] is cast, data in [0, 1] is multiplied by 255 (float64, then float32) and truncated, and
-    the result is scaled back by 1/255 (float32). Returns `(3, h, w)` uint8 or float32.
+    the result is scaled back by 1/255 (float32). Returns `(C, h, w)` uint8 or float32.
     """
     new_h, new_w = size_hw
     if new_h <= 0 or new_w <= 0:
@@ -401,9 +411,10 @@ def _resize_image(chw: np.ndarray, size_hw: tuple[int, int], resample: int, wher
                 "or hold integer values in [0, 255]."
             )
         hwc = hwc.astype(np.uint8)
-    pil = PIL.Image.fromarray(np.ascontiguousarray(hwc))
+    # (H, W, 1) goes through Pillow as mode L, (H, W, 2) as LA, 3 as RGB, 4 as RGBA (as transformers)
+    pil = PIL.Image.fromarray(np.ascontiguousarray(hwc[..., 0] if hwc.shape[-1] == 1 else hwc))
     out = np.array(pil.resize((new_w, new_h), resample=resample))
-    out = np.moveaxis(out, -1, 0)
+    out = np.moveaxis(out[..., None] if out.ndim == 2 else out, -1, 0)
     if scaled_to_255:
         out = (out.astype(np.float64) * (1 / 255)).astype(np.float32)
     return out
@@ -414,12 +425,21 @@ def _rescale(image: np.ndarray, scale: float) -> np.ndarray:
     return (image.astype(np.float64) * scale).astype(np.float32)
 
 
-def _normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def _normalize(image: np.ndarray, mean: float | Sequence[float], std: float | Sequence[float]) -> np.ndarray:
+    """`(image - mean) / std` per channel of a `(C, H, W)` image; a scalar applies to every channel."""
     # Float input keeps its dtype (as transformers); integer input is computed in float32.
     if not np.issubdtype(image.dtype, np.floating):
         image = image.astype(np.float32)
-    m = np.asarray(mean, dtype=image.dtype)[:, None, None]
-    s = np.asarray(std, dtype=image.dtype)[:, None, None]
+    channels = image.shape[0]
+    for name, value in (("image_mean", mean), ("image_std", std)):
+        if not isinstance(value, float) and len(value) != channels:
+            raise ValueError(
+                f"{name} has {len(value)} values but the image has {channels} channel(s); give one value per channel "
+                "(or one number for all); or, for a 3-value one, have the image converted to RGB (do_convert_rgb=True "
+                "or None instead of do_convert_rgb=False)."
+            )
+    m = np.asarray(mean, dtype=image.dtype).reshape(-1, 1, 1)
+    s = np.asarray(std, dtype=image.dtype).reshape(-1, 1, 1)
     return (image - m) / s
 
 
@@ -432,26 +452,42 @@ def _check_resample(resample: Any) -> PIL.Image.Resampling:
         ) from None
 
 
-def _check_mean_std(value: Any, name: str) -> tuple[float, float, float]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = (float(value),) * 3
-    value = tuple(float(v) for v in value)
-    if len(value) != 3:
-        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(value)}: {value}.")
-    if name == "image_std" and any(v == 0 for v in value):
+def _check_mean_std(value: Any, name: str) -> float | tuple[float, ...]:
+    """A number (kept as one float: it applies to every channel) or one value per channel (1 to 4)."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+        checked: float | tuple[float, ...] = float(value)
+        values: tuple[float, ...] = (checked,)
+    else:
+        try:
+            values = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number or one number per channel, got {value!r}.") from None
+        if not 1 <= len(values) <= 4:
+            raise ValueError(f"{name} must have one value per channel (1 to 4 values), got {len(values)}: {values}.")
+        checked = values
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {values}.")
+    if name == "image_std" and any(v == 0 for v in values):
         raise ValueError(f"image_std must be non-zero, got {value}.")
-    return value
+    return checked
 
 
 # ---------------------------------------------------------------------------------------------
 # Batch
 # ---------------------------------------------------------------------------------------------
 def pad_images(images: list[np.ndarray], pad_size: dict[str, int] | None) -> dict[str, Any]:
-    """Pad `(3, h_i, w_i)` images bottom/right with zeros to the batch maximum (or `pad_size`).
+    """Pad `(C, h_i, w_i)` images bottom/right with zeros to the batch maximum (or `pad_size`).
 
-    Returns `{"pixel_values": (B, 3, H, W) float32, "pixel_mask": (B, H, W) int64}` numpy arrays,
-    the mask 1 on image pixels and 0 on padding.
+    Returns `{"pixel_values": (B, C, H, W) float32, "pixel_mask": (B, H, W) int64}` numpy arrays,
+    the mask 1 on image pixels and 0 on padding. Every image must have the same C.
     """
+    channels = {img.shape[0] for img in images}
+    if len(channels) > 1:
+        counts = [img.shape[0] for img in images]
+        raise ValueError(
+            f"the images of one batch must have the same number of channels, got {counts}; convert them to RGB "
+            "(do_convert_rgb=True) or process them in separate batches."
+        )
     max_h = max(img.shape[1] for img in images)
     max_w = max(img.shape[2] for img in images)
     if pad_size is not None:
@@ -461,7 +497,7 @@ def pad_images(images: list[np.ndarray], pad_size: dict[str, int] | None) -> dic
                 "increase pad_size or reduce `size`."
             )
         max_h, max_w = pad_size["height"], pad_size["width"]
-    pixel_values = np.zeros((len(images), 3, max_h, max_w), dtype=np.float32)
+    pixel_values = np.zeros((len(images), channels.pop(), max_h, max_w), dtype=np.float32)
     pixel_mask = np.zeros((len(images), max_h, max_w), dtype=np.int64)
     for i, img in enumerate(images):
         h, w = img.shape[1:]

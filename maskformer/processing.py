@@ -83,9 +83,11 @@ Inputs transformers rejects or crashes on, which we process:
     A dict size with only `shortest_edge` plus a legacy `max_size` gets `longest_edge = max_size`.
     [test_shortest_edge_only]
 11. Non-RGB images by default: transformers' default `do_convert_rgb=None` leaves grayscale, RGBA,
-    palette ... images alone and then fails in `normalize`; we convert them exactly as transformers
-    does with `do_convert_rgb=True` (Pillow `convert("RGB")`, alpha composited onto white).
-    [test_pixel_parity_modes]
+    palette ... images alone and then fails in `normalize` when `image_mean`/`image_std` have 3
+    values (the default); there we convert them exactly as transformers does with
+    `do_convert_rgb=True` (Pillow `convert("RGB")`, alpha composited onto white). With a scalar or
+    per-channel mean/std, or `do_normalize=False`, images keep their 1, 2 or 4 channels, as in
+    transformers. [test_pixel_parity_modes, tests/test_dropin_processing.py]
 12. Segmentation maps with `ignore_index=None` (the default) in a batch that needs padding:
     transformers crashes ("Unsupported format: None"); we pad the binary masks with 0.
     [test_seg_ignore_index_none_mixed_sizes]
@@ -180,6 +182,7 @@ from .preprocessing import (  # noqa: F401
     _tensor_to_numpy,
     get_output_image_size,
     pad_images,
+    resolve_convert_rgb,
 )
 from .targets import _resize_label_map, _seg_map_to_2d, encode_targets  # noqa: F401
 
@@ -236,17 +239,20 @@ class MaskFormerImageProcessor:
             (0 or 1: no rounding).
         resample (`PIL.Image.Resampling | int`, default BILINEAR): Pillow filter for images.
         do_rescale (`bool`, default True), rescale_factor (`float`, default 1/255).
-        do_normalize (`bool`, default True), image_mean / image_std (3 floats or one float, default
-            ImageNet's).
+        do_normalize (`bool`, default True), image_mean / image_std (one float per channel, or one
+            float for all channels; default ImageNet's 3 values).
         ignore_index (`int | None`, default None): label dropped from `mask_labels`; also the value
             padding pixels of `mask_labels` get (0 when None).
         do_reduce_labels (`bool`, default False): label 0 becomes `ignore_index`, others minus 1.
         num_labels (`int | None`): stored only (as in transformers).
         pad_size (`dict | int | None`): pad every batch to this `{"height", "width"}` instead of the
             batch maximum.
-        do_convert_rgb (`bool | None`, default None): None converts only non-RGB images, True always
-            runs the RGB conversion (it also composites RGB images that carry a transparency key),
-            False never converts (non-RGB input then raises).
+        do_convert_rgb (`bool | None`, default None): None converts non-RGB images when the
+            normalisation needs 3 channels (3-value image_mean/image_std) and keeps them otherwise;
+            True always runs the RGB conversion (it also composites RGB images that carry a
+            transparency key); False never converts: 1, 2 (LA) or 4-channel images give
+            `pixel_values` with that many channels (image_mean/image_std then need that many values,
+            or one).
         max_size, size_divisibility, reduce_labels: legacy spellings, see the module docstring.
     """
 
@@ -345,25 +351,50 @@ class MaskFormerImageProcessor:
         return out
 
     def to_json_string(self) -> str:
+        """`to_dict()` as JSON text (what `save_pretrained` writes)."""
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        """Write `to_json_string()` to `json_file_path` (transformers' method of the same name)."""
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike) -> MaskFormerImageProcessor:
+        """Build from a JSON file written by `to_json_file` / `save_pretrained` (ours or transformers')."""
+        return cls.from_dict(_read_json_config(os.fspath(json_file)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> str:
-        """Write `preprocessor_config.json` into `save_directory` (created if needed); returns its path."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
+        """Write `preprocessor_config.json` into `save_directory` (created if needed).
+
+        Returns the list of files written (one path), as transformers does. `push_to_hub=True` is not
+        supported: save, then upload the folder with `huggingface_hub`.
+        """
+        if kwargs.pop("push_to_hub", False):
+            raise NotImplementedError("save_pretrained(push_to_hub=True) is not supported; save to a folder, then "
+                                      "upload it with huggingface_hub.upload_folder")
+        if kwargs:
+            raise TypeError(f"save_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}")
         save_directory = os.fspath(save_directory)
         if os.path.isfile(save_directory):
             raise NotADirectoryError(f"save_pretrained needs a directory, but {save_directory!r} is a file.")
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, CONFIG_NAME)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json_string())
-        return path
+        self.to_json_file(path)
+        return [path]
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], **overrides: Any) -> MaskFormerImageProcessor:
-        """Build from a config dict (e.g. a parsed `preprocessor_config.json`); `overrides` win."""
+        """Build from a config dict (e.g. a parsed `preprocessor_config.json`); `overrides` win, also
+        when given by a legacy name (`size_divisibility=8` replaces the dict's `size_divisor`, as
+        transformers 4.x did; 5.23 ignores it)."""
+        overrides = dict(overrides)
+        for legacy, name in (("size_divisibility", "size_divisor"), ("reduce_labels", "do_reduce_labels")):
+            if legacy in overrides and name not in overrides:
+                overrides[name] = overrides.pop(legacy)
         merged = dict(config)
         merged.update(overrides)
         return cls(**merged)
@@ -378,6 +409,7 @@ class MaskFormerImageProcessor:
         token: str | bool | None = None,
         local_files_only: bool = False,
         subfolder: str = "",
+        force_download: bool = False,
         **overrides: Any,
     ) -> MaskFormerImageProcessor:
         """Load from a local folder, a JSON file, or a hub repo id (through `huggingface_hub`).
@@ -409,7 +441,7 @@ class MaskFormerImageProcessor:
                 "form 'owner/name')."
             )
         return cls.from_dict(
-            _hub_config(path, cache_dir, revision, token, local_files_only, subfolder), **overrides
+            _hub_config(path, cache_dir, revision, token, local_files_only, subfolder, force_download), **overrides
         )
 
     # -- preprocessing -----------------------------------------------------------------------
@@ -432,6 +464,9 @@ class MaskFormerImageProcessor:
         cfg["resample"] = _check_resample(cfg["resample"])
         cfg["image_mean"] = _check_mean_std(cfg["image_mean"], "image_mean")
         cfg["image_std"] = _check_mean_std(cfg["image_std"], "image_std")
+        cfg["do_convert_rgb"] = resolve_convert_rgb(
+            cfg["do_convert_rgb"], cfg["do_normalize"], cfg["image_mean"], cfg["image_std"]
+        )
         return cfg
 
     def __call__(
@@ -751,12 +786,14 @@ def _hub_config(
     token: Any,
     local_files_only: bool,
     subfolder: str,
+    force_download: bool = False,
 ) -> dict[str, Any]:
     """preprocessor_config.json (or processor_config.json's nested entry) of a hub repo, via
-    ``maskformer.loading.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
-    from .loading import resolve_file
+    ``maskformer.hub.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
+    from .hub import resolve_file
 
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+               force_download=force_download)
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     path = resolve_file(repo_id, prefix + CONFIG_NAME, required=False, **hub)
     if path is not None:

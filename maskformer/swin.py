@@ -23,56 +23,13 @@ from torch.nn import functional as F
 
 from .config import MaskFormerSwinConfig, _as_pair
 from .layers import DropPath, cached_per_shape, get_activation
-
-
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) with H, W multiples of ``window_size`` -> (B * nW, window_size, window_size, C).
-
-    Windows are ordered batch-major, then row-major over the window grid.
-    """
-    b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.transpose(2, 3).reshape(-1, window_size, window_size, c)
-
-
-def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
-    """(B * nW, window_size, window_size, C) -> (B, H, W, C); the inverse of ``window_partition``."""
-    c = windows.shape[-1]
-    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, c)
-    return x.transpose(2, 3).reshape(-1, height, width, c)
-
-
-def relative_position_index(window_size: int) -> torch.Tensor:
-    """(N, N) int64 index into the ((2w-1)^2, heads) bias table, N = window_size**2.
-
-    Entry [i, j] encodes the offset of token i from token j: (dy + w - 1) * (2w - 1) + (dx + w - 1).
-    """
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size), torch.arange(window_size), indexing="ij"))
-    coords = coords.flatten(1)  # (2, N)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
-    return (rel[..., 0] + window_size - 1) * (2 * window_size - 1) + (rel[..., 1] + window_size - 1)
-
-
-def shift_region_ids(height: int, width: int, window_size: int, shift_size: int, device=None) -> torch.Tensor:
-    """(H, W) int64 region id of each position of the padded, rolled map (0..8).
-
-    Rolling by -shift puts the last ``shift`` rows/columns next to the first ones; tokens from
-    different regions must not attend to each other. Regions per axis: [0, n - window),
-    [n - window, n - shift), [n - shift, n).
-    """
-    h = torch.arange(height, device=device)
-    w = torch.arange(width, device=device)
-    h_region = (h >= height - window_size).long() + (h >= height - shift_size).long()
-    w_region = (w >= width - window_size).long() + (w >= width - shift_size).long()
-    return h_region[:, None] * 3 + w_region[None, :]
-
-
-def shift_attention_mask(height: int, width: int, window_size: int, shift_size: int, device=None, dtype=torch.float32):
-    """(nW, N, N) additive mask for shifted windows: 0 within a region, -100 across regions."""
-    ids = shift_region_ids(height, width, window_size, shift_size, device)
-    ids = window_partition(ids[None, :, :, None], window_size).reshape(-1, window_size * window_size)
-    different = ids[:, None, :] != ids[:, :, None]
-    return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill(different, -100.0)
+from .windows import (  # noqa: F401  (importable from here as before)
+    relative_position_index,
+    shift_attention_mask,
+    shift_region_ids,
+    window_partition,
+    window_reverse,
+)
 
 
 class SwinPatchEmbeddings(nn.Module):
@@ -377,6 +334,9 @@ class SwinBackbone(nn.Module):
         self.model = SwinModel(config)
         self.channels = config.stage_channels
         self.hidden_states_norms = nn.ModuleList([nn.LayerNorm(c) for c in self.channels])
+        # model.gradient_checkpointing_enable() sets a torch.utils.checkpoint.checkpoint partial here:
+        # in training each block's activations are then recomputed in the backward pass.
+        self.gradient_checkpointing = None
 
     def forward(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
         """pixel_values (B, 3, H, W) -> one (B, C_i, H_i, W_i) map per stage, fine to coarse.
@@ -393,8 +353,9 @@ class SwinBackbone(nn.Module):
         x, dims = self.model.embeddings(pixel_values)
         features = []
         for stage, norm in zip(self.model.encoder.layers, self.hidden_states_norms):
+            checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
             for block in stage.blocks:
-                x = block(x, dims)
+                x = block(x, dims) if checkpoint is None else checkpoint(block, x, dims)
             b, _, c = x.shape
             if channels_last:
                 features.append(norm(x).view(b, dims[0], dims[1], c).permute(0, 3, 1, 2))

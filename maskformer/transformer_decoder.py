@@ -119,6 +119,7 @@ class TransformerModule(nn.Module):
         # (h, w, channels, device, dtype) -> (1, h*w, channels) sine embedding: it depends on the
         # shape only, so it is built once per shape on the model's device (no host work per forward).
         self._pos_cache: Dict[tuple, torch.Tensor] = {}
+        self.gradient_checkpointing = None  # see SwinBackbone.gradient_checkpointing
 
     def image_position_embedding(self, height: int, width: int, channels: int, device, dtype) -> torch.Tensor:
         """(1, height*width, channels) sine embedding of the flattened feature map, cached per shape."""
@@ -134,7 +135,9 @@ class TransformerModule(nn.Module):
             image_features = self.input_projection(image_features)
         b, d, h, w = image_features.shape
         query_pos = self.queries_embedder.weight.unsqueeze(0).expand(b, -1, -1)
-        hidden = torch.zeros_like(query_pos)
+        # In training the zero input is a leaf that requires grad, as transformers makes it, so
+        # outputs.transformer_decoder_hidden_states[0].retain_grad() works and receives a gradient.
+        hidden = torch.zeros_like(query_pos, requires_grad=self.training)
         image_pos = self.image_position_embedding(h, w, d, image_features.device, image_features.dtype).expand(b, -1, -1)
         image_features = image_features.view(b, d, h * w).transpose(1, 2)
         # The cross-attention keys are features + position for every layer: one add, not one per layer.
@@ -143,8 +146,10 @@ class TransformerModule(nn.Module):
         decoder = self.decoder
         hidden_states: List[torch.Tensor] = [hidden]
         attentions: List[torch.Tensor] = []
+        checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
         for layer in decoder.layers:
-            hidden, weights = layer(hidden, image_features, image_keys, query_pos)
+            args = (hidden, image_features, image_keys, query_pos)
+            hidden, weights = layer(*args) if checkpoint is None else checkpoint(layer, *args)
             hidden_states.append(hidden)
             attentions.append(weights)
             if decoder.auxiliary_loss:

@@ -1,0 +1,119 @@
+"""The package's import graph has no cycle, and every module imports on its own in a fresh interpreter.
+
+A cycle (config -> loading -> modeling -> config, as there was) works only as long as every
+import in it stays inside a function and the modules are imported in a lucky order; moving one
+import to the top, or importing a module first, then fails with a half-initialised module.
+"""
+import ast
+import os
+import subprocess
+import sys
+
+import maskformer
+import maskformer.kernels
+
+PACKAGE_DIR = os.path.dirname(maskformer.__file__)
+KERNELS_DIR = os.path.dirname(maskformer.kernels.__file__)
+
+def _modules():
+    mods = {}
+    for folder, package in ((PACKAGE_DIR, "maskformer"), (KERNELS_DIR, "maskformer.kernels")):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                mods[package if name == "__init__.py" else f"{package}.{name[:-3]}"] = os.path.join(folder, name)
+    return mods
+
+
+def _import_edges(mods):
+    """{module: {(imported module, lazy)}} for imports of maskformer modules (the package itself excluded:
+    every submodule import runs the package's __init__ first, which is how packages work)."""
+    edges = {}
+    for name, path in mods.items():
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        package = name if path.endswith("__init__.py") else name.rpartition(".")[0]
+        top_level = {id(node) for node in tree.body}
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = package.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1])
+                    target = f"{base}.{node.module}" if node.module else base
+                else:
+                    target = node.module or ""
+                targets = [f"{target}.{a.name}" if f"{target}.{a.name}" in mods else target for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for target in targets:
+                if target in mods and target not in (name, "maskformer"):
+                    found.add((target, id(node) not in top_level))
+        edges[name] = found
+    return edges
+
+
+def _find_cycle(graph):
+    """One cycle of ``graph`` ({node: set of nodes}) as a list of nodes, or None."""
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        state[node] = "done"
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_module_level_imports_form_a_dag():
+    edges = _import_edges(_modules())
+    graph = {m: {t for t, lazy in e if not lazy} for m, e in edges.items()}
+    assert _find_cycle(graph) is None, f"module-level import cycle: {' -> '.join(_find_cycle(graph))}"
+
+
+def test_no_cycle_even_through_function_level_imports():
+    edges = _import_edges(_modules())
+    graph = {m: {t for t, _ in e} for m, e in edges.items()}
+    cycle = _find_cycle(graph)
+    assert cycle is None, f"import cycle (function-level imports included): {' -> '.join(cycle)}"
+
+
+def test_loading_layers():
+    """hub is the bottom; config needs only hub; checkpoint never imports the model classes; the
+    Triton window attention takes the window geometry from windows.py, not from the Swin model."""
+    edges = _import_edges(_modules())
+    imported = {m: {t for t, _ in e} for m, e in edges.items()}
+    assert imported["maskformer.hub"] == set()
+    assert imported["maskformer.config"] == {"maskformer.hub"}
+    assert "maskformer.modeling" not in imported["maskformer.checkpoint"]
+    assert "maskformer.loading" not in imported["maskformer.modeling"]
+    assert "maskformer.swin" not in imported["maskformer.kernels.window_attention"]
+
+
+def test_each_module_imports_first_in_a_fresh_interpreter():
+    names = ["hub", "config", "checkpoint", "modeling", "loading", "processing", "swin", "dispatch", "loss"]
+    procs = {
+        n: subprocess.Popen([sys.executable, "-c", f"import maskformer.{n}"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+        for n in names
+    }
+    failures = {}
+    for n, p in procs.items():
+        _, err = p.communicate(timeout=120)
+        if p.returncode:
+            failures[n] = err.strip().splitlines()[-1]
+    assert not failures, failures
