@@ -281,9 +281,10 @@ class MaskFormerPreTrainedModel(nn.Module):
         if h == 0 or w == 0:
             raise InputError(f"pixel_values has an empty spatial size {h}x{w}")
         # The coarsest map is ceil(H / (4 * 2**(stages-1))) x ...; at 1x1 the FPN's GroupNorm has
-        # one value per group and fails deep inside (transformers too).
+        # one value per group and fails deep inside (transformers too). Not checked while tracing:
+        # with dynamic sizes this test would tie the graph to the traced size's side of it.
         stride = 4 * 2 ** (len(self.config.backbone_config.depths) - 1)
-        if -(-h // stride) * -(-w // stride) == 1:
+        if not torch.compiler.is_compiling() and -(-h // stride) * -(-w // stride) == 1:
             raise InputError(
                 f"pixel_values of {h}x{w} is too small: the coarsest feature map would be 1x1; make the image larger "
                 f"than {stride} pixels on at least one side (MaskFormerImageProcessor resizes to 800 by default)"
