@@ -227,7 +227,7 @@ def verify_onnx(model, path, sizes: Sequence[Tuple[int, int, int]], *, engine: s
     """Run the ONNX file at ``path`` with ``engine`` and ``model`` on the same random inputs
     (one per (batch, height, width) in ``sizes``); one row per size: max relative error per
     output and overall, and the fraction of equal pixels in the two semantic maps."""
-    from .engines import runner_for_file
+    from .engines.registry import runner_for_file
 
     return verify_rows(model, runner_for_file(engine, path, threads=threads), sizes, fields=fields, seed=seed)
 
@@ -286,7 +286,7 @@ def _importable(name: str) -> bool:
 
 
 def _first_engine() -> str:
-    from .engines import engine_unavailable
+    from .engines.registry import engine_unavailable
 
     for name in ("onnxruntime", "openvino"):
         if engine_unavailable(name) is None:

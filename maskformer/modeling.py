@@ -62,8 +62,15 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     # -- loading and saving live in checkpoint.py; these are the transformers-style entry points.
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, engine: str = "torch",
+                        threads: Optional[int] = None, engine_cache_dir: Optional[str] = None, **kwargs):
         """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
+
+        ``engine``: who runs the network. "torch" (default): this model. "onnxruntime" or
+        "openvino" (``MaskFormerForInstanceSegmentation`` only; CPU, float32): an ``EngineModel``
+        with the same call signature and output fields, running the model's ONNX export, built
+        on first use and cached (``maskformer.engines``); ``threads`` (default
+        ``torch.get_num_threads()``) and ``engine_cache_dir`` apply to these engines only.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
         sharded with its index). Keyword arguments:
@@ -86,6 +93,14 @@ class MaskFormerPreTrainedModel(nn.Module):
         or misshapen ones, and a config that does not describe the weights raise
         ``CheckpointError`` / ``ConfigError`` naming them, before the weights are read.
         """
+        if engine not in (None, "torch"):
+            from .engines.model import load_engine_model
+
+            return load_engine_model(cls, pretrained_model_name_or_path, engine, threads=threads,
+                                     engine_cache_dir=engine_cache_dir, dtype=dtype, device=device, **kwargs)
+        if threads is not None or engine_cache_dir is not None:
+            raise ValueError("threads= and engine_cache_dir= apply to engine='onnxruntime' or 'openvino'; torch's "
+                             "threads are process-wide: torch.set_num_threads(n)")
         return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):

@@ -1,16 +1,30 @@
 """The reference path traces into one size-generic graph (strict torch.export, dynamic batch, height
-and width) that equals eager bit for bit. The numerics of the eager path are pinned against
-transformers bit for bit where they were exact before the export work."""
+and width) that equals eager bit for bit, and its ONNX export runs in the engines within the
+stated bar at sizes with padding at every stage. The numerics of the eager path are pinned
+against transformers bit for bit where they were exact before the export work."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, dispatch
 from maskformer.checkpoint import load_model_state
-from maskformer.export import (OUTPUT_FIELDS, default_verify_sizes, export_program, min_side,
+from maskformer.export import (OUTPUT_FIELDS, REL_ERROR_BAR, default_verify_sizes, export_program, min_side,
                                padded_stages, tracing_context)
 
 from hf_oracle import make_hf_model
 
+HAVE_EXPORTER = all(importlib.util.find_spec(p) is not None for p in ("onnx", "onnxscript"))
+HAVE_ORT = HAVE_EXPORTER and importlib.util.find_spec("onnxruntime") is not None
+HAVE_OV = HAVE_EXPORTER and importlib.util.find_spec("openvino") is not None
+needs_ort = pytest.mark.skipif(not HAVE_ORT, reason="onnx, onnxscript and onnxruntime not installed: "
+                                                    "pip install 'maskformer[onnx]'")
+needs_ov = pytest.mark.skipif(not HAVE_OV, reason="onnx, onnxscript and openvino not installed: "
+                                                  "pip install 'maskformer[openvino]'")
 
 
 def ours_from_hf(hf_model):
@@ -65,6 +79,88 @@ def test_default_verify_sizes_pad_every_stage_and_include_a_batch():
         assert padded_stages(config, h, w) == [1, 2, 3, 4], (h, w)
     assert padded_stages(config, 224, 224) == []  # 56, 28, 14, 7 tokens: multiples of the window
     assert padded_stages(config, 228, 224) == [1, 2, 3, 4]  # 57, 29, 15, 8
+
+
+@pytest.fixture(scope="module")
+def exported(engine_checkpoint, tmp_path_factory):
+    """(model, path, report dict, stdout): ``maskformer export`` of a small perturbed checkpoint,
+    verified with ONNX Runtime, in a subprocess (the command and export_onnx in one export)."""
+    if not HAVE_ORT:
+        pytest.skip("onnx, onnxscript and onnxruntime not installed: pip install 'maskformer[onnx]'")
+    folder = tmp_path_factory.mktemp("onnx")
+    path, report = str(folder / "model.onnx"), str(folder / "report.json")
+    result = subprocess.run([sys.executable, "-m", "maskformer", "export", engine_checkpoint, path, "--verify-sizes",
+                             "1x97x131,2x64x80,1x40x300", "--verify-engine", "onnxruntime", "--threads", "1",
+                             "--json", report], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = MaskFormerForInstanceSegmentation.from_pretrained(engine_checkpoint)
+    return model, path, json.load(open(report)), result.stdout
+
+
+@needs_ort
+def test_onnx_export_is_verified_against_pytorch(exported):
+    model, path, report, stdout = exported
+    assert report["ok"] and report["verify_engine"] == "onnxruntime" and len(report["rows"]) == 3
+    assert [row["size"] for row in report["rows"]] == [[1, 97, 131], [2, 64, 80], [1, 40, 300]]
+    for row in report["rows"]:
+        assert row["padded_stages"], row  # window padding at some stage
+        assert 0 < row["max_rel_error"] <= REL_ERROR_BAR  # > 0: the engine really ran (not PyTorch again)
+        assert row["maps_agree"] >= 0.999
+    assert report["fields"] == list(OUTPUT_FIELDS) and os.path.getsize(path) > 0
+    # the command printed the same table
+    lines = [l for l in stdout.splitlines() if "x3x" in l]
+    assert [l.split()[0] for l in lines] == ["1x3x97x131", "2x3x64x80", "1x3x40x300"], stdout
+    assert "max rel error" in stdout and stdout.rstrip().endswith("OK")
+
+
+@needs_ort
+def test_onnx_graph_has_dynamic_batch_height_width(exported):
+    import onnx
+
+    _, path, _, _ = exported
+    proto = onnx.load(path, load_external_data=False)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True], dims
+    assert dims[1].dim_value == 3
+    assert [o.name for o in proto.graph.output] == list(OUTPUT_FIELDS)
+
+
+@pytest.mark.parametrize("engine", [pytest.param("onnxruntime", marks=needs_ort), pytest.param("openvino", marks=needs_ov)])
+def test_export_runs_in_both_engines_at_new_sizes(exported, engine):
+    """Sizes the export was neither traced nor verified at, in each engine."""
+    from maskformer.export import verify_onnx
+
+    model, path, _, _ = exported
+    rows = verify_onnx(model, path, [(1, 57, 301), (2, 129, 129), (1, 230, 64)], engine=engine)
+    for row in rows:
+        assert row["max_rel_error"] <= REL_ERROR_BAR and row["maps_agree"] >= 0.999, row
+
+
+@needs_ort
+def test_verification_fails_loudly_on_a_wrong_export(exported, tmp_path):
+    """A graph whose weights differ from the model's (a stale or wrong file) is caught by the bar."""
+    from maskformer.export import verify_onnx
+
+    model, path, _, _ = exported
+    other = ours_from_hf(make_hf_model(window_size=7, depths=(1, 1, 1, 1), num_queries=6, seed=1))
+    rows = verify_onnx(other, path, [(1, 64, 64)], engine="onnxruntime")
+    assert rows[0]["max_rel_error"] > 100 * REL_ERROR_BAR
+
+
+def test_export_requires_the_exporter_packages(monkeypatch, tmp_path):
+    from maskformer import export
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(ImportError, match=r"pip install 'maskformer\[onnx\]'"):
+        export.export_onnx(ours_from_hf(make_hf_model(window_size=3)), tmp_path / "x.onnx")
+
+
+def test_export_command_refuses_bad_sizes(engine_checkpoint, tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "maskformer", "export", engine_checkpoint, str(tmp_path / "x.onnx"),
+                          "--verify-sizes", "1x97"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "--verify-sizes must be BxHxW" in bad.stderr
+    assert not (tmp_path / "x.onnx").exists()
 
 
 def test_torch_compile_one_graph_no_break_no_recompile():
