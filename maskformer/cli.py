@@ -291,6 +291,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "input's results")
     seg.add_argument("--quiet", action="store_true",
                      help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
+    seg.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                     help="who runs the network (default: torch). onnxruntime/openvino: its ONNX export on the CPU in "
+                          "float32, built on first use and cached; post-processing stays ours. `maskformer info` says "
+                          "which are installed")
+    seg.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch and the engine (default: torch's, one per core)")
     sub.add_parser("info", parents=[common], help="versions, devices, CPU features, fast paths and engines")
     exp = sub.add_parser(
         "export", parents=[common], formatter_class=fmt, help="export a model to ONNX, verified against PyTorch",
@@ -336,6 +342,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError("--batch-size must be >= 1")
             if args.max_pixels < 1:
                 raise ValueError("--max-pixels must be >= 1")
+            if args.threads is not None:
+                set_threads(args.threads)
             from .segment import run
 
             return run(args)

@@ -278,3 +278,36 @@ def test_engine_extras_do_not_depend_on_torch(extra):
                 pytest.fail(f"{name} (required by maskformer[{extra}]) is not installed")
             pytest.skip(f"{name} not installed: its requirements cannot be read")
     assert {"onnx", "onnxscript"} <= seen
+
+
+@pytest.mark.parametrize("engine", ENGINE_PARAMS)
+def test_segment_command_with_an_engine(checkpoint, engine_cache, engine, tmp_path):
+    """``maskformer segment --engine`` gives the torch engine's maps (the post-processing is the
+    same code; the logits agree within the export bar) and honours --threads."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from maskformer.synthetic import make_sample
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(2):
+        make_sample(100 + i, 120, 160)[0].save(src / f"img{i}.png")
+    env = dict(os.environ, MASKFORMER_ENGINE_CACHE=engine_cache)
+    maps = {}
+    for name in ("torch", engine):
+        out = tmp_path / name
+        result = subprocess.run([sys.executable, "-m", "maskformer", "segment", str(src), "--model", checkpoint, "--out",
+                                 str(out), "--engine", name, "--threads", "1", "--quiet", "--no-color-map"],
+                                capture_output=True, text=True, timeout=900, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        maps[name] = [np.asarray(Image.open(out / f"img{i}.png.label.png")) for i in range(2)]
+    agree = np.mean([(a == b).mean() for a, b in zip(maps["torch"], maps[engine])])
+    assert agree >= 0.999, agree
+    bad = subprocess.run([sys.executable, "-m", "maskformer", "segment", str(src), "--model", checkpoint, "--out",
+                          str(tmp_path / "bf16"), "--engine", engine, "--dtype", "bfloat16"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert bad.returncode == 1 and "runs in float32" in bad.stderr
