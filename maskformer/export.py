@@ -208,6 +208,7 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
                                          output_names=list(fields), optimize=True, verbose=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx_program.save(path, external_data=nbytes > 1.5e9)
+    _name_dynamic_dims(path, program)
     seconds = time.perf_counter() - start
     report = ExportReport(path=path, fields=tuple(fields), opset=_opset_of(path), seconds=seconds)
     if verify:
@@ -262,6 +263,31 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
         rows.append({"size": [batch, height, width], "padded_stages": padded_stages(model.config, height, width),
                      "errors": errors, "max_rel_error": errors[worst], "worst_output": worst, "maps_agree": agree})
     return rows
+
+
+def _name_dynamic_dims(path: str, program) -> None:
+    """Rename the exporter's size symbols (s6, s37, ...) to batch, height and width in the file's
+    input and output shapes (ONNX Runtime's free-dimension overrides and readers go by these)."""
+    import re
+
+    import onnx
+
+    dims = program.graph_signature.user_inputs and [n for n in program.graph.nodes if n.op == "placeholder"]
+    symbols = {}
+    for node in dims or []:
+        if node.name == "pixel_values" or node.target == "pixel_values":
+            shape = node.meta["val"].shape
+            for index, name in ((0, "batch"), (2, "height"), (3, "width")):
+                symbols[str(shape[index])] = name
+    if not symbols:
+        return
+    proto = onnx.load(path, load_external_data=False)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(s) for s in symbols) + r")\b")
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: symbols[m.group(1)], dim.dim_param)
+    onnx.save(proto, path)
 
 
 def _cpu_fp32(model):
