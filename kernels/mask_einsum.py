@@ -215,7 +215,11 @@ def _build_kernel():
     return _mask_einsum_fwd_kernel
 
 
-def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor,
+            compile_only: bool = False):
+    """Run the kernel: (B, Q, K+1), (B, Q, h, w) -> out (B, K, h, w) fp32 contiguous, returned.
+    ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
+    without launching (``benchmarks/aot.py``, with meta tensors)."""
     cl = class_queries_logits.contiguous()
     ml = masks_queries_logits.contiguous()
     b, q, c = cl.shape
@@ -228,9 +232,14 @@ def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tens
     block_p = 64
     block_q = 16 if q <= 16 else 32
     grid = (b, triton.cdiv(k, block_k), triton.cdiv(hw, block_p))
+    args = (cl, ml, out, q, k, hw)
+    # enable_fp_fusion explicit (triton 3.10 turns the default off): the softmax and sigmoid's
+    # a * b + c become FMAs; the parity bar allows either rounding.
+    meta = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=128, num_warps=4, enable_fp_fusion=True)
+    if compile_only:
+        return kernel.warmup(*args, grid=grid, **meta)
     if b and hw:
-        kernel[grid](cl, ml, out, q, k, hw, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=128,
-                     num_warps=4)
+        kernel[grid](*args, **meta)
     return out
 
 

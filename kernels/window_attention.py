@@ -442,11 +442,15 @@ def _launch(
     block_n: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
-) -> torch.Tensor:
+    compile_only: bool = False,
+):
     """Run the attention kernel: qkv (B, H, W, 3C) projected q/k/v (bias included for real pixels),
     qkv_bias (3C,) or None (used for padded tokens), bias_table ((2w-1)^2, heads) -> out (B, H, W, C),
     written in place (any strides with a unit last stride) and returned. The block/warp/stage
-    arguments override ``_default_blocks`` (tests, ``--sweep``); None = default."""
+    arguments override ``_default_blocks`` (tests, ``--sweep``); None = default.
+    ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
+    without launching (``benchmarks/aot.py`` calls this with meta tensors: the binary it checks is
+    the one a real call of the same shapes launches)."""
     b, height, width, c3 = qkv.shape
     c = c3 // 3
     head_dim = c // num_heads
@@ -454,7 +458,7 @@ def _launch(
         raise ValueError("window_attention: qkv and out need a contiguous last (channel) dimension")
     if tuple(out.shape) != (b, height, width, c):
         raise ValueError(f"window_attention: out is {tuple(out.shape)}, expected {(b, height, width, c)}")
-    if out.numel() == 0:
+    if out.numel() == 0 and not compile_only:
         return out
     w = window_size
     hp = -(-height // w) * w
@@ -479,8 +483,9 @@ def _launch(
     bias = qkv_bias.contiguous() if qkv_bias is not None else qkv  # dummy pointer when HAS_QKV_BIAS=False
     # triton launches on the current CUDA device: make it the tensors' one (no-op for cuda:0 / CPU).
     on_device = torch.cuda.device(qkv.device) if qkv.device.type == "cuda" else contextlib.nullcontext()
+    launch = kernel.warmup if compile_only else kernel[grid]
     with on_device:
-        kernel[grid](
+        compiled = launch(
             qkv, bias, table, out,
             height, width, hp, wp,
             windows_per_row, windows_per_image, num_heads, num_m_tiles, c,
@@ -493,9 +498,13 @@ def _launch(
             DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
             UPCAST_DOT=interpret and qkv.dtype == torch.bfloat16,
             num_warps=num_warps,
+            # Explicit (triton 3.10 turns the default off): a * b + c becomes one FMA (the score
+            # scaling, the online-softmax rescale); no result here depends on a rounding order.
+            enable_fp_fusion=True,
             **({} if num_stages is None else {"num_stages": num_stages}),
+            **({"grid": grid} if compile_only else {}),
         )
-    return out
+    return compiled if compile_only else out
 
 
 def _window_attention_impl(
