@@ -353,7 +353,72 @@ def sass_counts(cubin: bytes) -> Dict[str, int]:
                "LDSM": "lds"}.get(op)
         if key:
             counts[key] += 1
+    counts["loops"] = loop_profile(text)
     return counts
+
+
+def loop_profile(sass: str) -> List[Dict]:
+    """Loops of a SASS listing (a backward branch to a label): for each, outermost first, its
+    nesting depth and its own instructions (not counting the loops nested in it: ``own``, of which
+    ``global_loads`` LDG/LDGSTS, ``mma`` HGMMA/HMMA, ``mufu``); the code outside every loop is the
+    entry with depth 0. With the trip counts of a launch this gives the dynamic instruction count
+    per warp: sum(own * product of the trips of the loop and its parents). ``skippable``: how many
+    of ``own`` lie in a block that a conditional forward branch (``@P BRA``) can jump over, i.e.
+    code that runs only for some programs (a kernel's border-window fix-ups); ``own - skippable``
+    is the path that skips them all. Code after the last EXIT (the trap, out-of-line divergence
+    stubs) is not counted."""
+    labels, body = {}, []  # label -> index of the next instruction; [(op, branch target label)]
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        m = _SASS_OP.search(line)
+        if m and m.group(1) != "NOP":
+            target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line) if m.group(1) == "BRA" else None
+            conditional = bool(re.search(r"@!?U?P\d\s+(?:BRA|EXIT)\b", line))
+            body.append((m.group(1), target.group(1) if target else None, conditional))
+    # Code after the last EXIT is out-of-line stubs (e.g. BRA.DIV fallbacks) that jump back into the
+    # body: their backward branches are not loops.
+    last_exit = max((i for i, (op, _, conditional) in enumerate(body) if op == "EXIT" and not conditional),
+                    default=len(body))
+    loops = sorted((labels[t], i) for i, (_, t, _) in enumerate(body)
+                   if t in labels and labels[t] < i < last_exit)
+    skippable = [False] * len(body)
+    for i, (_, t, conditional) in enumerate(body):
+        if conditional and t in labels and labels[t] > i + 1:
+            for j in range(i + 1, labels[t]):
+                skippable[j] = True
+    depth = [0] * len(body)
+    owner = [-1] * (last_exit + 1) + [-2] * (len(body) - last_exit - 1)  # -2: stubs, not counted
+    for n, (start, end) in enumerate(loops):  # sorted by start: an inner loop overwrites its parent
+        for i in range(start, end + 1):
+            depth[i] += 1
+            owner[i] = n
+
+    def counts(n):
+        mine = [i for i, o in enumerate(owner) if o == n]
+        ops = [body[i][0] for i in mine]
+        return dict(own=len(ops), skippable=sum(skippable[i] for i in mine),
+                    global_loads=sum(op in ("LDG", "LDGSTS") for op in ops),
+                    mma=sum(op in ("HGMMA", "HMMA") for op in ops), mufu=ops.count("MUFU"))
+
+    return [dict(depth=0, **counts(-1))] + [dict(depth=depth[start], **counts(n)) for n, (start, _) in enumerate(loops)]
+
+
+def _ptxas_verbose(ptx: str, arch: int, metadata) -> str:
+    """ptxas -v of a compiled kernel's PTX, with the options triton used (its fp fusion setting)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               src, "-o", os.path.join(tmp, "kernel.cubin")]
+        if not metadata.enable_fp_fusion:
+            cmd.insert(1, "--fmad=false")
+        return subprocess.run(cmd, capture_output=True, text=True).stderr
 
 
 def analyse(compiled, ptxas_log: str, arch: int) -> Dict:
@@ -364,8 +429,12 @@ def analyse(compiled, ptxas_log: str, arch: int) -> Dict:
                fp_fusion=md.enable_fp_fusion)
     regs = _REGS.search(ptxas_log)
     stack = _PTXAS.search(ptxas_log)
+    if regs is None or stack is None:  # a cache hit ran no ptxas: run it again on the PTX for its -v
+        ptxas_log = _ptxas_verbose(ptx, arch, md)
+        regs = _REGS.search(ptxas_log)
+        stack = _PTXAS.search(ptxas_log)
     if regs is None or stack is None:
-        raise RuntimeError("ptxas -v output not captured: " + ptxas_log[-500:])
+        raise RuntimeError("ptxas -v output not found: " + ptxas_log[-500:])
     row.update(registers=int(regs.group(1)), stack_bytes=int(stack.group(1)), spill_store_bytes=int(stack.group(2)),
                spill_load_bytes=int(stack.group(3)))
     row.update(occupancy(arch, row["registers"], row["shared_bytes"], row["num_warps"]))
@@ -460,9 +529,10 @@ def _short(row: Dict) -> str:
             f"{row['occupancy']:.0%}, wgmma {row['wgmma']} mma.sync {row['mma_sync']}")
 
 
-def environment() -> Dict:
+def environment(archs: List[int]) -> Dict:
     import torch
     import triton
+    from triton.backends.nvidia.compiler import get_ptxas
 
     def git(*cmd):
         try:
@@ -470,12 +540,14 @@ def environment() -> Dict:
         except Exception:
             return None
 
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    try:
-        ptxas_version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
-    except Exception as exc:
-        ptxas_version = f"unavailable ({exc})"
-    return dict(torch=torch.__version__, triton=triton.__version__, ptxas=ptxas_version, commit=git("rev-parse", "HEAD"),
+    ptxas = {}
+    for arch in archs:  # triton 3.9 runs its bundled CUDA 12.9 ptxas below sm_90, the 13.x one from sm_90
+        try:
+            tool = get_ptxas(arch)
+            ptxas[f"sm_{arch}"] = f"{os.path.basename(tool.path)} {tool.version}"
+        except Exception as exc:
+            ptxas[f"sm_{arch}"] = f"unavailable ({type(exc).__name__}: {exc})"
+    return dict(torch=torch.__version__, triton=triton.__version__, ptxas=ptxas, commit=git("rev-parse", "HEAD"),
                 dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
@@ -483,7 +555,7 @@ def environment() -> Dict:
 def markdown(report: Dict) -> str:
     env = report["environment"]
     lines = [f"# Ahead-of-time compile check ({report['set']} set)", "",
-             f"triton {env['triton']}, {env['ptxas']}, torch {env['torch']}, commit {env['commit']}"
+             f"triton {env['triton']}, ptxas " + ", ".join(f"{v} ({k})" for k, v in env["ptxas"].items()) + f", torch {env['torch']}, commit {env['commit']}"
              f"{' (dirty)' if env['dirty'] else ''}, {env['date']}; {len(report['launches'])} launches, "
              f"{len(report['binaries'])} binaries, {report['seconds']:.0f} s. Compiled without a GPU "
              "(`python -m benchmarks.aot`); occupancy against the "
@@ -510,14 +582,16 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(archs: List[int], full: bool, log=print) -> Dict:
+def run(archs: List[int], full: bool, log=print, kernels=KERNELS) -> Dict:
     plan = launches(full)
-    kernels = sorted({launch.kernel for launch in plan})
-    if kernels != sorted(KERNELS):
-        raise RuntimeError(f"the plan covers {kernels}, not every Triton kernel {sorted(KERNELS)}")
+    covered = sorted({launch.kernel for launch in plan})
+    if covered != sorted(KERNELS):
+        raise RuntimeError(f"the plan covers {covered}, not every Triton kernel {sorted(KERNELS)}")
+    plan = [launch for launch in plan if launch.kernel in kernels]
     t0 = time.perf_counter()
     result = compile_all(archs, plan, log)
-    report = dict(set="full" if full else "ci", archs=[f"sm_{a}" for a in archs], environment=environment(),
+    report = dict(set="full" if full else "ci", archs=[f"sm_{a}" for a in archs], kernels=sorted(kernels),
+                  environment=environment(archs),
                   rules=["every launch compiles", "no spill stores or loads",
                          "tensor-core instructions in every window_attention/mask_einsum binary on fp16/bf16 "
                          "operands or fp32 with TF32 allowed"],
@@ -538,6 +612,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, metavar="STEM",
                         help="results file stem, .json and .md added (default benchmarks/results/aot-<set>; "
                              "'none' writes no results file)")
+    parser.add_argument("--kernels", default=",".join(KERNELS),
+                        help="comma list, a subset of: " + ", ".join(KERNELS) + " (default all; a subset is for "
+                             "iterating on one kernel, the check is complete only with all)")
     parser.add_argument("--quiet", action="store_true", help="no line per launch")
     args = parser.parse_args(argv)
     try:
@@ -551,7 +628,10 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the check compiles the kernels, the interpreter would not")
     to_stdout = args.json == "-"
     log = (lambda *a: None) if args.quiet or to_stdout else (lambda *a: print(*a, flush=True))
-    report = run(archs, args.full, log)
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not kernels or any(k not in KERNELS for k in kernels):
+        parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(KERNELS)}")
+    report = run(archs, args.full, log, kernels)
     stem = args.out or os.path.join(HERE, "results", f"aot-{report['set']}")
     if stem != "none":
         os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
