@@ -19,9 +19,13 @@ during the timed loop over the resident memory just before it (Linux: the kernel
 reset through /proc/self/clear_refs), i.e. the activations and outputs, not the weights.
 
 Implementations: ``transformers-eager``, ``transformers-compile`` (torch.compile of the model),
-``maskformer-reference`` (backend "reference"), ``maskformer-fast`` (backend "auto").
+``maskformer-reference`` (backend "reference"), ``maskformer-fast`` (backend "auto"),
+``maskformer-fast-cudagraph`` (backend "auto", the forward replayed as one CUDA graph by
+``maskformer.CUDAGraphRunner``; CUDA only, not in the default set).
 Results: ``benchmarks/results/<device-slug>.json`` (top-level device, torch, triton, commit,
-rows) and a Markdown table beside it.
+rows) and a Markdown table beside it, rewritten after every row, so a run cut short keeps the rows
+it finished. ``--row-timeout`` bounds each row's process and ``--max-seconds`` the whole run: rows
+not started in time are listed as not run.
 """
 from __future__ import annotations
 
@@ -55,6 +59,8 @@ MODELS = {
 MODELS["default"] = dict(checkpoint="default", image=(512, 683))
 AGREE_BAR = 0.999  # semantic maps vs the fp32 reference (issue target: >= 99.9% of pixels)
 IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "maskformer-fast")
+# Asked for by name only (--impls): not part of the default set.
+EXTRA_IMPLS = ("maskformer-fast-cudagraph",)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -243,10 +249,16 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
         except ImportError:
             pass
     pixel_values = pixel_values.to(device=device, dtype=dtype)
+    forward = lambda: model(pixel_values=pixel_values)  # noqa: E731
+    if impl == "maskformer-fast-cudagraph":
+        from .modeling import CUDAGraphRunner
+
+        runner = CUDAGraphRunner(model, pixel_values)  # warm-up and capture (raises off CUDA)
+        forward = lambda: runner(pixel_values)  # noqa: E731
 
     def step():
         with torch.inference_mode():
-            out = model(pixel_values=pixel_values)
+            out = forward()
             return processor.post_process_semantic_segmentation(out, target_sizes=target_sizes)
 
     def sync():
@@ -288,8 +300,8 @@ def main(argv: List[str] = None) -> int:
                         help="default: float32,bfloat16,float16 on CUDA; on the CPU float32 and the half types it "
                              "computes natively")
     parser.add_argument("--impls", default=None,
-                        help="comma list of: " + ", ".join(IMPLS) + " (default: all on CUDA; all but "
-                             "transformers-compile on the CPU, where compiling takes minutes per row)")
+                        help="comma list of: " + ", ".join(IMPLS + EXTRA_IMPLS) + " (default: the first four on "
+                             "CUDA; all but transformers-compile on the CPU, where compiling takes minutes per row)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
@@ -297,6 +309,9 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--name", default=None,
                         help="results file stem (default e2e-<device>-<device name>); for runs that must not "
                              "replace another's file, e.g. a slow model measured separately")
+    parser.add_argument("--row-timeout", type=float, default=None, help="seconds per row's process (default none)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no row after this many seconds; the rest are listed as not run (default none)")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print JSON
     args = parser.parse_args(argv)
 
@@ -315,7 +330,7 @@ def main(argv: List[str] = None) -> int:
         for name, why in skipped_dtypes.items():
             print(f"  skipping {name}: {why}", file=sys.stderr)
     impls = (args.impls or ",".join(i for i in IMPLS if device.startswith("cuda") or i != "transformers-compile")).split(",")
-    unknown = [i for i in impls if i not in IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown implementation or model: {unknown}")
     try:
@@ -326,61 +341,87 @@ def main(argv: List[str] = None) -> int:
         triton_version = None
     device_name = _device_name(device)
     rows = []
+    started = time.monotonic()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
+    meta = dict(device=device_name, torch=torch.__version__, triton=triton_version, commit=_commit(),
+                date=time.strftime("%Y-%m-%d"), python=platform.python_version(), threads=torch.get_num_threads(),
+                warmup=args.warmup, repeats=args.repeats, skipped_dtypes=skipped_dtypes)
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             height, width = MODELS[model]["image"]
-            checkpoint = make_checkpoint(model, os.path.join(tmp, model))
+            checkpoint = None
             # the fp32 reference maps every row is compared with
             plan = [("maskformer-reference", "float32")] + [(i, d) for i in impls for d in dtypes
                                                             if (i, d) != ("maskformer-reference", "float32")]
             for batch in [int(b) for b in args.batches.split(",")]:
                 reference_maps = None
                 for impl, dtype in plan:
-                    maps_out = os.path.join(tmp, "maps.npy")
-                    spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height,
-                                width=width, device=device, warmup=args.warmup, repeats=args.repeats, maps_out=maps_out)
-                    proc = subprocess.run([sys.executable, "-m", "maskformer.bench", "--row", json.dumps(spec)],
-                                          capture_output=True, text=True, cwd=REPO)
-                    line = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
-                    if proc.returncode != 0 or not line:
-                        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-                        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {tail[0]}", file=sys.stderr)
-                        rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=tail[0]))
+                    if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
+                        rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
+                                         error=f"not run: the {args.max_seconds:.0f} s budget (--max-seconds) was spent"))
                         continue
-                    result = json.loads(line[0][4:])
-                    maps = np.load(maps_out)
-                    if reference_maps is None:
-                        reference_maps = maps
-                    agree = float((maps == reference_maps).mean())
-                    row = dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
-                               images_per_s=round(result["images_per_s"], 4), latency_ms=round(result["latency_ms"], 2),
-                               peak_mem_mb=round(result["peak_mem_mb"], 1), agree=round(agree, 6),
-                               agree_ok=agree >= AGREE_BAR, ref_classes=int(len(np.unique(reference_maps))),
-                               input=[height, width], times_ms=[round(t, 2) for t in result["times_ms"]])
-                    rows.append(row)
-                    print(f"  {row['model']:11s} {impl:21s} {dtype:9s} b{batch}: {row['images_per_s']:8.3f} img/s "
-                          f"{row['latency_ms']:9.1f} ms  peak +{row['peak_mem_mb']:8.1f} MB  agree {agree:.4%}", flush=True)
-    report = {
-        "device": device_name, "torch": torch.__version__, "triton": triton_version, "commit": _commit(),
-        "date": time.strftime("%Y-%m-%d"), "python": platform.python_version(), "threads": torch.get_num_threads(),
-        "warmup": args.warmup, "repeats": args.repeats, "rows": rows, "skipped_dtypes": skipped_dtypes,
-        "speedups": speedups(rows),
-        "note": "swin-* rows: random weights (no trained checkpoint can be downloaded here), near-constant maps; "
-                "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal to "
-                "maskformer-reference float32 at the same batch; inputs are synthetic images",
-    }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
+                    if checkpoint is None:
+                        checkpoint = make_checkpoint(model, os.path.join(tmp, model))
+                    rows.append(_run_one(model, impl, dtype, batch, height, width, device, checkpoint, args, tmp,
+                                         reference_maps))
+                    if "error" not in rows[-1] and reference_maps is None:
+                        reference_maps = np.load(os.path.join(tmp, "maps.npy"))
+                    write_report(stem, meta, rows)
+    write_report(stem, meta, rows)
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def _run_one(model, impl, dtype, batch, height, width, device, checkpoint, args, tmp, reference_maps) -> Dict:
+    """One row in its own process -> the row (with ``error`` when it failed or timed out)."""
+    maps_out = os.path.join(tmp, "maps.npy")
+    if os.path.exists(maps_out):
+        os.remove(maps_out)
+    spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height,
+                width=width, device=device, warmup=args.warmup, repeats=args.repeats, maps_out=maps_out)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "maskformer.bench", "--row", json.dumps(spec)],
+                              capture_output=True, text=True, cwd=REPO, timeout=args.row_timeout)
+    except subprocess.TimeoutExpired:
+        print(f"  {model} {impl} {dtype} b{batch}: TIMED OUT after {args.row_timeout:.0f} s", file=sys.stderr)
+        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
+                    error=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
+    line = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
+    if proc.returncode != 0 or not line:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {tail[0]}", file=sys.stderr)
+        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=tail[0])
+    result = json.loads(line[0][4:])
+    maps = np.load(maps_out)
+    reference = maps if reference_maps is None else reference_maps
+    agree = float((maps == reference).mean()) if maps.shape == reference.shape else 0.0
+    row = dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
+               images_per_s=round(result["images_per_s"], 4), latency_ms=round(result["latency_ms"], 2),
+               peak_mem_mb=round(result["peak_mem_mb"], 1), agree=round(agree, 6),
+               agree_ok=agree >= AGREE_BAR, ref_classes=int(len(np.unique(reference))),
+               input=[height, width], times_ms=[round(t, 2) for t in result["times_ms"]])
+    print(f"  {row['model']:11s} {impl:21s} {dtype:9s} b{batch}: {row['images_per_s']:8.3f} img/s "
+          f"{row['latency_ms']:9.1f} ms  peak +{row['peak_mem_mb']:8.1f} MB  agree {agree:.4%}", flush=True)
+    return row
+
+
+def write_report(stem: str, meta: Dict, rows: List[Dict]) -> None:
+    """``stem``.json and .md from the rows so far (called after every row)."""
+    report = dict(meta, rows=rows, speedups=speedups(rows), note=(
+        "swin-* rows: random weights (no trained checkpoint can be downloaded here), near-constant maps; "
+        "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal to "
+        "maskformer-reference float32 at the same batch; inputs are synthetic images"))
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(f"# End-to-end benchmark: {device_name}\n\n")
-        f.write(f"torch {torch.__version__}, triton {triton_version}, commit {report['commit']}, {report['date']}, "
-                f"{report['threads']} threads, median of {args.repeats} after {args.warmup} warm-up.\n"
+        f.write(f"# End-to-end benchmark: {report['device']}\n\n")
+        f.write(f"torch {report['torch']}, triton {report['triton']}, commit {report['commit']}, {report['date']}, "
+                f"{report['threads']} threads, median of {report['repeats']} after {report['warmup']} warm-up.\n"
                 "One iteration = forward + semantic post-processing to the input size, on synthetic images. "
                 "swin-* rows have random weights (their maps hold `ref classes` labels, so `agree` says little "
                 "there); default-model rows are the trained default model.\n\n")
-        for name, why in skipped_dtypes.items():
+        for name, why in report["skipped_dtypes"].items():
             f.write(f"Not run: {name}: {why}.\n\n")
         f.write("| model | impl | dtype | batch | images/s | latency ms | peak MB | agree | ref classes |\n"
                 "|---|---|---|---|---|---|---|---|---|\n")
@@ -395,11 +436,9 @@ def main(argv: List[str] = None) -> int:
             f.write("\nSpeed-up of maskformer-fast (latency ratio, same model and batch):\n\n"
                     "| model | batch | fast dtype | vs transformers-eager fp32 | vs transformers-eager same dtype "
                     "| vs transformers-compile same dtype |\n|---|---|---|---|---|---|\n")
-            for s in report["speedups"]:
-                cells = [f"{s[k]:.2f}x" if s.get(k) else "-" for k in ("vs_eager_fp32", "vs_eager_same", "vs_compile_same")]
-                f.write(f"| {s['model']} | {s['batch']} | {s['dtype']} | " + " | ".join(cells) + " |\n")
-    print(f"wrote {stem}.json and {stem}.md")
-    return 0
+            for sp in report["speedups"]:
+                cells = [f"{sp[k]:.2f}x" if sp.get(k) else "-" for k in ("vs_eager_fp32", "vs_eager_same", "vs_compile_same")]
+                f.write(f"| {sp['model']} | {sp['batch']} | {sp['dtype']} | " + " | ".join(cells) + " |\n")
 
 
 if __name__ == "__main__":
