@@ -260,7 +260,8 @@ def environment(dry: bool) -> Dict:
                torch=torch.__version__, torch_cuda=torch.version.cuda, triton=version("triton"),
                transformers=version("transformers"),
                # a copied tree without .git (a lent GPU machine): the caller says which commit it is
-               commit=run("git", "rev-parse", "HEAD") or os.environ.get("MASKFORMER_COMMIT", "unknown"),
+               commit=(lambda c: c if re.fullmatch(r"[0-9a-f]{40}", c) else os.environ.get("MASKFORMER_COMMIT", f"unknown ({c or 'no .git'})"))(
+                   run("git", "rev-parse", "HEAD")),
                dirty=bool(run("git", "status", "--porcelain", "--untracked-files=no")),
                cuda_available=torch.cuda.is_available())
     try:
