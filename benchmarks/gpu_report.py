@@ -401,6 +401,14 @@ def main(argv=None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on a CPU (the GPU parts need CUDA)", file=sys.stderr)
         return 2
+    try:  # every part needs the package and its kernels: fail in a second, not after 8 minutes
+        import maskformer.kernels.upsample_argmax  # noqa: F401
+        import maskformer.kernels.window_attention  # noqa: F401
+    except ImportError as exc:
+        print(f"cannot import maskformer's kernels ({exc}): install the checkout first with "
+              "`pip install --no-deps --no-build-isolation -e .` (MASKFORMER_BUILD_CPP=0 skips the C++ build), "
+              "or run from the checkout's root", file=sys.stderr)
+        return 2
     state = dict(dry_run=args.dry_run, budget_s=args.budget, elapsed_s=0.0, parts=[])
     t0 = time.monotonic()
     try:
