@@ -233,7 +233,11 @@ def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int
         from transformers import MaskFormerForInstanceSegmentation as HF
         from transformers import MaskFormerImageProcessor as HFProcessor
 
-        model = HF.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+        # Loaded in fp32, then cast with .to() (every floating parameter and buffer): with
+        # transformers 5.17 on CUDA, from_pretrained(dtype=torch.bfloat16) rows failed with
+        # "expected scalar type Float but found BFloat16" (H200, 2026-11-26; where, not established:
+        # the row kept one line). Rows now keep the traceback's end (error_log) to tell.
+        model = HF.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
         processor = HFProcessor()
         if impl == "transformers-compile":
             model = torch.compile(model)
@@ -389,9 +393,12 @@ def _run_one(model, impl, dtype, batch, height, width, device, checkpoint, args,
                     error=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
     line = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
     if proc.returncode != 0 or not line:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {tail[0]}", file=sys.stderr)
-        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=tail[0])
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {lines[-1]}", file=sys.stderr)
+        # the traceback's end too: a row that fails on a lent GPU must say where, since the next
+        # chance to look may be weeks away
+        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=lines[-1],
+                    error_log="\n".join(lines[-25:]))
     result = json.loads(line[0][4:])
     maps = np.load(maps_out)
     reference = maps if reference_maps is None else reference_maps
