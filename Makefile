@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.maskformer-installed
 
-.PHONY: setup demo test bench bench-e2e clean
+.PHONY: setup demo test bench bench-e2e aot gpu-report gpu-report-dry-run clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,23 @@ bench: setup
 # End to end against transformers (slow on a CPU: Swin-T at 512x683 is seconds per image).
 bench-e2e: setup
 	$(BIN)/maskformer bench --models tiny --batches 1,2
+
+# Ahead-of-time compile check (benchmarks/aot.py): every Triton kernel compiled for sm_80 and sm_90
+# without a GPU; fails on compile errors, spills, missing tensor cores. AOT_FLAGS=--full for every
+# real launch configuration (~15-20 minutes on 2 cores; the CI set, run by tests/test_aot.py, ~1).
+aot: setup
+	$(BIN)/python -m benchmarks.aot $(AOT_FLAGS)
+
+# The GPU report (benchmarks/gpu_report.py), for a CUDA machine where torch, triton, transformers and
+# pytest are installed and maskformer with `pip install --no-deps --no-build-isolation -e .`: no
+# .venv, no network; under 9 minutes. Commit the folder it writes.
+GPU_REPORT_DIR ?= benchmarks/results/gpu-report
+gpu-report:
+	$(PYTHON) -m benchmarks.gpu_report --out $(GPU_REPORT_DIR)
+
+# Its plumbing on the CPU, tiny shapes (tests/test_gpu_report.py runs it in `make test`).
+gpu-report-dry-run: setup
+	$(BIN)/python -m benchmarks.gpu_report --dry-run --out out/gpu-report-dry-run
 
 clean:
 	rm -rf build *.egg-info out .pytest_cache maskformer/_C*.so

@@ -47,6 +47,8 @@ ROOT = HERE.parent
 RESULTS = HERE / "results"
 
 CONFIG = {"batch": 2, "queries": 100, "classes": 150, "mask": (160, 213), "target": (640, 853), "seed": 0}
+# --dry-run (benchmarks.gpu_report --dry-run): the same steps on inputs a second's work in total.
+DRY_RUN_CONFIG = {"batch": 2, "queries": 10, "classes": 6, "mask": (12, 17), "target": (48, 67), "seed": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,6 +211,7 @@ def write_markdown(path: Path, report: dict) -> None:
     lines = [
         "# Semantic post-processing benchmark",
         "",
+        *(["**DRY RUN: tiny inputs, one iteration; the times mean nothing.**", ""] if report.get("dry_run") else []),
         f"- device: {d['device']} - {d.get('gpu') or d.get('cpu')} ({d['cores']} cores, torch threads "
         f"{d['torch_threads']}, capability {d['cpu_capability']}); load average at start {d.get('loadavg_1min_at_start')}",
         f"- torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}, commit {d['commit']}",
@@ -306,8 +309,13 @@ def main(argv=None):
     parser.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare with")
     parser.add_argument("--fail-if-regression", action="store_true",
                         help="exit 1 when an implementation is > 1.25x slower than in --compare")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny inputs, one iteration, no memory probes: tests the plumbing (the times mean nothing)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dry_run:
+        CONFIG.update(DRY_RUN_CONFIG)
+        args.warmup, args.iters, args.no_memory = 0, 1, True
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.device)))
         return 0
@@ -315,6 +323,8 @@ def main(argv=None):
     # Read the baseline before this run overwrites the file it may live in.
     args.baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
     report = run(args)
+    if args.dry_run:
+        report["dry_run"] = True
     return write_report(stem, report, write_markdown, args.fail_if_regression)
 
 

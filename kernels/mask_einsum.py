@@ -9,10 +9,15 @@ transformers' ``post_process_semantic_segmentation`` starts with::
 ``mask_einsum_ref`` is exactly that (upcasting fp16/bf16 inputs to fp32 first). It writes the
 (B, Q, h, w) sigmoid to memory and reads it back for the GEMM. The kernels read each mask logit once:
 
-* ``mask_einsum`` (Triton): one program per (image, block of classes, block of pixels) computes the
-  class softmax of every query (online max/sum over the K+1 logits, so any K fits), the sigmoid of
-  a (queries x pixels) tile and accumulates ``probs^T @ sigmoid`` with ``tl.dot`` in fp32 IEEE
-  (never TF32: a 1e-3 relative error would flip argmaxes at region boundaries).
+* ``mask_einsum`` (Triton): the class softmax once per call with torch (B x Q x (K+1) values, laid
+  out (B, K, Q) in the dot's operand dtype), then one program per (block of pixels, block of
+  classes, image) computes the sigmoid of a (queries x pixels) tile of mask logits in fp32 and
+  accumulates ``probs^T @ sigmoid`` with ``tl.dot`` into an fp32 accumulator. The dot's operands
+  follow torch's matmul precision policy: fp16/bf16 inputs -> both operands rounded to that dtype
+  (tensor cores: wgmma on sm_90, mma.sync on sm_80), as transformers' own einsum in that dtype
+  rounds them; fp32 inputs -> exact fp32 FFMA, or TF32 tensor cores when torch's fp32 matmuls may
+  use TF32 (``torch.backends.cuda.matmul.allow_tf32`` / ``fp32_precision``, as transformers'
+  einsum would on CUDA; ~1e-3 relative, which flips argmaxes at region boundaries: off by default).
 * ``mask_einsum_cpp``: the same fusion on CPU (``csrc/semantic.cpp``), multithreaded over
   (image, 128-pixel tiles), fp32 accumulation.
 
@@ -24,6 +29,20 @@ fusion (``ref_factors`` explains the one batch-sized intermediate that costs); t
 
 Limits: forward only; Triton on CUDA (or CPU tensors under TRITON_INTERPRET=1, for tests);
 fp32/fp16/bf16; K >= 1 real class.
+
+Compiled figures (``python -m benchmarks.aot``, CI set: triton 3.9, bundled ptxas 12.9 for sm_80
+and 13.4 for sm_90; B=2, Q=100, K=150, 160x214 masks): registers / spill bytes (stores + loads) /
+tensor-core instructions in the PTX, and static SASS instructions.
+
+| version | sm_80 fp32 | sm_80 fp16, bf16 | sm_90 fp32 | sm_90 fp16, bf16 |
+|---|---|---|---|---|
+| before: softmax in every program, 64x64x32 tiles over 4 warps, fp32 "ieee" dot for every dtype | 255 / 376 / 0; 4054 | 255 / 352 / 0; 4048-4104 | 255 / 436 / 0; 4086 | 255 / 416 / 0; 4057-4081 |
+| after, exact fp32: 64x64x16 over 8 warps (FFMA) | 128 / 0 / 0; 607 | | 128 / 0 / 0; 617 | |
+| after, TF32 allowed (fp32) or fp16/bf16: 64x128x32 over 8 warps | 128 / 0 / 32 mma.sync; 1043 | 126-128 / 0 / 16 mma.sync; 861-966 | 105 / 0 / 4 wgmma; 922 | 101-103 / 0 / 2 wgmma; 695-718 |
+
+Occupancy went from 12.5% (255 registers) to 25%. Before, each program also recomputed the
+softmax of all Q x (K+1) logits: ~1600 times per 640x853 image at K=150 (3 class blocks x 533
+pixel blocks) instead of once. Not timed: there was no GPU.
 """
 import functools
 from typing import List, Optional, Tuple
@@ -166,71 +185,101 @@ def _build_kernel():
 
     @triton.jit
     def _mask_einsum_fwd_kernel(
-        cls_ptr, msk_ptr, out_ptr,
+        probs_ptr, msk_ptr, out_ptr,
         Q, K, HW,
-        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
-        """out[b, k, p] = sum_q softmax(cls[b, q, :])[k] * sigmoid(msk[b, q, p]); grid
-        (B, cdiv(K, BLOCK_K), cdiv(HW, BLOCK_P)); cls (B, Q, K+1), msk (B, Q, HW), out (B, K, HW)."""
-        pid_b = tl.program_id(0).to(tl.int64)
+        """out[b, k, p] = sum_q probs[b, k, q] * sigmoid(msk[b, q, p]); grid
+        (cdiv(HW, BLOCK_P), cdiv(K, BLOCK_K), B); probs (B, K, Q) in the dot's operand dtype,
+        msk (B, Q, HW), out (B, K, HW) fp32, all contiguous."""
+        pid_p = tl.program_id(0)
         pid_k = tl.program_id(1)
-        pid_p = tl.program_id(2)
-        C = K + 1
+        pid_b = tl.program_id(2).to(tl.int64)
         offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         k_ok = offs_k < K
         p_ok = offs_p < HW
-        cls_b = cls_ptr + pid_b * Q * C
+        probs_b = probs_ptr + pid_b * K * Q
         msk_b = msk_ptr + pid_b * Q * HW
         acc = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
         for q0 in range(0, Q, BLOCK_Q):
             offs_q = q0 + tl.arange(0, BLOCK_Q)
             q_ok = offs_q < Q
-            # Softmax statistics over all K+1 logits of these queries: online max / sum, chunks
-            # of BLOCK_C classes, so K is unbounded.
-            m = tl.full((BLOCK_Q,), float("-inf"), dtype=tl.float32)
-            s = tl.zeros((BLOCK_Q,), dtype=tl.float32)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                lg = tl.load(cls_b + offs_q[:, None] * C + offs_c[None, :],
-                             mask=q_ok[:, None] & (offs_c < C)[None, :], other=float("-inf")).to(tl.float32)
-                m_new = tl.maximum(m, tl.max(lg, axis=1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # padded queries: all -inf
-                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(lg - m_safe[:, None]), axis=1)
-                m = m_new
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            lk = tl.load(cls_b + offs_q[:, None] * C + offs_k[None, :],
-                         mask=q_ok[:, None] & k_ok[None, :], other=float("-inf")).to(tl.float32)
-            s_safe = tl.where(q_ok, s, 1.0)
-            probs = tl.exp(lk - m_safe[:, None]) / s_safe[:, None]  # (BLOCK_Q, BLOCK_K), 0 when padded
-            ml = tl.load(msk_b + offs_q[:, None] * HW + offs_p[None, :],
-                         mask=q_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
+            pr = tl.load(probs_b + offs_k[:, None] * Q + offs_q[None, :], mask=k_ok[:, None] & q_ok[None, :],
+                         other=0.0)  # (BLOCK_K, BLOCK_Q), 0 for padded classes and queries
+            ml = tl.load(msk_b + offs_q[:, None] * HW + offs_p[None, :], mask=q_ok[:, None] & p_ok[None, :],
+                         other=0.0).to(tl.float32)
             e = tl.exp(-tl.abs(ml))  # sigmoid without overflow: exp of a non-positive number
-            sig = tl.where(ml >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-            sig = tl.where(q_ok[:, None], sig, 0.0)  # (BLOCK_Q, BLOCK_P)
-            acc += tl.dot(tl.trans(probs), sig, input_precision="ieee")
+            sig = tl.where(ml >= 0, 1.0, e) / (1.0 + e)  # (BLOCK_Q, BLOCK_P); padded queries meet pr = 0
+            if UPCAST_DOT:
+                # Interpreter only: it multiplies bf16 bit patterns as integers
+                # (triton-lang/triton#11584). Products of bf16 values are exact in fp32, so an fp32
+                # dot of the rounded operands is what the tensor cores compute, up to summation order.
+                acc += tl.dot(pr.to(tl.float32), sig.to(pr.dtype).to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(pr, sig.to(pr.dtype), input_precision=DOT_PRECISION)
         out_b = out_ptr + pid_b * K * HW
         tl.store(out_b + offs_k[:, None] * HW + offs_p[None, :], acc, mask=k_ok[:, None] & p_ok[None, :])
 
     return _mask_einsum_fwd_kernel
 
 
-def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    cl = class_queries_logits.contiguous()
+def _dot_dtype(masks_dtype: torch.dtype) -> torch.dtype:
+    """The dot's operand dtype: fp16/bf16 mask logits -> that dtype (tensor cores, fp32
+    accumulation), fp32 -> fp32."""
+    return masks_dtype if masks_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _dot_precision(dot_dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: "tf32" (tensor cores; for fp16/bf16 operands triton ignores it)
+    unless the operands are fp32 and torch's fp32 matmul policy is exact
+    (``maskformer._ext.tf32_matmul_allowed``), then "ieee" (FFMA)."""
+    return "tf32" if dot_dtype != torch.float32 or _ext.tf32_matmul_allowed() else "ieee"
+
+
+def _default_blocks(k: int, dot_dtype: torch.dtype, precision: str) -> Tuple[int, int, int, int]:
+    """(BLOCK_K, BLOCK_P, BLOCK_Q, num_warps). The accumulator is BLOCK_K x BLOCK_P fp32 in
+    registers; see the module docstring for the compiled figures behind these choices."""
+    block_k = 64 if k > 32 else (32 if k > 16 else 16)  # tl.dot needs every block >= 16
+    if precision == "ieee":
+        # FFMA dot: each thread holds its accumulator's rows of A and columns of B over the whole
+        # BLOCK_Q; 64 x 64 x 16 over 8 warps is 128 registers, 64 x 64 x 32 over 4 warps spilled.
+        return block_k, 64, 16, 8
+    # Tensor cores (fp16/bf16, TF32): 64 x 128 over 8 warps, 101-128 registers.
+    return block_k, 128, 32, 8
+
+
+def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor,
+            compile_only: bool = False, blocks: Optional[Tuple[int, int, int, int]] = None):
+    """Run the kernel: (B, Q, K+1), (B, Q, h, w) -> out (B, K, h, w) fp32 contiguous, returned.
+    ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_Q, num_warps) overrides ``_default_blocks`` (tests, sweeps).
+    ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
+    without launching (``benchmarks/aot.py``, with meta tensors)."""
     ml = masks_queries_logits.contiguous()
-    b, q, c = cl.shape
+    b, q, c = class_queries_logits.shape
     k = c - 1
     hw = ml.shape[2] * ml.shape[3]
+    dot_dtype = _dot_dtype(ml.dtype)
+    precision = _dot_precision(dot_dtype)
+    # The class softmax once per call (B x Q x (K+1): 15k values for an ADE20K image), laid out
+    # (B, K, Q) for the dot; recomputing it in every (pixel, class) block, as this kernel first
+    # did, was ~1600 softmaxes per 640x853 image and 255 registers with spills.
+    probs = torch.softmax(class_queries_logits, dim=-1, dtype=torch.float32)[..., :-1]
+    probs = probs.transpose(1, 2).to(dot_dtype).contiguous()
+    block_k, block_p, block_q, num_warps = blocks or _default_blocks(k, dot_dtype, precision)
     kernel = _build_kernel()
-    # 64 classes x 64 pixels of fp32 accumulator per program (16 KiB of registers over 4 warps);
-    # tl.dot needs every block >= 16. Untuned: no GPU was available when this was written.
-    block_k = 64 if k > 32 else (32 if k > 16 else 16)
-    block_p = 64
-    block_q = 16 if q <= 16 else 32
-    grid = (b, triton.cdiv(k, block_k), triton.cdiv(hw, block_p))
+    grid = (triton.cdiv(hw, block_p), triton.cdiv(k, block_k), b)
+    interpret = _ext.triton_interpret_mode()
+    args = (probs, ml, out, q, k, hw)
+    # enable_fp_fusion explicit (triton 3.10 turns the default off): the sigmoid's arithmetic may
+    # fuse; the parity bar allows either rounding.
+    meta = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, DOT_PRECISION=precision,
+                UPCAST_DOT=interpret and dot_dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=True)
+    if compile_only:
+        return kernel.warmup(*args, grid=grid, **meta)
     if b and hw:
-        kernel[grid](cl, ml, out, q, k, hw, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, BLOCK_C=128,
-                     num_warps=4)
+        kernel[grid](*args, **meta)
     return out
 
 

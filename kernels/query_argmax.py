@@ -203,10 +203,12 @@ def query_argmax_cpp(
     """
     from maskformer.kernels.upsample_argmax import _crop, kernel_scales, rounding_for
 
+    # Arguments and devices first (out included), as every other entry: a mixed-device call is
+    # named as such whether or not the extension is built.
+    size, extent = _check_args(mask_probs, weights, target_size, source_extent, out)
     reasons = cpp_not_supported_reasons(mask_probs, weights, target_size, mask_threshold, source_extent)
     if reasons:
         raise ValueError("maskformer::query_argmax_out (C++) cannot run: " + "; ".join(reasons))
-    size, extent = _check_args(mask_probs, weights, target_size, source_extent, out)
     crop = _crop(mask_probs, extent)
     shape = tuple(crop.shape[1:]) if size is None else size
     q = mask_probs.shape[0]

@@ -511,13 +511,17 @@ def _interpolated_layout(img: torch.Tensor, extent: Optional[Extent]) -> torch.T
     return _crop(img, extent)
 
 
+# On CUDA: the fma variant of aten's generic formula (nvcc contracts it), never channels-last.
+CUDA_ROUNDING: Tuple[bool, int] = (True, 0)
+
+
 def rounding_for(scores: torch.Tensor, size: Optional[Size], extent: Optional[Extent] = None) -> Tuple[bool, int]:
     """(use_fma, channels_last_vec) the kernels must use to match the reference for this image
     (scores (K, h, w), cropped to ``extent``) and target size on scores' device. aten's kernel
     choice depends on the crop's sizes and on whether the tensor it is handed (a view) is
     channels-last contiguous."""
     if scores.device.type == "cuda":
-        return True, 0
+        return CUDA_ROUNDING
     r = torch_cpu_bilinear_rounding()
     if size is None:
         return r.fma, 0
@@ -635,9 +639,11 @@ def _build_kernel():
 
 def _launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, channels_last_vec: int,
                 best: Optional[torch.Tensor] = None, scale_h: float = NO_SCALE,
-                scale_w: float = NO_SCALE) -> torch.Tensor:
+                scale_w: float = NO_SCALE, compile_only: bool = False):
     """One image: x (K, h, w) with x.stride(2) == 1, out (H, W) contiguous int; best (H, W) fp32 or
-    None; scale_h/w: ``kernel_scales`` (NO_SCALE: float(h) / float(H))."""
+    None; scale_h/w: ``kernel_scales`` (NO_SCALE: float(h) / float(H)). Returns out, or with
+    ``compile_only`` the ``CompiledKernel`` for the active triton target, not launched
+    (``benchmarks/aot.py``, with meta tensors)."""
     kernel = _build_kernel()
     k, h, w = x.shape
     hh, ww = out.shape
@@ -651,15 +657,17 @@ def _launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, cha
     # L2; untuned (no GPU was available when this was written).
     block = 1024
     grid = (triton.cdiv(hh * ww, block),)
-    kernel[grid](
+    launch = kernel.warmup if compile_only else kernel[grid]
+    compiled = launch(
         x, out, best if best is not None else out,
         k, h, w, hh, ww, x.stride(0), x.stride(1), scale_h, scale_w,
         RESIZE=resize, FMA=fma, CL_VEC=channels_last_vec, STORE_BEST=best is not None, BLOCK=block,
         num_warps=4,
         # Only the fmas we spell: Triton would otherwise fuse `a * b + c` of the plain variant.
         enable_fp_fusion=False,
+        **({"grid": grid} if compile_only else {}),
     )
-    return out
+    return compiled if compile_only else out
 
 
 @torch.library.custom_op("maskformer::upsample_argmax_triton", mutates_args=("out",))

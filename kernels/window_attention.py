@@ -9,11 +9,13 @@ bias/mask adds). ``window_attention`` keeps one torch GEMM for the fused q/k/v
 projection, x (B, H, W, C) @ W_qkv^T + b -> (B, H, W, 3C), and does everything else in one kernel
 launch that
 - reads q/k/v straight from that (B, H, W, 3C) tensor: the cyclic shift is an add-and-wrap on the
-  row/column index, the zero padding is a masked load (a padded token reads the q/k/v *bias*,
-  which is what Linear gives for the zero-padded layernormed input; zero when there is no bias);
-- computes the relative position bias index (dy + w-1) * (2w-1) + (dx + w-1) and the shift region
-  of every token from its coordinates, and gathers the bias from the ((2w-1)^2, heads) table: no
-  (N, N, heads) bias and no (nW, N, N) mask in memory;
+  row/column index, the zero padding is a masked load (a padded token is Linear(0) = the q/k/v
+  *bias*: its q is selected in registers, its keys' scores become q . bk and its value rows add
+  p_pad * bv to the accumulator, so K and V tiles go from global to shared memory untouched);
+- reads the relative position bias from a (heads, N, N) table in the bias table's dtype
+  (``dense_relative_position_bias``, cached per Swin layer), contiguous along keys; computes the
+  shift mask (-100 across regions) from token coordinates, only in the last row and column of
+  windows, the only ones where regions differ: no (nW, N, N) mask in memory;
 - keeps scores, softmax (online, over key tiles) and the accumulator in fp32;
 - writes (B, H, W, C) directly; padded positions are never written.
 
@@ -23,13 +25,68 @@ non-powers of two are padded to the next power of two >= 16 in registers only);
 0 <= shift_size < window_size; one image of the (B, H, W, 3C) q/k/v tensor must have < 2**31
 elements (int32 offsets inside an image).
 
-Tiling. One program = one (batch, window, head, tile of BLOCK_M query tokens); it loops over the
-window's N = w*w keys in tiles of BLOCK_N with an online softmax. Triton blocks are powers of two,
-so N is never padded to one: N = 144 (window 12) runs as 9 key tiles of 16 with no padded key
-and 3 query tiles of 64 (192 x 144 scores computed per window and head; 256 x 256 tiles would
-compute 3.2x the 144 x 144 needed); N = 49 (window 7) needs 64 rows whatever the tiling. The defaults
-(``_default_blocks``) are *untuned* (no GPU was available when this was written);
-``benchmarks/bench_window_attention.py --sweep`` times the alternatives.
+Tiling. One program = one (batch, window, group of heads, tile of BLOCK_M query tokens); it loops
+over its heads and, for each, over the window's N = w*w keys in tiles of BLOCK_N with an online
+softmax. Triton blocks are powers of two, so N is never padded to one: N = 144 (window 12) runs as
+9 key tiles of 16 with no padded key and 3 query tiles of 64 (192 x 144 scores computed per window
+and head; 256 x 256 tiles would compute 3.2x the 144 x 144 needed); N = 49 (window 7) needs 64 rows
+whatever the tiling, so there the program takes up to 4 heads (fp16/bf16) and shares the window's
+coordinates, masks and addresses among them. The defaults (``_default_blocks``) are *untuned* (no
+GPU was available when this was written); ``benchmarks/bench_window_attention.py --sweep`` times
+alternatives.
+
+Compiled figures, before (2815de5) and after the rework: the kernel compiled for sm_80 and sm_90
+without a GPU through ``_launch`` (triton 3.9, bundled ptxas 12.9 for sm_80 and 13.4 for sm_90;
+``python scripts/window_attention_figures.py`` prints this table). Instructions per window and
+head are estimated from the SASS: each loop's own instructions x its trip count x warps x query
+tiles / heads per program, for an interior window (the blocks a branch skips, skipped: no padded
+token, no shift mask) and, in brackets, a border window (all of them). Bias bytes: what the bias
+loads of one window and head touch (before: one 32-byte sector per gathered element at a stride of
+``heads`` elements; after: contiguous rows). Swin-T stage 1 = 128x171 map, 96 channels, 3 heads,
+shift 3; Swin-L stage 1 = 160x160, 192 channels, 6 heads, shift 6; both at batch 1.
+
+| case | dtype | arch | version | tiles MxN, warps, heads/program | registers | spill B | occupancy | warp instructions / window-head | global load instr. | bias bytes |
+|---|---|---|---|---|---|---|---|---|---|---|
+| Swin-T s1 w7 | bf16 | sm_80 | before | 64x64, 4, 1 | 79 | 0/0 | 37.5% | 6480 (6480) | 136 | 26214 |
+| Swin-T s1 w7 | bf16 | sm_80 | now | 64x64, 4, 3 | 168 | 0/0 | 18.8% | 3787 (6615) | 167 | 8192 |
+| Swin-T s1 w7 | bf16 | sm_90 | before | 64x64, 4, 1 | 103 | 0/0 | 25.0% | 6632 (6632) | 136 | 26214 |
+| Swin-T s1 w7 | bf16 | sm_90 | now | 64x64, 4, 3 | 189 | 0/0 | 12.5% | 3827 (6579) | 167 | 8192 |
+| Swin-T s1 w7 | fp32 | sm_80 | before | 64x64, 4, 1 | 255 | 136/136 | 12.5% | 16828 (16828) | 160 | 65536 |
+| Swin-T s1 w7 | fp32 | sm_80 | now | 64x16, 4, 1 | 141 | 0/0 | 18.8% | 16840 (19504) | 268 | 16384 |
+| Swin-T s1 w7 | fp32 | sm_90 | before | 64x64, 4, 1 | 248 | 0/0 | 12.5% | 15824 (15824) | 160 | 65536 |
+| Swin-T s1 w7 | fp32 | sm_90 | now | 64x16, 4, 1 | 149 | 0/0 | 18.8% | 16900 (19908) | 268 | 16384 |
+| Swin-T s1 w7 | fp32 TF32 | sm_80 | before | 64x64, 4, 1 | 255 | 136/136 | 12.5% | 16828 (16828) | 160 | 65536 |
+| Swin-T s1 w7 | fp32 TF32 | sm_80 | now | 64x64, 4, 1 | 128 | 0/0 | 25.0% | 5044 (9068) | 172 | 16384 |
+| Swin-T s1 w7 | fp32 TF32 | sm_90 | before | 64x64, 4, 1 | 248 | 0/0 | 12.5% | 15824 (15824) | 160 | 65536 |
+| Swin-T s1 w7 | fp32 TF32 | sm_90 | now | 64x64, 4, 1 | 128 | 0/0 | 25.0% | 4952 (9160) | 172 | 16384 |
+| Swin-L s1 w12 | bf16 | sm_80 | before | 64x16, 4, 1 | 122 | 0/0 | 25.0% | 42780 (42780) | 1188 | 442368 |
+| Swin-L s1 w12 | bf16 | sm_80 | now | 64x16, 4, 1 | 96 | 0/0 | 31.2% | 38172 (51096) | 468 | 55296 |
+| Swin-L s1 w12 | bf16 | sm_90 | before | 64x16, 4, 1 | 94 | 0/0 | 31.2% | 44940 (44940) | 1188 | 442368 |
+| Swin-L s1 w12 | bf16 | sm_90 | now | 64x16, 4, 1 | 80 | 0/0 | 37.5% | 37896 (51528) | 492 | 55296 |
+| Swin-L s1 w12 | fp32 | sm_80 | before | 64x16, 4, 1 | 250 | 0/0 | 12.5% | 106824 (106824) | 1404 | 884736 |
+| Swin-L s1 w12 | fp32 | sm_80 | now | 64x16, 8, 1 | 122 | 0/0 | 25.0% | 116352 (138720) | 912 | 110592 |
+| Swin-L s1 w12 | fp32 | sm_90 | before | 64x16, 4, 1 | 250 | 0/0 | 12.5% | 108300 (108300) | 1404 | 884736 |
+| Swin-L s1 w12 | fp32 | sm_90 | now | 64x16, 8, 1 | 100 | 0/0 | 25.0% | 118656 (144072) | 912 | 110592 |
+| Swin-L s1 w12 | fp32 TF32 | sm_80 | before | 64x16, 4, 1 | 250 | 0/0 | 12.5% | 106824 (106824) | 1404 | 884736 |
+| Swin-L s1 w12 | fp32 TF32 | sm_80 | now | 64x16, 4, 1 | 128 | 0/0 | 25.0% | 41388 (54312) | 624 | 110592 |
+| Swin-L s1 w12 | fp32 TF32 | sm_90 | before | 64x16, 4, 1 | 250 | 0/0 | 12.5% | 108300 (108300) | 1404 | 884736 |
+| Swin-L s1 w12 | fp32 TF32 | sm_90 | now | 64x16, 4, 1 | 137 | 0/0 | 18.8% | 44340 (57660) | 1044 | 110592 |
+
+What the figures say, and what they cannot: fp16/bf16 window 7 runs ~42% fewer instructions per
+window and head in interior windows (3 heads per program; border windows about as many as
+before), but uses 168-189 registers instead of 79-103, so 12.5-19% occupancy instead of 25-37.5%
+(the pipelined head loop keeps the next head's tiles in flight: its overlap is what has to make
+up for that; ``heads_per_program=1`` is the alternative to time on a GPU). Window 12 runs 11-16%
+fewer instructions in interior windows (+15-20% in border windows: the last one or two rows and
+columns of windows, which hold the padded tokens or the shift mask), with fewer registers. Global
+load instructions fall 2.3-2.5x at window 12: K, V and the bias go by cp.async (LDGSTS) instead of
+register loads; the bias bytes touched fall 3.2x at window 7 and 8x at window 12 (bf16: 26 -> 8 KB
+and 442 -> 55 KB per window and head). fp32 no longer spills (255 registers and 136 B of spills at
+window 7 on sm_80; 4 B at window 12, shift 0, with 4 warps): exact fp32 takes 16-key tiles at
+window 7 (as many instructions as before) and 8 warps at window 12 (9-10% more instructions than
+before, spread over twice the warps, at 25% occupancy instead of 12.5%); TF32, when torch allows
+it, runs on the tensor cores with 2.4-3.4x fewer instructions. None of this has been timed: there
+was no GPU.
 """
 import contextlib
 import functools
@@ -41,17 +98,19 @@ import torch
 import torch.nn.functional as F
 
 # One place for "is triton importable" and "is the interpreter on": maskformer._ext.
-from maskformer import _devices
+from maskformer import _devices, _ext
 from maskformer._ext import triton_import_error as _triton_import_error
 from maskformer._ext import triton_interpret_mode as _interpret_mode
 from maskformer.windows import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
-__all__ = ["window_attention", "window_attention_ref", "not_supported_reasons", "check_devices"]
+__all__ = ["window_attention", "window_attention_ref", "not_supported_reasons", "check_devices",
+           "dense_relative_position_bias"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # q, the fp32 accumulator (both BLOCK_M x head_dim) and the K/V tiles live in registers. Compiled
-# for sm_90 with the default 64 x 16 tiles (bundled ptxas, --aot in the benchmark): head_dim 32 uses
-# 147 registers/thread and no stack, 128 spills 16 B, 256 spills 640 B; beyond 256, refuse.
+# for sm_80/sm_90 with the default tiles (benchmarks/aot.py's driver): head_dim 32 and 64 take
+# 80-221 registers and never spill (Swin's head_dim is 32); 128 spills 32-68 B in fp32; 256 spills
+# 4-948 B; beyond 256, refuse.
 _MAX_HEAD_DIM = 256
 
 
@@ -92,8 +151,7 @@ def _window_attention_eager(
     bw = windows.shape[0]
     qkv = F.linear(windows, qkv_weight, qkv_bias).view(bw, n, 3, num_heads, head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B*nW, heads, N, D)
-    index = relative_position_index(w).to(bias_table.device)
-    bias = bias_table[index.view(-1)].view(n, n, num_heads).permute(2, 0, 1).to(x.dtype)  # (heads, N, N)
+    bias = _dense_bias(bias_table, w).to(x.dtype)  # (heads, N, N)
     mask = shift_attention_mask(hp, wp, w, shift_size, x.device, x.dtype) if shift_size else None  # (nW, N, N)
     if use_sdpa:
         attn_mask = bias.unsqueeze(0)  # (1, heads, N, N)
@@ -137,7 +195,9 @@ def window_attention_ref(
         x: (B, H, W, C) float, the block's layernormed hidden states, NOT padded (any H, W).
         qkv_weight: (3C, C), ``cat([query.weight, key.weight, value.weight])``.
         qkv_bias: (3C,) or None, ``cat([query.bias, key.bias, value.bias])``.
-        bias_table: ((2 * window_size - 1) ** 2, num_heads), ``relative_position_bias_table``.
+        bias_table: ((2 * window_size - 1) ** 2, num_heads), ``relative_position_bias_table``, or
+            its dense (num_heads, N, N) form ``dense_relative_position_bias(table, window_size)``
+            (N = window_size ** 2; the same values, gathered once: what a Swin layer caches).
         window_size: w; the map is zero-padded to multiples of w and split into w x w windows.
         shift_size: cyclic shift (0 for the non-shifted blocks, w // 2 for the shifted ones).
         num_heads: heads; C must be a multiple of it.
@@ -187,10 +247,11 @@ def _shape_reasons(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size,
         reasons.append(f"qkv_weight must be (3C, C) = {(3 * c, c)}, got {tuple(qkv_weight.shape)}")
     if qkv_bias is not None and tuple(qkv_bias.shape) != (3 * c,):
         reasons.append(f"qkv_bias must be (3C,) = {(3 * c,)} or None, got {tuple(qkv_bias.shape)}")
-    if window_size >= 1 and tuple(bias_table.shape) != ((2 * window_size - 1) ** 2, num_heads):
+    n = window_size * window_size
+    if window_size >= 1 and tuple(bias_table.shape) not in (((2 * window_size - 1) ** 2, num_heads), (num_heads, n, n)):
         reasons.append(
-            f"bias_table must be ((2w-1)^2, heads) = {((2 * window_size - 1) ** 2, num_heads)}, "
-            f"got {tuple(bias_table.shape)}"
+            f"bias_table must be ((2w-1)^2, heads) = {((2 * window_size - 1) ** 2, num_heads)} or its dense "
+            f"(heads, N, N) = {(num_heads, n, n)} form, got {tuple(bias_table.shape)}"
         )
     return reasons
 
@@ -276,30 +337,30 @@ def _build_kernel():
     """
     # Triton resolves the names a kernel uses (tl, helper @jit functions) in the kernel function's
     # module globals, not in closures: bind them as module globals here, on first use.
-    global triton, tl, _token_coords, _dot, _window_attention_fwd_kernel
+    global triton, tl, _token_coords, _token_region, _dot, _window_attention_fwd_kernel
     import triton
     import triton.language as tl
 
     @triton.jit
     def _token_coords(t, win_y, win_x, height, width, padded_height, padded_width,
                       WINDOW: tl.constexpr, SHIFT: tl.constexpr):
-        """Window token t -> its (row * (2w-1) + col) inside the window (the relative position
-        index of tokens i, j is pos_i - pos_j + (w-1) * 2w), (y, x) in the unpadded image, whether
-        (y, x) is a real pixel, and its shift region (0..8)."""
-        r = t // WINDOW
-        c = t % WINDOW
+        """Window token t -> its (y, x) in the unpadded image and whether (y, x) is a real pixel."""
         # Position on the padded map after torch.roll(-SHIFT): rolled[p] = padded[(p + SHIFT) % Hp].
-        ry = win_y * WINDOW + r
-        rx = win_x * WINDOW + c
-        y = ry + SHIFT
-        x = rx + SHIFT
+        y = win_y * WINDOW + t // WINDOW + SHIFT
+        x = win_x * WINDOW + t % WINDOW + SHIFT
         y = tl.where(y >= padded_height, y - padded_height, y)
         x = tl.where(x >= padded_width, x - padded_width, x)
-        inside = (y < height) & (x < width)
-        # shift_region_ids on the padded, rolled map: per axis [0, n-w), [n-w, n-s), [n-s, n).
+        return y, x, (y < height) & (x < width)
+
+    @triton.jit
+    def _token_region(t, win_y, win_x, padded_height, padded_width, WINDOW: tl.constexpr, SHIFT: tl.constexpr):
+        """Window token t -> its shift region (0..8): ``shift_region_ids`` on the padded, rolled
+        map, per axis [0, n-w), [n-w, n-s), [n-s, n)."""
+        ry = win_y * WINDOW + t // WINDOW
+        rx = win_x * WINDOW + t % WINDOW
         region_y = (ry >= padded_height - WINDOW).to(tl.int32) + (ry >= padded_height - SHIFT).to(tl.int32)
         region_x = (rx >= padded_width - WINDOW).to(tl.int32) + (rx >= padded_width - SHIFT).to(tl.int32)
-        return r * (2 * WINDOW - 1) + c, y, x, inside, region_y * 3 + region_x
+        return region_y * 3 + region_x
 
     @triton.jit
     def _dot(a, b, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -313,98 +374,129 @@ def _build_kernel():
 
     @triton.jit
     def _window_attention_fwd_kernel(
-        qkv_ptr, qkv_bias_ptr, table_ptr, out_ptr,
+        qkv_ptr, qkv_bias_ptr, bias_ptr, out_ptr,
         height, width, padded_height, padded_width,
-        windows_per_row, windows_per_image, num_heads, num_m_tiles, channels,
+        windows_per_row, windows_per_image, num_head_groups, num_m_tiles, channels,
         stride_qkv_b, stride_qkv_h, stride_qkv_w,
         stride_out_b, stride_out_h, stride_out_w,
         qk_scale,
         WINDOW: tl.constexpr, SHIFT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_QKV_BIAS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_ALL: tl.constexpr, HEADS_PER_PROGRAM: tl.constexpr,
+        HAS_QKV_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         N: tl.constexpr = WINDOW * WINDOW
         LOG2E: tl.constexpr = 1.4426950408889634
         # The -100 of the reference's shift mask, in the log2 domain the softmax runs in.
         MASK_LOG2: tl.constexpr = -100.0 * 1.4426950408889634
 
-        # Query tiles fastest, then heads, then windows: the programs that re-read one window's K/V
-        # (all query tiles, all heads share the tokens' 3C rows) run back to back and hit in L2.
+        # Query tiles fastest, then head groups, then windows: the programs that re-read one
+        # window's K/V rows (all query tiles, all heads share the tokens' 3C rows) run back to back.
         pid = tl.program_id(0)
         m_tile = pid % num_m_tiles
         rest = pid // num_m_tiles
-        head = rest % num_heads
-        rest = rest // num_heads
+        group = rest % num_head_groups
+        rest = rest // num_head_groups
         batch = rest // windows_per_image
         win = rest % windows_per_image
         win_y = win // windows_per_row
         win_x = win % windows_per_row
+        # The shift mask is all zeros except in the last row and column of windows (regions differ
+        # only there): 27 of 196 windows at 160x160, window 12. Elsewhere no mask work at all.
+        masked_window = (win_y == padded_height // WINDOW - 1) | (win_x == windows_per_row - 1)
 
         qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b
         out_base = out_ptr + batch.to(tl.int64) * stride_out_b
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
-        q_col = head * HEAD_DIM + d
-        k_col = channels + q_col
-        v_col = 2 * channels + q_col
 
         tq = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         tq_ok = tq < N
-        pos_q, yq, xq, inside_q, region_q = _token_coords(
-            tq, win_y, win_x, height, width, padded_height, padded_width, WINDOW, SHIFT)
+        yq, xq, inside_q = _token_coords(tq, win_y, win_x, height, width, padded_height, padded_width, WINDOW, SHIFT)
         q_rows = yq * stride_qkv_h + xq * stride_qkv_w
-        q = tl.load(qkv_base + q_rows[:, None] + q_col[None, :],
-                    mask=(inside_q & tq_ok)[:, None] & d_ok[None, :], other=0.0)
-        if HAS_QKV_BIAS:
-            # A padded token is Linear(0) = bias (x is zero-padded after the layernorm).
-            bq = tl.load(qkv_bias_ptr + q_col, mask=d_ok, other=0.0).to(q.dtype)
-            bk = tl.load(qkv_bias_ptr + k_col, mask=d_ok, other=0.0).to(q.dtype)
-            bv = tl.load(qkv_bias_ptr + v_col, mask=d_ok, other=0.0).to(q.dtype)
-            q = tl.where(inside_q[:, None], q, bq[None, :])
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            tk = start_n + tl.arange(0, BLOCK_N)
-            tk_ok = tk < N
-            pos_k, yk, xk, inside_k, region_k = _token_coords(
-                tk, win_y, win_x, height, width, padded_height, padded_width, WINDOW, SHIFT)
-            k_rows = yk * stride_qkv_h + xk * stride_qkv_w
-            kv_ok = (inside_k & tk_ok)
-            # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_D), read in place from (B, H, W, 3C).
-            kt = tl.load(qkv_base + k_rows[None, :] + k_col[:, None],
-                         mask=kv_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(qkv_base + k_rows[:, None] + v_col[None, :],
-                        mask=kv_ok[:, None] & d_ok[None, :], other=0.0)
-            if HAS_QKV_BIAS:
-                kt = tl.where(inside_k[None, :], kt, bk[:, None])
-                v = tl.where(inside_k[:, None], v, bv[None, :])
-
-            # Relative position bias gathered from the ((2w-1)^2, heads) table: 529 x heads entries
-            # for w = 12 (6-100 KB at 6-48 heads), read by every program, so it stays in L2.
-            # (dy + w-1) * (2w-1) + (dx + w-1) = pos_q - pos_k + (w-1) * 2w.
-            rel = pos_q[:, None] - pos_k[None, :] + (WINDOW - 1) * 2 * WINDOW
-            pair_ok = tq_ok[:, None] & tk_ok[None, :]
-            bias = tl.load(table_ptr + rel * num_heads + head, mask=pair_ok, other=0.0).to(tl.float32)
-
-            s = (_dot(q, kt, DOT_PRECISION, UPCAST_DOT) * qk_scale + bias) * LOG2E
-            if SHIFT > 0:
-                s = tl.where(region_q[:, None] == region_k[None, :], s, s + MASK_LOG2)
-            if N % BLOCK_N != 0:
-                s = tl.where(tk_ok[None, :], s, float("-inf"))  # keys past N in the last tile
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
-            m_i = m_new
-
-        out = acc / l_i[:, None]
         out_rows = yq * stride_out_h + xq * stride_out_w
-        tl.store(out_base + out_rows[:, None] + q_col[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=(inside_q & tq_ok)[:, None] & d_ok[None, :])
+        q_ok = inside_q & tq_ok
+        if HAS_QKV_BIAS:
+            # Does the window hold a padded token (one past the image's last row or column, rolled
+            # with the shift)? Only such windows (the last one or two rows/columns of windows)
+            # pay for the padded keys' fix-up below; the others run without it.
+            t_all = tl.arange(0, BLOCK_ALL)
+            _, _, inside_all = _token_coords(
+                t_all, win_y, win_x, height, width, padded_height, padded_width, WINDOW, SHIFT)
+            padded_window = tl.max(((~inside_all) & (t_all < N)).to(tl.int32), 0) > 0
+
+        # Several heads per program (window 7, 16-bit operands): the window's coordinates, masks
+        # and row addresses are computed once, the heads' channel slices of one token row are
+        # adjacent (2 heads of bf16 at head_dim 32 = one 128-byte line), and the head loop gives the
+        # pipeliner a loop to overlap the next head's loads with this head's MMAs and softmax even
+        # when N fits one key tile.
+        for hh in range(HEADS_PER_PROGRAM):
+            head = group * HEADS_PER_PROGRAM + hh
+            q_col = head * HEAD_DIM + d
+            k_col = channels + q_col
+            v_col = 2 * channels + q_col
+            q = tl.load(qkv_base + q_rows[:, None] + q_col[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            if HAS_QKV_BIAS:
+                # A padded token is Linear(0) = bias (x is zero-padded after the layernorm).
+                bq = tl.load(qkv_bias_ptr + q_col, mask=d_ok, other=0.0).to(q.dtype)
+                q = tl.where(inside_q[:, None], q, bq[None, :])
+                # K and V are loaded with zeros for padded tokens and go to shared memory untouched;
+                # a padded key's score is q . bk and its value row bv, added to S and to the
+                # accumulator below (padded windows only).
+                q_dot_bk = tl.zeros([BLOCK_M], tl.float32)
+                bv = tl.zeros([BLOCK_D], tl.float32)
+                if padded_window:
+                    bk = tl.load(qkv_bias_ptr + k_col, mask=d_ok, other=0.0).to(tl.float32)
+                    bv = tl.load(qkv_bias_ptr + v_col, mask=d_ok, other=0.0).to(tl.float32)
+                    q_dot_bk = tl.sum(q.to(tl.float32) * bk[None, :], 1)
+            bias_rows = bias_ptr + head * N * N + tq * N
+
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            for start_n in range(0, N, BLOCK_N):
+                tk = start_n + tl.arange(0, BLOCK_N)
+                tk_ok = tk < N
+                yk, xk, inside_k = _token_coords(
+                    tk, win_y, win_x, height, width, padded_height, padded_width, WINDOW, SHIFT)
+                k_rows = yk * stride_qkv_h + xk * stride_qkv_w
+                kv_ok = inside_k & tk_ok
+                # K^T tile (BLOCK_D, BLOCK_N), V tile (BLOCK_N, BLOCK_D), read in place from
+                # (B, H, W, 3C), zeros for padded tokens and keys past N.
+                kt = tl.load(qkv_base + k_rows[None, :] + k_col[:, None], mask=kv_ok[None, :] & d_ok[:, None],
+                             other=0.0)
+                v = tl.load(qkv_base + k_rows[:, None] + v_col[None, :], mask=kv_ok[:, None] & d_ok[None, :],
+                            other=0.0)
+                qk = _dot(q, kt, DOT_PRECISION, UPCAST_DOT)
+                if HAS_QKV_BIAS:
+                    if padded_window:
+                        qk = tl.where(inside_k[None, :], qk, q_dot_bk[:, None])
+                # The (heads, N, N) bias, contiguous along keys: vector loads, coalesced.
+                bias = tl.load(bias_rows[:, None] + tk[None, :], mask=tq_ok[:, None] & tk_ok[None, :],
+                               other=0.0).to(tl.float32)
+                s = (qk * qk_scale + bias) * LOG2E
+                if SHIFT > 0:
+                    if masked_window:
+                        region_q = _token_region(tq, win_y, win_x, padded_height, padded_width, WINDOW, SHIFT)
+                        region_k = _token_region(tk, win_y, win_x, padded_height, padded_width, WINDOW, SHIFT)
+                        s = tl.where(region_q[:, None] == region_k[None, :], s, s + MASK_LOG2)
+                if N % BLOCK_N != 0:
+                    s = tl.where(tk_ok[None, :], s, float("-inf"))  # keys past N in the last tile
+
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, DOT_PRECISION, UPCAST_DOT)
+                if HAS_QKV_BIAS:
+                    if padded_window:
+                        # The padded keys' value rows are bv: their probabilities' sum times bv.
+                        p_pad = tl.sum(tl.where(inside_k[None, :], 0.0, p), 1)
+                        acc += p_pad[:, None] * bv[None, :]
+                m_i = m_new
+
+            out = acc / l_i[:, None]
+            tl.store(out_base + out_rows[:, None] + q_col[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=q_ok[:, None] & d_ok[None, :])
 
     return _window_attention_fwd_kernel, bool(triton.knobs.runtime.interpret)
 
@@ -413,21 +505,58 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
-def _default_blocks(n: int, head_dim: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for a window of N = w*w tokens. Untuned guesses (no GPU when
-    written): ``benchmarks/bench_window_attention.py --sweep`` measures the alternatives.
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: fp16/bf16 operands always run on the tensor cores ("tf32" is
+    ignored for them); fp32 follows torch's fp32 matmul policy (``maskformer._ext.tf32_matmul_allowed``):
+    "tf32" tensor cores when allowed, exact "ieee" FFMA otherwise (torch's default)."""
+    return "tf32" if dtype != torch.float32 or _ext.tf32_matmul_allowed() else "ieee"
+
+
+def _default_blocks(n: int, head_dim: int, num_heads: int = 1, precision: str = "tf32",
+                    element_size: int = 2) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, heads_per_program) for a window of N = w*w tokens. Untuned
+    (no GPU when written): ``benchmarks/bench_window_attention.py --sweep`` measures the
+    alternatives; the compiled figures behind them are in the module docstring.
 
     Keys: tiles of 16 when N > 64, so N = 144 is 9 tiles with no padded key (the softmax's exp
     work scales with the keys); N <= 64 in one power-of-two tile (49 -> 64: every tiling pads 49
     to 64). Queries: 64-row tiles (4 warps, one m16 MMA row block each) for N > 32. For N = 144
     that pads 144 rows to 192 (1.33x the exp work) but re-reads each window's K/V 3 times instead
     of 9: at Swin-L stage 1 (640x640, 196 windows x 6 heads, head_dim 32, bf16) ~63 MB of L2
-    traffic instead of ~190 MB, against ~43 MB of q/k/v/out HBM traffic.
+    traffic instead of ~190 MB, against ~43 MB of q/k/v/out HBM traffic. Heads: up to 4 per
+    program when N <= 64, head_dim <= 64 and the operands are fp16/bf16 (the largest divisor of
+    num_heads <= 4), one otherwise: with fp32 operands the pipelined head loop's buffers took
+    90-107 KB of shared memory and up to 255 registers (TF32, window 7), for ~6% fewer
+    instructions (exact fp32); at head_dim 256 they exceed the shared memory of a block.
+    Exact fp32 ("ieee", FFMA dots): a thread holds its score rows' whole q and its columns' whole
+    K^T, so 64 x 64 tiles (window 7) took 255 registers and spilled on sm_80: 16-key tiles there,
+    and 8 warps at window 12.
     """
     pow2 = _pow2_at_least(n)
     block_m = min(64, pow2)
     block_n = 16 if n > 64 else pow2
-    return block_m, block_n, max(1, block_m // 16)
+    num_warps = max(1, block_m // 16)
+    if precision == "ieee":
+        block_n = min(block_n, 16)
+        if n > 64:
+            num_warps = 8  # 4 warps: 128 registers and 4 B of spills on sm_80 (window 12, shift 0)
+    heads_per_program = 1
+    if n <= 64 and element_size == 2 and head_dim <= 64:
+        heads_per_program = max(h for h in (1, 2, 3, 4) if num_heads % h == 0)
+    return block_m, block_n, num_warps, heads_per_program
+
+
+def dense_relative_position_bias(bias_table: torch.Tensor, window_size: int) -> torch.Tensor:
+    """((2w-1)^2, heads) relative position bias table -> (heads, N, N) contiguous bias in the
+    table's dtype (a gather: values unchanged), N = w*w: what the kernel reads. A Swin layer keeps
+    it (``SwinSelfAttention.dense_relative_position_bias``); ``window_attention`` takes either form."""
+    n = window_size * window_size
+    index = relative_position_index(window_size).to(bias_table.device)
+    return bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1).contiguous()
+
+
+def _dense_bias(bias_table: torch.Tensor, window_size: int) -> torch.Tensor:
+    return bias_table.contiguous() if bias_table.dim() == 3 else dense_relative_position_bias(bias_table, window_size)
 
 
 def _launch(
@@ -442,11 +571,17 @@ def _launch(
     block_n: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
-) -> torch.Tensor:
+    heads_per_program: Optional[int] = None,
+    compile_only: bool = False,
+):
     """Run the attention kernel: qkv (B, H, W, 3C) projected q/k/v (bias included for real pixels),
-    qkv_bias (3C,) or None (used for padded tokens), bias_table ((2w-1)^2, heads) -> out (B, H, W, C),
-    written in place (any strides with a unit last stride) and returned. The block/warp/stage
-    arguments override ``_default_blocks`` (tests, ``--sweep``); None = default."""
+    qkv_bias (3C,) or None (used for padded tokens), bias_table ((2w-1)^2, heads) or its dense
+    (heads, N, N) form -> out (B, H, W, C), written in place (any strides with a unit last stride)
+    and returned. The block/warp/stage/heads arguments override ``_default_blocks`` (tests,
+    ``--sweep``; heads_per_program must divide num_heads); None = default. ``compile_only``:
+    compile for the active triton target and return the ``CompiledKernel`` without launching
+    (``benchmarks/aot.py`` calls this with meta tensors: the binary it checks is the one a real
+    call of the same shapes launches)."""
     b, height, width, c3 = qkv.shape
     c = c3 // 3
     head_dim = c // num_heads
@@ -454,7 +589,7 @@ def _launch(
         raise ValueError("window_attention: qkv and out need a contiguous last (channel) dimension")
     if tuple(out.shape) != (b, height, width, c):
         raise ValueError(f"window_attention: out is {tuple(out.shape)}, expected {(b, height, width, c)}")
-    if out.numel() == 0:
+    if out.numel() == 0 and not compile_only:
         return out
     w = window_size
     hp = -(-height // w) * w
@@ -462,12 +597,19 @@ def _launch(
     windows_per_row = wp // w
     windows_per_image = (hp // w) * windows_per_row
     n = w * w
-    d_block, (m_default, n_default, warps_default) = _pow2_at_least(head_dim), _default_blocks(n, head_dim)
+    precision = _dot_precision(qkv.dtype)
+    d_block = _pow2_at_least(head_dim)
+    m_default, n_default, warps_default, heads_default = _default_blocks(n, head_dim, num_heads, precision,
+                                                                         qkv.element_size())
     block_m = block_m or m_default
     block_n = block_n or n_default
     num_warps = num_warps or warps_default
+    heads_per_program = heads_per_program or heads_default
+    if num_heads % heads_per_program:
+        raise ValueError(f"window_attention: heads_per_program={heads_per_program} must divide num_heads={num_heads}")
     num_m_tiles = -(-n // block_m)
-    grid = (b * windows_per_image * num_heads * num_m_tiles,)
+    num_head_groups = num_heads // heads_per_program
+    grid = (b * windows_per_image * num_head_groups * num_m_tiles,)
     interpret = _interpret_mode()
     kernel, built_interpreted = _build_kernel()
     if interpret != built_interpreted:
@@ -475,27 +617,31 @@ def _launch(
             f"window_attention: the kernel was built with TRITON_INTERPRET={int(built_interpreted)} and it is now "
             f"{int(interpret)}; triton fixes this when it decorates the kernel, so set it once per process"
         )
-    table = bias_table.contiguous()
+    dense = _dense_bias(bias_table, w)
     bias = qkv_bias.contiguous() if qkv_bias is not None else qkv  # dummy pointer when HAS_QKV_BIAS=False
     # triton launches on the current CUDA device: make it the tensors' one (no-op for cuda:0 / CPU).
     on_device = torch.cuda.device(qkv.device) if qkv.device.type == "cuda" else contextlib.nullcontext()
+    launch = kernel.warmup if compile_only else kernel[grid]
     with on_device:
-        kernel[grid](
-            qkv, bias, table, out,
+        compiled = launch(
+            qkv, bias, dense, out,
             height, width, hp, wp,
-            windows_per_row, windows_per_image, num_heads, num_m_tiles, c,
+            windows_per_row, windows_per_image, num_head_groups, num_m_tiles, c,
             qkv.stride(0), qkv.stride(1), qkv.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             1.0 / math.sqrt(head_dim),
             WINDOW=w, SHIFT=shift_size, HEAD_DIM=head_dim, BLOCK_D=d_block,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_QKV_BIAS=qkv_bias is not None,
-            # fp32 inputs: exact fp32 products, not TF32 (10-bit mantissa, ~1e-3 relative error).
-            DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_ALL=_pow2_at_least(n), HEADS_PER_PROGRAM=heads_per_program, HAS_QKV_BIAS=qkv_bias is not None,
+            DOT_PRECISION=precision,
             UPCAST_DOT=interpret and qkv.dtype == torch.bfloat16,
             num_warps=num_warps,
+            # Explicit (triton 3.10 turns the default off): a * b + c becomes one FMA (the score
+            # scaling, the online-softmax rescale); no result here depends on a rounding order.
+            enable_fp_fusion=True,
             **({} if num_stages is None else {"num_stages": num_stages}),
+            **({"grid": grid} if compile_only else {}),
         )
-    return out
+    return compiled if compile_only else out
 
 
 def _window_attention_impl(
@@ -566,10 +712,12 @@ def window_attention(
     """Fused (shifted-)window attention, ``torch.ops.maskformer.window_attention``.
 
     Same arguments, shapes and result as ``window_attention_ref``: x (B, H, W, C) layernormed and
-    unpadded, qkv_weight (3C, C), qkv_bias (3C,) or None, bias_table ((2w-1)^2, heads) ->
-    (B, H, W, C) in x's dtype, before the output projection. Scores, softmax and accumulation are
-    fp32 whatever the dtype; for fp16/bf16 the q/k/v projection and the probabilities fed to the
-    P @ V product are in x's dtype (as flash attention). Forward only. Raises ValueError with
+    unpadded, qkv_weight (3C, C), qkv_bias (3C,) or None, bias_table ((2w-1)^2, heads) or its
+    dense (heads, N, N) form (``dense_relative_position_bias``; the raw table is expanded at every
+    call) -> (B, H, W, C) in x's dtype, before the output projection. Scores, softmax and
+    accumulation are fp32 whatever the dtype; for fp16/bf16 the q/k/v projection and the
+    probabilities fed to the P @ V product are in x's dtype (as flash attention); fp32 products are
+    exact, or TF32 when torch's fp32 matmuls may use it (``torch.backends.cuda.matmul``). Forward only. Raises ValueError with
     ``not_supported_reasons`` when it cannot run (check those first to fall back to the reference),
     and for tensors on different devices. Tensors all on the meta device give a meta result (the
     op's fake kernel: shape propagation, as torch.compile tracing uses it).

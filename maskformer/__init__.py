@@ -5,6 +5,31 @@
 Importing the package loads torch but never triton, never the C++ extension, and never
 initialises CUDA; those happen on first use of a fast path (see ``maskformer.dispatch``).
 """
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _map_checkout_kernels() -> None:
+    """setup.py installs the top-level ``kernels/`` folder as ``maskformer.kernels``. A checkout
+    used without installing (``PYTHONPATH=<checkout>``, as on a lent GPU machine whose pip cannot
+    reach an index) has no such mapping, and every model path needs the ``_ref`` ops in it: map the
+    checkout's ``kernels/`` to that one name, the way the installed package has it."""
+    if _importlib_util.find_spec(__name__ + ".kernels") is not None:
+        return  # installed (or editable-installed): the mapping exists
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(folder, "__init__.py")
+    if not _os.path.isfile(init):
+        return  # nothing to map: the import of maskformer.kernels will say what is missing
+    spec = _importlib_util.spec_from_file_location(__name__ + ".kernels", init, submodule_search_locations=[folder])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module  # what the import system sets on a parent after a submodule import
+
+
+_map_checkout_kernels()
+
 from .config import ConfigError, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig
 from .hub import CheckpointError
 from .modeling import (

@@ -15,7 +15,8 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_error", "triton_interpret_mode"]
+__all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_error", "triton_interpret_mode",
+           "tf32_matmul_allowed"]
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
@@ -139,3 +140,20 @@ def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+
+
+def tf32_matmul_allowed() -> bool:
+    """torch's policy for fp32 matmuls on CUDA, which the fp32 Triton dots follow: True when they
+    may use TF32 (``torch.backends.cuda.matmul.allow_tf32 = True``,
+    ``torch.backends.cuda.matmul.fp32_precision = "tf32"``, ``torch.set_float32_matmul_precision``
+    "high"/"medium"), False for exact fp32 (torch's default). torch refuses ``allow_tf32`` once its
+    legacy and new TF32 settings were mixed; then the new setting (or the global one it inherits)
+    decides, as it does for cuBLAS."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        return bool(matmul.allow_tf32)
+    except RuntimeError:
+        precision = getattr(matmul, "fp32_precision", "none")
+        if precision == "none":
+            precision = getattr(torch.backends, "fp32_precision", "ieee")
+        return precision == "tf32"

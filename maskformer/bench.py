@@ -33,7 +33,13 @@ by ``torch.onnx.export`` at the benchmark's fixed input size, run by the engine'
 transformers' post-processing: what a CPU user would assemble from the two), and the forward-only
 ``onnxruntime-raw`` / ``openvino-raw``. Threads: ``--threads`` (default torch's) for torch and
 every engine. Results: ``benchmarks/results/<name>.json`` (device, CPU model and flags, threads,
-load averages, versions, commit, rows, rounds, paired ratios) and a Markdown table beside it.
+load averages, versions, commit, rows, rounds, paired ratios) and a Markdown table beside it,
+rewritten after every (model, batch) group, so a run cut short keeps what it finished.
+``maskformer-fast-cudagraph`` (backend "auto", the forward replayed as one CUDA graph by
+``maskformer.CUDAGraphRunner``; CUDA only) is run only when named in ``--impls``. ``--row-timeout``
+bounds a row's loading and warm-up and each of its iterations (the row is then failed and its
+process killed); ``--max-seconds`` the whole run: no round or group starts after it, and the rows
+of groups not started are listed as not run.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -72,6 +79,8 @@ IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "
          "maskformer-compile") + ENGINE_IMPLS
 COMPILE_IMPLS = ("transformers-compile", "maskformer-compile")  # minutes of compilation per row on a CPU
 FORWARD_ONLY = ("onnxruntime-raw", "openvino-raw")
+# Asked for by name only (--impls): not part of the default set.
+EXTRA_IMPLS = ("maskformer-fast-cudagraph",)
 
 
 def impl_engine(impl: str):
@@ -293,7 +302,11 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
         else:
             from transformers import MaskFormerForInstanceSegmentation as HF
 
-            model = HF.from_pretrained(checkpoint, dtype=dtype).to(device).eval()
+            # Loaded in fp32, then cast with .to() (every floating parameter and buffer): with
+            # transformers 5.17 on CUDA, from_pretrained(dtype=torch.bfloat16) rows failed with
+            # "expected scalar type Float but found BFloat16" (H200, 2026-11-26; where, not
+            # established: the row kept one line). Failed rows now keep the log's end (error_log).
+            model = HF.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
             if impl == "transformers-compile":
                 model = torch.compile(model)
             pixel_values = pixel_values.to(device=device, dtype=dtype)
@@ -320,9 +333,16 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
             if impl == "maskformer-compile":
                 model = torch.compile(model)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
+        if impl == "maskformer-fast-cudagraph":
+            from .modeling import CUDAGraphRunner
 
-        def run():
-            return model(pixel_values=pixel_values)
+            runner = CUDAGraphRunner(model, pixel_values)  # warm-up and capture (raises off CUDA)
+
+            def run():
+                return runner(pixel_values)
+        else:
+            def run():
+                return model(pixel_values=pixel_values)
 
     def sync():
         if device.startswith("cuda"):
@@ -404,30 +424,51 @@ def _say(message: Dict) -> None:
 
 
 class Worker:
-    """The parent's handle on one row's process."""
+    """The parent's handle on one row's process. ``timeout``: seconds an answer may take (the
+    loading and warm-up, or one iteration); past it the process is killed and the row fails."""
 
-    def __init__(self, spec: Dict, log_path: str):
+    def __init__(self, spec: Dict, log_path: str, timeout: Optional[float] = None):
         self.spec = spec
+        self.timeout = timeout
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "maskformer.bench", "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
                                      cwd=REPO)
         self.error = None
+        self.error_log = None
+        self._timed_out = False
+
+    def _kill_on_timeout(self):
+        self._timed_out = True
+        self.proc.kill()
 
     def ask(self, command: Optional[str]) -> Dict:
         if self.error:
             raise RuntimeError(self.error)
-        if command:
-            self.proc.stdin.write(command + "\n")
-            self.proc.stdin.flush()
-        for line in self.proc.stdout:
-            if line.startswith("BENCH "):
-                return json.loads(line[6:])
+        timer = threading.Timer(self.timeout, self._kill_on_timeout) if self.timeout else None
+        try:
+            if timer:
+                timer.start()
+            if command:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith("BENCH "):
+                    return json.loads(line[6:])
+        except OSError:  # the process died while we wrote to it
+            pass
+        finally:
+            if timer:
+                timer.cancel()
         self.proc.wait()
         self.log.flush()
         with open(self.log.name) as f:
-            tail = [l for l in f.read().strip().splitlines() if l.strip()][-1:] or ["no output"]
-        self.error = f"exit {self.proc.returncode}: {tail[0]}"
+            lines = [l for l in f.read().strip().splitlines() if l.strip()] or ["no output"]
+        # the log's end too: a row that fails on a lent GPU must say where (the next chance to look
+        # may be weeks away)
+        self.error_log = "\n".join(lines[-25:])
+        self.error = (f"timed out after {self.timeout:.0f} s (--row-timeout)" if self._timed_out
+                      else f"exit {self.proc.returncode}: {lines[-1]}")
         raise RuntimeError(self.error)
 
     def close(self):
@@ -543,7 +584,7 @@ def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, 
         spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height, width=width,
                     device=device, threads=threads, warmup=args.warmup, maps_out=os.path.join(tmp, _slug(key) + ".npy"),
                     onnx_path=onnx_files.get(impl), engine_cache=engine_cache)
-        workers[key] = Worker(spec, os.path.join(tmp, _slug(key) + ".log"))
+        workers[key] = Worker(spec, os.path.join(tmp, _slug(key) + ".log"), timeout=args.row_timeout)
     # Load and warm up one at a time (loading in parallel would time the warm-ups against each other).
     for key, w in workers.items():
         try:
@@ -558,6 +599,9 @@ def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, 
     forwards: Dict[str, List[float]] = {k: [] for k in timed}
     rounds = []
     for r in range(args.rounds):
+        if r and args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
+            print(f"  --max-seconds spent: {r} of {args.rounds} rounds", file=sys.stderr)
+            break
         order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []
         rounds.append({"round": r + 1, "loadavg": _loadavg(), "order": order})
         for key in order:
@@ -576,7 +620,8 @@ def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, 
         impl, dtype = key.split("/")
         if key in failed or (impl, dtype) not in plan:
             if key in failed and (impl, dtype) in plan:
-                rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=failed[key]))
+                rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=failed[key],
+                                 **({"error_log": w.error_log} if w.error_log else {})))
             w.close()
             continue
         try:
@@ -617,9 +662,9 @@ def main(argv: List[str] = None) -> int:
                         help="default: float32,bfloat16,float16 on CUDA; on the CPU float32 and the half types it "
                              "computes natively (engine rows run float32 only)")
     parser.add_argument("--impls", default=None,
-                        help="comma list of: " + ", ".join(IMPLS) + " (default: all whose packages are installed, "
-                             "without the torch.compile rows on the CPU, where compiling takes minutes per row; "
-                             "engine rows only on the CPU)")
+                        help="comma list of: " + ", ".join(IMPLS + EXTRA_IMPLS) + " (default: all of the first "
+                             f"{len(IMPLS)} whose packages are installed, without the torch.compile rows on the CPU, "
+                             "where compiling takes minutes per row; engine rows only on the CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=5,
@@ -634,6 +679,10 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--name", default=None,
                         help="results file stem (default e2e-<device>-<device name>); for runs that must not "
                              "replace another's file, e.g. a slow model measured separately")
+    parser.add_argument("--row-timeout", type=float, default=None,
+                        help="seconds for a row's loading and warm-up, and for each of its iterations (default none)")
+    parser.add_argument("--max-seconds", type=float, default=None,
+                        help="start no round or group after this many seconds; the rest are listed as not run")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one row's process
     args = parser.parse_args(argv)
 
@@ -665,20 +714,48 @@ def main(argv: List[str] = None) -> int:
                 skipped_impls[impl] = "torch.compile takes minutes per row on a CPU; pass --impls to run it"
             else:
                 impls.append(impl)
-    unknown = [i for i in impls if i not in IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
+    unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown implementation or model: {unknown}")
     triton_version = _versions()["triton"]
     device_name = _device_name(device)
     rows, groups = [], []
     load_start = _loadavg()
+    args.started = time.monotonic()
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
+
+    def report():
+        return {
+            "device": device_name, "cpu_flags": cpu_flags() if device == "cpu" else None,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
+            "torch": torch.__version__, "triton": triton_version, "versions": _versions(), "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "threads": args.threads,
+            "loadavg_start": load_start, "loadavg_end": _loadavg(), "warmup": args.warmup, "rounds": args.rounds,
+            "repeats": args.rounds, "weights": args.weights, "rows": rows, "groups": groups,
+            "skipped_dtypes": skipped_dtypes, "skipped_impls": skipped_impls, "speedups": speedups(rows),
+            "note": "swin-* rows: transformers' random init (no trained checkpoint can be downloaded here), "
+                    + ("made lively (bench.lively_weights_) so maps hold several labels; " if args.weights == "lively"
+                       else "near-constant maps; ")
+                    + "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal "
+                    "to maskformer-reference float32 at the same batch; inputs are synthetic images. Rows interleaved "
+                    "round-robin; paired = median over rounds of the per-round time ratio",
+        }
+
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             height, width = MODELS[model]["image"]
-            checkpoint = make_checkpoint(model, os.path.join(tmp, model), args.weights)
+            checkpoint = None
             for batch in [int(b) for b in args.batches.split(",")]:
                 # engine rows run float32; the plan pairs every implementation with its dtypes
                 plan = [(i, d) for i in impls for d in dtypes if not (impl_engine(i) and d != "float32")]
+                if args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
+                    rows += [dict(model=model_name(model), impl=i, dtype=d, batch=batch,
+                                  error=f"not run: the {args.max_seconds:.0f} s budget (--max-seconds) was spent")
+                             for i, d in plan]
+                    continue
+                if checkpoint is None:
+                    checkpoint = make_checkpoint(model, os.path.join(tmp, model), args.weights)
                 onnx_files = {}
                 for impl in impls:
                     engine = impl_engine(impl)
@@ -700,30 +777,17 @@ def main(argv: List[str] = None) -> int:
                                               onnx_files, args.engine_cache)
                 rows += group_rows
                 groups.append(group)
-    load_end = _loadavg()
-    report = {
-        "device": device_name, "cpu_flags": cpu_flags() if device == "cpu" else None,
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
-        "torch": torch.__version__, "triton": triton_version, "versions": _versions(), "commit": _commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "threads": args.threads,
-        "loadavg_start": load_start, "loadavg_end": load_end, "warmup": args.warmup, "rounds": args.rounds,
-        "repeats": args.rounds, "weights": args.weights, "rows": rows, "groups": groups,
-        "skipped_dtypes": skipped_dtypes, "skipped_impls": skipped_impls, "speedups": speedups(rows),
-        "note": "swin-* rows: transformers' random init (no trained checkpoint can be downloaded here), "
-                + ("made lively (bench.lively_weights_) so maps hold several labels; " if args.weights == "lively"
-                   else "near-constant maps; ")
-                + "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal to "
-                "maskformer-reference float32 at the same batch; inputs are synthetic images. Rows interleaved "
-                "round-robin; paired = median over rounds of the per-round time ratio",
-    }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
+                write_report(stem, report())  # after every group: a run cut short keeps what it finished
+    write_report(stem, report())
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+def write_report(stem: str, report: Dict) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
         f.write(markdown(report))
-    print(f"wrote {stem}.json and {stem}.md")
-    return 0
 
 
 def markdown(report: Dict) -> str:

@@ -208,7 +208,7 @@ def render_overlay(image, label_map: np.ndarray, names: Dict[int, str], table: O
     hole = unfilled[labels]
     fill[hole] = (gray[hole, None] * 7) >> 3  # "no segment": the photo, a little dimmed
     line = max(1, int(round(min(dh, dw) / 250)))
-    edge = _outline(labels, line)
+    edge = _outline(labels, line) & ~hole  # "no segment" pixels get no outline either
     fill[edge] = (colours[edge] * 140) >> 8  # outlines: the segment's own colour, darker
     drawing = Image.fromarray(fill.astype(np.uint8))
 
@@ -217,7 +217,8 @@ def render_overlay(image, label_map: np.ndarray, names: Dict[int, str], table: O
         by_name: Dict[str, Tuple[Colour, int]] = {}
         for v in np.flatnonzero(counts).tolist():
             name = names.get(v, "?")
-            colour, area = by_name.get(name, (tuple(int(c) for c in table[v]), 0))
+            swatch = (210, 210, 210) if name == NO_SEGMENT else tuple(int(c) for c in table[v])  # as drawn: unfilled
+            colour, area = by_name.get(name, (swatch, 0))
             by_name[name] = (colour, area + int(counts[v]))
         legend = sorted(((n, c, a) for n, (c, a) in by_name.items()), key=lambda e: (-e[2], e[0]))
     size = int(min(48, max(12, round(dh / 28))))

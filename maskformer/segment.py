@@ -133,7 +133,7 @@ def discover(specs: List[str], recursive: bool) -> Tuple[List[Input], List[Tuple
             if not found_any:
                 failures.append((spec, "folder holds no images (" + ", ".join(IMAGE_EXTENSIONS) + ")"
                                  + ("" if recursive else "; pass --recursive to look in subfolders")))
-        elif os.path.lexists(spec) and not glob.has_magic(spec):
+        elif os.path.lexists(spec):  # a file, even one whose name has glob characters ("a[1].jpg")
             add(spec, os.path.basename(spec))
         elif glob.has_magic(spec):
             base = _glob_base(spec)

@@ -107,6 +107,20 @@ class SwinSelfAttention(nn.Module):
             self._qkv_cache = cached
         return cached[1], cached[2]
 
+    def dense_relative_position_bias(self) -> torch.Tensor:
+        """(heads, N, N) contiguous bias in the table's dtype, for the Triton kernel (which reads it
+        coalesced instead of gathering from the table per score). Cached while the table is
+        unchanged (same storage, same in-place version), like ``fused_qkv``."""
+        table = self.relative_position_bias_table
+        key = (table.data_ptr(), table._version, table.dtype, table.device)
+        cached = getattr(self, "_dense_bias_cache", None)
+        if cached is None or cached[0] != key:
+            from .kernels.window_attention import dense_relative_position_bias
+
+            cached = (key, dense_relative_position_bias(table.detach(), self.window_size))
+            self._dense_bias_cache = cached
+        return cached[1]
+
     def relative_position_bias(self) -> torch.Tensor:
         """(heads, N, N) bias gathered from the table."""
         n = self.window_size**2
@@ -215,7 +229,8 @@ class SwinLayer(nn.Module):
         # CPU call would hold a second copy of every q/k/v weight for nothing. There is no C++
         # window attention, so `select` refuses "cpp" (auto) or raises (forced) without the weights.
         weight, bias = attn.fused_qkv(x.dtype) if fast == "triton" else (None, None)
-        args = (x, weight, bias, attn.relative_position_bias_table, self.window_size, self.shift_size, attn.num_heads)
+        table = attn.dense_relative_position_bias() if fast == "triton" else attn.relative_position_bias_table
+        args = (x, weight, bias, table, self.window_size, self.shift_size, attn.num_heads)
         if dispatch.select("window_attention", x.device, *args) == "reference":
             return self.window_attention_reference(x)
         from .kernels.window_attention import window_attention

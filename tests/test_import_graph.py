@@ -125,3 +125,23 @@ def test_each_module_imports_first_in_a_fresh_interpreter():
         if p.returncode:
             failures[n] = err.strip().splitlines()[-1]
     assert not failures, failures
+
+
+def test_checkout_on_pythonpath_works_without_installing():
+    """A bare machine (a lent GPU) runs the checkout from PYTHONPATH, without our install's
+    mapping of kernels/ to maskformer.kernels: the package maps it itself. The installed finder
+    (an editable install's meta-path hook) is removed first, so this is the uninstalled case."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(maskformer.__file__)))
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in type(f).__module__ + repr(f)]\n"
+        "for m in [m for m in sys.modules if m.startswith('maskformer')]: del sys.modules[m]\n"
+        f"sys.path.insert(0, {root!r})\n"
+        "import maskformer, maskformer.kernels.upsample_argmax as ua, maskformer.kernels.window_attention\n"
+        "import torch\n"
+        "assert ua.upsample_argmax_ref(torch.rand(3, 4, 4), (8, 8)).shape == (8, 8)\n"
+        "print(maskformer.kernels.__file__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == os.path.join(root, "kernels", "__init__.py")

@@ -247,6 +247,10 @@ def test_outputs_mirror_paths_and_never_collide(tmp_path):
     out = tmp_path / "out"
     result = run_cli("segment", src, "--out", out, "--recursive", "--quiet")
     assert result.returncode == 0, result.stderr
+    literal = tmp_path / "odd[1].png"  # a file whose name looks like a glob
+    make_sample(26, height=64, width=64)[0].save(literal)
+    assert run_cli("segment", literal, "--out", tmp_path / "o_lit", "--quiet").returncode == 0
+    assert (tmp_path / "o_lit" / "odd[1].png.label.png").exists()
     for name in ("a.jpg", "a.png", "trip/a.png", "other/a.png"):
         assert json.loads((out / f"{name}.json").read_text())["source"] == os.path.realpath(src / name)
     # Two inputs with one output name in one run: both refused, up front, the rest done.

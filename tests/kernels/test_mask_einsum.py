@@ -102,6 +102,39 @@ def test_triton_low_precision(triton_device, dtype):
     assert_within_budget(fast, ref32, ref_lowp, LOWP_ATOL[dtype] * ref32.abs().max().item(), f"triton {dtype}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_every_block_boundary(triton_device, dtype):
+    """Queries over several BLOCK_Q steps (37 = 32 + 5), classes over two BLOCK_K blocks (70),
+    pixels over two BLOCK_P blocks (13 x 11 = 143 > 128), two images; fp16/bf16 on the tensor-core
+    path (operands rounded to the input dtype), fp32 exact."""
+    b, q, k, h, w = 2, 37, 70, 13, 11
+    cl, ml = me.make_realistic_logits(b, q, k, h, w, seed=11)
+    fast = me.mask_einsum(cl.to(dtype).to(triton_device), ml.to(dtype).to(triton_device))
+    if dtype == torch.float32:
+        _fp32_budget_check(fast, cl, ml, "fp32 blocks")
+    else:
+        ref32 = me.mask_einsum_ref(cl, ml)
+        ref_lowp = transformers_scores(cl.to(dtype), ml.to(dtype))
+        assert_within_budget(fast, ref32, ref_lowp, LOWP_ATOL[dtype] * ref32.abs().max().item(), f"blocks {dtype}")
+
+
+def test_dot_follows_torch_tf32_policy():
+    """fp32 operands: exact FFMA dot under torch's default, TF32 tensor cores when torch's fp32
+    matmuls may use TF32 (either API); fp16/bf16 operands always take the tensor cores."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert me._dot_precision(torch.float32) == "ieee"
+        assert me._dot_precision(torch.bfloat16) == "tf32"
+        matmul.fp32_precision = "tf32"
+        assert me._dot_precision(torch.float32) == "tf32"
+        assert me._default_blocks(150, torch.float32, "tf32") != me._default_blocks(150, torch.float32, "ieee")
+    finally:
+        matmul.fp32_precision = previous
+    assert me._dot_dtype(torch.float16) == torch.float16 and me._dot_dtype(torch.float32) == torch.float32
+
+
 def test_triton_writes_every_element(triton_device):
     """Sentinel: a NaN-filled output must come back fully overwritten with the right values."""
     cl, ml = me.make_realistic_logits(2, 17, 70, 9, 8, seed=5, device=triton_device)

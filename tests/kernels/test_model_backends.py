@@ -24,8 +24,22 @@ def small_model(window_size=7, seed=0):
     return model
 
 
+@pytest.fixture
+def exact_fp32_cuda():
+    """No TF32 in cuDNN convolutions and cuBLAS matmuls while a test runs (restored after).
+
+    cuDNN's default (``torch.backends.cudnn.allow_tf32 = True``) rounds conv inputs to a 10-bit
+    mantissa, so a 1e-7 difference upstream (the attention's summation order) can move a product
+    by ~5e-4 of its value: on an H200 (2026-11-26) the whole model differed from its own reference
+    by 3.0e-4 / 3.5e-4 relative with TF32 convolutions, which hides what this test measures."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("window_size, size", [(7, (60, 44)), (3, (40, 52))])
-def test_triton_backend_matches_reference(triton_device, window_size, size):
+def test_triton_backend_matches_reference(triton_device, window_size, size, exact_fp32_cuda):
     model = small_model(window_size).to(triton_device)
     x = torch.randn(2, 3, *size, device=triton_device)
     with torch.no_grad():
@@ -79,9 +93,9 @@ def test_forced_triton_refuses_to_train_and_auto_trains_on_the_reference(triton_
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # dynamo's "cannot trace" warnings mean graph breaks
-def test_compile_whole_model_with_triton_backend(triton_device):
-    model = small_model()
-    x = torch.randn(1, 3, 40, 40)
+def test_compile_whole_model_with_triton_backend(triton_device, exact_fp32_cuda):
+    model = small_model().to(triton_device)
+    x = torch.randn(1, 3, 40, 40, device=triton_device)
     with torch.no_grad(), dispatch.backend("triton"):
         eager = model(x).masks_queries_logits
         compiled = torch.compile(model, backend="aot_eager")

@@ -95,6 +95,8 @@ def test_full_extent_is_no_extent_bitwise(impl, request):
         request.getfixturevalue("triton_device")
     fn = {"ref": ua.upsample_argmax_ref, "cpp": ua.upsample_argmax_cpp, "triton": ua.upsample_argmax}[impl]
     x = near_tie_scores(12, 9, 11, seed=3, batch=2)
+    if impl == "triton":
+        x = x.to(request.getfixturevalue("triton_device"))
     for sizes in ([(37, 41), (9, 11)], [(70, 61), (5, 4)], None):
         full = fn(x, sizes, source_extents=[(9, 11), (9.0, 11.0)])
         none = fn(x, sizes)
@@ -277,16 +279,18 @@ TRITON_CASES = [
 @pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"K{c[0]}-{c[3]}-{c[4]}")
 def test_triton_matches_ref(triton_device, case):
     k, h, w, extents, sizes = case
-    x = pad_with_nan(near_tie_scores(k, h, w, seed=k, batch=2), extents)
+    # The reference runs on the kernel's device: the labels to match are those aten (and so
+    # transformers) computes there; CPU and CUDA aten round differently at near-ties.
+    x = pad_with_nan(near_tie_scores(k, h, w, seed=k, batch=2), extents).to(triton_device)
     assert not ua.not_supported_reasons(x, sizes, source_extents=extents)
     out_dtype = torch.uint8 if k > 100 else torch.int64
     shapes = sizes or [ua.crop_size(e) if e else (h, w) for e in extents]
     out = [torch.full(s, 99, dtype=out_dtype, device=triton_device) for s in shapes]
-    got = ua.upsample_argmax(x.to(triton_device), sizes, out_dtype=out_dtype, out=out, source_extents=extents)
+    got = ua.upsample_argmax(x, sizes, out_dtype=out_dtype, out=out, source_extents=extents)
     ref = ua.upsample_argmax_ref(x, sizes, out_dtype=out_dtype, source_extents=extents)
     for i in range(2):
         assert got[i] is out[i]
-        assert_labels_equal(got[i].cpu(), ref[i], f"image {i} extent {extents[i]}")
+        assert_labels_equal(got[i].cpu(), ref[i].cpu(), f"image {i} extent {extents[i]}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -294,12 +298,12 @@ def test_triton_dtypes_and_channels_last_batch(triton_device, dtype):
     x = near_tie_scores(12, 9, 11, seed=12, batch=2).to(dtype)
     extents, sizes = [(8.25, 10.5), (0.5, 11.0)], [(33, 35), (40, 20)]
     for layout in (torch.contiguous_format, torch.channels_last):
-        xl = x.contiguous(memory_format=layout)
+        xl = x.contiguous(memory_format=layout).to(triton_device)  # reference on the same device
         for out_dtype in (torch.int64, torch.int32, torch.uint8):
-            got = ua.upsample_argmax(xl.to(triton_device), sizes, out_dtype=out_dtype, source_extents=extents)
+            got = ua.upsample_argmax(xl, sizes, out_dtype=out_dtype, source_extents=extents)
             ref = ua.upsample_argmax_ref(xl, sizes, out_dtype=out_dtype, source_extents=extents)
             for i in range(2):
-                assert_labels_equal(got[i].cpu(), ref[i], f"{dtype} {layout} {out_dtype} image {i}")
+                assert_labels_equal(got[i].cpu(), ref[i].cpu(), f"{dtype} {layout} {out_dtype} image {i}")
 
 
 # ---------------------------------------------------------------------------------------------

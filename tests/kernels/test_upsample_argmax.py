@@ -125,7 +125,7 @@ def test_triton_matches_ref(triton_device, case):
     out_dtype = torch.int16 if k > 255 else torch.uint8 if k > 100 else torch.int64
     out = [torch.full(s if s else (h, w), 99, dtype=out_dtype, device=triton_device) for s in sizes or [None, None]]
     got = ua.upsample_argmax(scores, sizes, out_dtype=out_dtype, out=out)  # sentinel-filled outputs
-    ref = ua.upsample_argmax_ref(scores.cpu(), sizes, out_dtype=out_dtype)
+    ref = ua.upsample_argmax_ref(scores, sizes, out_dtype=out_dtype)  # aten on the kernel's device
     for i in range(2):
         assert got[i] is out[i]
         assert_labels_equal(got[i].cpu(), ref[i], f"image {i}")
@@ -152,7 +152,8 @@ def test_triton_ties_and_nan(triton_device):
     Only through aten's generic kernel (H + W > 128): its channels-last kernel rounds a class in a
     full SIMD vector differently from one in the scalar tail, so a duplicate of class 2 placed at
     index 11 (tail, K = 12, width 8) can beat it there, and torch.argmax picks 11. The "dup-cl"
-    case checks that we reproduce even that."""
+    case checks that we reproduce even that (on CPU tensors; on CUDA the reference is aten's CUDA
+    kernel, on the same tensors: what transformers computes on that device)."""
     scores = realistic_scores(12, 6, 7, seed=1)[0]
     scores[9] = scores[4]  # class 9 ties class 4 everywhere: 9 must never win
     scores[11] = scores[2]
@@ -163,8 +164,8 @@ def test_triton_ties_and_nan(triton_device):
              ("nan", with_nan, (90, 70)), ("nan-cl", with_nan, (40, 33)), ("dup-noresize", scores, None))
     for name, x, size in cases:
         got = ua.upsample_argmax(x.to(triton_device), size)
-        ref = ua.upsample_argmax_ref(x, size)
-        assert_labels_equal(got.cpu(), ref, name)
+        ref = ua.upsample_argmax_ref(x.to(triton_device), size)
+        assert_labels_equal(got.cpu(), ref.cpu(), name)
         if name in ("dup", "dup-noresize"):
             assert not (got == 9).any() and not (got == 11).any(), f"{name}: a later duplicate won a tie"
         if name == "flat":
@@ -180,7 +181,8 @@ def test_triton_low_precision_scores(triton_device, dtype):
     scores = realistic_scores(30, 8, 9, seed=4)[0].to(dtype)
     for size in ((33, 35), (70, 71)):
         got = ua.upsample_argmax(scores.to(triton_device), size)
-        assert_labels_equal(got.cpu(), ua.upsample_argmax_ref(scores, size), f"{dtype} {size}")
+        ref = ua.upsample_argmax_ref(scores.to(triton_device), size)
+        assert_labels_equal(got.cpu(), ref.cpu(), f"{dtype} {size}")
 
 
 def test_triton_not_supported_reasons(monkeypatch):

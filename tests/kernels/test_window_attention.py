@@ -206,12 +206,14 @@ KERNEL_CASES = [
     (1, 13, 20, 64, 2, 12, 6, True, None),
     (1, 13, 11, 32, 1, 12, 6, True, (16, 16, 1)),  # 144 = 9 x 16 both ways, no padded row or key
     (1, 12, 24, 128, 1, 12, 6, False, (32, 32, 2)),  # head_dim 128, 144 = 4.5 x 32: ragged tiles
+    (1, 9, 16, 96, 3, 7, 3, True, (64, 64, 4, 3)),  # 3 heads per program (the fp16/bf16 default), fp32
+    (1, 20, 9, 128, 4, 12, 6, True, (64, 16, 4, 2)),  # 2 heads per program at N = 144, 4 heads
 ]
 
 
 def case_id(c):
     b, h, w, ch, heads, window, shift, bias, blocks = c
-    tiles = "default" if blocks is None else "{}x{}".format(*blocks[:2])
+    tiles = "default" if blocks is None else "{}x{}".format(*blocks[:2]) + (f"_hpp{blocks[3]}" if len(blocks) > 3 else "")
     return f"B{b}_{h}x{w}_C{ch}_h{heads}_w{window}_s{shift}_{'bias' if bias else 'nobias'}_{tiles}"
 
 
@@ -219,7 +221,7 @@ def check_kernel(case, dtype, device):
     b, h, w, c, heads, window, shift, qkv_bias, blocks = case
     args32 = make_inputs(b, h, w, c, heads, window, qkv_bias)
     x, weight, bias, table = cast(args32, dtype, device)
-    kw = {} if blocks is None else dict(zip(("block_m", "block_n", "num_warps"), blocks))
+    kw = {} if blocks is None else dict(zip(("block_m", "block_n", "num_warps", "heads_per_program"), blocks))
     fast = run_kernel_with_guards(x, weight, bias, table, window, shift, heads, **kw)
     assert fast.dtype == dtype
     # gold: fp64 on the inputs as the kernel saw them (rounded to dtype)
@@ -241,6 +243,7 @@ LOWP_CASES = [
     (1, 13, 20, 24, 1, 3, 1, True, None),
     (1, 13, 20, 64, 2, 12, 6, True, None),
     (1, 10, 10, 32, 1, 12, 0, False, (16, 16, 1)),
+    (1, 20, 9, 96, 3, 7, 3, True, None),  # window 7: 3 heads per program by default
 ]
 
 
@@ -264,6 +267,65 @@ def test_padded_tokens_read_the_bias(triton_device):
         assert_within_budget(wrong, gold, baseline, "zeros for padded tokens")
     err, bound = map(float, re.search(r"max \|fast - gold\| (\S+) \(bound (\S+)\)", str(failure.value)).groups())
     assert err > 1e4 * bound, str(failure.value)  # measured: 2.7 against a bound of 5.7e-6
+
+
+def test_dense_bias_table_is_the_same_op(triton_device):
+    """The (heads, N, N) form of the bias (what a Swin layer caches) gives the same result, bit for
+    bit, as the ((2w-1)^2, heads) table it was gathered from; the reference takes both too."""
+    x, weight, bias, table = cast(make_inputs(1, 9, 11, 64, 2, 7), torch.float32, triton_device)
+    dense = wa.dense_relative_position_bias(table, 7)
+    assert dense.shape == (2, 49, 49) and dense.is_contiguous() and dense.dtype == table.dtype
+    index = wa.relative_position_index(7).to(table.device)
+    assert torch.equal(dense[1], table[:, 1][index])
+    assert torch.equal(wa.window_attention(x, weight, bias, dense, 7, 3, 2), wa.window_attention(x, weight, bias, table, 7, 3, 2))
+    assert torch.equal(wa.window_attention_ref(x, weight, bias, dense, 7, 3, 2),
+                       wa.window_attention_ref(x, weight, bias, table, 7, 3, 2))
+    assert wa.not_supported_reasons(x, weight, bias, dense, 7, 3, 2) == []
+    assert "bias_table must be" in " ".join(wa.not_supported_reasons(x, weight, bias, dense[:, :48], 7, 3, 2))
+
+
+def test_swin_layer_caches_the_dense_bias():
+    """The layer gathers (heads, N, N) once and again only after the table changed (in place,
+    as an optimizer step does, or replaced)."""
+    config = MaskFormerSwinConfig(embed_dim=32, depths=[1], num_heads=[2], window_size=3)
+    attn = SwinLayer(config, 32, 2, drop_path=0.0, shift_size=1).attention.self
+    with torch.no_grad():
+        attn.relative_position_bias_table.normal_()
+    first = attn.dense_relative_position_bias()
+    assert attn.dense_relative_position_bias() is first
+    assert torch.equal(first, attn.relative_position_bias()) and not first.requires_grad
+    with torch.no_grad():
+        attn.relative_position_bias_table.add_(1.0)
+    second = attn.dense_relative_position_bias()
+    assert second is not first and torch.equal(second, first + 1.0)
+
+
+def test_dot_follows_torch_tf32_policy():
+    """fp32 operands: exact FFMA dots by default, TF32 tensor cores when torch's fp32 matmuls may
+    use TF32; fp16/bf16 operands always on the tensor cores. Exact fp32 at window 7 takes 16-key
+    tiles (64 x 64 spilled on sm_80); several heads per program only for 16-bit operands."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "ieee"
+        assert wa._dot_precision(torch.float32) == "ieee" and wa._dot_precision(torch.float16) == "tf32"
+        matmul.fp32_precision = "tf32"
+        assert wa._dot_precision(torch.float32) == "tf32"
+    finally:
+        matmul.fp32_precision = previous
+    assert wa._default_blocks(49, 32, 3, "ieee", 4) == (64, 16, 4, 1)
+    assert wa._default_blocks(49, 32, 3, "tf32", 4) == (64, 64, 4, 1)
+    assert wa._default_blocks(49, 32, 6, "tf32", 2) == (64, 64, 4, 3)
+    assert wa._default_blocks(49, 256, 6, "tf32", 2)[3] == 1  # shared memory
+    assert wa._default_blocks(144, 32, 6, "tf32", 2) == (64, 16, 4, 1)
+    assert wa._default_blocks(144, 32, 6, "ieee", 4) == (64, 16, 8, 1)
+
+
+def test_heads_per_program_must_divide(triton_device):
+    x, weight, bias, table = cast(make_inputs(1, 5, 5, 96, 3, 3), torch.float32, triton_device)
+    qkv = F.linear(x, weight, bias)
+    with pytest.raises(ValueError, match="heads_per_program=2 must divide num_heads=3"):
+        wa._launch(qkv, bias, table, torch.empty_like(x), 3, 1, 3, heads_per_program=2)
 
 
 def test_public_op_matches_body(triton_device):

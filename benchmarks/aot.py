@@ -1,0 +1,660 @@
+"""Ahead-of-time compile check: every Triton kernel compiled for sm_80 (A100) and sm_90 (H100)
+without a GPU, through the launch code a real call runs, and judged on what the binaries show.
+
+    python -m benchmarks.aot                          # CI set, sm_80 + sm_90 (~2 min on 2 cores)
+    python -m benchmarks.aot --full                   # every real launch configuration (below)
+    python -m benchmarks.aot --arch 90 --json -       # one arch, the JSON on stdout
+    python -m benchmarks.aot --full --out benchmarks/results/aot-full   # results file stem
+
+How. A stand-in triton driver (``AOTDriver``) reports ``GPUTarget("cuda", arch, 32)`` as the
+current device, so triton's JIT specialises and compiles exactly as it would on that GPU (the
+bundled ptxas makes the cubin). Each kernel's own launch function (``window_attention._launch``,
+``mask_einsum._launch``, ``upsample_argmax._launch_one``) is called with meta tensors of a real
+call's shapes, dtypes and strides and ``compile_only=True``: it picks its blocks, warps, stages
+and constexprs as for a real call and hands them to ``kernel.warmup`` instead of launching, so the
+checked binary is the launched one (integer arguments are the real ones, so triton's
+divisibility-by-16 specialisation is the real one; a meta tensor's pointer is its storage offset,
+i.e. a 16-byte aligned base, as CUDA allocations are). fp32 launches are compiled under both of
+torch's TF32 settings, which the kernels follow.
+
+Reported per binary (distinct compiled kernel; several launches can share one): registers,
+spill stores/loads and stack frame (ptxas -v), shared memory, num_warps/num_stages, occupancy
+(resident warps per SM from registers, shared memory and warps against the A100/H100 limits in
+``ARCHS``), tensor-core instructions in the PTX (``wgmma.mma_async``, ``mma.sync``) and in the
+SASS (HGMMA, HMMA), FFMA and all SASS instructions (static counts, from the bundled nvdisasm).
+
+Rules (exit status 1, and ``tests/test_aot.py`` fails, when any is broken):
+- every launch compiles;
+- no binary spills (0 bytes of spill stores and loads);
+- every window_attention / mask_einsum binary whose dot takes fp16/bf16 operands, or fp32 ones
+  with TF32 allowed, has tensor-core instructions (``wgmma`` or ``mma.sync`` in its PTX).
+
+Sets. ``--full``: Swin-T (window 7), Swin-B and Swin-L (window 12) and the shipped default model
+(window 7) at 512x512, 512x683 (unpadded), 512x704 (padded to 32), 640x640, 640x853 and
+640x864, every stage, both shifts, batch 1 and 8,
+fp32 (both TF32 settings), fp16, bf16, bias table in the input's dtype and in fp32 (autocast);
+post-processing at 100 queries and 150/133/171 classes (8 queries, 4 classes for the default
+model), masks at a quarter of those inputs, batch 1 and 2, each dtype; upsample+argmax to each
+input size and without resize, int64/int32/uint8 labels, fp32/fp16/bf16 scores. The CI set takes
+one launch per distinct (constexprs, dtypes, shift, table dtype, TF32 setting) combination and
+both divisibility cases of the image-dependent integers.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from typing import Callable, Dict, Iterator, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+# Per-SM limits (CUDA occupancy calculator, compute capability 8.0 and 9.0): 64K 32-bit registers
+# in 4 sub-partitions, allocated per warp in units of 256; at most 64 resident warps and 32 blocks;
+# shared memory per SM and the most one block may use; the runtime reserves 1 KiB per block.
+ARCHS = {
+    80: dict(gpu="A100", registers=65536, max_warps=64, max_blocks=32, smem_per_sm=164 * 1024,
+             smem_per_block=163 * 1024, smem_reserved=1024),
+    90: dict(gpu="H100", registers=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024,
+             smem_per_block=227 * 1024, smem_reserved=1024),
+}
+KERNELS = ("window_attention", "mask_einsum", "upsample_argmax")
+DTYPES = ("float32", "float16", "bfloat16")
+SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32", "uint8": "u8"}
+
+# Swin backbones as MaskFormer's checkpoints use them: (embed_dim, heads per stage, window).
+# Swin-S has Swin-T's widths and window (only depths differ): the same launches.
+SWIN = {
+    "swin-tiny": (96, (3, 6, 12, 24), 7),
+    "swin-base": (128, (4, 8, 16, 32), 12),
+    "swin-large": (192, (6, 12, 24, 48), 12),
+    "default-model": (32, (1, 2, 4, 8), 7),
+}
+# Inputs at ADE20K's short sides, as the model gets them unpadded (the benchmark's 512x683) and
+# padded to a multiple of 32 by the processor (512x704).
+IMAGES = ((512, 512), (512, 683), (512, 704), (640, 640), (640, 853), (640, 864))
+# Post-processing heads: (queries, classes): ADE20K, COCO panoptic, COCO-Stuff, the default model.
+HEADS = ((100, 150), (100, 133), (100, 171), (8, 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# launches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Launch:
+    """One real launch configuration: ``compile()`` goes through the op's launch function with
+    meta tensors and returns the CompiledKernel. ``tensor_cores``: the rule applies."""
+
+    kernel: str
+    config: Dict
+    compile: Callable[[], object]
+    tensor_cores: bool
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.config.items())
+
+
+@contextlib.contextmanager
+def tf32_matmul(allowed: bool) -> Iterator[None]:
+    """torch's fp32 matmul policy set to TF32 (True) or exact fp32 (False) inside the block, with
+    the new API (``fp32_precision``; mixing it with ``allow_tf32`` makes torch refuse to answer)."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if allowed else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
+
+
+def stage_shapes(height: int, width: int):
+    """(H, W) of the four Swin stages for an input: patch embedding pads to a multiple of 4,
+    each patch merging pads to even sizes (transformers' MaskFormerSwin)."""
+    h, w = -(-height // 4), -(-width // 4)
+    for _ in range(4):
+        yield h, w
+        h, w = -(-h // 2), -(-w // 2)
+
+
+def _window_attention_launch(batch, h, w, c, heads, window, shift, dtype, table_dtype, tf32) -> Launch:
+    import torch
+
+    from maskformer.kernels import window_attention as wa
+
+    dt, tdt = getattr(torch, dtype), getattr(torch, table_dtype)
+
+    def compile_():
+        # _window_attention_impl's tensors: x (B, H, W, C) contiguous, its q/k/v Linear, a new out.
+        x = torch.empty(batch, h, w, c, device="meta", dtype=dt)
+        weight = torch.empty(3 * c, c, device="meta", dtype=dt)
+        bias = torch.empty(3 * c, device="meta", dtype=dt)
+        table = torch.empty((2 * window - 1) ** 2, heads, device="meta", dtype=tdt)
+        qkv = torch.nn.functional.linear(x, weight, bias)
+        with tf32_matmul(bool(tf32)):
+            return wa._launch(qkv, bias, table, x.new_empty(x.shape), window, shift, heads, compile_only=True)
+
+    config = dict(x=f"{batch}x{h}x{w}x{c}", heads=heads, window=window, shift=shift, dtype=SHORT[dtype],
+                  table=SHORT[table_dtype])
+    if dtype == "float32":
+        config["tf32"] = bool(tf32)
+    return Launch("window_attention", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
+
+
+def _mask_einsum_launch(batch, queries, classes, mh, mw, dtype, tf32) -> Launch:
+    import torch
+
+    from maskformer.kernels import mask_einsum as me
+
+    dt = getattr(torch, dtype)
+
+    def compile_():
+        cl = torch.empty(batch, queries, classes + 1, device="meta", dtype=dt)
+        ml = torch.empty(batch, queries, mh, mw, device="meta", dtype=dt)
+        out = torch.empty(batch, classes, mh, mw, device="meta", dtype=torch.float32)
+        with tf32_matmul(bool(tf32)):
+            return me._launch(cl, ml, out, compile_only=True)
+
+    config = dict(B=batch, Q=queries, K=classes, masks=f"{mh}x{mw}", dtype=SHORT[dtype])
+    if dtype == "float32":
+        config["tf32"] = bool(tf32)
+    return Launch("mask_einsum", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
+
+
+def _upsample_argmax_launch(classes, mh, mw, target, dtype, out_dtype, image=0) -> Launch:
+    import torch
+
+    from maskformer.kernels import upsample_argmax as ua
+
+    def compile_():
+        # upsample_argmax(scores (B, K, h, w), sizes): image i of the batch, the CUDA rounding.
+        scores = torch.empty(image + 1, classes, mh, mw, device="meta", dtype=getattr(torch, dtype))
+        img = scores[image]
+        size = target
+        out = torch.empty(size if size is not None else (mh, mw), device="meta", dtype=getattr(torch, out_dtype))
+        fma, vec = ua.CUDA_ROUNDING
+        return ua._launch_one(img, out, size is not None, fma, vec, None, *ua.kernel_scales(None, size),
+                              compile_only=True)
+
+    config = dict(K=classes, scores=f"{mh}x{mw}", target="none" if target is None else f"{target[0]}x{target[1]}",
+                  dtype=SHORT[dtype], labels=SHORT[out_dtype], image=image)
+    return Launch("upsample_argmax", config, compile_, tensor_cores=False)
+
+
+def launches(full: bool) -> List[Launch]:
+    """The launch configurations of the chosen set (see the module docstring)."""
+    out: List[Launch] = []
+    if full:
+        for model, (embed, heads_per_stage, window) in SWIN.items():
+            for image in IMAGES:
+                for stage, (h, w) in enumerate(stage_shapes(*image)):
+                    c, heads = embed * 2**stage, heads_per_stage[stage]
+                    for batch in (1, 8):
+                        for shift in (0, window // 2):
+                            for dtype in DTYPES:
+                                for table in sorted({dtype, "float32"}):
+                                    for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                                        out.append(_window_attention_launch(batch, h, w, c, heads, window, shift,
+                                                                            dtype, table, tf32))
+        for queries, classes in HEADS:
+            for image in IMAGES:
+                mh, mw = -(-image[0] // 4), -(-image[1] // 4)
+                for batch in (1, 2):
+                    for dtype in DTYPES:
+                        for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                            out.append(_mask_einsum_launch(batch, queries, classes, mh, mw, dtype, tf32))
+                for target in (image, None):
+                    for dtype in DTYPES:
+                        for labels in ("int64", "int32", "uint8"):
+                            for i in (0, 1):
+                                out.append(_upsample_argmax_launch(classes, mh, mw, target, dtype, labels, i))
+        return out
+    # CI: one launch per distinct combination of what the wrappers turn into constexprs and dtypes,
+    # with both divisibility cases of the image-dependent sizes (160x160 and 128x171).
+    wa_shapes = [  # (model, input) -> stage 1 (the largest maps)
+        ("swin-tiny", (512, 683)),  # window 7, 128x171 (widths not divisible by 16)
+        ("swin-large", (640, 640)),  # window 12, 160x160
+    ]
+    for model, image in wa_shapes:
+        embed, heads_per_stage, window = SWIN[model]
+        h, w = next(stage_shapes(*image))
+        for shift in (0, window // 2):
+            for dtype in DTYPES:
+                for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                    out.append(_window_attention_launch(1, h, w, embed, heads_per_stage[0], window, shift, dtype,
+                                                        dtype, tf32))
+        # autocast: half x with the fp32 parameter table
+        out.append(_window_attention_launch(1, h, w, embed, heads_per_stage[0], window, window // 2, "bfloat16",
+                                            "float32", None))
+    for queries, classes, image in ((100, 150, (640, 853)), (8, 4, (512, 683))):
+        mh, mw = -(-image[0] // 4), -(-image[1] // 4)
+        for dtype in DTYPES:
+            for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                out.append(_mask_einsum_launch(2, queries, classes, mh, mw, dtype, tf32))
+    out.append(_upsample_argmax_launch(150, 160, 213, (640, 853), "float32", "int64"))
+    out.append(_upsample_argmax_launch(150, 160, 213, None, "float32", "int64"))
+    out.append(_upsample_argmax_launch(150, 128, 171, (512, 683), "bfloat16", "uint8", 1))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the stand-in driver and the analysis of one binary
+# ---------------------------------------------------------------------------------------------
+
+
+def _aot_driver(arch: int):
+    """A triton driver for a GPU that is not there: the target is sm_<arch>, nothing can launch."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.backends.nvidia.driver import ty_to_cpp
+
+    class AOTDriver(DriverBase):
+        def __init__(self):
+            self.target = GPUTarget("cuda", arch, 32)
+
+        @classmethod
+        def is_active(cls):
+            return False
+
+        def map_python_to_cpp_type(self, ty):
+            return ty_to_cpp(ty)
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("meta")
+
+        def get_benchmarker(self):
+            raise RuntimeError("ahead-of-time compilation: there is no GPU to time on")
+
+        def get_current_device(self):
+            return arch  # a device id per arch keeps the JIT's per-device caches apart
+
+        def get_current_stream(self, device=None):
+            return 0
+
+    return AOTDriver()
+
+
+@contextlib.contextmanager
+def target(arch: int):
+    """Inside the block triton's active driver is ``_aot_driver(arch)``; the previous one after."""
+    import triton
+
+    config = triton.runtime.driver
+    previous = config._active  # None until something asked for it (there is no GPU driver to ask)
+    config.set_active(_aot_driver(arch))
+    try:
+        yield
+    finally:
+        config._active = previous
+
+
+_PTXAS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"Used (\d+) registers")
+_SASS_OP = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)")
+
+
+def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> Dict:
+    """Resident blocks and warps per SM and their limiter, as the CUDA occupancy calculator."""
+    lim = ARCHS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    warps_by_regs = (lim["registers"] // 4 // regs_per_warp) * 4  # 4 sub-partitions of 16K registers
+    by = {
+        "registers": warps_by_regs // num_warps,
+        "warps": lim["max_warps"] // num_warps,
+        "blocks": lim["max_blocks"],
+        "shared": lim["smem_per_sm"] // (shared + lim["smem_reserved"]) if shared else lim["max_blocks"],
+    }
+    if shared > lim["smem_per_block"]:
+        by["shared"] = 0
+    blocks = min(by.values())
+    limiter = min(by, key=lambda k: by[k])
+    return dict(blocks_per_sm=blocks, warps_per_sm=blocks * num_warps,
+                occupancy=round(blocks * num_warps / lim["max_warps"], 4), limited_by=limiter)
+
+
+def sass_counts(cubin: bytes) -> Dict[str, int]:
+    """Static SASS instruction counts of a cubin (bundled nvdisasm): all, HGMMA, HMMA, FFMA, MUFU
+    (exp2 and reciprocal), global loads (LDG) and shared loads (LDS, LDSM)."""
+    import triton
+
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        text = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.remove(path)
+    counts = dict(sass=0, hgmma=0, hmma=0, ffma=0, mufu=0, ldg=0, lds=0)
+    for op, _ in _SASS_OP.findall(text):
+        if op == "NOP":
+            continue
+        counts["sass"] += 1
+        key = {"HGMMA": "hgmma", "HMMA": "hmma", "FFMA": "ffma", "MUFU": "mufu", "LDG": "ldg", "LDS": "lds",
+               "LDSM": "lds"}.get(op)
+        if key:
+            counts[key] += 1
+    counts["loops"] = loop_profile(text)
+    return counts
+
+
+def loop_profile(sass: str) -> List[Dict]:
+    """Loops of a SASS listing (a backward branch to a label): for each, outermost first, its
+    nesting depth and its own instructions (not counting the loops nested in it: ``own``, of which
+    ``global_loads`` LDG/LDGSTS, ``mma`` HGMMA/HMMA, ``mufu``); the code outside every loop is the
+    entry with depth 0. With the trip counts of a launch this gives the dynamic instruction count
+    per warp: sum(own * product of the trips of the loop and its parents). ``skippable``: how many
+    of ``own`` lie in a block that a conditional forward branch (``@P BRA``) can jump over, i.e.
+    code that runs only for some programs (a kernel's border-window fix-ups); ``own - skippable``
+    is the path that skips them all. Code after the last EXIT (the trap, out-of-line divergence
+    stubs) is not counted."""
+    labels, body = {}, []  # label -> index of the next instruction; [(op, branch target label)]
+    for line in sass.splitlines():
+        label = re.match(r"^(\.L_x_\d+):", line.strip())
+        if label:
+            labels[label.group(1)] = len(body)
+            continue
+        m = _SASS_OP.search(line)
+        if m and m.group(1) != "NOP":
+            target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", line) if m.group(1) == "BRA" else None
+            conditional = bool(re.search(r"@!?U?P\d\s+(?:BRA|EXIT)\b", line))
+            body.append((m.group(1), target.group(1) if target else None, conditional))
+    # Code after the last EXIT is out-of-line stubs (e.g. BRA.DIV fallbacks) that jump back into the
+    # body: their backward branches are not loops.
+    last_exit = max((i for i, (op, _, conditional) in enumerate(body) if op == "EXIT" and not conditional),
+                    default=len(body))
+    loops = sorted((labels[t], i) for i, (_, t, _) in enumerate(body)
+                   if t in labels and labels[t] < i < last_exit)
+    skippable = [False] * len(body)
+    for i, (_, t, conditional) in enumerate(body):
+        if conditional and t in labels and labels[t] > i + 1:
+            for j in range(i + 1, labels[t]):
+                skippable[j] = True
+    depth = [0] * len(body)
+    owner = [-1] * (last_exit + 1) + [-2] * (len(body) - last_exit - 1)  # -2: stubs, not counted
+    for n, (start, end) in enumerate(loops):  # sorted by start: an inner loop overwrites its parent
+        for i in range(start, end + 1):
+            depth[i] += 1
+            owner[i] = n
+
+    def counts(n):
+        mine = [i for i, o in enumerate(owner) if o == n]
+        ops = [body[i][0] for i in mine]
+        return dict(own=len(ops), skippable=sum(skippable[i] for i in mine),
+                    global_loads=sum(op in ("LDG", "LDGSTS") for op in ops),
+                    mma=sum(op in ("HGMMA", "HMMA") for op in ops), mufu=ops.count("MUFU"))
+
+    return [dict(depth=0, **counts(-1))] + [dict(depth=depth[start], **counts(n)) for n, (start, _) in enumerate(loops)]
+
+
+def _ptxas_verbose(ptx: str, arch: int, metadata) -> str:
+    """ptxas -v of a compiled kernel's PTX, with the options triton used (its fp fusion setting)."""
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(arch)}",
+               src, "-o", os.path.join(tmp, "kernel.cubin")]
+        if not metadata.enable_fp_fusion:
+            cmd.insert(1, "--fmad=false")
+        return subprocess.run(cmd, capture_output=True, text=True).stderr
+
+
+def analyse(compiled, ptxas_log: str, arch: int) -> Dict:
+    md = compiled.metadata
+    ptx = compiled.asm["ptx"]
+    row = dict(num_warps=md.num_warps, num_stages=md.num_stages, shared_bytes=md.shared,
+               wgmma=len(re.findall(r"\bwgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+               fp_fusion=md.enable_fp_fusion)
+    regs = _REGS.search(ptxas_log)
+    stack = _PTXAS.search(ptxas_log)
+    if regs is None or stack is None:  # a cache hit ran no ptxas: run it again on the PTX for its -v
+        ptxas_log = _ptxas_verbose(ptx, arch, md)
+        regs = _REGS.search(ptxas_log)
+        stack = _PTXAS.search(ptxas_log)
+    if regs is None or stack is None:
+        raise RuntimeError("ptxas -v output not found: " + ptxas_log[-500:])
+    row.update(registers=int(regs.group(1)), stack_bytes=int(stack.group(1)), spill_store_bytes=int(stack.group(2)),
+               spill_load_bytes=int(stack.group(3)))
+    row.update(occupancy(arch, row["registers"], row["shared_bytes"], row["num_warps"]))
+    row.update(sass_counts(compiled.asm["cubin"]))
+    return row
+
+
+def rule_failures(row: Dict, tensor_cores: bool) -> List[str]:
+    """The rules a binary breaks (module docstring), as sentences."""
+    if "error" in row:
+        return [f"compile error: {row['error']}"]
+    problems = []
+    if row["spill_store_bytes"] or row["spill_load_bytes"]:
+        problems.append(f"spills {row['spill_store_bytes']} B stores / {row['spill_load_bytes']} B loads "
+                        f"({row['registers']} registers)")
+    if tensor_cores and not (row["wgmma"] or row["mma_sync"]):
+        problems.append("no tensor-core instruction (wgmma / mma.sync) in a dot on half or TF32 operands")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def compile_all(archs: List[int], plan: List[Launch], log=print) -> Dict:
+    """Compile every launch for every arch -> {"binaries": [...], "launches": [...]}. Launches that
+    produce the same binary (triton's hash) share one entry."""
+    import triton
+
+    binaries: Dict[str, Dict] = {}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="maskformer-aot-") as cache:
+        # A fresh cache: every binary goes through ptxas, whose -v output is where registers and
+        # spills come from (triton prints it with dump_ptxas_log).
+        with triton.knobs.cache.scope(), triton.knobs.nvidia.scope():
+            triton.knobs.cache.dir = cache
+            triton.knobs.nvidia.dump_ptxas_log = True
+            for arch in archs:
+                with target(arch):
+                    for launch in plan:
+                        t0 = time.perf_counter()
+                        buf = io.StringIO()
+                        entry = dict(kernel=launch.kernel, arch=f"sm_{arch}", **launch.config)
+                        try:
+                            with contextlib.redirect_stdout(buf):
+                                compiled = launch.compile()
+                            key = f"sm_{arch}:{compiled.hash}"
+                            if key not in binaries:
+                                row = dict(kernel=launch.kernel, arch=f"sm_{arch}", binary=compiled.hash[:12],
+                                           example=launch.label, launches=0,
+                                           constexprs=_constexprs(compiled), tensor_cores_required=launch.tensor_cores)
+                                row.update(analyse(compiled, buf.getvalue(), arch))
+                                row["compile_s"] = round(time.perf_counter() - t0, 2)
+                                binaries[key] = row
+                            binaries[key]["launches"] += 1
+                            if launch.tensor_cores and "tensor_cores_required_by" not in binaries[key]:
+                                # the first launch that needs them (two launches may share a binary)
+                                binaries[key]["tensor_cores_required"] = True
+                                binaries[key]["tensor_cores_required_by"] = launch.label
+                            entry["binary"] = compiled.hash[:12]
+                        except Exception as exc:  # a compile error is a result, not a crash
+                            msg = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                            key = f"sm_{arch}:error:{launch.kernel}:{launch.label}"
+                            binaries[key] = dict(kernel=launch.kernel, arch=f"sm_{arch}", binary="-",
+                                                 example=launch.label, launches=1, error=msg,
+                                                 tensor_cores_required=launch.tensor_cores,
+                                                 traceback=traceback.format_exc()[-2000:])
+                            entry["error"] = msg
+                        rows.append(entry)
+                        log(f"  sm_{arch} {launch.kernel:16s} {launch.label}: "
+                            + (entry.get("error") or _short(binaries[f"sm_{arch}:{compiled.hash}"])))
+    for row in binaries.values():
+        row["failures"] = rule_failures(row, row["tensor_cores_required"])
+    return dict(binaries=list(binaries.values()), launches=rows)
+
+
+def _constexprs(compiled) -> Dict:
+    src = getattr(compiled, "src", None)
+    consts = getattr(src, "constants", None) or {}
+    out = {}
+    names = getattr(getattr(src, "fn", None), "arg_names", None)
+    for k, v in consts.items():
+        name = names[k[0]] if names and isinstance(k, tuple) and len(k) == 1 else str(k)
+        out[name] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def _short(row: Dict) -> str:
+    return (f"{row['registers']} regs, spill {row['spill_store_bytes']}/{row['spill_load_bytes']} B, smem "
+            f"{row['shared_bytes']} B, warps {row['num_warps']}x{row['num_stages']} stages, occ "
+            f"{row['occupancy']:.0%}, wgmma {row['wgmma']} mma.sync {row['mma_sync']}")
+
+
+def environment(archs: List[int]) -> Dict:
+    import torch
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return None
+
+    ptxas = {}
+    for arch in archs:  # triton 3.9 runs its bundled CUDA 12.9 ptxas below sm_90, the 13.x one from sm_90
+        try:
+            tool = get_ptxas(arch)
+            ptxas[f"sm_{arch}"] = f"{os.path.basename(tool.path)} {tool.version}"
+        except Exception as exc:
+            ptxas[f"sm_{arch}"] = f"unavailable ({type(exc).__name__}: {exc})"
+    return dict(torch=torch.__version__, triton=triton.__version__, ptxas=ptxas, commit=git("rev-parse", "HEAD"),
+                dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+
+
+def markdown(report: Dict) -> str:
+    env = report["environment"]
+    lines = [f"# Ahead-of-time compile check ({report['set']} set)", "",
+             f"triton {env['triton']}, ptxas " + ", ".join(f"{v} ({k})" for k, v in env["ptxas"].items()) + f", torch {env['torch']}, commit {env['commit']}"
+             f"{' (dirty)' if env['dirty'] else ''}, {env['date']}; {len(report['launches'])} launches, "
+             f"{len(report['binaries'])} binaries, {report['seconds']:.0f} s. Compiled without a GPU "
+             "(`python -m benchmarks.aot`); occupancy against the "
+             + ", ".join(f"{v['gpu']} (sm_{k})" for k, v in ARCHS.items()) + " limits; SASS counts are static.", "",
+             "**" + ("PASS" if not report["failures"] else f"FAIL: {len(report['failures'])} binaries") + "**", ""]
+    for f in report["failures"]:
+        lines.append(f"- {f}")
+    if report["failures"]:
+        lines.append("")
+    lines += ["| kernel | arch | example launch | launches | regs | spill st/ld B | stack B | smem B | warps | stages "
+              "| occupancy | wgmma | mma.sync | HGMMA | HMMA | FFMA | SASS | rules |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["binaries"]:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['arch']} | {r['example']} | {r['launches']} | compile error: "
+                         f"{r['error'][:80]} |||||||||||||")
+            continue
+        lines.append(
+            f"| {r['kernel']} | {r['arch']} | {r['example']} | {r['launches']} | {r['registers']} | "
+            f"{r['spill_store_bytes']}/{r['spill_load_bytes']} | {r['stack_bytes']} | {r['shared_bytes']} | "
+            f"{r['num_warps']} | {r['num_stages']} | {r['occupancy']:.1%} ({r['limited_by']}) | {r['wgmma']} | "
+            f"{r['mma_sync']} | {r['hgmma']} | {r['hmma']} | {r['ffma']} | {r['sass']} | "
+            f"{'; '.join(r['failures']) or 'ok'} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(archs: List[int], full: bool, log=print, kernels=KERNELS) -> Dict:
+    plan = launches(full)
+    covered = sorted({launch.kernel for launch in plan})
+    if covered != sorted(KERNELS):
+        raise RuntimeError(f"the plan covers {covered}, not every Triton kernel {sorted(KERNELS)}")
+    plan = [launch for launch in plan if launch.kernel in kernels]
+    t0 = time.perf_counter()
+    result = compile_all(archs, plan, log)
+    report = dict(set="full" if full else "ci", archs=[f"sm_{a}" for a in archs], kernels=sorted(kernels),
+                  environment=environment(archs),
+                  rules=["every launch compiles", "no spill stores or loads",
+                         "tensor-core instructions in every window_attention/mask_einsum binary on fp16/bf16 "
+                         "operands or fp32 with TF32 allowed"],
+                  seconds=round(time.perf_counter() - t0, 1), **result)
+    report["failures"] = [f"{r['kernel']} {r['arch']} binary {r['binary']} [{r['example']}"
+                          + (f"; tensor cores required by {r['tensor_cores_required_by']}"
+                             if r.get("tensor_cores_required_by", r["example"]) != r["example"] else "")
+                          + f"]: {'; '.join(r['failures'])}" for r in report["binaries"] if r["failures"]]
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--arch", default="80,90", help="comma list of compute capabilities: 80, 90 (default both)")
+    parser.add_argument("--full", action="store_true", help="every real launch configuration (default: the CI set)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report here ('-': stdout)")
+    parser.add_argument("--out", default=None, metavar="STEM",
+                        help="results file stem, .json and .md added (default benchmarks/results/aot-<set>; "
+                             "'none' writes no results file)")
+    parser.add_argument("--kernels", default=",".join(KERNELS),
+                        help="comma list, a subset of: " + ", ".join(KERNELS) + " (default all; a subset is for "
+                             "iterating on one kernel, the check is complete only with all)")
+    parser.add_argument("--quiet", action="store_true", help="no line per launch")
+    args = parser.parse_args(argv)
+    try:
+        archs = [int(a.strip().removeprefix("sm_")) for a in args.arch.split(",") if a.strip()]
+    except ValueError:
+        parser.error(f"--arch {args.arch!r}: expected e.g. 80,90")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or not archs:
+        parser.error(f"--arch: unsupported {unknown}; choose from {sorted(ARCHS)}")
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: the check compiles the kernels, the interpreter would not")
+    to_stdout = args.json == "-"
+    log = (lambda *a: None) if args.quiet or to_stdout else (lambda *a: print(*a, flush=True))
+    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not kernels or any(k not in KERNELS for k in kernels):
+        parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(KERNELS)}")
+    report = run(archs, args.full, log, kernels)
+    stem = args.out or os.path.join(HERE, "results", f"aot-{report['set']}")
+    if stem != "none":
+        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+        with open(stem + ".json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(markdown(report))
+    if args.json:
+        text = json.dumps(report, indent=1)
+        if to_stdout:
+            print(text)
+        else:
+            with open(args.json, "w") as f:
+                f.write(text)
+    out = sys.stderr if to_stdout else sys.stdout
+    print(f"{len(report['launches'])} launches, {len(report['binaries'])} binaries for "
+          f"{', '.join(report['archs'])} in {report['seconds']:.0f} s", file=out)
+    if stem != "none":
+        print(f"wrote {stem}.json and {stem}.md", file=out)
+    for failure in report["failures"]:
+        print("FAIL " + failure, file=out)
+    return 1 if report["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

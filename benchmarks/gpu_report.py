@@ -1,0 +1,459 @@
+"""The GPU report: everything this project wants to know from its first GPU, in one command.
+
+    python -m benchmarks.gpu_report --out gpu-report        # a CUDA machine; under 9 minutes
+    make gpu-report                                          # the same, into gpu-report/
+    python -m benchmarks.gpu_report --dry-run --out /tmp/r   # CPU: the plumbing on tiny shapes (CI)
+
+On a bare GPU machine with torch, triton, transformers and pytest (``pip install --no-deps
+--no-build-isolation -e .``, no network needed), it runs these parts in order, each in its own
+process with its own time limit, and writes ``<part>.json`` and ``<part>.md`` under ``--out`` as
+soon as the part ends, then ``report.json`` / ``report.md`` (every part's status, time, files and,
+for a part that failed, the tail of its log; logs in ``logs/``). A part that fails or runs out of
+time is recorded and the report goes on; the e2e parts also save after every row.
+
+| part | what (GPU run) | time limit |
+|---|---|---|
+| environment | GPU, driver, versions, commit, TF32 policy | 30 s |
+| kernel_tests | ``pytest tests/kernels`` with ``TRITON_INTERPRET=0``: every kernel test compiled on CUDA | 170 s |
+| window_attention | ``bench_window_attention.py``: Triton vs SDPA with the bias materialised vs transformers-style eager, Swin-L stages at 640x640, bf16/fp16/fp32, shifts 0 and 6, batch 1; verified first | 110 s |
+| postprocess | ``bench_postprocess``: semantic post-processing vs transformers, 150 classes, 100 queries, 160x213 -> 640x853, batch 2 | 90 s |
+| e2e | ``maskformer bench``: Swin-T and Swin-L (random weights), fp32 and bf16, batch 1: transformers eager, maskformer fast, fast + CUDA graphs (fp32 reference rows for agreement); 100 s per row | 150 s |
+| e2e-throughput | the same at batch 8 | what is left |
+| e2e-compile | transformers + ``torch.compile``, bf16, batch 1; 240 s per row | what is left |
+
+The whole run stops starting parts at ``--budget`` seconds (default 510, under 9 minutes with
+process start-up): a part's limit is the smaller of its own and what is left, and a part with
+less than 20 s left is listed as not run. Exit status 0 when every part succeeded, 1 otherwise
+(the files are written either way).
+
+``--dry-run`` runs every part that does not need CUDA, on the CPU and on tiny shapes, and writes
+the same files, marked as a dry run (``"dry_run": true`` in every JSON, a banner in every
+Markdown file); its times mean nothing. There ``kernel_tests`` runs a few kernel tests under
+``TRITON_INTERPRET=1``, ``window_attention`` one 11x12 stage through the interpreter,
+``postprocess`` a batch of 10 queries x 6 classes, and the e2e parts the toy model (e2e-compile
+is not run: compiling takes minutes on a CPU). ``tests/test_gpu_report.py`` runs it in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from typing import Callable, Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_BUDGET_S = 510.0
+MIN_PART_S = 20.0
+DRY_BANNER = "**DRY RUN (CPU, tiny shapes): checks the report's plumbing; no number here is a GPU measurement.**"
+
+
+@dataclasses.dataclass
+class Part:
+    name: str
+    what: str
+    limit_s: float
+    command: Callable[[str, bool], Optional[List[str]]]  # (out dir, dry run) -> argv, None = not run
+    env: Callable[[bool], Dict[str, str]] = lambda dry: {}
+    summarise: Optional[Callable[[str, str, bool], Dict]] = None  # (out dir, log path, dry) -> summary; writes md
+
+
+def _py(*args: str) -> List[str]:
+    return [sys.executable, *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# parts
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernel_tests_cmd(out: str, dry: bool) -> List[str]:
+    cmd = _py("-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "--junitxml",
+              os.path.join(out, "kernel_tests.xml"))
+    if dry:  # a few interpreter tests of two kernels: the junit/summary plumbing, not the kernels
+        return cmd + ["tests/kernels/test_mask_einsum.py", "tests/kernels/test_window_attention.py",
+                      "-k", "writes_every_element or dense_bias_table or opcheck"]
+    return cmd + ["tests/kernels"]
+
+
+def _summarise_kernel_tests(out: str, log: str, dry: bool) -> Dict:
+    """Counts and failures from the junit XML, or from the -v log when pytest was cut short."""
+    counts = dict(passed=0, failed=0, errors=0, skipped=0)
+    failures = []
+    xml = os.path.join(out, "kernel_tests.xml")
+    source = "junit"
+    if os.path.exists(xml):
+        for case in ET.parse(xml).getroot().iter("testcase"):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            if problem is not None:
+                counts["failed" if problem.tag == "failure" else "errors"] += 1
+                failures.append(dict(test=name, message=(problem.get("message") or "").strip()[:500]))
+            elif case.find("skipped") is not None:
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+    else:  # timed out before pytest wrote the XML: the -v lines say what finished
+        source = "log (pytest did not finish)"
+        text = open(log, errors="replace").read() if os.path.exists(log) else ""
+        for test, outcome in re.findall(r"^(\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR)", text, re.M):
+            counts[{"PASSED": "passed", "FAILED": "failed", "SKIPPED": "skipped", "ERROR": "errors"}[outcome]] += 1
+            if outcome in ("FAILED", "ERROR"):
+                failures.append(dict(test=test, message=""))
+    summary = dict(part="kernel_tests", source=source, **counts, failures=failures, dry_run=dry)
+    lines = ["# Kernel tests compiled on CUDA" if not dry else "# Kernel tests (dry run: interpreter subset)", "",
+             f"{counts['passed']} passed, {counts['failed']} failed, {counts['errors']} errors, "
+             f"{counts['skipped']} skipped (from the {source})", ""]
+    lines += [f"- FAILED `{f['test']}`: {f['message'].splitlines()[0] if f['message'] else ''}" for f in failures]
+    _write(out, "kernel_tests", summary, lines, dry)
+    return summary
+
+
+def _window_attention_cmd(out: str, dry: bool) -> List[str]:
+    cmd = _py("benchmarks/bench_window_attention.py", "--out", os.path.join(out, "window_attention.json"))
+    if dry:
+        return cmd + ["--dry-run", "--dtypes", "bf16", "--shifts", "6"]
+    return cmd + ["--dtypes", "bf16,fp16,fp32", "--shifts", "0,6"]
+
+
+def _summarise_window_attention(out: str, log: str, dry: bool) -> Dict:
+    path = os.path.join(out, "window_attention.json")
+    record = json.load(open(path))
+    lines = ["# Window attention: Triton vs SDPA (bias materialised) vs eager", "",
+             f"device {record.get('device')}, torch {record.get('torch')}, triton {record.get('triton')}, "
+             f"commit {record.get('commit')}; verified: {record.get('verified')}", ""]
+    bad = [v for v in record.get("verification", []) if not all(x.get("ok", True) for x in v.values() if isinstance(x, dict))]
+    lines += [f"- MISMATCH: {v['stage']} {v['dtype']} shift {v['shift']}" for v in bad]
+    lines += ["", "| stage | dtype | shift | impl | ms (median) | p20-p80 | TFLOP/s |", "|---|---|---|---|---|---|---|"]
+    for r in record.get("results", []):
+        spread = f"{r['ms_p20']:.4f}-{r['ms_p80']:.4f}" if "ms_p20" in r else "-"
+        lines.append(f"| {r['stage']} {r['H']}x{r['W']}x{r['C']} | {r['dtype']} | {r['shift']} | {r['impl']} | "
+                     f"{r['ms']:.4f} | {spread} | {r['tflops']:.2f} |")
+    _mark_json(path, dry)
+    summary = dict(part="window_attention", verified=record.get("verified"), rows=len(record.get("results", [])),
+                   mismatches=len(bad), dry_run=dry)
+    _write(out, "window_attention_summary", summary, lines, dry, md_name="window_attention.md")
+    return summary
+
+
+def _postprocess_cmd(out: str, dry: bool) -> List[str]:
+    stem = os.path.join(out, "postprocess")
+    if dry:
+        return _py("-m", "benchmarks.bench_postprocess", "--device", "cpu", "--dry-run", "--out", stem)
+    return _py("-m", "benchmarks.bench_postprocess", "--device", "cuda", "--iters", "10", "--out", stem)
+
+
+def _summarise_postprocess(out: str, log: str, dry: bool) -> Dict:
+    path = os.path.join(out, "postprocess.json")
+    report = json.load(open(path))
+    _mark_json(path, dry)
+    _mark_md(os.path.join(out, "postprocess.md"), dry)
+    return dict(part="postprocess", rows={r["name"]: round(r["median_ms"], 3) for r in report["rows"]},
+                verification=report.get("verification"), dry_run=dry)
+
+
+def _e2e_cmd(name: str, batches: str, impls: str, dtypes: str, row_timeout: int = 100):
+    def cmd(out: str, dry: bool) -> Optional[List[str]]:
+        common = ["--out", out, "--name", name, "--batches", batches]
+        if dry:
+            if "transformers-compile" in impls:
+                return None  # minutes of compilation per row on a CPU
+            impls_dry = ",".join(i for i in impls.split(",") if i != "maskformer-fast-cudagraph")
+            return _py("-m", "maskformer.bench", *common, "--models", "toy", "--dtypes", "float32", "--device", "cpu",
+                       "--impls", impls_dry, "--warmup", "0", "--repeats", "1", "--row-timeout", "120")
+        return _py("-m", "maskformer.bench", *common, "--models", "tiny,large", "--dtypes", dtypes, "--device", "cuda",
+                   "--impls", impls, "--warmup", "2", "--repeats", "5", "--row-timeout", str(row_timeout))
+    return cmd
+
+
+def _summarise_e2e(name: str):
+    def summarise(out: str, log: str, dry: bool) -> Dict:
+        path = os.path.join(out, f"{name}.json")
+        report = json.load(open(path))
+        _mark_json(path, dry)
+        _mark_md(os.path.join(out, f"{name}.md"), dry)
+        rows = report["rows"]
+        return dict(part=name, rows=len(rows), failed=[f"{r['model']} {r['impl']} {r['dtype']} b{r['batch']}: {r['error']}"
+                                                     for r in rows if "error" in r],
+                    speedups=report.get("speedups"), dry_run=dry)
+    return summarise
+
+
+def _interpreter_env(dry: bool) -> Dict[str, str]:
+    return {"TRITON_INTERPRET": "1" if dry else "0"}
+
+
+E2E_IMPLS = "transformers-eager,maskformer-fast,maskformer-fast-cudagraph"
+PARTS = [
+    Part("kernel_tests", "every kernel test compiled on CUDA (TRITON_INTERPRET=0)", 170, _kernel_tests_cmd,
+         _interpreter_env, _summarise_kernel_tests),
+    Part("window_attention", "Triton vs SDPA vs eager at Swin-L stage shapes", 110, _window_attention_cmd,
+         _interpreter_env, _summarise_window_attention),
+    Part("postprocess", "semantic post-processing vs transformers", 90, _postprocess_cmd,
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_postprocess),
+    Part("e2e", "end to end, batch 1", 150, _e2e_cmd("e2e", "1", E2E_IMPLS, "float32,bfloat16"),
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e")),
+    Part("e2e-throughput", "end to end, batch 8", 10**6, _e2e_cmd("e2e-throughput", "8", E2E_IMPLS, "float32,bfloat16"),
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e-throughput")),
+    Part("e2e-compile", "transformers + torch.compile, bf16, batch 1", 10**6,
+         _e2e_cmd("e2e-compile", "1", "transformers-compile", "bfloat16", row_timeout=240),
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e-compile")),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def _write(out: str, name: str, data: Dict, md_lines: List[str], dry: bool, md_name: Optional[str] = None) -> None:
+    data = dict(data, dry_run=dry)
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    with open(os.path.join(out, md_name or f"{name}.md"), "w") as f:
+        f.write("\n".join(([DRY_BANNER, ""] if dry else []) + md_lines) + "\n")
+
+
+def _mark_json(path: str, dry: bool) -> None:
+    if dry and os.path.exists(path):
+        data = json.load(open(path))
+        data["dry_run"] = True
+        with open(path, "w") as f:
+            json.dump(data, f, indent=1, default=str)
+
+
+def _mark_md(path: str, dry: bool) -> None:
+    if dry and os.path.exists(path):
+        text = open(path).read()
+        if DRY_BANNER not in text:
+            with open(path, "w") as f:
+                f.write(DRY_BANNER + "\n\n" + text)
+
+
+def environment(dry: bool) -> Dict:
+    import torch
+
+    def version(module):
+        try:
+            return __import__(module).__version__
+        except Exception as exc:
+            return f"unavailable ({type(exc).__name__}: {exc})"
+
+    def run(*cmd):
+        try:
+            return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as exc:
+            return f"unavailable ({type(exc).__name__})"
+
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), dry_run=dry,
+               python=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count(),
+               torch=torch.__version__, torch_cuda=torch.version.cuda, triton=version("triton"),
+               transformers=version("transformers"),
+               # a copied tree without .git (a lent GPU machine): the caller says which commit it is
+               commit=(lambda c: c if re.fullmatch(r"[0-9a-f]{40}", c) else os.environ.get("MASKFORMER_COMMIT", f"unknown ({c or 'no .git'})"))(
+                   run("git", "rev-parse", "HEAD")),
+               dirty=bool(run("git", "status", "--porcelain", "--untracked-files=no")),
+               cuda_available=torch.cuda.is_available())
+    try:
+        from maskformer import _ext
+
+        env["tf32_matmul_allowed"] = _ext.tf32_matmul_allowed()
+        env["cpp_extension"] = _ext.cpp_import_error() or "available"
+    except Exception as exc:
+        env["maskformer"] = f"import failed: {exc}"
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   multiprocessors=props.multi_processor_count, device_count=torch.cuda.device_count(),
+                   nvidia_smi=run("nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
+                                  "--format=csv,noheader"))
+    return env
+
+
+def write_report(out: str, state: Dict) -> None:
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(state, f, indent=1, default=str)
+    env = state["environment"]
+    lines = ([DRY_BANNER, ""] if state["dry_run"] else []) + [
+        "# GPU report" + (" (dry run)" if state["dry_run"] else ""), "",
+        f"{env.get('gpu', 'no GPU')} ({env.get('capability', '-')}), torch {env['torch']} (CUDA {env['torch_cuda']}), "
+        f"triton {env['triton']}, transformers {env['transformers']}, commit {env['commit']}"
+        f"{' (dirty)' if env['dirty'] else ''}, {env['date']}; budget {state['budget_s']:.0f} s, "
+        f"{state['elapsed_s']:.0f} s used.", "",
+        "| part | status | seconds | limit s | files |", "|---|---|---|---|---|"]
+    for p in state["parts"]:
+        lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.0f} | {p.get('limit_s', 0):.0f} | "
+                     + ", ".join(p.get("files", [])) + " |")
+    for p in state["parts"]:
+        if p["status"] not in ("ok",):
+            lines += ["", f"## {p['name']}: {p['status']}", ""]
+            if p.get("reason"):
+                lines.append(p["reason"])
+            if p.get("log_tail"):
+                lines += ["```", p["log_tail"], "```"]
+    for p in state["parts"]:
+        md = os.path.join(out, f"{p['name']}.md")
+        if p["status"] == "ok" and os.path.exists(md):
+            body = open(md).read().replace(DRY_BANNER, "").strip()
+            lines += ["", "---", "", re.sub(r"^# ", f"## {p['name']}: ", body, count=1)]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------
+
+
+def run_part(part: Part, out: str, dry: bool, limit_s: float) -> Dict:
+    """Run one part's process with a time limit (its whole process group is killed at the limit);
+    -> its entry for report.json. Never raises."""
+    entry = dict(name=part.name, what=part.what, limit_s=round(limit_s, 1))
+    log = os.path.join(out, "logs", f"{part.name}.log")
+    before = set(os.listdir(out))
+    try:
+        cmd = part.command(out, dry)
+    except Exception as exc:
+        return dict(entry, status="failed", reason=f"could not build its command: {exc!r}")
+    if cmd is None:
+        return dict(entry, status="not run", reason="not part of the dry run (needs CUDA or takes minutes on a CPU)")
+    entry["command"] = " ".join(cmd)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **part.env(dry))
+    env.pop("MASKFORMER_BACKEND", None)
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.monotonic()
+    status, reason = "ok", None
+    with open(log, "w") as f:
+        f.write(f"$ {entry['command']}\n")
+        f.flush()
+        try:
+            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            return dict(entry, status="failed", reason=f"could not start: {exc}")
+        try:
+            rc = proc.wait(timeout=limit_s)
+            if rc != 0:
+                status, reason = "failed", f"exit status {rc}"
+        except subprocess.TimeoutExpired:
+            status, reason = "timed out", f"killed after {limit_s:.0f} s"
+            _kill_group(proc)
+    entry["seconds"] = round(time.monotonic() - t0, 1)
+    if part.summarise is not None:
+        try:
+            entry["summary"] = part.summarise(out, log, dry)
+        except Exception as exc:  # e.g. the part died before writing its file
+            if status == "ok":
+                status, reason = "failed", f"its results could not be read: {type(exc).__name__}: {exc}"
+            entry["summary_error"] = f"{type(exc).__name__}: {exc}"
+        if status == "ok" and part.name == "kernel_tests" and (entry["summary"]["failed"] or entry["summary"]["errors"]):
+            status, reason = "failed", f"{entry['summary']['failed']} tests failed, {entry['summary']['errors']} errors"
+    entry.update(status=status, log=os.path.relpath(log, out))
+    if reason:
+        entry["reason"] = reason
+    if status != "ok":
+        text = open(log, errors="replace").read()
+        entry["log_tail"] = "\n".join(text.strip().splitlines()[-25:])
+    entry["files"] = sorted(set(os.listdir(out)) - before - {"logs"})
+    return entry
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--out", required=True, help="folder for the report (created; files in it are replaced)")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds after which no part starts (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--parts", default=None, help="comma list, a subset of: " + ", ".join(p.name for p in PARTS))
+    args = parser.parse_args(argv)
+    wanted = [p.strip() for p in args.parts.split(",")] if args.parts else [p.name for p in PARTS]
+    unknown = [w for w in wanted if w not in {p.name for p in PARTS}]
+    if unknown:
+        parser.error(f"unknown parts {unknown}")
+    out = os.path.abspath(args.out)
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    started = time.monotonic()
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print("no CUDA device: run with --dry-run on a CPU (the GPU parts need CUDA)", file=sys.stderr)
+        return 2
+    try:  # every part needs the package and its kernels: fail in a second, not after 8 minutes
+        import maskformer.kernels.upsample_argmax  # noqa: F401
+        import maskformer.kernels.window_attention  # noqa: F401
+    except ImportError as exc:
+        print(f"cannot import maskformer's kernels ({exc}): install the checkout first with "
+              "`pip install --no-deps --no-build-isolation -e .` (MASKFORMER_BUILD_CPP=0 skips the C++ build), "
+              "or run from the checkout's root", file=sys.stderr)
+        return 2
+    state = dict(dry_run=args.dry_run, budget_s=args.budget, elapsed_s=0.0, parts=[])
+    t0 = time.monotonic()
+    try:
+        state["environment"] = environment(args.dry_run)
+        env_entry = dict(name="environment", what="GPU, driver, versions, commit", status="ok",
+                         seconds=round(time.monotonic() - t0, 1), limit_s=30, files=["environment.json", "environment.md"])
+    except Exception as exc:
+        state["environment"] = dict(error=repr(exc), torch="?", torch_cuda="?", triton="?", transformers="?",
+                                    commit="?", dirty=False, date="?")
+        env_entry = dict(name="environment", status="failed", reason=repr(exc), seconds=0, limit_s=30, files=[])
+    _write(out, "environment", state["environment"],
+           ["# Environment", ""] + [f"- {k}: {v}" for k, v in state["environment"].items()], args.dry_run)
+    state["parts"].append(env_entry)
+    write_report(out, state)
+    for part in PARTS:
+        if part.name not in wanted:
+            continue
+        left = args.budget - (time.monotonic() - started)
+        if left < MIN_PART_S:
+            entry = dict(name=part.name, what=part.what, status="not run",
+                         reason=f"the {args.budget:.0f} s budget was spent ({left:.0f} s left)")
+        else:
+            limit = min(part.limit_s, left)
+            print(f"[gpu_report] {part.name}: {part.what} (limit {limit:.0f} s)", flush=True)
+            if part.name.startswith("e2e"):
+                # the benchmark stops starting rows itself, leaving time to write its files
+                part = dataclasses.replace(part, command=_with_max_seconds(part.command, limit - 15))
+            entry = run_part(part, out, args.dry_run, limit)
+            print(f"[gpu_report] {part.name}: {entry['status']} in {entry.get('seconds', 0):.0f} s"
+                  + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
+        state["parts"].append(entry)
+        state["elapsed_s"] = round(time.monotonic() - started, 1)
+        write_report(out, state)
+    state["elapsed_s"] = round(time.monotonic() - started, 1)
+    write_report(out, state)
+    print(f"[gpu_report] wrote {os.path.join(out, 'report.md')} ({state['elapsed_s']:.0f} s)")
+    return 0 if all(p["status"] in ("ok", "not run" if args.dry_run else "ok") for p in state["parts"]) else 1
+
+
+def _with_max_seconds(command, seconds: float):
+    def wrapped(out: str, dry: bool):
+        cmd = command(out, dry)
+        return None if cmd is None else cmd + ["--max-seconds", f"{max(1.0, seconds):.0f}"]
+    return wrapped
+
+
+if __name__ == "__main__":
+    sys.exit(main())
