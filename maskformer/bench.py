@@ -467,7 +467,7 @@ class Worker:
         # the log's end too: a row that fails on a lent GPU must say where (the next chance to look
         # may be weeks away)
         self.error_log = "\n".join(lines[-25:])
-        self.error = (f"timed out after {self.timeout:.0f} s (--row-timeout)" if self._timed_out
+        self.error = (f"timed out after {self.timeout:g} s (--row-timeout)" if self._timed_out
                       else f"exit {self.proc.returncode}: {lines[-1]}")
         raise RuntimeError(self.error)
 
@@ -751,7 +751,7 @@ def main(argv: List[str] = None) -> int:
                 plan = [(i, d) for i in impls for d in dtypes if not (impl_engine(i) and d != "float32")]
                 if args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
                     rows += [dict(model=model_name(model), impl=i, dtype=d, batch=batch,
-                                  error=f"not run: the {args.max_seconds:.0f} s budget (--max-seconds) was spent")
+                                  error=f"not run: the {args.max_seconds:g} s budget (--max-seconds) was spent")
                              for i, d in plan]
                     continue
                 if checkpoint is None:

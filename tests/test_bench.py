@@ -86,3 +86,21 @@ def test_bench_interleaves_engine_rows_and_pairs_them(tmp_path, engine_cache):
     e2e = {(p["faster"], p["slower"]) for p in group["paired_end_to_end"]}
     assert ("maskformer-onnxruntime", "transformers-onnx-onnxruntime") in e2e
     assert "Paired ratios, end to end" in open(tmp_path / json_name.replace(".json", ".md")).read()
+
+
+def test_bench_time_limits_fail_rows_not_the_run(tmp_path):
+    """--row-timeout kills a row whose loading takes longer (the row is failed, with the reason,
+    and the run still writes its files); --max-seconds leaves later groups listed as not run."""
+    result = subprocess.run(
+        [sys.executable, "-m", "maskformer", "bench", "--models", "toy", "--batches", "1,2", "--repeats", "1",
+         "--dtypes", "float32", "--impls", "maskformer-fast", "--row-timeout", "0.5", "--max-seconds", "0.1",
+         "--out", str(tmp_path), "--name", "limits"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "limits.json"))
+    by_batch = {r["batch"]: r for r in report["rows"]}
+    assert set(by_batch) == {1, 2}, report["rows"]
+    # batch 1 started (the first group always does) and its row could not load in 0.5 s
+    assert by_batch[1]["error"] == "timed out after 0.5 s (--row-timeout)", by_batch[1]
+    assert by_batch[2]["error"].startswith("not run: the 0.1 s budget (--max-seconds)"), by_batch[2]
+    assert "failed: " in open(tmp_path / "limits.md").read()
