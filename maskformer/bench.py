@@ -398,13 +398,19 @@ def worker(spec: Dict) -> int:
 
     maps_out = spec.pop("maps_out")
     warmup = spec.pop("warmup")
+    started = time.perf_counter()
     step = prepare_row(**spec)
+    loaded = time.perf_counter()
     maps, _ = step()  # also the first warm-up (torch.compile compiles here)
+    first = time.perf_counter()
     if maps is not None:
         np.save(maps_out, np.stack([m.cpu().numpy().astype(np.int32) for m in maps]))
     for _ in range(max(0, warmup - 1)):
         step()
-    _say({"ready": True, "threads": torch.get_num_threads()})
+    # load_s: loading (an engine's first-use export and build included); first_s: the first
+    # iteration (torch.compile's compilation happens there)
+    _say({"ready": True, "threads": torch.get_num_threads(), "load_s": round(loaded - started, 2),
+          "first_s": round(first - loaded, 2)})
     for line in sys.stdin:
         command = line.strip()
         if command == "RUN":
@@ -586,9 +592,10 @@ def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, 
                     onnx_path=onnx_files.get(impl), engine_cache=engine_cache)
         workers[key] = Worker(spec, os.path.join(tmp, _slug(key) + ".log"), timeout=args.row_timeout)
     # Load and warm up one at a time (loading in parallel would time the warm-ups against each other).
+    ready: Dict[str, Dict] = {}
     for key, w in workers.items():
         try:
-            w.ask(None)
+            ready[key] = w.ask(None)
         except RuntimeError as exc:
             failed[key] = str(exc)
             print(f"  {model_name(model)} {key} b{batch}: FAILED: {exc}", file=sys.stderr)
@@ -634,6 +641,7 @@ def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, 
                    forward_only=impl in FORWARD_ONLY,
                    images_per_s=round(batch / (med_total / 1e3), 4), latency_ms=round(med_total, 2),
                    forward_ms=round(med_forward, 2), peak_mem_mb=None if peak is None else round(peak, 1),
+                   load_s=ready.get(key, {}).get("load_s"), first_iteration_s=ready.get(key, {}).get("first_s"),
                    times_ms=[round(t, 2) for t in totals[key]], forward_times_ms=[round(t, 2) for t in forwards[key]])
         if impl not in FORWARD_ONLY and reference is not None:
             maps = np.load(w.spec["maps_out"])
@@ -807,17 +815,18 @@ def markdown(report: Dict) -> str:
              "are the forward alone, through the engine's own API on our engine's file. Medians over the rounds.", ""]
     for name, why in {**report["skipped_dtypes"], **report.get("skipped_impls", {})}.items():
         lines.append(f"Not run: {name}: {why}.")
-    lines += ["", "| model | impl | dtype | batch | images/s | latency ms | forward ms | peak MB | agree | ref classes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| model | impl | dtype | batch | images/s | latency ms | forward ms | peak MB | agree | ref classes "
+              "| load s | first iteration s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | failed: {r['error'][:60]} "
-                         "| | | | | |")
+                         "| | | | | | | |")
             continue
         agree = "-" if "agree" not in r else f"{r['agree']:.4%}" + ("" if r["agree_ok"] else f" (< {AGREE_BAR:.1%})")
         lines.append(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
                      f"{'-' if r['forward_only'] else format(r['latency_ms'], '.1f')} | {r['forward_ms']:.1f} | "
-                     f"{r['peak_mem_mb']} | {agree} | {r.get('ref_classes', '-')} |")
+                     f"{r['peak_mem_mb']} | {agree} | {r.get('ref_classes', '-')} | {r.get('load_s', '-')} | "
+                     f"{r.get('first_iteration_s', '-')} |")
     for g in report["groups"]:
         for title, key in (("end to end", "paired_end_to_end"), ("forward", "paired_forward")):
             if g[key]:

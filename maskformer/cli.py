@@ -192,6 +192,10 @@ def run_export(args) -> int:
 
     if args.threads is not None:
         set_threads(args.threads)
+    existing = [p for p in (args.out, args.out + ".data") if os.path.lexists(p)]
+    if existing and not args.overwrite:  # checked before the minute of exporting, not after
+        raise ValueError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+                         "pass --overwrite to replace it, or choose another output path")
     sizes = None
     if args.verify_sizes:
         try:
@@ -315,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
     exp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     exp.add_argument("--json", default=None, help="also write the verification report to this JSON file")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     sub.add_parser("bench", help="end-to-end throughput benchmark: `maskformer bench --help`")
     return parser
 

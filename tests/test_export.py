@@ -162,6 +162,15 @@ def test_export_command_refuses_bad_sizes(engine_checkpoint, tmp_path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+def test_export_command_never_replaces_a_file_unasked(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"someone's file")
+    refused = subprocess.run([sys.executable, "-m", "maskformer", "export", "default", str(target)],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and "already exists: pass --overwrite" in refused.stderr, refused.stderr
+    assert target.read_bytes() == b"someone's file"
+
+
 def test_torch_compile_one_graph_no_break_no_recompile():
     """torch.compile with default settings (backend eager here, for speed): one graph, no graph
     break, and no recompile on the next calls (the dispatch record written from a traced call
