@@ -71,8 +71,8 @@ setup(
     if os.path.exists(os.path.join(HERE, "README.md"))
     else "",
     long_description_content_type="text/markdown",
-    packages=["maskformer", "maskformer.kernels"],
-    package_dir={"maskformer": "maskformer", "maskformer.kernels": "kernels"},
+    packages=["maskformer", "maskformer.engines", "maskformer.kernels"],
+    package_dir={"maskformer": "maskformer", "maskformer.engines": "maskformer/engines", "maskformer.kernels": "kernels"},
     # the small default model (scripts/train_default.py): config, weights, preprocessor config, log
     package_data={"maskformer": ["default_model/*.json", "default_model/*.safetensors"]},
     python_requires=">=3.9",
@@ -89,12 +89,22 @@ setup(
     extras_require={
         "hub": ["huggingface_hub"],
         "triton": ["triton"],
+        # Engines for the network on the CPU (maskformer.engines). onnx + onnxscript are what
+        # torch.onnx needs to export; none of these packages depends on torch (checked with
+        # `pip install --dry-run`: they cannot replace the CPU torch installed first).
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        "openvino": ["onnx>=1.17", "onnxscript>=0.5", "openvino>=2025.0"],
         "test": [
             "pytest",
             "pytest-benchmark",
             "huggingface_hub",
             "transformers==5.23.0",
             "triton==3.9.0; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            # the engines are tested in CI too (they install in seconds, no torch among them)
+            "onnx==1.23.2",
+            "onnxscript==0.7.2",
+            "onnxruntime==1.32.0",
+            "openvino==2026.4.1",
         ],
     },
     entry_points={"console_scripts": ["maskformer=maskformer.cli:main"]},

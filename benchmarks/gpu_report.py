@@ -193,7 +193,7 @@ def _interpreter_env(dry: bool) -> Dict[str, str]:
     return {"TRITON_INTERPRET": "1" if dry else "0"}
 
 
-E2E_IMPLS = "transformers-eager,maskformer-fast,maskformer-fast-cudagraph"
+E2E_IMPLS = "maskformer-reference,transformers-eager,maskformer-fast,maskformer-fast-cudagraph"
 PARTS = [
     Part("kernel_tests", "every kernel test compiled on CUDA (TRITON_INTERPRET=0)", 170, _kernel_tests_cmd,
          _interpreter_env, _summarise_kernel_tests),

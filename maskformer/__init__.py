@@ -58,13 +58,18 @@ __all__ = [
     "MaskFormerModelOutput",
     "MaskFormerPreTrainedModel",
     "MaskFormerSwinConfig",
+    "export_onnx",
 ]
 
 
 def __getattr__(name):
-    # The processor pulls in Pillow and SciPy; load it on first use only.
+    # The processor pulls in Pillow and SciPy, the export torch.onnx; load them on first use only.
     if name == "MaskFormerImageProcessor":
         from .processing import MaskFormerImageProcessor
 
         return MaskFormerImageProcessor
+    if name == "export_onnx":
+        from .export import export_onnx
+
+        return export_onnx
     raise AttributeError(f"module 'maskformer' has no attribute {name!r}")

@@ -1,31 +1,45 @@
-"""End-to-end throughput benchmark: ours against transformers, post-processing included.
+"""End-to-end benchmark: ours against transformers and the CPU engines, post-processing included.
 
     maskformer bench [--models tiny,large] [--batches 1,2] [--dtypes float32,bfloat16] [--impls ...]
+                     [--rounds 9] [--threads N] [--weights lively|random]
     python -m benchmarks.e2e ...        (the same)
 
-For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640; random weights
-saved once by transformers, since no trained checkpoint can be downloaded here; ``default``: the
-trained default model shipped in the package) and each (implementation, dtype, batch), a fresh
-subprocess loads the checkpoint, runs ``--warmup`` untimed iterations, then ``--repeats`` timed
-ones. One iteration is the model's forward plus semantic post-processing to the original image
-size (preprocessing is the same for every row and excluded). The inputs are synthetic images
-(``maskformer.synthetic``: textured shapes), normalised as the processor does, not noise. Before
-timing, each row's semantic maps are compared with those of our fp32 reference (``agree``:
-fraction of equal pixels; ``ref_classes``: how many labels the reference map holds). Random
-weights give near-constant maps (one or two labels), on which agreement says little; the
-``default`` rows are the ones where it measures rounding against real decision boundaries. Peak memory is the CUDA allocator's peak over
-what was allocated before the timed loop on a GPU; on the CPU it is the peak resident memory
-during the timed loop over the resident memory just before it (Linux: the kernel's VmHWM mark,
-reset through /proc/self/clear_refs), i.e. the activations and outputs, not the weights.
+For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640; transformers'
+random initialisation saved by transformers, since no trained checkpoint can be downloaded here,
+by default made "lively" (``lively_weights_``: many labels per map, so that ``agree`` measures
+something); ``default``: the trained default model shipped in the package) and each batch, every
+(implementation, dtype) row runs in its own process, loaded and warmed up (``--warmup``
+iterations; compilation and engine builds happen there or before), and then the rows are timed
+**interleaved**: round after round, each row runs one iteration in turn (the order rotating by
+one each round), so that a change of machine load hits every row alike. Per round the 1-minute
+load average is recorded; per row the median over ``--rounds``; per pair of rows the median of
+the per-round ratios (``paired``), which load drift disturbs far less than a ratio of medians.
+One iteration is the model's forward plus semantic post-processing to the original image size
+(preprocessing is the same for every row and excluded); its forward part is timed too. The
+``*-raw`` rows are forward only: the engine's own API on the very file our engine row runs, for
+the "no overhead of ours" comparison. Inputs are synthetic images (``maskformer.synthetic``),
+normalised as the processor does. Before timing, each row's semantic maps are compared with those
+of our fp32 reference (``agree``: fraction of equal pixels; ``ref_classes``: how many labels the
+reference map holds). Peak memory, after the timed rounds, one iteration per row: the peak
+resident memory during it over the resident memory just before it (Linux: VmHWM after
+clear_refs; the CUDA allocator's peak on a GPU), i.e. activations and outputs, not the weights.
 
 Implementations: ``transformers-eager``, ``transformers-compile`` (torch.compile of the model),
 ``maskformer-reference`` (backend "reference"), ``maskformer-fast`` (backend "auto"),
+``maskformer-compile`` (torch.compile of ours, default settings), ``maskformer-onnxruntime`` and
+``maskformer-openvino`` (``from_pretrained(engine=...)`` + our post-processing),
+``transformers-onnx-onnxruntime`` / ``transformers-onnx-openvino`` (transformers' model exported
+by ``torch.onnx.export`` at the benchmark's fixed input size, run by the engine's plain API, then
+transformers' post-processing: what a CPU user would assemble from the two), and the forward-only
+``onnxruntime-raw`` / ``openvino-raw``. Threads: ``--threads`` (default torch's) for torch and
+every engine. Results: ``benchmarks/results/<name>.json`` (device, CPU model and flags, threads,
+load averages, versions, commit, rows, rounds, paired ratios) and a Markdown table beside it,
+rewritten after every (model, batch) group, so a run cut short keeps what it finished.
 ``maskformer-fast-cudagraph`` (backend "auto", the forward replayed as one CUDA graph by
-``maskformer.CUDAGraphRunner``; CUDA only, not in the default set).
-Results: ``benchmarks/results/<device-slug>.json`` (top-level device, torch, triton, commit,
-rows) and a Markdown table beside it, rewritten after every row, so a run cut short keeps the rows
-it finished. ``--row-timeout`` bounds each row's process and ``--max-seconds`` the whole run: rows
-not started in time are listed as not run.
+``maskformer.CUDAGraphRunner``; CUDA only) is run only when named in ``--impls``. ``--row-timeout``
+bounds a row's loading and warm-up and each of its iterations (the row is then failed and its
+process killed); ``--max-seconds`` the whole run: no round or group starts after it, and the rows
+of groups not started are listed as not run.
 """
 from __future__ import annotations
 
@@ -38,8 +52,9 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -58,9 +73,22 @@ MODELS = {
 # The only trained weights available offline: the package's default model (synthetic shapes).
 MODELS["default"] = dict(checkpoint="default", image=(512, 683))
 AGREE_BAR = 0.999  # semantic maps vs the fp32 reference (issue target: >= 99.9% of pixels)
-IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "maskformer-fast")
+ENGINE_IMPLS = ("maskformer-onnxruntime", "maskformer-openvino", "transformers-onnx-onnxruntime",
+                "transformers-onnx-openvino", "onnxruntime-raw", "openvino-raw")
+IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "maskformer-fast",
+         "maskformer-compile") + ENGINE_IMPLS
+COMPILE_IMPLS = ("transformers-compile", "maskformer-compile")  # minutes of compilation per row on a CPU
+FORWARD_ONLY = ("onnxruntime-raw", "openvino-raw")
 # Asked for by name only (--impls): not part of the default set.
 EXTRA_IMPLS = ("maskformer-fast-cudagraph",)
+
+
+def impl_engine(impl: str):
+    """The engine an implementation runs ("onnxruntime", "openvino") or None (torch)."""
+    for engine in ("onnxruntime", "openvino"):
+        if impl.endswith(engine) or impl == f"{engine}-raw":
+            return engine
+    return None
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -99,8 +127,31 @@ def _commit() -> str:
         return "unknown"
 
 
-def make_checkpoint(model: str, folder: str) -> str:
-    """Save a transformers MaskFormer of the given architecture (random weights, seed 0) to ``folder``."""
+def lively_weights_(model, seed: int = 0):
+    """Make a randomly initialised transformers MaskFormer give maps with many labels: from the
+    default initialisation every query's decoder state is nearly the same (mean cosine 0.996 on
+    Swin-T) and the maps hold one or two labels. N(0, 0.1) on every weight (as the parity tests'
+    0.2), the query embeddings x5 and the decoder attention's q/k projections x4 (peaked
+    attention, distinct queries) and the class head x3: Swin-T at 256x341 then gives 7 labels,
+    the largest on 38% of the pixels. Deterministic (seeded); returns the model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            if name.endswith("queries_embedder.weight"):
+                p.mul_(5.0)
+            elif re.search(r"decoder\.layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj)\.weight$", name):
+                p.mul_(4.0)
+            elif name == "class_predictor.weight":
+                p.mul_(3.0)
+    return model
+
+
+def make_checkpoint(model: str, folder: str, weights: str = "lively") -> str:
+    """Save a transformers MaskFormer of the given architecture (random weights, seed 0; made
+    lively unless ``weights="random"``) to ``folder``."""
     from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
     import torch
 
@@ -118,7 +169,12 @@ def make_checkpoint(model: str, folder: str) -> str:
         id2label={i: f"class_{i}" for i in range(150)},
     )
     torch.manual_seed(0)
-    MaskFormerForInstanceSegmentation(config).eval().save_pretrained(folder)
+    hf_model = MaskFormerForInstanceSegmentation(config).eval()
+    if weights == "lively":
+        lively_weights_(hf_model)
+    elif weights != "random":
+        raise ValueError(f"weights must be 'lively' or 'random', got {weights!r}")
+    hf_model.save_pretrained(folder)
     return folder
 
 
@@ -221,80 +277,390 @@ def default_dtypes(device: str):
 
 # ---------------------------------------------------------------------------------------------
 # one row, in its own process
-def run_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int, width: int, device: str,
-            warmup: int, repeats: int, maps_out: str) -> Dict:
+def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int, width: int, device: str,
+                threads: int, onnx_path: Optional[str] = None, engine_cache: Optional[str] = None):
+    """-> step(): one iteration, returning (maps or None, forward seconds). Loads everything first."""
     import torch
 
+    torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     pixel_values = synthetic_pixel_values(batch, height, width)
     target_sizes = [(height, width)] * batch
 
     if impl.startswith("transformers"):
-        from transformers import MaskFormerForInstanceSegmentation as HF
         from transformers import MaskFormerImageProcessor as HFProcessor
+        from transformers.models.maskformer.modeling_maskformer import MaskFormerForInstanceSegmentationOutput as HFOut
 
-        # Loaded in fp32, then cast with .to() (every floating parameter and buffer): with
-        # transformers 5.17 on CUDA, from_pretrained(dtype=torch.bfloat16) rows failed with
-        # "expected scalar type Float but found BFloat16" (H200, 2026-11-26; where, not established:
-        # the row kept one line). Rows now keep the traceback's end (error_log) to tell.
-        model = HF.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
         processor = HFProcessor()
-        if impl == "transformers-compile":
-            model = torch.compile(model)
+        if impl.startswith("transformers-onnx-"):
+            forward = _plain_engine_forward(impl_engine(impl), onnx_path, threads)
+
+            def run():
+                class_logits, mask_logits = forward(pixel_values)
+                return HFOut(class_queries_logits=torch.from_numpy(class_logits),
+                             masks_queries_logits=torch.from_numpy(mask_logits))
+        else:
+            from transformers import MaskFormerForInstanceSegmentation as HF
+
+            # Loaded in fp32, then cast with .to() (every floating parameter and buffer): with
+            # transformers 5.17 on CUDA, from_pretrained(dtype=torch.bfloat16) rows failed with
+            # "expected scalar type Float but found BFloat16" (H200, 2026-11-26; where, not
+            # established: the row kept one line). Failed rows now keep the log's end (error_log).
+            model = HF.from_pretrained(checkpoint).to(device=device, dtype=dtype).eval()
+            if impl == "transformers-compile":
+                model = torch.compile(model)
+            pixel_values = pixel_values.to(device=device, dtype=dtype)
+
+            def run():
+                return model(pixel_values=pixel_values)
+    elif impl in FORWARD_ONLY:
+        forward = _plain_engine_forward(impl_engine(impl), onnx_path, threads)
+        processor = None
+
+        def run():
+            return forward(pixel_values)
     else:
-        from . import MaskFormerForInstanceSegmentation, MaskFormerImageProcessor
+        from . import MaskFormerForInstanceSegmentation, MaskFormerImageProcessor, dispatch
 
-        model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint, dtype=dtype, device=device)
         processor = MaskFormerImageProcessor()
-        try:
-            from . import dispatch
-
+        engine = impl_engine(impl)
+        if engine:
+            model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint, engine=engine, threads=threads,
+                                                                      engine_cache_dir=engine_cache)
+        else:
+            model = MaskFormerForInstanceSegmentation.from_pretrained(checkpoint, dtype=dtype, device=device)
             dispatch.set_backend("reference" if impl == "maskformer-reference" else "auto")
-        except ImportError:
-            pass
-    pixel_values = pixel_values.to(device=device, dtype=dtype)
-    forward = lambda: model(pixel_values=pixel_values)  # noqa: E731
-    if impl == "maskformer-fast-cudagraph":
-        from .modeling import CUDAGraphRunner
+            if impl == "maskformer-compile":
+                model = torch.compile(model)
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+        if impl == "maskformer-fast-cudagraph":
+            from .modeling import CUDAGraphRunner
 
-        runner = CUDAGraphRunner(model, pixel_values)  # warm-up and capture (raises off CUDA)
-        forward = lambda: runner(pixel_values)  # noqa: E731
+            runner = CUDAGraphRunner(model, pixel_values)  # warm-up and capture (raises off CUDA)
 
-    def step():
-        with torch.inference_mode():
-            out = forward()
-            return processor.post_process_semantic_segmentation(out, target_sizes=target_sizes)
+            def run():
+                return runner(pixel_values)
+        else:
+            def run():
+                return model(pixel_values=pixel_values)
 
     def sync():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    maps = step()  # also the first warm-up (compilation happens here for torch.compile)
-    np.save(maps_out, np.stack([m.cpu().numpy().astype(np.int32) for m in maps]))
+    def step():
+        with torch.inference_mode():
+            start = time.perf_counter()
+            out = run()
+            sync()
+            forward = time.perf_counter() - start
+            maps = None if processor is None else processor.post_process_semantic_segmentation(out, target_sizes=target_sizes)
+        return maps, forward
+
+    return step
+
+
+def _plain_engine_forward(engine: str, path: str, threads: int):
+    """The engine's own API, as its documentation shows it, with our threads and (OpenVINO) the
+    f32 precision hint and a static shape: pixel_values -> (class logits, mask logits) arrays."""
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        from .engines.onnxruntime_engine import session_options
+
+        session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
+        return lambda x: session.run(["class_queries_logits", "masks_queries_logits"], {"pixel_values": x.numpy()})
+    import openvino as ov
+
+    from .engines.openvino_engine import compile_config
+
+    core = ov.Core()
+    model = core.read_model(path)
+    compiled = {}
+
+    def forward(x):
+        shape = tuple(x.shape)
+        if shape not in compiled:
+            m = model.clone()
+            m.reshape({model.inputs[0].get_any_name(): list(shape)})
+            compiled[shape] = core.compile_model(m, "CPU", compile_config(threads))
+        c = compiled[shape]
+        result = c.create_infer_request().infer({0: x.numpy()}, share_inputs=True, share_outputs=True)
+        return result[c.output("class_queries_logits")], result[c.output("masks_queries_logits")]
+
+    return forward
+
+
+def worker(spec: Dict) -> int:
+    """A row's process: load and warm up, save the maps, say READY; then answer RUN (one timed
+    iteration), MEM (peak extra memory of one iteration) and EXIT on stdin, one line each."""
+    import torch
+
+    maps_out = spec.pop("maps_out")
+    warmup = spec.pop("warmup")
+    started = time.perf_counter()
+    step = prepare_row(**spec)
+    loaded = time.perf_counter()
+    maps, _ = step()  # also the first warm-up (torch.compile compiles here)
+    first = time.perf_counter()
+    if maps is not None:
+        np.save(maps_out, np.stack([m.cpu().numpy().astype(np.int32) for m in maps]))
     for _ in range(max(0, warmup - 1)):
         step()
-    sync()
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    rss_before = reset_peak_rss()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    if device.startswith("cuda"):
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        peak_mb = max(0, peak_rss_kib() - rss_before) / 1024
-    median = float(np.median(times))
-    return {"latency_ms": median * 1000, "images_per_s": batch / median, "peak_mem_mb": peak_mb,
-            "times_ms": [t * 1000 for t in times]}
+    # load_s: loading (an engine's first-use export and build included); first_s: the first
+    # iteration (torch.compile's compilation happens there)
+    _say({"ready": True, "threads": torch.get_num_threads(), "load_s": round(loaded - started, 2),
+          "first_s": round(first - loaded, 2)})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "RUN":
+            start = time.perf_counter()
+            _, forward = step()
+            _say({"total_ms": (time.perf_counter() - start) * 1e3, "forward_ms": forward * 1e3})
+        elif command == "MEM":
+            _, peak, _ = measure_peak_extra(step, device=spec["device"])
+            _say({"peak_mem_mb": peak})
+        elif command == "EXIT":
+            break
+    return 0
+
+
+def _say(message: Dict) -> None:
+    print("BENCH " + json.dumps(message), flush=True)
+
+
+class Worker:
+    """The parent's handle on one row's process. ``timeout``: seconds an answer may take (the
+    loading and warm-up, or one iteration); past it the process is killed and the row fails."""
+
+    def __init__(self, spec: Dict, log_path: str, timeout: Optional[float] = None):
+        self.spec = spec
+        self.timeout = timeout
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "maskformer.bench", "--worker", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=REPO)
+        self.error = None
+        self.error_log = None
+        self._timed_out = False
+
+    def _kill_on_timeout(self):
+        self._timed_out = True
+        self.proc.kill()
+
+    def ask(self, command: Optional[str]) -> Dict:
+        if self.error:
+            raise RuntimeError(self.error)
+        timer = threading.Timer(self.timeout, self._kill_on_timeout) if self.timeout else None
+        try:
+            if timer:
+                timer.start()
+            if command:
+                self.proc.stdin.write(command + "\n")
+                self.proc.stdin.flush()
+            for line in self.proc.stdout:
+                if line.startswith("BENCH "):
+                    return json.loads(line[6:])
+        except OSError:  # the process died while we wrote to it
+            pass
+        finally:
+            if timer:
+                timer.cancel()
+        self.proc.wait()
+        self.log.flush()
+        with open(self.log.name) as f:
+            lines = [l for l in f.read().strip().splitlines() if l.strip()] or ["no output"]
+        # the log's end too: a row that fails on a lent GPU must say where (the next chance to look
+        # may be weeks away)
+        self.error_log = "\n".join(lines[-25:])
+        self.error = (f"timed out after {self.timeout:g} s (--row-timeout)" if self._timed_out
+                      else f"exit {self.proc.returncode}: {lines[-1]}")
+        raise RuntimeError(self.error)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("EXIT\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+        self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------
+def cpu_flags() -> Dict[str, bool]:
+    """The x86 features that decide CPU speed here (from /proc/cpuinfo)."""
+    flags: set = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    names = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+    return {name: name in flags for name in names}
+
+
+def _loadavg():
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _versions() -> Dict[str, Optional[str]]:
+    import importlib.metadata as md
+
+    found = {}
+    for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino", "triton"):
+        try:
+            found[package] = md.version(package)
+        except md.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def export_transformers_onnx(checkpoint: str, path: str, batch: int, height: int, width: int) -> str:
+    """transformers' model to ONNX at one fixed input size (torch.onnx.export, its default dynamo
+    exporter; the TorchScript one if that fails): the file a user makes of transformers' model."""
+    import torch
+    from transformers import MaskFormerForInstanceSegmentation as HF
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, pixel_values):
+            out = self.model(pixel_values=pixel_values)
+            return out.class_queries_logits, out.masks_queries_logits
+
+    model = Logits(HF.from_pretrained(checkpoint).eval()).eval()
+    x = torch.randn(batch, 3, height, width)
+    names = dict(input_names=["pixel_values"], output_names=["class_queries_logits", "masks_queries_logits"])
+    with torch.no_grad():
+        try:
+            torch.onnx.export(model, (x,), dynamo=True, **names).save(path, external_data=False)
+        except Exception as exc:  # noqa: BLE001  (report and fall back)
+            print(f"  transformers' model: dynamo export failed ({type(exc).__name__}); TorchScript exporter",
+                  file=sys.stderr)
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, **names)
+    return path
+
+
+def paired_ratios(times: Dict[str, List[float]], pairs) -> List[Dict]:
+    """Per pair (a, b): the per-round ratios times[b][r] / times[a][r] (> 1: a is faster), their
+    median, min and max."""
+    out = []
+    for a, b in pairs:
+        ta, tb = times.get(a), times.get(b)
+        if not ta or not tb:
+            continue
+        ratios = [y / x for x, y in zip(ta, tb) if x and y]
+        if ratios:
+            out.append({"faster": a, "slower": b, "median": round(float(np.median(ratios)), 3),
+                        "min": round(min(ratios), 3), "max": round(max(ratios), 3), "rounds": len(ratios)})
+    return out
+
+
+def comparison_pairs(impls: List[str]) -> Tuple[list, list]:
+    """(end-to-end pairs, forward pairs): every maskformer engine/fast row against every
+    transformers row; each maskformer engine row's forward against its raw engine."""
+    ours = [i for i in impls if i.startswith("maskformer-") and i != "maskformer-reference"]
+    theirs = [i for i in impls if i.startswith("transformers-")]
+    e2e = [(a, b) for a in ours for b in theirs]
+    forward = [(f"maskformer-{e}", f"{e}-raw") for e in ("onnxruntime", "openvino")
+               if f"maskformer-{e}" in impls and f"{e}-raw" in impls]
+    forward += [(a, b) for a in ours for b in theirs]
+    return e2e, forward
+
+
+def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, plan, args, device: str, tmp: str,
+              onnx_files: Dict[str, str], engine_cache: Optional[str]) -> Tuple[List[Dict], Dict]:
+    """All rows of one (model, batch), interleaved. -> (rows, group report)."""
+    workers: Dict[str, Worker] = {}
+    rows: List[Dict] = []
+    failed: Dict[str, str] = {}
+    threads = args.threads
+    for impl, dtype in [("maskformer-reference", "float32")] + [p for p in plan if p != ("maskformer-reference", "float32")]:
+        key = f"{impl}/{dtype}"
+        spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height, width=width,
+                    device=device, threads=threads, warmup=args.warmup, maps_out=os.path.join(tmp, _slug(key) + ".npy"),
+                    onnx_path=onnx_files.get(impl), engine_cache=engine_cache)
+        workers[key] = Worker(spec, os.path.join(tmp, _slug(key) + ".log"), timeout=args.row_timeout)
+    # Load and warm up one at a time (loading in parallel would time the warm-ups against each other).
+    ready: Dict[str, Dict] = {}
+    for key, w in workers.items():
+        try:
+            ready[key] = w.ask(None)
+        except RuntimeError as exc:
+            failed[key] = str(exc)
+            print(f"  {model_name(model)} {key} b{batch}: FAILED: {exc}", file=sys.stderr)
+    reference = np.load(workers["maskformer-reference/float32"].spec["maps_out"]) \
+        if "maskformer-reference/float32" not in failed else None
+    timed = [k for k in workers if k not in failed and (k.split("/")[0], k.split("/")[1]) in plan]
+    totals: Dict[str, List[float]] = {k: [] for k in timed}
+    forwards: Dict[str, List[float]] = {k: [] for k in timed}
+    rounds = []
+    for r in range(args.rounds):
+        if r and args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
+            print(f"  --max-seconds spent: {r} of {args.rounds} rounds", file=sys.stderr)
+            break
+        order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []
+        rounds.append({"round": r + 1, "loadavg": _loadavg(), "order": order})
+        for key in order:
+            if key in failed:
+                continue
+            time.sleep(args.pause)  # let the previous row's spinning threads go to sleep
+            try:
+                result = workers[key].ask("RUN")
+            except RuntimeError as exc:
+                failed[key] = str(exc)
+                continue
+            totals[key].append(result["total_ms"])
+            forwards[key].append(result["forward_ms"])
+        print(f"  round {r + 1}/{args.rounds} done (load average {rounds[-1]['loadavg']})", file=sys.stderr, flush=True)
+    for key, w in workers.items():
+        impl, dtype = key.split("/")
+        if key in failed or (impl, dtype) not in plan:
+            if key in failed and (impl, dtype) in plan:
+                rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=failed[key],
+                                 **({"error_log": w.error_log} if w.error_log else {})))
+            w.close()
+            continue
+        try:
+            peak = w.ask("MEM")["peak_mem_mb"]
+        except RuntimeError:
+            peak = None
+        w.close()
+        med_total, med_forward = float(np.median(totals[key])), float(np.median(forwards[key]))
+        row = dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, input=[height, width],
+                   forward_only=impl in FORWARD_ONLY,
+                   images_per_s=round(batch / (med_total / 1e3), 4), latency_ms=round(med_total, 2),
+                   forward_ms=round(med_forward, 2), peak_mem_mb=None if peak is None else round(peak, 1),
+                   load_s=ready.get(key, {}).get("load_s"), first_iteration_s=ready.get(key, {}).get("first_s"),
+                   times_ms=[round(t, 2) for t in totals[key]], forward_times_ms=[round(t, 2) for t in forwards[key]])
+        if impl not in FORWARD_ONLY and reference is not None:
+            maps = np.load(w.spec["maps_out"])
+            agree = float((maps == reference).mean())
+            row.update(agree=round(agree, 6), agree_ok=agree >= AGREE_BAR, ref_classes=int(len(np.unique(reference))))
+        rows.append(row)
+        agree_text = f"agree {row['agree']:.4%}" if "agree" in row else "forward only"
+        print(f"  {row['model']:13s} {impl:30s} {dtype:9s} b{batch}: {row['latency_ms']:9.1f} ms (forward "
+              f"{row['forward_ms']:8.1f})  peak +{row['peak_mem_mb']} MB  {agree_text}", flush=True)
+    impl_keys = {k.split("/")[0]: k for k in timed if k.endswith("/float32")}
+    e2e_pairs, fwd_pairs = comparison_pairs(list(impl_keys))
+    by_impl = {i: totals[k] for i, k in impl_keys.items() if i not in FORWARD_ONLY}
+    fwd_by_impl = {i: forwards[k] for i, k in impl_keys.items()}
+    group = {"model": model_name(model), "batch": batch, "rounds": rounds,
+             "paired_end_to_end": paired_ratios(by_impl, e2e_pairs),
+             "paired_forward": paired_ratios(fwd_by_impl, fwd_pairs)}
+    return rows, group
+
+
 def main(argv: List[str] = None) -> int:
     parser = argparse.ArgumentParser(prog="maskformer bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -302,150 +668,180 @@ def main(argv: List[str] = None) -> int:
     parser.add_argument("--batches", default="1,2")
     parser.add_argument("--dtypes", default=None,
                         help="default: float32,bfloat16,float16 on CUDA; on the CPU float32 and the half types it "
-                             "computes natively")
+                             "computes natively (engine rows run float32 only)")
     parser.add_argument("--impls", default=None,
-                        help="comma list of: " + ", ".join(IMPLS + EXTRA_IMPLS) + " (default: the first four on "
-                             "CUDA; all but transformers-compile on the CPU, where compiling takes minutes per row)")
+                        help="comma list of: " + ", ".join(IMPLS + EXTRA_IMPLS) + " (default: all of the first "
+                             f"{len(IMPLS)} whose packages are installed, without the torch.compile rows on the CPU, "
+                             "where compiling takes minutes per row; engine rows only on the CPU)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", "--repeats", dest="rounds", type=int, default=5,
+                        help="timed rounds; each row runs once per round, interleaved (default 5)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for torch and the engines (default: torch's)")
+    parser.add_argument("--weights", choices=("lively", "random"), default="lively",
+                        help="swin-* weights: transformers' random init made lively (many labels per map; default) "
+                             "or left as initialised")
+    parser.add_argument("--pause", type=float, default=0.2, help="seconds between two rows' iterations (default 0.2)")
+    parser.add_argument("--engine-cache", default=None, help="engine cache folder (default: maskformer's)")
     parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     parser.add_argument("--name", default=None,
                         help="results file stem (default e2e-<device>-<device name>); for runs that must not "
                              "replace another's file, e.g. a slow model measured separately")
-    parser.add_argument("--row-timeout", type=float, default=None, help="seconds per row's process (default none)")
+    parser.add_argument("--row-timeout", type=float, default=None,
+                        help="seconds for a row's loading and warm-up, and for each of its iterations (default none)")
     parser.add_argument("--max-seconds", type=float, default=None,
-                        help="start no row after this many seconds; the rest are listed as not run (default none)")
-    parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row and print JSON
+                        help="start no round or group after this many seconds; the rest are listed as not run")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one row's process
     args = parser.parse_args(argv)
 
-    if args.row:
-        spec = json.loads(args.row)
-        print("ROW " + json.dumps(run_row(**spec)))
-        return 0
+    if args.worker:
+        return worker(json.loads(args.worker))
 
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.threads = args.threads or torch.get_num_threads()
     if args.dtypes:
         dtypes, skipped_dtypes = args.dtypes.split(","), {}
     else:
         dtypes, skipped_dtypes = default_dtypes(device)
         for name, why in skipped_dtypes.items():
             print(f"  skipping {name}: {why}", file=sys.stderr)
-    impls = (args.impls or ",".join(i for i in IMPLS if device.startswith("cuda") or i != "transformers-compile")).split(",")
+    from .engines.registry import engine_unavailable
+
+    skipped_impls = {}
+    if args.impls:
+        impls = args.impls.split(",")
+    else:
+        impls = []
+        for impl in IMPLS:
+            engine = impl_engine(impl)
+            if engine and (device != "cpu" or engine_unavailable(engine)):
+                skipped_impls[impl] = engine_unavailable(engine) or "the engines run on the CPU"
+            elif impl in COMPILE_IMPLS and not device.startswith("cuda"):
+                skipped_impls[impl] = "torch.compile takes minutes per row on a CPU; pass --impls to run it"
+            else:
+                impls.append(impl)
     unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown implementation or model: {unknown}")
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    triton_version = _versions()["triton"]
     device_name = _device_name(device)
-    rows = []
-    started = time.monotonic()
+    rows, groups = [], []
+    load_start = _loadavg()
+    args.started = time.monotonic()
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
-    meta = dict(device=device_name, torch=torch.__version__, triton=triton_version, commit=_commit(),
-                date=time.strftime("%Y-%m-%d"), python=platform.python_version(), threads=torch.get_num_threads(),
-                warmup=args.warmup, repeats=args.repeats, skipped_dtypes=skipped_dtypes)
+
+    def report():
+        return {
+            "device": device_name, "cpu_flags": cpu_flags() if device == "cpu" else None,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
+            "torch": torch.__version__, "triton": triton_version, "versions": _versions(), "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "threads": args.threads,
+            "loadavg_start": load_start, "loadavg_end": _loadavg(), "warmup": args.warmup, "rounds": args.rounds,
+            "repeats": args.rounds, "weights": args.weights, "rows": rows, "groups": groups,
+            "skipped_dtypes": skipped_dtypes, "skipped_impls": skipped_impls, "speedups": speedups(rows),
+            "note": "swin-* rows: transformers' random init (no trained checkpoint can be downloaded here), "
+                    + ("made lively (bench.lively_weights_) so maps hold several labels; " if args.weights == "lively"
+                       else "near-constant maps; ")
+                    + "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal "
+                    "to maskformer-reference float32 at the same batch; inputs are synthetic images. Rows interleaved "
+                    "round-robin; paired = median over rounds of the per-round time ratio",
+        }
+
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             height, width = MODELS[model]["image"]
             checkpoint = None
-            # the fp32 reference maps every row is compared with
-            plan = [("maskformer-reference", "float32")] + [(i, d) for i in impls for d in dtypes
-                                                            if (i, d) != ("maskformer-reference", "float32")]
             for batch in [int(b) for b in args.batches.split(",")]:
-                reference_maps = None
-                for impl, dtype in plan:
-                    if args.max_seconds is not None and time.monotonic() - started > args.max_seconds:
-                        rows.append(dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
-                                         error=f"not run: the {args.max_seconds:.0f} s budget (--max-seconds) was spent"))
-                        continue
-                    if checkpoint is None:
-                        checkpoint = make_checkpoint(model, os.path.join(tmp, model))
-                    rows.append(_run_one(model, impl, dtype, batch, height, width, device, checkpoint, args, tmp,
-                                         reference_maps))
-                    if "error" not in rows[-1] and reference_maps is None:
-                        reference_maps = np.load(os.path.join(tmp, "maps.npy"))
-                    write_report(stem, meta, rows)
-    write_report(stem, meta, rows)
+                # engine rows run float32; the plan pairs every implementation with its dtypes
+                plan = [(i, d) for i in impls for d in dtypes if not (impl_engine(i) and d != "float32")]
+                if args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
+                    rows += [dict(model=model_name(model), impl=i, dtype=d, batch=batch,
+                                  error=f"not run: the {args.max_seconds:g} s budget (--max-seconds) was spent")
+                             for i, d in plan]
+                    continue
+                if checkpoint is None:
+                    checkpoint = make_checkpoint(model, os.path.join(tmp, model), args.weights)
+                onnx_files = {}
+                for impl in impls:
+                    engine = impl_engine(impl)
+                    if impl.startswith("transformers-onnx-"):
+                        path = os.path.join(tmp, f"transformers-{model}-b{batch}.onnx")
+                        if not os.path.exists(path):
+                            print(f"  exporting transformers' {model_name(model)} to ONNX at {batch}x3x{height}x{width}",
+                                  file=sys.stderr, flush=True)
+                            export_transformers_onnx(checkpoint, path, batch, height, width)
+                        onnx_files[impl] = path
+                    elif impl in FORWARD_ONLY or impl.startswith("maskformer-") and engine:
+                        from . import MaskFormerForInstanceSegmentation
+
+                        built = MaskFormerForInstanceSegmentation.from_pretrained(
+                            checkpoint, engine=engine, threads=args.threads, engine_cache_dir=args.engine_cache)
+                        onnx_files[impl] = os.path.join(built.cache_entry, "model.onnx" if engine == "onnxruntime"
+                                                        else "model.xml")
+                group_rows, group = run_group(model, checkpoint, batch, height, width, plan, args, device, tmp,
+                                              onnx_files, args.engine_cache)
+                rows += group_rows
+                groups.append(group)
+                write_report(stem, report())  # after every group: a run cut short keeps what it finished
+    write_report(stem, report())
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 
 
-def _run_one(model, impl, dtype, batch, height, width, device, checkpoint, args, tmp, reference_maps) -> Dict:
-    """One row in its own process -> the row (with ``error`` when it failed or timed out)."""
-    maps_out = os.path.join(tmp, "maps.npy")
-    if os.path.exists(maps_out):
-        os.remove(maps_out)
-    spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height,
-                width=width, device=device, warmup=args.warmup, repeats=args.repeats, maps_out=maps_out)
-    try:
-        proc = subprocess.run([sys.executable, "-m", "maskformer.bench", "--row", json.dumps(spec)],
-                              capture_output=True, text=True, cwd=REPO, timeout=args.row_timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  {model} {impl} {dtype} b{batch}: TIMED OUT after {args.row_timeout:.0f} s", file=sys.stderr)
-        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
-                    error=f"timed out after {args.row_timeout:.0f} s (--row-timeout)")
-    line = [l for l in proc.stdout.splitlines() if l.startswith("ROW ")]
-    if proc.returncode != 0 or not line:
-        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
-        print(f"  {model} {impl} {dtype} b{batch}: FAILED: {lines[-1]}", file=sys.stderr)
-        # the traceback's end too: a row that fails on a lent GPU must say where, since the next
-        # chance to look may be weeks away
-        return dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch, error=lines[-1],
-                    error_log="\n".join(lines[-25:]))
-    result = json.loads(line[0][4:])
-    maps = np.load(maps_out)
-    reference = maps if reference_maps is None else reference_maps
-    agree = float((maps == reference).mean()) if maps.shape == reference.shape else 0.0
-    row = dict(model=model_name(model), impl=impl, dtype=dtype, batch=batch,
-               images_per_s=round(result["images_per_s"], 4), latency_ms=round(result["latency_ms"], 2),
-               peak_mem_mb=round(result["peak_mem_mb"], 1), agree=round(agree, 6),
-               agree_ok=agree >= AGREE_BAR, ref_classes=int(len(np.unique(reference))),
-               input=[height, width], times_ms=[round(t, 2) for t in result["times_ms"]])
-    print(f"  {row['model']:11s} {impl:21s} {dtype:9s} b{batch}: {row['images_per_s']:8.3f} img/s "
-          f"{row['latency_ms']:9.1f} ms  peak +{row['peak_mem_mb']:8.1f} MB  agree {agree:.4%}", flush=True)
-    return row
-
-
-def write_report(stem: str, meta: Dict, rows: List[Dict]) -> None:
-    """``stem``.json and .md from the rows so far (called after every row)."""
-    report = dict(meta, rows=rows, speedups=speedups(rows), note=(
-        "swin-* rows: random weights (no trained checkpoint can be downloaded here), near-constant maps; "
-        "default-model rows: the trained default model. agree = fraction of semantic-map pixels equal to "
-        "maskformer-reference float32 at the same batch; inputs are synthetic images"))
+def write_report(stem: str, report: Dict) -> None:
     with open(stem + ".json", "w") as f:
         json.dump(report, f, indent=2)
     with open(stem + ".md", "w") as f:
-        f.write(f"# End-to-end benchmark: {report['device']}\n\n")
-        f.write(f"torch {report['torch']}, triton {report['triton']}, commit {report['commit']}, {report['date']}, "
-                f"{report['threads']} threads, median of {report['repeats']} after {report['warmup']} warm-up.\n"
-                "One iteration = forward + semantic post-processing to the input size, on synthetic images. "
-                "swin-* rows have random weights (their maps hold `ref classes` labels, so `agree` says little "
-                "there); default-model rows are the trained default model.\n\n")
-        for name, why in report["skipped_dtypes"].items():
-            f.write(f"Not run: {name}: {why}.\n\n")
-        f.write("| model | impl | dtype | batch | images/s | latency ms | peak MB | agree | ref classes |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
-        for r in rows:
-            if "error" in r:
-                f.write(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | failed: {r['error'][:60]} | | | | |\n")
-            else:
-                flag = "" if r["agree_ok"] else f" (< {AGREE_BAR:.1%})"
-                f.write(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
-                        f"{r['latency_ms']:.1f} | {r['peak_mem_mb']:.1f} | {r['agree']:.4%}{flag} | {r['ref_classes']} |\n")
-        if report["speedups"]:
-            f.write("\nSpeed-up of maskformer-fast (latency ratio, same model and batch):\n\n"
-                    "| model | batch | fast dtype | vs transformers-eager fp32 | vs transformers-eager same dtype "
-                    "| vs transformers-compile same dtype |\n|---|---|---|---|---|---|\n")
-            for sp in report["speedups"]:
-                cells = [f"{sp[k]:.2f}x" if sp.get(k) else "-" for k in ("vs_eager_fp32", "vs_eager_same", "vs_compile_same")]
-                f.write(f"| {sp['model']} | {sp['batch']} | {sp['dtype']} | " + " | ".join(cells) + " |\n")
+        f.write(markdown(report))
+
+
+def markdown(report: Dict) -> str:
+    flags = report.get("cpu_flags") or {}
+    have = ", ".join(k for k, v in flags.items() if v) or "-"
+    lacks = ", ".join(k for k, v in flags.items() if not v) or "-"
+    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+    loads = [tuple(r["loadavg"] or ()) for g in report["groups"] for r in g["rounds"]]
+    one_min = [l[0] for l in loads if l]
+    lines = [f"# End-to-end benchmark: {report['device']}", "",
+             f"{versions}; commit {report['commit']}, {report['date']}, {report['threads']} threads, "
+             f"{report['rounds']} interleaved rounds after {report['warmup']} warm-up, weights: {report['weights']}.",
+             f"CPU flags: {have} (not: {lacks}); torch CPU capability {report.get('torch_cpu_capability')}.",
+             f"Load average (1, 5, 15 min): {report['loadavg_start']} at the start, {report['loadavg_end']} at the end"
+             + (f"; 1-min per round {min(one_min):.2f} to {max(one_min):.2f}" if one_min else "") + ".",
+             "One iteration = forward + semantic post-processing to the input size, on synthetic images; `*-raw` rows "
+             "are the forward alone, through the engine's own API on our engine's file. Medians over the rounds.", ""]
+    for name, why in {**report["skipped_dtypes"], **report.get("skipped_impls", {})}.items():
+        lines.append(f"Not run: {name}: {why}.")
+    lines += ["", "| model | impl | dtype | batch | images/s | latency ms | forward ms | peak MB | agree | ref classes "
+              "| load s | first iteration s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | failed: {r['error'][:60]} "
+                         "| | | | | | | |")
+            continue
+        agree = "-" if "agree" not in r else f"{r['agree']:.4%}" + ("" if r["agree_ok"] else f" (< {AGREE_BAR:.1%})")
+        lines.append(f"| {r['model']} | {r['impl']} | {r['dtype']} | {r['batch']} | {r['images_per_s']:.3f} | "
+                     f"{'-' if r['forward_only'] else format(r['latency_ms'], '.1f')} | {r['forward_ms']:.1f} | "
+                     f"{r['peak_mem_mb']} | {agree} | {r.get('ref_classes', '-')} | {r.get('load_s', '-')} | "
+                     f"{r.get('first_iteration_s', '-')} |")
+    for g in report["groups"]:
+        for title, key in (("end to end", "paired_end_to_end"), ("forward", "paired_forward")):
+            if g[key]:
+                lines += ["", f"Paired ratios, {title}, {g['model']} batch {g['batch']} (slower / faster per round; "
+                              "median, min-max):", "", "| faster | slower | median | min | max |", "|---|---|---|---|---|"]
+                lines += [f"| {p['faster']} | {p['slower']} | {p['median']:.3f}x | {p['min']:.3f} | {p['max']:.3f} |"
+                          for p in g[key]]
+    if report["speedups"]:
+        lines += ["", "Speed-up of maskformer-fast (latency ratio of medians, same model and batch):", "",
+                  "| model | batch | fast dtype | vs transformers-eager fp32 | vs transformers-eager same dtype "
+                  "| vs transformers-compile same dtype |", "|---|---|---|---|---|---|"]
+        for s in report["speedups"]:
+            cells = [f"{s[k]:.2f}x" if s.get(k) else "-" for k in ("vs_eager_fp32", "vs_eager_same", "vs_compile_same")]
+            lines.append(f"| {s['model']} | {s['batch']} | {s['dtype']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
     maskformer demo [--out DIR] [--overwrite]   segment a generated image with the shipped default model
     maskformer segment INPUT... [--model PATH_OR_ID] --out DIR [--task semantic|panoptic|instance]
                                                 segment images, folders and globs (maskformer.segment)
-    maskformer info                             versions, devices, CPU features, fast paths and why any is off
+    maskformer info                             versions, devices, CPU features, fast paths, engines and why any is off
+    maskformer export MODEL OUT.onnx            the model to ONNX (dynamic batch/height/width), verified against PyTorch
     maskformer bench [...]                      end-to-end benchmark against transformers (maskformer.bench)
 
 Under ``torchrun`` (WORLD_SIZE > 1) ``segment`` gives each rank its own shard of the inputs
@@ -168,7 +169,55 @@ def info() -> dict:
         report["backends"] = dispatch.describe()
     except (ImportError, AttributeError) as exc:
         report["backends"] = f"dispatch not available ({exc})"
+    from .engines.registry import describe as describe_engines
+
+    report["engines"] = describe_engines()
+    report["threads"] = torch.get_num_threads()
     return report
+
+
+def set_threads(threads: int) -> None:
+    """``--threads``: torch's intra-op threads, which the engines also take by default."""
+    import torch
+
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
+def run_export(args) -> int:
+    """``maskformer export``: write, verify, print the verification table."""
+    from .export import export_onnx
+    from .modeling import MaskFormerForInstanceSegmentation
+
+    if args.threads is not None:
+        set_threads(args.threads)
+    existing = [p for p in (args.out, args.out + ".data") if os.path.lexists(p)]
+    if existing and not args.overwrite:  # checked before the minute of exporting, not after
+        raise ValueError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
+                         "pass --overwrite to replace it, or choose another output path")
+    sizes = None
+    if args.verify_sizes:
+        try:
+            sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.verify_sizes.split(",")]
+        except ValueError:
+            sizes = [()]
+        if any(len(s) != 3 or min(s) < 1 for s in sizes):
+            raise ValueError(f"--verify-sizes must be BxHxW sizes such as 1x512x683,2x97x131,1x224x288, got "
+                             f"{args.verify_sizes!r}")
+    if args.model == "default":
+        from .loading import load_default_model
+
+        model = load_default_model()
+    else:
+        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype="float32", device="cpu")
+    report = export_onnx(model, args.out, outputs=args.outputs, opset=args.opset, verify=not args.no_verify,
+                         verify_sizes=sizes, verify_engine=args.verify_engine, threads=args.threads)
+    print(report.table())
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report.to_dict(), f, indent=2)
+    return 0 if (args.no_verify or report.ok) else 1
 
 
 def _cpu_model() -> str:
@@ -246,7 +295,31 @@ def build_parser() -> argparse.ArgumentParser:
                           "input's results")
     seg.add_argument("--quiet", action="store_true",
                      help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
-    sub.add_parser("info", parents=[common], help="versions, devices, CPU features and available fast paths")
+    seg.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                     help="who runs the network (default: torch). onnxruntime/openvino: its ONNX export on the CPU in "
+                          "float32, built on first use and cached; post-processing stays ours. `maskformer info` says "
+                          "which are installed")
+    seg.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch and the engine (default: torch's, one per core)")
+    sub.add_parser("info", parents=[common], help="versions, devices, CPU features, fast paths and engines")
+    exp = sub.add_parser(
+        "export", parents=[common], formatter_class=fmt, help="export a model to ONNX, verified against PyTorch",
+        description="Export a checkpoint (folder or hub id) to ONNX with dynamic batch, height and width, then run "
+                    "the file with an engine at three or more input sizes (padding at every stage) and compare with "
+                    "PyTorch: max relative error per size (must be <= 1e-4) and semantic-map agreement.")
+    exp.add_argument("model", help="checkpoint folder or hub id ('default': the shipped toy model)")
+    exp.add_argument("out", help="the .onnx file to write")
+    exp.add_argument("--outputs", choices=("all", "logits"), default="all",
+                     help="all: the torch model's five output fields (default); logits: class and mask logits only")
+    exp.add_argument("--verify-sizes", default=None,
+                     help="BxHxW sizes to verify, comma separated, at least three (default: three sizes with padding)")
+    exp.add_argument("--verify-engine", choices=("onnxruntime", "openvino"), default=None,
+                     help="engine that runs the verification (default: the first installed)")
+    exp.add_argument("--no-verify", action="store_true", help="skip the verification")
+    exp.add_argument("--opset", type=int, default=None, help="ONNX opset (default: torch.onnx's)")
+    exp.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    exp.add_argument("--json", default=None, help="also write the verification report to this JSON file")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output file (default: refuse)")
     sub.add_parser("bench", help="end-to-end throughput benchmark: `maskformer bench --help`")
     return parser
 
@@ -274,11 +347,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError("--batch-size must be >= 1")
             if args.max_pixels < 1:
                 raise ValueError("--max-pixels must be >= 1")
+            if args.threads is not None:
+                set_threads(args.threads)
             from .segment import run
 
             return run(args)
         elif args.command == "info":
             print(json.dumps(info(), indent=2))
+        elif args.command == "export":
+            return run_export(args)
         return 0
     except Exception as exc:  # one clear line unless --verbose
         if args.verbose:

@@ -54,7 +54,13 @@ class DropPath(nn.Module):
 def cached_per_shape(cache: Dict[tuple, torch.Tensor], key: tuple, build: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``cache[key]``, built by ``build()`` on first use. Keys hold the shape, device and dtype of
     tensors that depend on nothing else (shift masks, position embeddings), so a forward does no
-    host work once warm. More than 8 sizes clear the cache: memory stays bounded."""
+    host work once warm. More than 8 sizes clear the cache: memory stays bounded.
+
+    While tracing (``torch.compile``, ``torch.export``, the ONNX export) the value is built in
+    the graph instead: a key holding symbolic sizes cannot be looked up, and a traced graph must
+    not capture one size's tensor as a constant."""
+    if torch.compiler.is_compiling():
+        return build()
     value = cache.get(key)
     if value is None:
         if len(cache) > 8:

@@ -27,12 +27,14 @@ from .modeling import MaskFormerForInstanceSegmentation
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_model")
 
 
-def load_default_model(dtype=None, device=None):
+def load_default_model(dtype=None, device=None, engine: str = "torch", **engine_kwargs):
     """The shipped default MaskFormer (4 classes: background, disc, box, stripe; trained on
-    maskformer.synthetic images). Its preprocessor config is in the same folder."""
+    maskformer.synthetic images). Its preprocessor config is in the same folder. ``engine`` and
+    its keywords (``threads``, ``engine_cache_dir``) as in ``from_pretrained``."""
     if not os.path.exists(os.path.join(DEFAULT_MODEL_DIR, SAFE_WEIGHTS)):
         raise FileNotFoundError(
             f"the default model is missing from {DEFAULT_MODEL_DIR}; reinstall maskformer or run "
             "scripts/train_default.py --out maskformer/default_model"
         )
-    return MaskFormerForInstanceSegmentation.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, device=device)
+    return MaskFormerForInstanceSegmentation.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, device=device, engine=engine,
+                                                             **engine_kwargs)

@@ -12,9 +12,7 @@ accepted by ``MaskFormerImageProcessor.post_process_*``.
 from __future__ import annotations
 
 import functools
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import List, Optional, Tuple, Union
+from typing import Optional
 
 import torch
 from torch import nn
@@ -26,130 +24,14 @@ from .swin import SwinBackbone
 from .transformer_decoder import TransformerModule
 
 
-class ModelOutput(OrderedDict):
-    """Model outputs as transformers' ``ModelOutput``: a dataclass that is also an ordered dict.
-
-    The keys are the fields that are not None, in field order at construction; reading by
-    attribute (``out.loss``), key (``out["loss"]``) or position (``out[0]``, over the keys) and
-    ``to_tuple()`` agree. Assigning by attribute or key updates both views, a new non-None field
-    is appended to the keys (as transformers does), and a key that is not a field can be added
-    with ``out["name"] = value``. ``del``, ``pop``, ``setdefault`` and ``update`` raise, as in
-    transformers. One difference, on purpose: a field set to None leaves the keys and the tuple
-    (transformers keeps the old value under the key while the attribute says None, or keeps a
-    None in the tuple). Registered as a pytree node (as transformers'), so ``torch.export`` and
-    DDP's ``static_graph`` see the tensors inside.
-    """
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        torch.utils._pytree.register_pytree_node(
-            cls, _output_flatten, functools.partial(_output_unflatten, cls),
-            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
-        )
-
-    def __post_init__(self):
-        for name in self._field_names():
-            value = self.__dict__.get(name)
-            if value is not None:
-                super().__setitem__(name, value)
-
-    @classmethod
-    def _field_names(cls):
-        # The dataclass's own field table (a dict, in definition order): torch.compile traces a
-        # dict lookup where it cannot trace dataclasses.fields().
-        return cls.__dataclass_fields__
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name in self._field_names():
-            self._set_key(name, value)
-
-    def __setitem__(self, key, value):
-        if not isinstance(key, str):
-            raise TypeError(f"{type(self).__name__} keys are field names (str), got {type(key).__name__}")
-        super().__setattr__(key, value)
-        self._set_key(key, value)
-
-    def _set_key(self, key, value):
-        if value is None:
-            if key in self:
-                super().__delitem__(key)
-        else:
-            super().__setitem__(key, value)
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            return super().__getitem__(key)
-        return self.to_tuple()[key]
-
-    def _refuse(self, *args, **kwargs):
-        raise RuntimeError(
-            f"{type(self).__name__} keys cannot be removed or merged (as transformers' ModelOutput); set a field "
-            "to None to drop it, or build a dict with dict(outputs)"
-        )
-
-    __delitem__ = pop = popitem = setdefault = update = clear = _refuse
-
-    def to_tuple(self) -> tuple:
-        """The values of the keys (the non-None fields), in order."""
-        return tuple(self.values())
-
-    def __reduce__(self):
-        # Rebuilt empty, then key by key: the keys keep their order (pickle, copy.deepcopy).
-        return (type(self), (), None, None, iter(list(self.items())))
-
-    def __repr__(self):
-        return f"{type(self).__name__}({', '.join(self.keys())})"
-
-
-def _output_flatten(output: "ModelOutput"):
-    return list(output.values()), list(output.keys())
-
-
-def _output_unflatten(cls, values, keys) -> "ModelOutput":
-    out = cls()
-    for k, v in zip(keys, values):
-        out[k] = v
-    return out
-
-
-@dataclass(repr=False, eq=False)
-class MaskFormerModelOutput(ModelOutput):
-    """encoder_last_hidden_state (B, C_4, H/32, W/32); pixel_decoder_last_hidden_state (B, M, H/4, W/4);
-    transformer_decoder_last_hidden_state (B, Q, D); the *_hidden_states tuples when asked;
-    attentions: the decoder self-attention weights (B, heads, Q, Q) per layer when asked."""
-
-    encoder_last_hidden_state: Optional[torch.Tensor] = None
-    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
-    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
-    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    attentions: Optional[Tuple[torch.Tensor, ...]] = None
-
-
-@dataclass(repr=False, eq=False)
-class MaskFormerForInstanceSegmentationOutput(ModelOutput):
-    """class_queries_logits (B, Q, num_labels + 1); masks_queries_logits (B, Q, H/4, W/4);
-    then the fields of ``MaskFormerModelOutput``. ``loss`` and ``auxiliary_logits`` are for training."""
-
-    loss: Optional[torch.Tensor] = None
-    class_queries_logits: Optional[torch.Tensor] = None
-    masks_queries_logits: Optional[torch.Tensor] = None
-    auxiliary_logits: Optional[List[dict]] = None
-    encoder_last_hidden_state: Optional[torch.Tensor] = None
-    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
-    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
-    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
-    attentions: Optional[Tuple[torch.Tensor, ...]] = None
-
-
-class InputError(ValueError):
-    """Model input that cannot give a meaningful result, with the reason and the fix."""
+from .inputs import InputError, check_finite, check_pixel_values  # noqa: E402,F401  (public names, as before)
+from .outputs import (  # noqa: E402,F401  (public names, as before)
+    MaskFormerForInstanceSegmentationOutput,
+    MaskFormerModelOutput,
+    ModelOutput,
+    _output_flatten,
+    _output_unflatten,
+)
 
 
 class PixelLevelModule(nn.Module):
@@ -180,8 +62,15 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     # -- loading and saving live in checkpoint.py; these are the transformers-style entry points.
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, device=None, engine: str = "torch",
+                        threads: Optional[int] = None, engine_cache_dir: Optional[str] = None, **kwargs):
         """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
+
+        ``engine``: who runs the network. "torch" (default): this model. "onnxruntime" or
+        "openvino" (``MaskFormerForInstanceSegmentation`` only; CPU, float32): an ``EngineModel``
+        with the same call signature and output fields, running the model's ONNX export, built
+        on first use and cached (``maskformer.engines``); ``threads`` (default
+        ``torch.get_num_threads()``) and ``engine_cache_dir`` apply to these engines only.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
         sharded with its index). Keyword arguments:
@@ -204,6 +93,14 @@ class MaskFormerPreTrainedModel(nn.Module):
         or misshapen ones, and a config that does not describe the weights raise
         ``CheckpointError`` / ``ConfigError`` naming them, before the weights are read.
         """
+        if engine not in (None, "torch"):
+            from .engines.model import load_engine_model
+
+            return load_engine_model(cls, pretrained_model_name_or_path, engine, threads=threads,
+                                     engine_cache_dir=engine_cache_dir, dtype=dtype, device=device, **kwargs)
+        if threads is not None or engine_cache_dir is not None:
+            raise ValueError("threads= and engine_cache_dir= apply to engine='onnxruntime' or 'openvino'; torch's "
+                             "threads are process-wide: torch.set_num_threads(n)")
         return checkpoint.load_pretrained(cls, pretrained_model_name_or_path, dtype=dtype, device=device, **kwargs)
 
     def save_pretrained(self, save_directory, *, safe_serialization: bool = True, max_shard_size=None):
@@ -249,63 +146,14 @@ class MaskFormerPreTrainedModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def _check_finite(self, pixel_values: torch.Tensor) -> None:
-        """Raise on NaN/inf when ``check_finite`` is on (one reduction and, on CUDA, a sync).
-
-        Skipped inside ``torch.compile`` / ``torch.export``: a branch on tensor data cannot be
-        traced into one graph (check the inputs before calling a compiled or exported model)."""
-        if self.check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-            raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+        """Raise on NaN/inf when ``check_finite`` is on (see ``maskformer.inputs.check_finite``)."""
+        if self.check_finite:
+            check_finite(pixel_values)
 
     def _check_pixel_values(self, pixel_values, pixel_mask=None) -> torch.Tensor:
-        """Validate and return pixel_values (B, C, H, W) in the model's dtype."""
-        if not isinstance(pixel_values, torch.Tensor):
-            raise InputError(
-                f"pixel_values must be a torch.Tensor of shape (batch, {self.config.backbone_config.num_channels}, "
-                f"height, width), got {type(pixel_values).__name__}; use MaskFormerImageProcessor to prepare images"
-            )
-        channels = self.config.backbone_config.num_channels
-        if pixel_values.dim() != 4:
-            raise InputError(
-                f"pixel_values must have 4 dimensions (batch, {channels}, height, width), got shape "
-                f"{tuple(pixel_values.shape)}; add a batch dimension with pixel_values[None] for a single image"
-            )
-        b, c, h, w = pixel_values.shape
-        if b == 0:
-            raise InputError("pixel_values is an empty batch (batch size 0); pass at least one image")
-        if c != channels:
-            raise InputError(
-                f"pixel_values has {c} channels but the model expects {channels} (shape {tuple(pixel_values.shape)}); "
-                "images must be (batch, channels, height, width) RGB: MaskFormerImageProcessor converts "
-                "grayscale/RGBA and channels-last inputs"
-            )
-        if h == 0 or w == 0:
-            raise InputError(f"pixel_values has an empty spatial size {h}x{w}")
-        # The coarsest map is ceil(H / (4 * 2**(stages-1))) x ...; at 1x1 the FPN's GroupNorm has
-        # one value per group and fails deep inside (transformers too).
-        stride = 4 * 2 ** (len(self.config.backbone_config.depths) - 1)
-        if -(-h // stride) * -(-w // stride) == 1:
-            raise InputError(
-                f"pixel_values of {h}x{w} is too small: the coarsest feature map would be 1x1; make the image larger "
-                f"than {stride} pixels on at least one side (MaskFormerImageProcessor resizes to 800 by default)"
-            )
-        if not pixel_values.is_floating_point():
-            raise InputError(
-                f"pixel_values has integer dtype {pixel_values.dtype}: raw pixels must be rescaled and normalised "
-                "first (MaskFormerImageProcessor does it), then passed as a float tensor"
-            )
-        if pixel_values.device != self.device:
-            raise InputError(
-                f"pixel_values is on {pixel_values.device} but the model is on {self.device}; "
-                f"move one of them, e.g. pixel_values.to('{self.device}')"
-            )
-        self._check_finite(pixel_values)
-        if pixel_mask is not None:
-            if not isinstance(pixel_mask, torch.Tensor) or tuple(pixel_mask.shape) != (b, h, w):
-                shape = tuple(pixel_mask.shape) if isinstance(pixel_mask, torch.Tensor) else type(pixel_mask).__name__
-                raise InputError(f"pixel_mask must have shape {(b, h, w)} to match pixel_values, got {shape}")
-        # Cast to the weights' dtype (e.g. float32 processor output into a bf16 model), as a
-        # user of a half-precision model would otherwise have to do by hand.
-        return pixel_values.to(self.dtype)
+        """Validate and return pixel_values (B, C, H, W) in the model's dtype (``maskformer.inputs``)."""
+        return check_pixel_values(pixel_values, pixel_mask, config=self.config, device=self.device, dtype=self.dtype,
+                                  check_finite=self.check_finite)
 
 
 class MaskFormerModel(MaskFormerPreTrainedModel):

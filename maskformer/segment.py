@@ -710,7 +710,7 @@ def _run_locked(args, out: str, shard: List[Input], failures: List[Tuple[str, st
     if args.model is None:
         from .loading import DEFAULT_MODEL_DIR, load_default_model
 
-        model = load_default_model(dtype=dtype, device=device)
+        model = load_default_model(dtype=dtype, device=device, engine=getattr(args, "engine", "torch"))
         processor = MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR)
         model_id = "default"
         if rank == 0:
@@ -719,7 +719,8 @@ def _run_locked(args, out: str, shard: List[Input], failures: List[Tuple[str, st
     else:
         from .modeling import MaskFormerForInstanceSegmentation
 
-        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype=dtype, device=device)
+        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype=dtype, device=device,
+                                                                  engine=getattr(args, "engine", "torch"))
         try:
             processor = MaskFormerImageProcessor.from_pretrained(args.model)
         except FileNotFoundError:

@@ -24,6 +24,7 @@ from torch.nn import functional as F
 from .config import MaskFormerSwinConfig, _as_pair
 from .layers import DropPath, cached_per_shape, get_activation
 from .windows import (  # noqa: F401  (importable from here as before)
+    _contiguous_copy,
     relative_position_index,
     shift_attention_mask,
     shift_region_ids,
@@ -43,10 +44,13 @@ class SwinPatchEmbeddings(nn.Module):
         """(B, 3, H, W) -> tokens (B, h*w, C) and (h, w); H, W are zero-padded up to the patch size."""
         _, _, height, width = pixel_values.shape
         ph, pw = self.patch_size
-        if width % pw:
-            pixel_values = F.pad(pixel_values, (0, pw - width % pw))
-        if height % ph:
-            pixel_values = F.pad(pixel_values, (0, 0, 0, ph - height % ph))
+        # Padded sizes written as (multiples) * patch, with no branch on the size: a traced graph
+        # (torch.export, ONNX, torch.compile with dynamic shapes) then holds for every size, and
+        # the symbolic shapes simplify (padded // patch == the multiple). Zero padding, as
+        # transformers; a zero pad is a no-op on the values.
+        pad_w = (width + pw - 1) // pw * pw - width
+        pad_h = (height + ph - 1) // ph * ph - height
+        pixel_values = F.pad(pixel_values, (0, pad_w, 0, pad_h))
         x = self.projection(pixel_values)
         dims = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), dims
@@ -246,10 +250,9 @@ class SwinLayer(nn.Module):
         """Reference shifted-window attention, transformers' operations in transformers' order."""
         b, height, width, c = x.shape
         w = self.window_size
-        pad_r = (w - width % w) % w
-        pad_b = (w - height % w) % w
-        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zeros after the layernorm, as transformers
-        hp, wp = height + pad_b, width + pad_r
+        # (windows per axis) * window: exact multiples for the symbolic shapes of a traced graph.
+        hp, wp = (height + w - 1) // w * w, (width + w - 1) // w * w
+        x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))  # zeros after the layernorm, as transformers
         if self.shift_size:
             x = torch.roll(x, shifts=(-self.shift_size, -self.shift_size), dims=(1, 2))
         windows = window_partition(x, w).reshape(-1, w * w, c)
@@ -258,7 +261,10 @@ class SwinLayer(nn.Module):
         out = window_reverse(out.view(-1, w, w, c), w, hp, wp)
         if self.shift_size:
             out = torch.roll(out, shifts=(self.shift_size, self.shift_size), dims=(1, 2))
-        return out[:, :height, :width, :]
+        # A copy whether or not there was padding (reshape would copy only when there was): no
+        # branch on the size for a traced graph; unpadded widths are the rare case (1 in 7 per
+        # stage for window 7), so eager pays about nothing for it.
+        return _contiguous_copy(out[:, :height, :width, :])
 
     def forward(self, hidden_states: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
         """hidden_states (B, H*W, C) -> (B, H*W, C)."""
@@ -284,8 +290,8 @@ class SwinPatchMerging(nn.Module):
         height, width = dims
         b, _, c = x.shape
         x = x.view(b, height, width, c)
-        if height % 2 or width % 2:
-            x = F.pad(x, (0, 0, 0, width % 2, 0, height % 2))
+        # to even sizes, without a branch on the size (see SwinPatchEmbeddings.forward)
+        x = F.pad(x, (0, 0, 0, (width + 1) // 2 * 2 - width, 0, (height + 1) // 2 * 2 - height))
         # order (row, col) = (0,0), (1,0), (0,1), (1,1), as the checkpoints were trained
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x.view(b, -1, 4 * c)))

@@ -15,15 +15,26 @@ def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
     Windows are ordered batch-major, then row-major over the window grid.
     """
     b, h, w, c = x.shape
-    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
-    return x.transpose(2, 3).reshape(-1, window_size, window_size, c)
+    nh, nw = h // window_size, w // window_size
+    x = x.view(b, nh, window_size, nw, window_size, c).transpose(2, 3)
+    return _contiguous_copy(x).view(b * nh * nw, window_size, window_size, c)
 
 
 def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
     """(B * nW, window_size, window_size, C) -> (B, H, W, C); the inverse of ``window_partition``."""
     c = windows.shape[-1]
-    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, c)
-    return x.transpose(2, 3).reshape(-1, height, width, c)
+    nh, nw = height // window_size, width // window_size
+    b = windows.shape[0] // (nh * nw)
+    x = windows.view(b, nh, nw, window_size, window_size, c).transpose(2, 3)
+    return _contiguous_copy(x).view(b, height, width, c)
+
+
+def _contiguous_copy(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``x``, always. ``reshape`` copies a transposed window grid too, except
+    when the grid has a single row or column of windows, where it returns a view: that branch
+    on a size would tie a traced graph (torch.export, ONNX) to the one size it was traced at.
+    The values are the same either way."""
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:

@@ -23,3 +23,18 @@ def hf_tiny_checkpoint(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hf_tiny")
     model.save_pretrained(folder)
     return str(folder), model
+
+
+@pytest.fixture(scope="session")
+def engine_checkpoint(tmp_path_factory):
+    """A small perturbed checkpoint for the engine and export tests: window 7, so the default
+    verification sizes pad every stage; one block per stage, to keep each export short."""
+    folder = tmp_path_factory.mktemp("engine_ckpt")
+    make_hf_model(window_size=7, depths=(1, 1, 1, 1), num_queries=6).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def engine_cache(tmp_path_factory):
+    """One engine cache for the session: each engine is built once per checkpoint."""
+    return str(tmp_path_factory.mktemp("engine_cache"))

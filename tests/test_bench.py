@@ -44,3 +44,63 @@ def test_default_dtypes_follow_the_hardware(monkeypatch):
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: False)
     dtypes, skipped = bench.default_dtypes("cpu")
     assert dtypes == ["float32", "bfloat16"] and list(skipped) == ["float16"] and "native" in skipped["float16"]
+
+
+def test_bench_interleaves_engine_rows_and_pairs_them(tmp_path, engine_cache):
+    """Engine rows, the transformers-ONNX peer and the raw engine row run in one interleaved run;
+    the report holds per-round load averages and times, paired ratios, CPU flags and threads."""
+    import importlib.util
+
+    import pytest
+
+    if any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxscript", "onnxruntime")):
+        pytest.skip("onnx, onnxscript and onnxruntime not installed: pip install 'maskformer[onnx]'")
+    impls = "maskformer-fast,maskformer-onnxruntime,transformers-onnx-onnxruntime,onnxruntime-raw"
+    result = subprocess.run(
+        [sys.executable, "-m", "maskformer", "bench", "--models", "toy", "--batches", "1", "--rounds", "3",
+         "--dtypes", "float32", "--impls", impls, "--threads", "1", "--pause", "0", "--out", str(tmp_path),
+         "--engine-cache", engine_cache],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_name] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json.load(open(tmp_path / json_name))
+    assert report["threads"] == 1 and report["loadavg_start"] and "avx2" in report["cpu_flags"]
+    rows = {r["impl"]: r for r in report["rows"]}
+    assert set(rows) == set(impls.split(","))
+    for impl, row in rows.items():
+        assert len(row["times_ms"]) == len(row["forward_times_ms"]) == 3, row
+        assert 0 < row["forward_ms"] <= row["latency_ms"] + 1e-6
+        if impl == "onnxruntime-raw":
+            assert row["forward_only"] and "agree" not in row
+        else:
+            assert row["agree"] >= 0.999, row
+    [group] = report["groups"]
+    assert len(group["rounds"]) == 3 and all(r["loadavg"] for r in group["rounds"])
+    orders = [tuple(r["order"]) for r in group["rounds"]]
+    assert len(set(orders)) == 3  # the order rotates
+    pairs = {(p["faster"], p["slower"]): p for p in group["paired_forward"]}
+    raw = pairs[("maskformer-onnxruntime", "onnxruntime-raw")]
+    expected = sorted(b / a for a, b in zip(rows["maskformer-onnxruntime"]["forward_times_ms"],
+                                            rows["onnxruntime-raw"]["forward_times_ms"]))[1]
+    assert abs(raw["median"] - expected) < 1e-3 * expected + 1e-3
+    e2e = {(p["faster"], p["slower"]) for p in group["paired_end_to_end"]}
+    assert ("maskformer-onnxruntime", "transformers-onnx-onnxruntime") in e2e
+    assert "Paired ratios, end to end" in open(tmp_path / json_name.replace(".json", ".md")).read()
+
+
+def test_bench_time_limits_fail_rows_not_the_run(tmp_path):
+    """--row-timeout kills a row whose loading takes longer (the row is failed, with the reason,
+    and the run still writes its files); --max-seconds leaves later groups listed as not run."""
+    result = subprocess.run(
+        [sys.executable, "-m", "maskformer", "bench", "--models", "toy", "--batches", "1,2", "--repeats", "1",
+         "--dtypes", "float32", "--impls", "maskformer-fast", "--row-timeout", "0.5", "--max-seconds", "0.1",
+         "--out", str(tmp_path), "--name", "limits"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "limits.json"))
+    by_batch = {r["batch"]: r for r in report["rows"]}
+    assert set(by_batch) == {1, 2}, report["rows"]
+    # batch 1 started (the first group always does) and its row could not load in 0.5 s
+    assert by_batch[1]["error"] == "timed out after 0.5 s (--row-timeout)", by_batch[1]
+    assert by_batch[2]["error"].startswith("not run: the 0.1 s budget (--max-seconds)"), by_batch[2]
+    assert "failed: " in open(tmp_path / "limits.md").read()

@@ -14,10 +14,12 @@ import maskformer.kernels
 
 PACKAGE_DIR = os.path.dirname(maskformer.__file__)
 KERNELS_DIR = os.path.dirname(maskformer.kernels.__file__)
+ENGINES_DIR = os.path.join(PACKAGE_DIR, "engines")
 
 def _modules():
     mods = {}
-    for folder, package in ((PACKAGE_DIR, "maskformer"), (KERNELS_DIR, "maskformer.kernels")):
+    for folder, package in ((PACKAGE_DIR, "maskformer"), (KERNELS_DIR, "maskformer.kernels"),
+                            (ENGINES_DIR, "maskformer.engines")):
         for name in sorted(os.listdir(folder)):
             if name.endswith(".py"):
                 mods[package if name == "__init__.py" else f"{package}.{name[:-3]}"] = os.path.join(folder, name)
@@ -102,10 +104,16 @@ def test_loading_layers():
     assert "maskformer.modeling" not in imported["maskformer.checkpoint"]
     assert "maskformer.loading" not in imported["maskformer.modeling"]
     assert "maskformer.swin" not in imported["maskformer.kernels.window_attention"]
+    # the engines return the models' output classes without importing the models
+    assert not any(t == "maskformer.modeling" for m, targets in imported.items() if m.startswith("maskformer.engines")
+                   for t in targets)
+    assert imported["maskformer.engines.registry"] == set()
 
 
 def test_each_module_imports_first_in_a_fresh_interpreter():
-    names = ["hub", "config", "checkpoint", "modeling", "loading", "processing", "swin", "dispatch", "loss"]
+    names = ["hub", "config", "checkpoint", "modeling", "loading", "processing", "swin", "dispatch", "loss", "inputs",
+             "outputs", "export", "engines", "engines.registry", "engines.model", "engines.cache",
+             "engines.onnxruntime_engine", "engines.openvino_engine"]
     procs = {
         n: subprocess.Popen([sys.executable, "-c", f"import maskformer.{n}"], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

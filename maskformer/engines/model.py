@@ -1,0 +1,127 @@
+"""``EngineModel``: what ``from_pretrained(..., engine="onnxruntime" | "openvino")`` returns, and
+``load_engine_model``, which builds it (see ``maskformer.engines``)."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import torch
+
+from ..inputs import InputError, check_pixel_values
+from ..outputs import MaskFormerForInstanceSegmentationOutput
+from .registry import default_threads, engine_module, require
+
+__all__ = ["EngineModel", "load_engine_model"]
+
+
+class EngineModel:
+    """What ``from_pretrained(..., engine="onnxruntime" | "openvino")`` returns: the torch model's
+    call signature and outputs, the network run by the engine on the CPU in float32.
+
+    ``model(pixel_values, pixel_mask=None, return_dict=None)`` checks the input as the torch
+    model does and returns ``MaskFormerForInstanceSegmentationOutput`` with ``class_queries_logits``,
+    ``masks_queries_logits`` and the ``*_last_hidden_state`` fields (those the export holds).
+    Training (``mask_labels``/``class_labels``), ``output_hidden_states`` and
+    ``output_attentions`` need ``engine="torch"`` and raise ``ValueError``.
+
+    Attributes: ``config``, ``engine``, ``threads``, ``cache_entry`` (the folder of the cached
+    export), ``runner`` (the engine's session), ``device`` (cpu), ``dtype`` (float32).
+    """
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config, runner, engine: str, threads: int, cache_entry: Optional[str] = None):
+        self.config = config
+        self.runner = runner
+        self.engine = engine
+        self.threads = threads
+        self.cache_entry = cache_entry
+        self.check_finite = True
+        self.training = False
+
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def eval(self) -> "EngineModel":
+        return self
+
+    def train(self, mode: bool = True) -> "EngineModel":
+        if mode:
+            raise ValueError(f"engine {self.engine!r} runs an exported inference graph: train with engine='torch'")
+        return self
+
+    def to(self, *args, **kwargs) -> "EngineModel":
+        """Accepts only what it is: the CPU and float32."""
+        for value in list(args) + list(kwargs.values()):
+            if isinstance(value, torch.dtype) and value != torch.float32:
+                raise ValueError(f"engine {self.engine!r} runs in float32; load with engine='torch' for {value}")
+            if isinstance(value, (str, torch.device)) and torch.device(value).type != "cpu":
+                raise ValueError(f"engine {self.engine!r} runs on the CPU; load with engine='torch' for {value}")
+        return self
+
+    def __repr__(self):
+        return f"EngineModel(engine={self.engine!r}, threads={self.threads}, outputs={list(self.runner.output_names)})"
+
+    def __call__(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_auxiliary_logits=None,
+                 output_hidden_states=None, output_attentions=None, return_dict=None):
+        cfg = self.config
+        if mask_labels is not None or class_labels is not None:
+            raise ValueError(f"engine {self.engine!r} runs inference only: the loss needs engine='torch'")
+        for name, value, default in (("output_hidden_states", output_hidden_states, cfg.output_hidden_states),
+                                     ("output_attentions", output_attentions, cfg.output_attentions),
+                                     ("output_auxiliary_logits", output_auxiliary_logits, cfg.output_auxiliary_logits)):
+            if bool(default if value is None else value):
+                raise ValueError(f"{name}=True needs engine='torch': the {self.engine} graph returns "
+                                 f"{', '.join(self.runner.output_names)}")
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        # The torch model's checks, then the export's smallest size.
+        x = check_pixel_values(pixel_values, pixel_mask, config=cfg, device=self.device, dtype=self.dtype,
+                               check_finite=self.check_finite).contiguous()
+        from ..export import min_side
+
+        if min(x.shape[2], x.shape[3]) < min_side(cfg):
+            raise InputError(f"pixel_values of {x.shape[2]}x{x.shape[3]} is smaller than the {min_side(cfg)}x"
+                             f"{min_side(cfg)} pixels the exported graph serves (every stage's map at least 2 wide); "
+                             "use engine='torch' for such images, or resize them")
+        out = MaskFormerForInstanceSegmentationOutput(**dict(zip(self.runner.output_names, self.runner.run(x))))
+        return out if return_dict else out.to_tuple()
+
+    forward = __call__
+
+
+def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[int] = None,
+                      engine_cache_dir: Optional[str] = None, dtype=None, device=None, **kwargs) -> EngineModel:
+    """``from_pretrained(path, engine=...)`` for engines other than torch (see the module docstring)."""
+    from . import cache
+
+    require(engine)
+    if getattr(cls, "checkpoint_prefix", None) != "model.":  # MaskFormerModel: no heads, no logits
+        raise ValueError(f"engine={engine!r} serves MaskFormerForInstanceSegmentation (the model with heads); "
+                         f"load {cls.__name__} with engine='torch'")
+    if dtype is None and "torch_dtype" in kwargs:
+        dtype = kwargs.pop("torch_dtype")
+    if dtype not in (None, "auto", "float32", "torch.float32", torch.float32):
+        raise ValueError(f"engine {engine!r} runs in float32, got dtype={dtype!r}; use engine='torch' for other dtypes")
+    if kwargs.get("device_map") not in (None, "cpu", "auto") or (device is not None and torch.device(device).type != "cpu"):
+        raise ValueError(f"engine {engine!r} runs on the CPU, got device={device!r} "
+                         f"device_map={kwargs.get('device_map')!r}; use engine='torch' on a GPU")
+    kwargs.pop("device_map", None)
+    for name in ("output_loading_info", "ignore_mismatched_sizes"):
+        if kwargs.get(name):
+            raise ValueError(f"{name}=True is for engine='torch' (the engine caches an export of stored weights)")
+    threads = default_threads(threads)
+    entry, config = cache.get_or_build(cls, path_or_repo_id, engine, engine_module(engine), engine_cache_dir=engine_cache_dir,
+                                       threads=threads, log=_stderr, **kwargs)
+    runner = engine_module(engine).Runner.from_entry(entry, threads)
+    return EngineModel(config, runner, engine, threads, cache_entry=entry)
+
+
+def _stderr(message: str) -> None:
+    # A first-use build takes a minute or more (Swin-T: ~80 s on a 2-core CPU): say so.
+    print(message, file=sys.stderr, flush=True)
