@@ -6,6 +6,15 @@ Script mode (verify, then time, then write files)::
 
     python -m benchmarks.bench_postprocess            # or: python benchmarks/bench_postprocess.py
     python -m benchmarks.bench_postprocess --compare benchmarks/results/postprocess-cpu.json --fail-if-regression
+    # issue #13's two figures: realistic logits, then the worst case (random logits: flat scores,
+    # where per-cell candidate pruning cannot help), one image per target size
+    python -m benchmarks.bench_postprocess --mask 160x216 --targets 640x853,512x683 --logits realistic
+    python -m benchmarks.bench_postprocess --mask 160x216 --targets 640x853,512x683 --logits random
+
+``--logits``: ``realistic`` (default; a trained model's shape of outputs: a few confident queries,
+sharp regions) or ``random`` (``torch.randn`` class and mask logits: every class scores about the
+same everywhere, so many classes stay candidates in every source cell - the worst case of the C++
+kernel). ``--targets``: one ``HxW`` per image (cycled over the batch); default 640x853 for all.
 
 writes ``benchmarks/results/postprocess-<device>.json`` and ``.md`` (device, versions, commit,
 config, one row per implementation). pytest-benchmark entries::
@@ -18,6 +27,8 @@ How things are measured
   else the script stops before timing.
 * Time: wall clock of the whole call (CUDA synchronised), median and 10th/90th percentiles over
   ``--iters`` runs after ``--warmup`` runs, all threads torch uses (``torch.get_num_threads()``).
+  The rows are interleaved (each iteration runs every implementation once), so a load that comes
+  and goes on a shared machine slows all rows alike and the ratios stay comparable.
 * Peak extra memory: tracemalloc cannot see torch's allocations (they go through the C allocator,
   MKL and OpenMP), so each implementation runs once in a fresh subprocess: inputs are built and a
   small warm-up call made (thread pools, the extension, the rounding calibration), then the
@@ -46,9 +57,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 
-CONFIG = {"batch": 2, "queries": 100, "classes": 150, "mask": (160, 213), "target": (640, 853), "seed": 0}
+# "targets": None (every image at "target") or one (H, W) per image, cycled over the batch.
+CONFIG = {"batch": 2, "queries": 100, "classes": 150, "mask": (160, 213), "target": (640, 853), "targets": None,
+          "logits": "realistic", "seed": 0}
 # --dry-run (benchmarks.gpu_report --dry-run): the same steps on inputs a second's work in total.
-DRY_RUN_CONFIG = {"batch": 2, "queries": 10, "classes": 6, "mask": (12, 17), "target": (48, 67), "seed": 0}
+DRY_RUN_CONFIG = {"batch": 2, "queries": 10, "classes": 6, "mask": (12, 17), "target": (48, 67), "targets": None,
+                  "seed": 0}
+LOGITS = ("realistic", "random")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,12 +71,29 @@ DRY_RUN_CONFIG = {"batch": 2, "queries": 10, "classes": 6, "mask": (12, 17), "ta
 # ---------------------------------------------------------------------------------------------
 
 
+def target_sizes(config=CONFIG):
+    """One (H, W) per image: ``targets`` cycled over the batch, else ``target`` for all."""
+    targets = config.get("targets") or [config["target"]]
+    return [tuple(targets[i % len(targets)]) for i in range(config["batch"])]
+
+
 def make_inputs(device="cpu", config=CONFIG):
+    """(class logits (B, Q, K+1), mask logits (B, Q, h, w), target sizes) fp32 on ``device``.
+    ``config["logits"]``: "realistic" (``make_realistic_logits``) or "random" (``torch.randn`` for
+    both: flat class scores, the C++ kernel's worst case)."""
     from maskformer.kernels.mask_einsum import make_realistic_logits
 
-    cl, ml = make_realistic_logits(config["batch"], config["queries"], config["classes"], *config["mask"],
-                                   seed=config["seed"], device=device)
-    return cl, ml, [tuple(config["target"])] * config["batch"]
+    b, q, k, (h, w) = config["batch"], config["queries"], config["classes"], config["mask"]
+    kind = config.get("logits", "realistic")
+    if kind == "realistic":
+        cl, ml = make_realistic_logits(b, q, k, h, w, seed=config["seed"], device=device)
+    elif kind == "random":
+        gen = torch.Generator().manual_seed(config["seed"])
+        cl = torch.randn(b, q, k + 1, generator=gen).to(device)
+        ml = torch.randn(b, q, h, w, generator=gen).to(device)
+    else:
+        raise ValueError(f"unknown logits kind {kind!r} ({', '.join(LOGITS)})")
+    return cl, ml, target_sizes(config)
 
 
 def implementations(device: str):
@@ -139,12 +171,34 @@ def time_call(fn, args, device, warmup=2, iters=15):
             "iters": iters}
 
 
+def time_interleaved(impls: dict, args, device, warmup=2, iters=15) -> dict:
+    """name -> time_call-style stats, the implementations run in turn within each iteration."""
+    for fn in impls.values():
+        for _ in range(warmup):
+            fn(*args)
+    _sync(device)
+    samples = {name: [] for name in impls}
+    for _ in range(iters):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn(*args)
+            _sync(device)
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    stats = {}
+    for name, xs in samples.items():
+        xs.sort()
+        q = statistics.quantiles(xs, n=10) if len(xs) >= 2 else [xs[0]] * 9
+        stats[name] = {"median_ms": statistics.median(xs), "p10_ms": q[0], "p90_ms": q[-1], "min_ms": xs[0],
+                       "iters": iters}
+    return stats
+
+
 def memory_probe(name: str, device: str) -> dict:
     """Run in a fresh process (see module docstring): peak extra memory of one call of ``name``."""
     impls, _ = implementations(device)
     fn = impls[name]
     cl, ml, sizes = make_inputs(device)
-    small = {**CONFIG, "batch": 1, "mask": (16, 21), "target": (64, 85)}
+    small = {**CONFIG, "batch": 1, "mask": (16, 21), "target": (64, 85), "targets": None}
     fn(*make_inputs(device, small))  # warm-up: thread pools, extension, calibration
     gc.collect()
     _, mib, method = measure_peak_extra(fn, cl, ml, sizes, device=device)
@@ -152,7 +206,8 @@ def memory_probe(name: str, device: str) -> dict:
 
 
 def peak_extra_memory(name: str, device: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--device", device]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-probe", name, "--device", device,
+           "--config-json", json.dumps(CONFIG)]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     if res.returncode != 0:
         return {"peak_extra_mib": None, "error": res.stderr.strip().splitlines()[-1] if res.stderr else "failed"}
@@ -189,6 +244,13 @@ def device_info(device: str) -> dict:
     except OSError:
         info["cpu"] = platform.processor() or None
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:  # the ISA extensions the kernels and aten choose between
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
+        info["cpu_flags"] = [f for f in wanted if f in flags]
+    except OSError:
+        info["cpu_flags"] = None
     try:
         info["loadavg_1min_at_start"] = os.getloadavg()[0]
     except OSError:
@@ -213,10 +275,12 @@ def write_markdown(path: Path, report: dict) -> None:
         "",
         *(["**DRY RUN: tiny inputs, one iteration; the times mean nothing.**", ""] if report.get("dry_run") else []),
         f"- device: {d['device']} - {d.get('gpu') or d.get('cpu')} ({d['cores']} cores, torch threads "
-        f"{d['torch_threads']}, capability {d['cpu_capability']}); load average at start {d.get('loadavg_1min_at_start')}",
+        f"{d['torch_threads']}, capability {d['cpu_capability']}, flags {' '.join(d.get('cpu_flags') or []) or '?'});"
+        f" 1-min load average {d.get('loadavg_1min_at_start')} at start, {report.get('loadavg_1min_at_end')} at end",
         f"- torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}, commit {d['commit']}",
         f"- config: batch {c['batch']}, {c['queries']} queries, {c['classes']} classes, mask {c['mask'][0]}x{c['mask'][1]}"
-        f" -> target {c['target'][0]}x{c['target'][1]}, realistic logits (seed {c['seed']})",
+        f" -> targets {', '.join(f'{t[0]}x{t[1]}' for t in target_sizes(c))}, {c.get('logits', 'realistic')} logits"
+        f" (seed {c['seed']})",
         f"- verification: {report['verification']}",
         f"- memory method: {report['memory_method']}",
         f"- measured copy bandwidth: {report['copy_bandwidth_gbs']:.1f} GB/s",
@@ -242,6 +306,7 @@ def write_markdown(path: Path, report: dict) -> None:
 
 def run(args) -> dict:
     device = args.device
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     impls, notes = implementations(device)
     cl, ml, sizes = make_inputs(device)
     expected = impls["transformers"](cl, ml, sizes)
@@ -258,8 +323,9 @@ def run(args) -> dict:
     print(f"All results match ({', '.join(checked)}). Starting benchmarks.")
 
     rows = []
+    times = time_interleaved(impls, (cl, ml, sizes), device, args.warmup, args.iters)
     for name, fn in impls.items():
-        t = time_call(fn, (cl, ml, sizes), device, args.warmup, args.iters)
+        t = times[name]
         # Memory of whole pipelines only: a component's probe would include its inputs' making.
         measure = not args.no_memory and not name.startswith("component/")
         mem = peak_extra_memory(name, device) if measure else {"peak_extra_mib": None}
@@ -277,13 +343,15 @@ def run(args) -> dict:
     ua_row = next((r for r in rows if r["name"] == "component/upsample_argmax (C++)"), None)
     if ua_row:
         c = CONFIG
-        moved = c["batch"] * (c["classes"] * c["mask"][0] * c["mask"][1] * 4 + c["target"][0] * c["target"][1] * 8)
+        moved = sum(c["classes"] * c["mask"][0] * c["mask"][1] * 4 + th * tw * 8 for th, tw in target_sizes(c))
         eff = moved / (ua_row["median_ms"] / 1e3) / 1e9
         roofline = (f"upsample_argmax (C++): {eff:.2f} GB/s effective (scores read once + int64 labels written, "
                     f"{moved / 2**20:.0f} MiB, over its median time) = {100 * eff / bw:.0f}% of the {bw:.1f} GB/s "
                     "measured copy bandwidth")
+    info = device_info(device)
+    info["loadavg_1min_at_start"] = load_start  # device_info runs after the timing
     report = {
-        "device": device_info(device),
+        "device": info,
         "config": CONFIG,
         "verification": verification,
         "memory_method": rows[0].get("method", "not measured"),
@@ -291,6 +359,7 @@ def run(args) -> dict:
         "rows": rows,
         "notes": notes,
         "roofline": roofline,
+        "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if args.baseline:
         old_rows = {r["name"]: r for r in args.baseline["rows"]}
@@ -311,8 +380,19 @@ def main(argv=None):
                         help="exit 1 when an implementation is > 1.25x slower than in --compare")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny inputs, one iteration, no memory probes: tests the plumbing (the times mean nothing)")
+    parser.add_argument("--logits", choices=LOGITS, default=None,
+                        help="realistic (default) or random logits (flat scores: the C++ kernel's worst case)")
+    parser.add_argument("--mask", type=_size_arg, default=None, help="mask logits size HxW (default 160x213)")
+    parser.add_argument("--targets", type=lambda s: [_size_arg(t) for t in s.split(",")], default=None,
+                        help="target sizes HxW[,HxW...], one per image, cycled over the batch (default 640x853)")
     parser.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.config_json:  # a memory probe: the parent's configuration
+        CONFIG.update({k: tuple(v) if k in ("mask", "target") else v for k, v in json.loads(args.config_json).items()})
+    for key, value in (("logits", args.logits), ("mask", args.mask), ("targets", args.targets)):
+        if value is not None:
+            CONFIG[key] = value
     if args.dry_run:
         CONFIG.update(DRY_RUN_CONFIG)
         args.warmup, args.iters, args.no_memory = 0, 1, True
@@ -326,6 +406,14 @@ def main(argv=None):
     if args.dry_run:
         report["dry_run"] = True
     return write_report(stem, report, write_markdown, args.fail_if_regression)
+
+
+def _size_arg(text: str) -> tuple:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW, got {text!r}") from None
+    return (h, w)
 
 
 def write_report(stem: Path, report: dict, write_markdown, fail_if_regression: bool) -> int:

@@ -152,6 +152,93 @@ def test_ties_and_non_finite(cpp_ops):
         assert_labels_equal(ua.upsample_argmax_cpp(y, size), ua.upsample_argmax_ref(y, size), f"non-finite {size}")
 
 
+def _flat_scores(k, h, w, seed, batch=1, queries=100):
+    """(batch, K, h, w) scores of random logits (torch.randn class and mask logits): every class
+    scores about the same everywhere, ~8 candidates per cell survive the pruning (the worst case
+    of the leader test and of the vectorised sparse labelling)."""
+    g = torch.Generator().manual_seed(seed)
+    cl = torch.randn(batch, queries, k + 1, generator=g)
+    ml = torch.randn(batch, queries, h, w, generator=g)
+    return me.mask_einsum_ref(cl, ml)
+
+
+@pytest.mark.parametrize("k", [17, 40, 150])
+def test_labels_match_ref_flat_scores(cpp_ops, k):
+    """Random logits: many candidates per cell (leader-dominance pruning, sparse_cells over cell
+    columns, dense cells inside sparse tiles), upscales by 4 and by non-integer factors, a
+    downscale, the channels-last kernel's sizes (H + W <= 128) and the identity; contiguous scores
+    and a strided crop of them."""
+    x = _flat_scores(k, 40, 54, seed=k)[0]
+    crop = x[:, :37, :50]
+    for name, scores in (("contiguous", x), ("crop view", crop)):
+        for size in ((160, 216), (128, 171), (97, 301), (20, 27), (40, 33), tuple(scores.shape[1:])):
+            out = torch.full(size, -1, dtype=torch.int64)
+            got = ua.upsample_argmax_cpp(scores, size, out=out)
+            assert_labels_equal(got, ua.upsample_argmax_ref(scores, size), f"flat K={k} {name} {size}")
+
+
+def test_flat_scores_ties_and_non_finite(cpp_ops):
+    """On flat scores: a class equal to another everywhere (the first index wins even where it is
+    the cell's leader), a class one ulp below the best class at every tap (kept: the leader test
+    has a margin, the labels are decided by the exact values), NaN and +-inf taps."""
+    x = _flat_scores(30, 24, 32, seed=7)[0]
+    x[25] = x[4]
+    top = x.max(0).values
+    x[26] = torch.nextafter(top, torch.tensor(-1.0))  # one ulp below the best class everywhere
+    x[2] = top  # an exact tie with the best class, from a lower index: class 2 wins all ties
+    for size in ((96, 128), (37, 50), (40, 33)):
+        got = ua.upsample_argmax_cpp(x, size)
+        assert_labels_equal(got, ua.upsample_argmax_ref(x, size), f"ties {size}")
+        assert not (got == 25).any()
+    y = x.clone()
+    y[7, 2, 3] = float("nan")
+    y[9, 5, 5] = float("inf")
+    y[11, 6, 0] = float("-inf")
+    y[13, 23, 31] = float("inf")
+    for size in ((96, 128), (40, 33), None):
+        assert_labels_equal(ua.upsample_argmax_cpp(y, size), ua.upsample_argmax_ref(y, size), f"non-finite {size}")
+
+
+def test_issue_13_worst_case_matches_transformers_ops(cpp_ops):
+    """The benchmark's worst case at full size: random logits, batch 2, 150 classes, 100 queries,
+    160x216 masks to 640x853 and 512x683; dispatch's cpp path labels as transformers' ops do."""
+    from maskformer import dispatch
+
+    g = torch.Generator().manual_seed(0)
+    cl = torch.randn(2, 100, 151, generator=g)
+    ml = torch.randn(2, 100, 160, 216, generator=g)
+    sizes = [(640, 853), (512, 683)]
+    with dispatch.backend("cpp"):
+        got = dispatch.semantic_segmentation(cl, ml, sizes)
+    scores = me.mask_einsum_ref(cl, ml)
+    for i, size in enumerate(sizes):
+        assert_labels_equal(got[i], ua.upsample_argmax_ref(scores[i], size), f"image {i} {size}")
+
+
+def test_threads_and_concurrent_callers(cpp_ops):
+    """The tasks are shared with helpers from torch's inter-op pool: 1 and 2 intra-op threads give
+    the same labels, and so do 4 Python threads calling at once (each call waits only for the
+    tasks its helpers claimed)."""
+    import concurrent.futures
+
+    x = _flat_scores(60, 30, 41, seed=9)[0]
+    r = realistic_scores(60, 30, 41, seed=9)[0]
+    size = (120, 163)
+    expected = [ua.upsample_argmax_ref(v, size) for v in (x, r)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for v, e in zip((x, r), expected):
+                assert_labels_equal(ua.upsample_argmax_cpp(v, size), e, f"{n} threads")
+    finally:
+        torch.set_num_threads(threads)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: ua.upsample_argmax_cpp((x, r)[i % 2], size), range(16)))
+    for i, got in enumerate(results):
+        assert_labels_equal(got, expected[i % 2], f"concurrent call {i}")
+
+
 def test_one_thread_rgb_rule(cpp_ops):
     x = realistic_scores(3, 30, 40, seed=6)[0]
     threads = torch.get_num_threads()
