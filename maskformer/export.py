@@ -53,6 +53,13 @@ EXPORT_FORMAT = 1
 # "Engines"). The bar leaves a margin of 8x over the worst measured; a real export error (a
 # wrong pad, a frozen size, a missing bias) gives errors of order 1.
 REL_ERROR_BAR = 1e-4
+# ... unless PyTorch's own fp32 result is further than that from its float64 result: a model with
+# very peaked attention (a fine-tune, or random weights scaled up) can amplify rounding by 1e5
+# (measured: Swin-T with query embeddings x5 and decoder q/k x4 differed from its fp64 self by
+# 0.44-0.61 relative, and its engine export by 0.47-0.68). No engine can be asked to be closer to
+# fp32 PyTorch than fp32 PyTorch is to the exact result, so a row's bar per output is
+# max(REL_ERROR_BAR, FP64_FACTOR x that output's fp32-vs-fp64 error), and the row says so.
+FP64_FACTOR = 4.0
 
 
 def padded_stages(config, height: int, width: int) -> List[int]:
@@ -151,20 +158,29 @@ class ExportReport:
 
     @property
     def ok(self) -> bool:
-        return bool(self.rows) and all(r["max_rel_error"] <= self.bar for r in self.rows)
+        return bool(self.rows) and all(r["ok"] for r in self.rows)
 
     def table(self) -> str:
         lines = [f"exported {self.path} ({', '.join(self.fields)}; opset {self.opset}) in {self.seconds:.1f} s"]
         if not self.rows:
             return "\n".join(lines + ["not verified"])
         lines.append(f"verified with {self.verify_engine} against PyTorch (bar: max relative error <= {self.bar:g}):")
-        lines.append(f"  {'input':>18}  {'padded stages':>13}  {'max rel error':>13}  {'worst output':>36}  maps agree")
+        lines.append(f"  {'input':>18}  {'padded stages':>13}  {'max rel error':>13}  {'bar':>8}  {'worst output':>36}  "
+                     "maps agree")
         for r in self.rows:
             b, h, w = r["size"]
             pad = ",".join(str(s) for s in r["padded_stages"]) or "none"
-            lines.append(f"  {f'{b}x3x{h}x{w}':>18}  {pad:>13}  {r['max_rel_error']:13.2e}  {r['worst_output']:>36}  "
-                         f"{r['maps_agree']:.4%}")
-        lines.append("OK" if self.ok else f"FAILED: max relative error {self.max_rel_error:.2e} > {self.bar:g}")
+            lines.append(f"  {f'{b}x3x{h}x{w}':>18}  {pad:>13}  {r['max_rel_error']:13.2e}  {r['bar']:8.1e}  "
+                         f"{r['worst_output']:>36}  {r['maps_agree']:.4%}")
+        raised = [r for r in self.rows if r["bar"] > self.bar]
+        if raised:
+            worst = max(max(r["torch_fp32_vs_fp64"].values()) for r in raised)
+            lines.append(f"note: PyTorch's own fp32 result differs from float64 by up to {worst:.1e} (relative) on this "
+                         f"model, so the bar was raised to {FP64_FACTOR:g}x that: the model amplifies rounding, and an "
+                         "export cannot be checked more closely than fp32 itself agrees with the exact result")
+        lines.append("OK" if self.ok else
+                     "FAILED: " + "; ".join(f"{r['size'][0]}x3x{r['size'][1]}x{r['size'][2]}: {r['worst_output']} "
+                                            f"{r['max_rel_error']:.2e} > {r['bar']:.1e}" for r in self.rows if not r["ok"]))
         return "\n".join(lines)
 
     def to_dict(self) -> Dict:
@@ -239,10 +255,17 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
     ``runner.output_names`` order)."""
     from . import dispatch
 
+    import copy
+
     model = _cpu_fp32(model)
+    model64 = None  # made on the first row whose error passes REL_ERROR_BAR (see FP64_FACTOR)
     fields = tuple(fields or runner.output_names)
     rows = []
     gen = torch.Generator().manual_seed(seed)
+
+    def rel(a, b):
+        return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+
     for batch, height, width in sizes:
         x = torch.randn(batch, model.config.backbone_config.num_channels, height, width, generator=gen)
         with torch.no_grad():
@@ -252,16 +275,29 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
         for name in fields:
             a, b = got[name], ref[name]
             if tuple(a.shape) != tuple(b.shape):
-                raise RuntimeError(f"{engine} output {name} has shape {tuple(a.shape)} at input {tuple(x.shape)}, "
+                raise RuntimeError(f"engine output {name} has shape {tuple(a.shape)} at input {tuple(x.shape)}, "
                                    f"PyTorch {tuple(b.shape)}: the export froze a size")
-            errors[name] = float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30))
+            errors[name] = rel(a, b)
+        bars = {name: REL_ERROR_BAR for name in fields}
+        torch_fp32_errors = None
+        if max(errors.values()) > REL_ERROR_BAR:
+            if model64 is None:
+                model64 = copy.deepcopy(model).to(torch.float64).eval()
+            with torch.no_grad():
+                ref64 = model64(x.double())
+            torch_fp32_errors = {name: rel(ref[name], ref64[name]) for name in fields}
+            bars = {name: max(REL_ERROR_BAR, FP64_FACTOR * torch_fp32_errors[name]) for name in fields}
         target = [(height, width)] * batch
         maps_ref = dispatch.semantic_segmentation(ref.class_queries_logits, ref.masks_queries_logits, target)
         maps_got = dispatch.semantic_segmentation(got["class_queries_logits"], got["masks_queries_logits"], target)
         agree = sum(int((a == b).sum()) for a, b in zip(maps_got, maps_ref)) / sum(m.numel() for m in maps_ref)
-        worst = max(errors, key=errors.get)
-        rows.append({"size": [batch, height, width], "padded_stages": padded_stages(model.config, height, width),
-                     "errors": errors, "max_rel_error": errors[worst], "worst_output": worst, "maps_agree": agree})
+        worst = max(errors, key=lambda n: errors[n] / bars[n])
+        row = {"size": [batch, height, width], "padded_stages": padded_stages(model.config, height, width),
+               "errors": errors, "max_rel_error": errors[worst], "worst_output": worst, "maps_agree": agree,
+               "bar": bars[worst], "ok": all(errors[n] <= bars[n] for n in fields)}
+        if torch_fp32_errors is not None:
+            row["torch_fp32_vs_fp64"] = torch_fp32_errors
+        rows.append(row)
     return rows
 
 

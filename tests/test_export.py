@@ -144,6 +144,48 @@ def test_verification_fails_loudly_on_a_wrong_export(exported, tmp_path):
     other = ours_from_hf(make_hf_model(window_size=7, depths=(1, 1, 1, 1), num_queries=6, seed=1))
     rows = verify_onnx(other, path, [(1, 64, 64)], engine="onnxruntime")
     assert rows[0]["max_rel_error"] > 100 * REL_ERROR_BAR
+    # a well-conditioned model: PyTorch fp32 is close to float64, so the bar is not raised
+    assert not rows[0]["ok"] and rows[0]["bar"] == REL_ERROR_BAR, rows[0]
+
+
+class _Runner:
+    """A stand-in engine: PyTorch's own outputs, each scaled by (1 + rel)."""
+
+    def __init__(self, model, rel):
+        self.model, self.rel = model, rel
+        self.output_names = ("class_queries_logits", "masks_queries_logits")
+
+    def run(self, x):
+        with torch.no_grad():
+            out = self.model(x)
+        return [out[n] * (1 + self.rel) for n in self.output_names]
+
+
+def test_verification_bar_follows_the_models_own_fp32_error(monkeypatch):
+    """The bar per output is max(REL_ERROR_BAR, FP64_FACTOR x PyTorch's fp32-vs-fp64 error): a model
+    that amplifies rounding (here simulated: the float64 reference differs by 1e-2) cannot be checked
+    more closely than fp32 agrees with float64; a well-conditioned one keeps 1e-4."""
+    from maskformer import export
+
+    model = ours_from_hf(make_hf_model(window_size=7, depths=(1, 1, 1, 1), num_queries=6))
+    rows = export.verify_rows(model, _Runner(model, 1e-3), [(1, 64, 64)])
+    assert not rows[0]["ok"] and rows[0]["bar"] == REL_ERROR_BAR  # 1e-3 > 1e-4, fp32 ~ fp64 here
+    assert max(rows[0]["torch_fp32_vs_fp64"].values()) < REL_ERROR_BAR / export.FP64_FACTOR
+
+    real_forward = type(model).forward
+
+    def ill_conditioned(self, pixel_values, *args, **kwargs):  # the float64 copy lands 1e-2 away
+        out = real_forward(self, pixel_values, *args, **kwargs)
+        if pixel_values.dtype == torch.float64:
+            out.class_queries_logits = out.class_queries_logits * 1.01
+            out.masks_queries_logits = out.masks_queries_logits * 1.01
+        return out
+
+    monkeypatch.setattr(type(model), "forward", ill_conditioned)
+    rows = export.verify_rows(model, _Runner(model, 1e-3), [(1, 64, 64)])
+    assert rows[0]["ok"] and abs(rows[0]["bar"] - export.FP64_FACTOR * 0.01 / 1.01) < 1e-4, rows[0]
+    rows = export.verify_rows(model, _Runner(model, 0.5), [(1, 64, 64)])  # a real error still fails
+    assert not rows[0]["ok"]
 
 
 def test_export_requires_the_exporter_packages(monkeypatch, tmp_path):

@@ -182,10 +182,17 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
         runner = engine_module.Runner.from_entry(tmp, threads)
         sizes = default_verify_sizes(model.config)
         rows = verify_rows(model, runner, sizes)
-        worst = max(r["max_rel_error"] for r in rows)
-        if worst > REL_ERROR_BAR:
-            raise RuntimeError(f"the {engine} export of {parts['source']} differs from PyTorch by {worst:.2e} "
-                               f"(relative; bar {REL_ERROR_BAR:g}) at sizes {sizes}; not cached")
+        bad = [r for r in rows if not r["ok"]]
+        if bad:
+            raise RuntimeError(f"the {engine} export of {parts['source']} differs from PyTorch: "
+                               + "; ".join(f"{r['worst_output']} by {r['max_rel_error']:.2e} (relative; bar "
+                                           f"{r['bar']:.1e}) at {tuple(r['size'])}" for r in bad) + "; not cached")
+        raised = [r for r in rows if r["bar"] > REL_ERROR_BAR]
+        if raised:
+            log(f"maskformer: this model amplifies rounding (PyTorch fp32 vs float64: up to "
+                f"{max(max(r['torch_fp32_vs_fp64'].values()) for r in raised):.1e} relative), so the {engine} "
+                "export was checked against a bar raised to match; expect its maps to differ from PyTorch's "
+                "wherever fp32 rounding already decides them")
         del runner
         files = {name: os.path.getsize(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))
                  if os.path.isfile(os.path.join(tmp, name))}
