@@ -131,9 +131,12 @@ def lively_weights_(model, seed: int = 0):
     """Make a randomly initialised transformers MaskFormer give maps with many labels: from the
     default initialisation every query's decoder state is nearly the same (mean cosine 0.996 on
     Swin-T) and the maps hold one or two labels. N(0, 0.1) on every weight (as the parity tests'
-    0.2), the query embeddings x5 and the decoder attention's q/k projections x4 (peaked
-    attention, distinct queries) and the class head x3: Swin-T at 256x341 then gives 7 labels,
-    the largest on 38% of the pixels. Deterministic (seeded); returns the model."""
+    0.2), the query embeddings x8 (distinct queries) and the class head x3: the benchmark's Swin-T
+    at 512x683 then gives 7 labels, the largest on 70% of the pixels, and stays well conditioned
+    (PyTorch fp32 vs float64: 2.0-2.8e-5 relative on the logits and decoder state). An earlier recipe also scaled the decoder
+    attention's q/k projections x4 (7 labels) but made the model chaotic: its fp32 logits differed
+    from float64 by 0.34-0.61 relative, so no two engines (nor fp32 PyTorch and the exact result)
+    could agree on its maps. Deterministic (seeded); returns the model."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -141,9 +144,7 @@ def lively_weights_(model, seed: int = 0):
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
             if name.endswith("queries_embedder.weight"):
-                p.mul_(5.0)
-            elif re.search(r"decoder\.layers\.\d+\.(self_attn|encoder_attn)\.(q_proj|k_proj)\.weight$", name):
-                p.mul_(4.0)
+                p.mul_(8.0)
             elif name == "class_predictor.weight":
                 p.mul_(3.0)
     return model
