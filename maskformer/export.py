@@ -117,6 +117,26 @@ def tracing_context():
         yield
 
 
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's own chatter, not ours to show a user of ``segment --engine``: a warning per
+    torchvision op it cannot register (torchvision is deliberately not installed) and pytree
+    deprecation FutureWarnings. Errors still raise; logging at ERROR still shows."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*torchvision.*")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def export_program(model, fields: Sequence[str] = OUTPUT_FIELDS, example: Optional[torch.Tensor] = None,
                    strict: bool = True) -> "torch.export.ExportedProgram":
     """``torch.export`` of ``model``'s reference path with dynamic batch, height and width.
@@ -217,11 +237,12 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     path = os.fspath(path)
     model = _cpu_fp32(model)
     start = time.perf_counter()
-    program = export_program(model, fields)
-    nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
-    with tracing_context():
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=["pixel_values"],
-                                         output_names=list(fields), optimize=True, verbose=False)
+    with _quiet_exporter():
+        program = export_program(model, fields)
+        nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+        with tracing_context():
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=["pixel_values"],
+                                             output_names=list(fields), optimize=True, verbose=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx_program.save(path, external_data=nbytes > 1.5e9)
     _name_dynamic_dims(path, program)
