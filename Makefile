@@ -43,11 +43,18 @@ aot: setup
 	$(BIN)/python -m benchmarks.aot $(AOT_FLAGS)
 
 # The GPU report (benchmarks/gpu_report.py), for a CUDA machine where torch, triton, transformers and
-# pytest are installed and maskformer with `pip install --no-deps --no-build-isolation -e .`: no
-# .venv, no network; under 9 minutes. Commit the folder it writes.
+# pytest are installed: no .venv, no network; under 9 minutes. It installs this checkout offline
+# first (no C++ build; if pip cannot, the report runs from the checkout, which maps kernels/
+# itself) and, where $OUT is set (a lent machine whose tool returns at most 8 files), packs the
+# folder into $OUT/gpu-report.tgz. Commit the folder it writes.
 GPU_REPORT_DIR ?= benchmarks/results/gpu-report
+GPU_REPORT_BUDGET ?= 510
 gpu-report:
-	$(PYTHON) -m benchmarks.gpu_report --out $(GPU_REPORT_DIR)
+	MASKFORMER_BUILD_CPP=0 $(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+		|| echo "gpu-report: offline install failed; running from the checkout"
+	$(PYTHON) -m benchmarks.gpu_report --out $(GPU_REPORT_DIR) --budget $(GPU_REPORT_BUDGET); status=$$?; \
+	if [ -n "$$OUT" ]; then tar czf "$$OUT/gpu-report.tgz" -C $(dir $(GPU_REPORT_DIR)) $(notdir $(GPU_REPORT_DIR)); fi; \
+	exit $$status
 
 # Its plumbing on the CPU, tiny shapes (tests/test_gpu_report.py runs it in `make test`).
 gpu-report-dry-run: setup
