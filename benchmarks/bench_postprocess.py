@@ -238,19 +238,13 @@ def device_info(device: str) -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        info["cpu"] = platform.processor() or None
+    from maskformer import _ext
+
+    info["cpu"] = _ext.cpu_model()
     info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    try:  # the ISA extensions the kernels and aten choose between
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
-        info["cpu_flags"] = [f for f in wanted if f in flags]
-    except OSError:
-        info["cpu_flags"] = None
+    # the ISA extensions the kernels and aten choose between
+    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
+    info["cpu_flags"] = [name for name, have in _ext.cpu_flags(wanted).items() if have]
     try:
         info["loadavg_1min_at_start"] = os.getloadavg()[0]
     except OSError:

@@ -791,16 +791,6 @@ MF_INLINE float load_float(c10::Half v) {
   return bits_float(bits | sign);
 }
 
-template <bool FMA>
-MF_INLINE v8sf madd(v8sf a, v8sf b, v8sf c) {
-  if constexpr (FMA) {
-    v8sf r;
-    for (int i = 0; i < 8; ++i) r[i] = std::fma(a[i], b[i], c[i]);
-    return r;
-  } else {
-    return a * b + c;
-  }
-}
 
 // One task: image b, pixels [p0, p0 + n). The sigmoid tile (Q x PT) is built once, then swept
 // once per block of 6 classes (GCC vector extensions, compiled for avx2+fma or baseline).
@@ -827,23 +817,23 @@ MF_INLINE void einsum_tile(const T* __restrict masks, const float* __restrict pr
         std::memcpy(&s0, sq, sizeof(v8sf));
         std::memcpy(&s1, sq + 8, sizeof(v8sf));
         v8sf pk = v8sf{} + pq[0];
-        c00 = madd<FMA>(pk, s0, c00);
-        c01 = madd<FMA>(pk, s1, c01);
+        c00 = fma8<FMA>(pk, s0, c00);
+        c01 = fma8<FMA>(pk, s1, c01);
         pk = v8sf{} + pq[1];
-        c10 = madd<FMA>(pk, s0, c10);
-        c11 = madd<FMA>(pk, s1, c11);
+        c10 = fma8<FMA>(pk, s0, c10);
+        c11 = fma8<FMA>(pk, s1, c11);
         pk = v8sf{} + pq[2];
-        c20 = madd<FMA>(pk, s0, c20);
-        c21 = madd<FMA>(pk, s1, c21);
+        c20 = fma8<FMA>(pk, s0, c20);
+        c21 = fma8<FMA>(pk, s1, c21);
         pk = v8sf{} + pq[3];
-        c30 = madd<FMA>(pk, s0, c30);
-        c31 = madd<FMA>(pk, s1, c31);
+        c30 = fma8<FMA>(pk, s0, c30);
+        c31 = fma8<FMA>(pk, s1, c31);
         pk = v8sf{} + pq[4];
-        c40 = madd<FMA>(pk, s0, c40);
-        c41 = madd<FMA>(pk, s1, c41);
+        c40 = fma8<FMA>(pk, s0, c40);
+        c41 = fma8<FMA>(pk, s1, c41);
         pk = v8sf{} + pq[5];
-        c50 = madd<FMA>(pk, s0, c50);
-        c51 = madd<FMA>(pk, s1, c51);
+        c50 = fma8<FMA>(pk, s0, c50);
+        c51 = fma8<FMA>(pk, s1, c51);
       }
       const v8sf acc[KB][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
       const int64_t jn = std::min<int64_t>(16, n - j0);

@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch
 
 __all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_error", "triton_interpret_mode",
-           "tf32_matmul_allowed"]
+           "tf32_matmul_allowed", "cpu_model", "cpu_flags"]
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
@@ -157,3 +157,31 @@ def tf32_matmul_allowed() -> bool:
         if precision == "none":
             precision = getattr(torch.backends, "fp32_precision", "ieee")
         return precision == "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU: what every CPU figure must be recorded with (model, ISA flags), from /proc/cpuinfo.
+@functools.lru_cache(maxsize=None)
+def _cpuinfo_field(prefix: str) -> Optional[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(prefix):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC ..."), or platform.processor(), or "unknown"."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+def cpu_flags(names) -> "dict":
+    """name -> whether the CPU has that ISA flag (``avx2``, ``avx512_bf16``...), for each of
+    ``names``; all False where /proc/cpuinfo is not readable."""
+    flags = set((_cpuinfo_field("flags") or "").split())
+    return {name: name in flags for name in names}

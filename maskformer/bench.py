@@ -101,16 +101,9 @@ def _device_name(device: str) -> str:
 
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(0)
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model} ({os.cpu_count()} cores)"
+    from ._ext import cpu_model
+
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def _slug(name: str) -> str:
@@ -492,17 +485,9 @@ class Worker:
 # ---------------------------------------------------------------------------------------------
 def cpu_flags() -> Dict[str, bool]:
     """The x86 features that decide CPU speed here (from /proc/cpuinfo)."""
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    names = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {name: name in flags for name in names}
+    from ._ext import cpu_flags as flags
+
+    return flags(("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"))
 
 
 def _loadavg():

@@ -143,7 +143,7 @@ def info() -> dict:
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
     native_bf16 = feats["avx512_bf16"] or feats["amx_bf16"]
     report["cpu"] = {
-        "model": _cpu_model(),
+        "model": _ext.cpu_model(),
         "features": {k: v for k, v in feats.items()},
         "torch_cpu_capability": capability,
         "bfloat16": "native (avx512_bf16/AMX): --dtype bfloat16 can be faster than float32" if native_bf16 else
@@ -218,17 +218,6 @@ def run_export(args) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report.to_dict(), f, indent=2)
     return 0 if (args.no_verify or report.ok) else 1
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 SEGMENT_EPILOG = """files written per input (NAME = the input's path relative to the folder or glob base it was

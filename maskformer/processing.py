@@ -689,14 +689,9 @@ class MaskFormerImageProcessor:
                 entry (see module docstring, deviation 5).
             return_binary_maps: `segmentation` becomes `(N, H, W)` float32 binary masks, one per
                 `segments_info` entry (overlaps preserved).
-            pixel_mask: optional, opt-in (not in transformers): the `(B, H, W)` `pixel_mask` the
-                processor returned with these inputs. Each image's maps are then made from its own
-                region of the logits only: the padding a batch added to smaller images is cropped off
-                before the resize, and the image's (fractional) extent in the logits is mapped onto
-                its target size. Without it, as in transformers, the padded logits are resized whole
-                and the maps of every image smaller than the batch's largest (or not a multiple of
-                `size_divisor`) come out shifted and squashed. With `target_sizes=None` the maps are
-                at the cropped logit size.
+            pixel_mask: optional, opt-in (not in transformers): the processor's `(B, H, W)`
+                `pixel_mask`; each image's maps come from its own (unpadded) region of the logits,
+                as in `post_process_semantic_segmentation`.
 
         Returns:
             list of B dicts with `segmentation` (`(H, W)` float32 map of instance ids, -1 for
@@ -731,14 +726,9 @@ class MaskFormerImageProcessor:
                 is > this.
             label_ids_to_fuse: class ids whose instances are merged into one segment.
             target_sizes: optional B pairs `(H_i, W_i)`; probabilities are bilinearly resized first.
-            pixel_mask: optional, opt-in (not in transformers): the `(B, H, W)` `pixel_mask` the
-                processor returned with these inputs. Each image's maps are then made from its own
-                region of the logits only: the padding a batch added to smaller images is cropped off
-                before the resize, and the image's (fractional) extent in the logits is mapped onto
-                its target size. Without it, as in transformers, the padded logits are resized whole
-                and the maps of every image smaller than the batch's largest (or not a multiple of
-                `size_divisor`) come out shifted and squashed. With `target_sizes=None` the maps are
-                at the cropped logit size.
+            pixel_mask: optional, opt-in (not in transformers): the processor's `(B, H, W)`
+                `pixel_mask`; each image's maps come from its own (unpadded) region of the logits,
+                as in `post_process_semantic_segmentation`.
 
         Returns:
             list of B dicts with `segmentation`: `(H, W)` int32 segment ids (1, 2, ...; 0 where no

@@ -608,17 +608,9 @@ def backend_plan(name: Optional[str], device: str, task: str) -> Tuple[Optional[
 
 def cpu_features() -> Dict[str, bool]:
     """The x86 features that decide CPU speed here (from /proc/cpuinfo; all False elsewhere)."""
-    flags: set = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
-        pass
-    return {"avx2": "avx2" in flags, "fma": "fma" in flags, "avx512f": "avx512f" in flags,
-            "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
+    from ._ext import cpu_flags
+
+    return cpu_flags(("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))
 
 
 def native_cpu_bf16() -> bool:
