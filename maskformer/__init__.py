@@ -30,7 +30,7 @@ def _map_checkout_kernels() -> None:
 
 _map_checkout_kernels()
 
-from .config import ConfigError, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig
+from .config import ConfigError, Mask2FormerConfig, MaskFormerConfig, MaskFormerDecoderConfig, MaskFormerSwinConfig, SwinBackboneConfig
 from .hub import CheckpointError
 from .modeling import (
     CUDAGraphRunner,
@@ -41,6 +41,8 @@ from .modeling import (
     MaskFormerModelOutput,
     MaskFormerPreTrainedModel,
 )
+from .modeling_mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerModel, Mask2FormerPreTrainedModel
+from .outputs import Mask2FormerForUniversalSegmentationOutput, Mask2FormerModelOutput
 
 __version__ = "0.1.0"
 
@@ -49,6 +51,12 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "InputError",
+    "Mask2FormerConfig",
+    "Mask2FormerForUniversalSegmentation",
+    "Mask2FormerForUniversalSegmentationOutput",
+    "Mask2FormerModel",
+    "Mask2FormerModelOutput",
+    "Mask2FormerPreTrainedModel",
     "MaskFormerConfig",
     "MaskFormerDecoderConfig",
     "MaskFormerForInstanceSegmentation",
@@ -58,6 +66,7 @@ __all__ = [
     "MaskFormerModelOutput",
     "MaskFormerPreTrainedModel",
     "MaskFormerSwinConfig",
+    "SwinBackboneConfig",
     "export_onnx",
 ]
 

@@ -43,6 +43,7 @@ TORCH_INDEX = "pytorch_model.bin.index.json"
 # weights), and is filled in when absent.
 _OPTIONAL_KEYS = (
     re.compile(r"(^|\.)pixel_level_module\.encoder\.model\.layernorm\.(weight|bias)$"),
+    re.compile(r"(^|\.)pixel_level_module\.encoder\.swin\.layernorm\.(weight|bias)$"),  # Mask2Former's layout
     re.compile(r"\.relative_position_index$"),
     re.compile(r"^criterion\.empty_weight$"),
 )
@@ -181,6 +182,17 @@ def _format_keys(keys: Iterable[str], limit: int = 20) -> str:
 _IN_MEMORY_RENAMES = (
     (re.compile(r"(transformer_module\.decoder\.layers\.\d+\.(?:self_attn|encoder_attn))\.o_proj\."), r"\1.out_proj."),
     (re.compile(r"(transformer_module\.decoder\.layers\.\d+)\.mlp\.(fc[12])\."), r"\1.\2."),
+    # transformers 5's generic Swin (Mask2Former's backbone) in memory: swin.embeddings / swin.encoder,
+    # q/k/v/o_proj, relative_position_bias.*, mlp.fc1/fc2; its files keep the names on the right.
+    (re.compile(r"(pixel_level_module\.encoder)\.swin\.(embeddings|encoder)\."), r"\1.\2."),
+    (re.compile(r"(blocks\.\d+\.attention)\.q_proj\."), r"\1.self.query."),
+    (re.compile(r"(blocks\.\d+\.attention)\.k_proj\."), r"\1.self.key."),
+    (re.compile(r"(blocks\.\d+\.attention)\.v_proj\."), r"\1.self.value."),
+    (re.compile(r"(blocks\.\d+\.attention)\.o_proj\."), r"\1.output.dense."),
+    (re.compile(r"(blocks\.\d+\.attention)\.relative_position_bias\.relative_position_bias_table$"),
+     r"\1.self.relative_position_bias_table"),
+    (re.compile(r"(blocks\.\d+)\.mlp\.fc1\."), r"\1.intermediate.dense."),
+    (re.compile(r"(blocks\.\d+)\.mlp\.fc2\."), r"\1.output.dense."),
 )
 
 
@@ -236,19 +248,17 @@ def _count(state, pattern: str) -> Dict[int, Set[int]]:
     return found
 
 
-def check_config_against_checkpoint(config: MaskFormerConfig, shapes: Dict[str, torch.Tensor], base_model: bool,
-                                    ignore_mismatched_sizes: bool = False) -> None:
-    """Compare the sizes the config implies with the checkpoint's tensors (meta tensors are enough)
-    and raise CheckpointError naming each config field that disagrees. Runs before the model is
-    built, so ``decoder_layers=100`` against a 6-layer checkpoint costs nothing."""
-    bb, dec = config.backbone_config, config.decoder_config
-    prefix = "" if base_model else "model."
-    enc = f"{prefix}pixel_level_module.encoder.model."
-    problems = []
+def _shape_of(shapes, key):
+    t = shapes.get(key)
+    return tuple(t.shape) if t is not None else None
+
+
+def _swin_problems(bb, shapes: Dict[str, torch.Tensor], enc: str) -> List[str]:
+    """What the Swin backbone config ``bb`` gets wrong about the checkpoint's tensors under ``enc``."""
+    problems: List[str] = []
 
     def shape(key):
-        t = shapes.get(key)
-        return tuple(t.shape) if t is not None else None
+        return _shape_of(shapes, key)
 
     def disagree(field, value, found, key):
         problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
@@ -288,6 +298,47 @@ def check_config_against_checkpoint(config: MaskFormerConfig, shapes: Dict[str, 
             dim = bb.embed_dim * 2**i
             if shape(key) is not None and len(shape(key)) == 2 and shape(key)[0] != int(bb.mlp_ratio * dim):
                 disagree("backbone_config.mlp_ratio", bb.mlp_ratio, f"{shape(key)[0]} hidden units on {dim} channels", key)
+    return problems
+
+
+def _class_head_problem(config, shapes, base_model: bool, ignore_mismatched_sizes: bool) -> List[str]:
+    key = "class_predictor.weight"
+    found = _shape_of(shapes, key)
+    if not base_model and not ignore_mismatched_sizes and found is not None and found[0] != config.num_labels + 1:
+        return [
+            f"num_labels={config.num_labels} but the checkpoint's class head has {found[0] - 1} classes (+ the null "
+            f"class: {key} {found}); to fine-tune with another number of classes pass ignore_mismatched_sizes=True "
+            "to re-initialise the head"
+        ]
+    return []
+
+
+def _raise_config_problems(problems: List[str]) -> None:
+    if problems:
+        raise CheckpointError(
+            "config.json does not describe these weights: " + "; ".join(problems)
+            + ". Use the config.json that came with the weights (or pass the right config=)"
+        )
+
+
+def check_config_against_checkpoint(config: MaskFormerConfig, shapes: Dict[str, torch.Tensor], base_model: bool,
+                                    ignore_mismatched_sizes: bool = False) -> None:
+    """Compare the sizes the config implies with the checkpoint's tensors (meta tensors are enough)
+    and raise CheckpointError naming each config field that disagrees. Runs before the model is
+    built, so ``decoder_layers=100`` against a 6-layer checkpoint costs nothing."""
+    bb, dec = config.backbone_config, config.decoder_config
+    prefix = "" if base_model else "model."
+    enc = f"{prefix}pixel_level_module.encoder.model."
+    problems = []
+
+    def shape(key):
+        t = shapes.get(key)
+        return tuple(t.shape) if t is not None else None
+
+    def disagree(field, value, found, key):
+        problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
+
+    problems.extend(_swin_problems(bb, shapes, enc))
     key = f"{prefix}pixel_level_module.decoder.fpn.stem.0.weight"
     if shape(key) is not None and shape(key)[0] != config.fpn_feature_size:
         disagree("fpn_feature_size", config.fpn_feature_size, shape(key)[0], key)
@@ -308,18 +359,58 @@ def check_config_against_checkpoint(config: MaskFormerConfig, shapes: Dict[str, 
     key = tm + "decoder.layers.0.fc1.weight"
     if shape(key) is not None and shape(key)[0] != dec.decoder_ffn_dim:
         disagree("decoder_config.decoder_ffn_dim", dec.decoder_ffn_dim, shape(key)[0], key)
-    key = "class_predictor.weight"
-    if not base_model and not ignore_mismatched_sizes and shape(key) is not None and shape(key)[0] != config.num_labels + 1:
-        problems.append(
-            f"num_labels={config.num_labels} but the checkpoint's class head has {shape(key)[0] - 1} classes (+ the null "
-            f"class: {key} {shape(key)}); to fine-tune with another number of classes pass ignore_mismatched_sizes=True "
-            "to re-initialise the head"
-        )
-    if problems:
-        raise CheckpointError(
-            "config.json does not describe these weights: " + "; ".join(problems)
-            + ". Use the config.json that came with the weights (or pass the right config=)"
-        )
+    problems.extend(_class_head_problem(config, shapes, base_model, ignore_mismatched_sizes))
+    _raise_config_problems(problems)
+
+
+def check_mask2former_config_against_checkpoint(config, shapes: Dict[str, torch.Tensor], base_model: bool,
+                                                ignore_mismatched_sizes: bool = False) -> None:
+    """``check_config_against_checkpoint`` for a ``Mask2FormerConfig``: the backbone (transformers'
+    generic Swin layout), the pixel decoder's width and layers, the decoder's width, layers and
+    queries, and the class head, each named by its config field."""
+    prefix = "" if base_model else "model."
+    problems = _swin_problems(config.backbone_config, shapes, f"{prefix}pixel_level_module.encoder.")
+
+    def shape(key):
+        return _shape_of(shapes, key)
+
+    def disagree(field, value, found, key):
+        problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
+
+    pd = f"{prefix}pixel_level_module.decoder."
+    key = pd + "level_embed"
+    if shape(key) is not None and len(shape(key)) == 2 and shape(key)[1] != config.feature_size:
+        disagree("feature_size", config.feature_size, shape(key)[1], key)
+    key = pd + "mask_projection.weight"
+    if shape(key) is not None and shape(key)[0] != config.mask_feature_size:
+        disagree("mask_feature_size", config.mask_feature_size, shape(key)[0], key)
+    layers = _count(shapes, re.escape(pd) + r"encoder\.layers\.(\d+)\.")
+    if layers and max(layers) + 1 != config.encoder_layers:
+        problems.append(f"encoder_layers={config.encoder_layers} but the checkpoint has {max(layers) + 1} deformable "
+                        f"encoder layers ({pd}encoder.layers.0-{max(layers)})")
+    key = pd + "encoder.layers.0.fc1.weight"
+    if shape(key) is not None and shape(key)[0] != config.encoder_feedforward_dim:
+        disagree("encoder_feedforward_dim", config.encoder_feedforward_dim, shape(key)[0], key)
+    key = pd + "encoder.layers.0.self_attn.attention_weights.weight"
+    if shape(key) is not None and shape(key)[0] != config.num_attention_heads * 12:
+        disagree("num_attention_heads", config.num_attention_heads, f"{shape(key)[0] // 12} heads (x 3 levels x 4 points)", key)
+    tm = f"{prefix}transformer_module."
+    key = tm + "queries_features.weight"
+    if shape(key) is not None and len(shape(key)) == 2:
+        if shape(key)[0] != config.num_queries:
+            disagree("num_queries", config.num_queries, f"{shape(key)[0]} queries", key)
+        if shape(key)[1] != config.hidden_dim:
+            disagree("hidden_dim", config.hidden_dim, shape(key)[1], key)
+    layers = _count(shapes, re.escape(tm) + r"decoder\.layers\.(\d+)\.")
+    found = max(layers) + 2 if layers else (1 if shape(tm + "decoder.layernorm.weight") is not None else None)
+    if found is not None and found != config.decoder_layers:
+        problems.append(f"decoder_layers={config.decoder_layers} but the checkpoint has {found - 1} decoder layers "
+                        f"(decoder_layers counts them + 1, the prediction before the first)")
+    key = tm + "decoder.layers.0.fc1.weight"
+    if shape(key) is not None and shape(key)[0] != config.dim_feedforward:
+        disagree("dim_feedforward", config.dim_feedforward, shape(key)[0], key)
+    problems.extend(_class_head_problem(config, shapes, base_model, ignore_mismatched_sizes))
+    _raise_config_problems(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +444,11 @@ def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_si
     checkpoint) and ``strict`` is off; missing backbone or decoder tensors are always an error."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in shapes]
-    unexpected = [k for k in shapes if k not in expected]
+    # A stored relative_position_index where the model keeps it unsaved (Mask2Former's backbone, as
+    # transformers 5): checked against the window size in assign_state, then dropped.
+    unsaved = {k for k, _ in model.named_buffers() if k.endswith(".relative_position_index") and k not in expected}
+    dropped = list(dropped or []) + [k for k in shapes if k in unsaved]
+    unexpected = [k for k in shapes if k not in expected and k not in unsaved]
     mismatched = [(k, shapes[k].shape, expected[k].shape) for k in expected
                   if k in shapes and tuple(shapes[k].shape) != tuple(expected[k].shape)]
     derived = [k for k in missing if any(p.search(k) for p in _OPTIONAL_KEYS)]
@@ -381,7 +476,7 @@ def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_si
             + f". The config implies {implied:,} values, the checkpoint holds {held:,}. Check that config.json and "
             "the weights belong to the same MaskFormer checkpoint"
         )
-    return LoadPlan(missing, unexpected, mismatched, derived, initialised, list(dropped or []))
+    return LoadPlan(missing, unexpected, mismatched, derived, initialised, dropped)
 
 
 def _initial_value(model, key: str, shape, dtype) -> torch.Tensor:
@@ -519,7 +614,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
     hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     for name in IGNORED_KWARGS:
         kwargs.pop(name, None)
-    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in MaskFormerConfig.override_names()}
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.config_class.override_names()}
     if kwargs:
         raise TypeError(
             f"from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}. It accepts dtype (torch_dtype), "
@@ -535,15 +630,19 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
         raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
     device = target if target is not None else device
 
+    config_class = cls.config_class
     if config is None:
-        config = MaskFormerConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
-    elif not isinstance(config, MaskFormerConfig):
-        config = MaskFormerConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
+        config = config_class.from_pretrained(path_or_repo_id, **hub_kwargs)
+    elif not isinstance(config, config_class):
+        config = config_class.from_dict(config if isinstance(config, dict) else config.to_dict())
     config = config.with_overrides(**overrides)
     files = find_checkpoint_files(path_or_repo_id, use_safetensors=use_safetensors, **hub_kwargs)
     base_model = _is_base_model_class(cls)
     shapes, dropped = _to_model_keys(read_checkpoint(files, shapes_only=True), base_model)
-    check_config_against_checkpoint(config, shapes, base_model, ignore_mismatched_sizes)
+    if isinstance(config, MaskFormerConfig):
+        check_config_against_checkpoint(config, shapes, base_model, ignore_mismatched_sizes)
+    else:
+        check_mask2former_config_against_checkpoint(config, shapes, base_model, ignore_mismatched_sizes)
     with torch.device("meta"):
         model = cls(config)
     plan = plan_loading(model, shapes, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, dropped=dropped)

@@ -9,6 +9,7 @@ unchanged, and transformers can read what we save.
 from __future__ import annotations
 
 import copy
+import math
 import json
 import os
 from typing import Any, Dict, Optional
@@ -339,7 +340,133 @@ def _default_backbone_dict():
     )
 
 
-class MaskFormerConfig(_ConfigBase):
+_CLASS_HINTS = {
+    "maskformer": "maskformer.MaskFormerForInstanceSegmentation / MaskFormerConfig",
+    "mask2former": "maskformer.Mask2FormerForUniversalSegmentation / Mask2FormerConfig",
+}
+
+
+class _SegmentationConfig(_ConfigBase):
+    """What MaskFormerConfig and Mask2FormerConfig share: the classes (id2label, label2id,
+    num_labels), config.json reading and writing, hub loading and keyword overrides."""
+
+    _sub_configs: tuple = ()
+
+    def _set_labels(self, id2label, label2id, num_labels):
+        # Checked before anything is built: num_labels=1e9 would otherwise build a 6 GB dict.
+        if num_labels is not None:
+            num_labels = check_int(num_labels, "num_labels", 1, MAX_LABELS)
+        if id2label is not None:
+            if not isinstance(id2label, dict):
+                raise ConfigError(f"id2label must be a mapping from class index to name, got {_kind(id2label)}")
+            if not 1 <= len(id2label) <= MAX_LABELS:
+                raise ConfigError(f"id2label must have 1 to {MAX_LABELS} entries, got {len(id2label)}")
+            parsed = {}
+            for key, name in id2label.items():
+                index = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+                if not _is_int(index):
+                    raise ConfigError(f"id2label keys must be integers (or their strings, as in config.json), got {key!r}")
+                parsed[int(index)] = str(name)
+            if sorted(parsed) != list(range(len(parsed))):
+                shown = sorted(parsed)[:10]
+                raise ConfigError(
+                    f"id2label keys must be the class indices 0..{len(parsed) - 1} (one per classifier output), got "
+                    f"{shown}{' ...' if len(parsed) > 10 else ''}"
+                )
+            if num_labels is not None and num_labels != len(parsed):
+                raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(parsed)} entries")
+            id2label = parsed
+        else:
+            n = 2 if num_labels is None else num_labels  # transformers' default
+            id2label = {i: f"LABEL_{i}" for i in range(n)}
+        if label2id:
+            if not isinstance(label2id, dict):
+                raise ConfigError(f"label2id must be a mapping from class name to index, got {_kind(label2id)}")
+            checked = {}
+            for name, index in label2id.items():
+                index = int(index) if isinstance(index, str) and index.strip().lstrip("-").isdigit() else index
+                checked[str(name)] = check_int(index, f"label2id[{name!r}]", 0, len(id2label) - 1)
+            label2id = checked
+        else:
+            label2id = {v: k for k, v in id2label.items()}
+        self.id2label = dict(sorted(id2label.items()))
+        self.label2id = label2id
+
+    @property
+    def num_labels(self) -> int:
+        """Number of classes, excluding the null class (the class head has num_labels + 1 outputs)."""
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int):
+        self._set_labels(None, None, n)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.mask_feature_size
+
+    def save_pretrained(self, save_directory: str):
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, "config.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "_SegmentationConfig":
+        try:
+            with open(path, "r", encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
+        model_type = data.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            hint = f"; load it with {_CLASS_HINTS[model_type]}" if model_type in _CLASS_HINTS else ""
+            raise ConfigError(f"{path} describes a {model_type!r} model, not {cls.model_type!r}{hint}")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "_SegmentationConfig":
+        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.hub.resolve_file``).
+
+        Keyword arguments: the hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``,
+        ``subfolder``, ``force_download``) and config fields to override, as transformers
+        (``num_labels=7`` or ``id2label=`` replace the file's class names)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.override_names()}
+        if kwargs:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}; it accepts "
+                f"{', '.join(HUB_KWARGS)} and config fields ({', '.join(sorted(cls.override_names()))})"
+            )
+        path = resolve_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
+        return cls.from_json_file(path).with_overrides(**overrides)
+
+    @classmethod
+    def override_names(cls):
+        """Fields a keyword argument of ``from_pretrained`` may set."""
+        return set(cls._fields) | {"num_labels", "id2label", "label2id"} | set(cls._sub_configs)
+
+    def with_overrides(self, **overrides) -> "_SegmentationConfig":
+        """A copy with ``overrides`` applied (and checked; ``self`` when there are none). New classes (``num_labels`` / ``id2label``)
+        drop the old names: ``num_labels=7`` gives LABEL_0..LABEL_6, as transformers."""
+        unknown = sorted(set(overrides) - self.override_names())
+        if unknown:
+            raise TypeError(f"not {type(self).__name__} fields: {unknown}")
+        if not overrides:
+            return self
+        data = self.to_dict()
+        if overrides.keys() & {"num_labels", "id2label", "label2id"}:
+            for key in ("num_labels", "id2label", "label2id"):
+                data.pop(key, None)
+        data.update(overrides)
+        return type(self).from_dict(data)
+
+
+class MaskFormerConfig(_SegmentationConfig):
     """The whole MaskFormer model, as transformers' ``MaskFormerConfig``.
 
     Args:
@@ -352,6 +479,7 @@ class MaskFormerConfig(_ConfigBase):
     """
 
     model_type = "maskformer"
+    _sub_configs = ("backbone_config", "decoder_config")
     _fields = dict(
         fpn_feature_size=256,
         mask_feature_size=256,
@@ -417,55 +545,6 @@ class MaskFormerConfig(_ConfigBase):
             decoder_config.setdefault("num_queries", top_level_queries)
         return MaskFormerDecoderConfig.from_dict(decoder_config)
 
-    def _set_labels(self, id2label, label2id, num_labels):
-        # Checked before anything is built: num_labels=1e9 would otherwise build a 6 GB dict.
-        if num_labels is not None:
-            num_labels = check_int(num_labels, "num_labels", 1, MAX_LABELS)
-        if id2label is not None:
-            if not isinstance(id2label, dict):
-                raise ConfigError(f"id2label must be a mapping from class index to name, got {_kind(id2label)}")
-            if not 1 <= len(id2label) <= MAX_LABELS:
-                raise ConfigError(f"id2label must have 1 to {MAX_LABELS} entries, got {len(id2label)}")
-            parsed = {}
-            for key, name in id2label.items():
-                index = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
-                if not _is_int(index):
-                    raise ConfigError(f"id2label keys must be integers (or their strings, as in config.json), got {key!r}")
-                parsed[int(index)] = str(name)
-            if sorted(parsed) != list(range(len(parsed))):
-                shown = sorted(parsed)[:10]
-                raise ConfigError(
-                    f"id2label keys must be the class indices 0..{len(parsed) - 1} (one per classifier output), got "
-                    f"{shown}{' ...' if len(parsed) > 10 else ''}"
-                )
-            if num_labels is not None and num_labels != len(parsed):
-                raise ConfigError(f"num_labels={num_labels} disagrees with id2label, which has {len(parsed)} entries")
-            id2label = parsed
-        else:
-            n = 2 if num_labels is None else num_labels  # transformers' default
-            id2label = {i: f"LABEL_{i}" for i in range(n)}
-        if label2id:
-            if not isinstance(label2id, dict):
-                raise ConfigError(f"label2id must be a mapping from class name to index, got {_kind(label2id)}")
-            checked = {}
-            for name, index in label2id.items():
-                index = int(index) if isinstance(index, str) and index.strip().lstrip("-").isdigit() else index
-                checked[str(name)] = check_int(index, f"label2id[{name!r}]", 0, len(id2label) - 1)
-            label2id = checked
-        else:
-            label2id = {v: k for k, v in id2label.items()}
-        self.id2label = dict(sorted(id2label.items()))
-        self.label2id = label2id
-
-    @property
-    def num_labels(self) -> int:
-        """Number of classes, excluding the null class (the class head has num_labels + 1 outputs)."""
-        return len(self.id2label)
-
-    @num_labels.setter
-    def num_labels(self, n: int):
-        self._set_labels(None, None, n)
-
     @property
     def hidden_size(self) -> int:
         return self.mask_feature_size
@@ -526,68 +605,202 @@ class MaskFormerConfig(_ConfigBase):
         out.setdefault("architectures", ["MaskFormerForInstanceSegmentation"])
         return dict(sorted(out.items()))
 
-    # ----------------------------------------------------------------------------------------
-    # files
-    def save_pretrained(self, save_directory: str):
-        os.makedirs(save_directory, exist_ok=True)
-        path = os.path.join(save_directory, "config.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        return path
-
     @classmethod
     def from_backbone_and_decoder_configs(cls, backbone_config, decoder_config, **kwargs) -> "MaskFormerConfig":
         """transformers' constructor of the same name: the two sub-configs (ours, transformers' or dicts)."""
         return cls(backbone_config=backbone_config, decoder_config=decoder_config, **kwargs)
 
-    @classmethod
-    def from_json_file(cls, path: str) -> "MaskFormerConfig":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
-        model_type = data.get("model_type", "maskformer")
-        if model_type != "maskformer":
-            raise ConfigError(f"{path} describes a {model_type!r} model, not 'maskformer'")
-        return cls.from_dict(data)
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> "MaskFormerConfig":
-        """Read ``config.json`` from a local folder or a hub repo id (see ``maskformer.hub.resolve_file``).
 
-        Keyword arguments: the hub's (``revision``, ``cache_dir``, ``local_files_only``, ``token``,
-        ``subfolder``, ``force_download``) and config fields to override, as transformers
-        (``num_labels=7`` or ``id2label=`` replace the file's class names)."""
-        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.override_names()}
-        if kwargs:
-            raise TypeError(
-                f"MaskFormerConfig.from_pretrained() got unexpected keyword argument(s) {sorted(kwargs)}; it accepts "
-                f"{', '.join(HUB_KWARGS)} and config fields ({', '.join(sorted(cls.override_names()))})"
+class SwinBackboneConfig(MaskFormerSwinConfig):
+    """The Swin backbone of Mask2Former checkpoints: transformers' generic ``SwinConfig``
+    (``model_type`` "swin") used as a backbone of all four stages. Same fields and numerics as
+    ``MaskFormerSwinConfig``; defaults are ``SwinConfig``'s (Swin-T widths, window 7)."""
+
+    model_type = "swin"
+
+    def __init__(self, **kwargs):
+        n = len(kwargs.get("depths", self._fields["depths"]))
+        wanted = [f"stage{i}" for i in range(1, n + 1)]
+        out_features = kwargs.get("out_features")
+        out_indices = kwargs.get("out_indices")
+        if (out_features is not None and list(out_features) != wanted) or (
+                out_features is None and out_indices is not None and list(out_indices) != list(range(1, n + 1))):
+            raise ConfigError(
+                f"backbone_config.out_features={out_features} / out_indices={out_indices}: Mask2Former's pixel decoder "
+                f"reads every Swin stage; maskformer builds the backbone with out_features={wanted}"
             )
-        path = resolve_file(pretrained_model_name_or_path, "config.json", **hub_kwargs)
-        return cls.from_json_file(path).with_overrides(**overrides)
+        super().__init__(**kwargs)
 
-    @classmethod
-    def override_names(cls):
-        """Fields a keyword argument of ``from_pretrained`` may set."""
-        return set(cls._fields) | {"num_labels", "id2label", "label2id", "backbone_config", "decoder_config"}
 
-    def with_overrides(self, **overrides) -> "MaskFormerConfig":
-        """A copy with ``overrides`` applied (and checked; ``self`` when there are none). New classes (``num_labels`` / ``id2label``)
-        drop the old names: ``num_labels=7`` gives LABEL_0..LABEL_6, as transformers."""
-        unknown = sorted(set(overrides) - self.override_names())
-        if unknown:
-            raise TypeError(f"not MaskFormerConfig fields: {unknown}")
-        if not overrides:
-            return self
-        data = self.to_dict()
-        if overrides.keys() & {"num_labels", "id2label", "label2id"}:
-            for key in ("num_labels", "id2label", "label2id"):
-                data.pop(key, None)
-        data.update(overrides)
-        return type(self).from_dict(data)
+def _default_mask2former_backbone_dict():
+    # transformers' Mask2FormerConfig default backbone: SwinConfig with 18 blocks in stage 3.
+    return dict(depths=[2, 2, 18, 2], drop_path_rate=0.3)
+
+
+class Mask2FormerConfig(_SegmentationConfig):
+    """The whole Mask2Former model, as transformers' ``Mask2FormerConfig`` (same fields and defaults).
+
+    A Swin backbone (``backbone_config``: ``SwinBackboneConfig`` or its dict, ``model_type`` "swin"),
+    the multi-scale deformable-attention pixel decoder (``feature_size`` channels, ``encoder_layers``
+    layers with ``encoder_feedforward_dim`` hidden units, ``num_attention_heads`` heads, 3 levels x 4
+    points), the masked-attention transformer decoder (``hidden_dim``, ``decoder_layers`` - 1 layers,
+    ``dim_feedforward``, ``num_queries``) and the heads. ``feature_size`` feeds GroupNorm(32, .).
+    """
+
+    model_type = "mask2former"
+    _sub_configs = ("backbone_config",)
+    _fields = dict(
+        feature_size=256,
+        mask_feature_size=256,
+        hidden_dim=256,
+        encoder_feedforward_dim=1024,
+        activation_function="relu",
+        encoder_layers=6,
+        decoder_layers=10,
+        num_attention_heads=8,
+        dropout=0.0,
+        dim_feedforward=2048,
+        pre_norm=False,
+        enforce_input_projection=False,
+        common_stride=4,
+        ignore_value=255,
+        num_queries=100,
+        no_object_weight=0.1,
+        class_weight=2.0,
+        mask_weight=5.0,
+        dice_weight=5.0,
+        train_num_points=12544,
+        oversample_ratio=3.0,
+        importance_sample_ratio=0.75,
+        init_std=0.02,
+        init_xavier_std=1.0,
+        use_auxiliary_loss=True,
+        feature_strides=[4, 8, 16, 32],
+        output_auxiliary_logits=None,
+        output_hidden_states=False,
+        output_attentions=False,
+        return_dict=True,
+    )
+    # transformers' attribute_map
+    _aliases = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
+
+    def __init__(self, backbone_config=None, id2label=None, label2id=None, num_labels=None, **kwargs):
+        for alias, name in self._aliases.items():
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                kwargs.setdefault(name, value)
+        super().__init__(**kwargs)
+        self.backbone_config = self._build_backbone(backbone_config)
+        self._set_labels(id2label, label2id, num_labels)
+        self.validate()
+
+    @staticmethod
+    def _build_backbone(backbone_config):
+        if backbone_config is None:
+            return SwinBackboneConfig(**_default_mask2former_backbone_dict())
+        if isinstance(backbone_config, SwinBackboneConfig):
+            return copy.deepcopy(backbone_config)
+        if hasattr(backbone_config, "to_dict") and not isinstance(backbone_config, dict):
+            backbone_config = backbone_config.to_dict()  # a transformers SwinConfig, or our MaskFormerSwinConfig
+        if not isinstance(backbone_config, dict):
+            raise ConfigError(f"backbone_config must be a dict or SwinBackboneConfig, got {type(backbone_config).__name__}")
+        model_type = backbone_config.get("model_type", "swin")
+        if model_type not in _SWIN_MODEL_TYPES:
+            raise ConfigError(
+                f"backbone model_type {model_type!r} is not supported: maskformer implements the Swin backbone of the "
+                "facebook/mask2former-swin-* checkpoints; for a ResNet Mask2Former use transformers"
+            )
+        data = dict(backbone_config)
+        data.pop("model_type", None)
+        return SwinBackboneConfig.from_dict(data)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden_dim
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.decoder_layers
+
+    @property
+    def num_fpn_levels(self) -> int:
+        """FPN levels the pixel decoder adds above the 3 deformable-attention levels (1 for strides 4..32, common stride 4)."""
+        return int(round(math.log2(min(self.feature_strides[-3:])) - math.log2(self.common_stride)))
+
+    def validate(self):
+        """Check every field's type and range and the model size; ConfigError names the field."""
+        for name in ("feature_size", "mask_feature_size", "hidden_dim"):
+            setattr(self, name, check_int(getattr(self, name), name, 1, 16_384))
+        if self.feature_size % 32:
+            raise ConfigError(f"feature_size={self.feature_size} must be a positive multiple of 32 (it feeds GroupNorm "
+                              "with 32 groups)")
+        self.num_attention_heads = check_int(self.num_attention_heads, "num_attention_heads", 1, 1024)
+        for name in ("feature_size", "hidden_dim"):
+            if getattr(self, name) % self.num_attention_heads:
+                raise ConfigError(f"{name}={getattr(self, name)} must be divisible by num_attention_heads="
+                                  f"{self.num_attention_heads} (both attentions split channels across heads)")
+        self.encoder_feedforward_dim = check_int(self.encoder_feedforward_dim, "encoder_feedforward_dim", 1, 1 << 16)
+        self.dim_feedforward = check_int(self.dim_feedforward, "dim_feedforward", 1, 1 << 16)
+        self.encoder_layers = check_int(self.encoder_layers, "encoder_layers", 0, 64)
+        self.decoder_layers = check_int(self.decoder_layers, "decoder_layers", 1, 64)
+        self.num_queries = check_int(self.num_queries, "num_queries", 1, 10_000)
+        self.common_stride = check_int(self.common_stride, "common_stride", 1, 1024)
+        self.ignore_value = check_int(self.ignore_value, "ignore_value", -(1 << 31), (1 << 31) - 1)
+        self.train_num_points = check_int(self.train_num_points, "train_num_points", 1, 1 << 24)
+        self.activation_function = check_choice(self.activation_function, "activation_function", SUPPORTED_ACTIVATIONS)
+        self.dropout = check_float(self.dropout, "dropout", 0.0, 1.0)
+        for name in ("no_object_weight", "class_weight", "mask_weight", "dice_weight", "oversample_ratio", "init_std",
+                     "init_xavier_std"):
+            setattr(self, name, check_float(getattr(self, name), name, 0.0))
+        self.importance_sample_ratio = check_float(self.importance_sample_ratio, "importance_sample_ratio", 0.0, 1.0)
+        for name in ("pre_norm", "enforce_input_projection", "use_auxiliary_loss", "output_hidden_states",
+                     "output_attentions", "return_dict"):
+            setattr(self, name, check_bool(getattr(self, name), name))
+        self.output_auxiliary_logits = check_bool(self.output_auxiliary_logits, "output_auxiliary_logits", optional=True)
+        if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
+            raise ConfigError(
+                f"backbone={self.extra.get('backbone')!r} / use_timm_backbone={self.extra.get('use_timm_backbone')!r}: "
+                "named (timm or hub) backbones are not supported; maskformer builds the Swin backbone described by "
+                "backbone_config. Remove `backbone` and `use_timm_backbone`, or use transformers"
+            )
+        self.backbone_config.validate()
+        stages = len(self.backbone_config.depths)
+        self.feature_strides = check_int_list(self.feature_strides, "feature_strides", 1, 1 << 16, max_len=8)
+        want = [4 * 2**i for i in range(stages)]
+        if self.feature_strides != want:
+            raise ConfigError(f"feature_strides={self.feature_strides} must be the Swin stages' strides {want} "
+                              f"(patch 4, then x2 per stage, {stages} stages)")
+        if stages < 3:
+            raise ConfigError(f"backbone_config.depths={self.backbone_config.depths}: Mask2Former's pixel decoder needs "
+                              "at least 3 Swin stages (its deformable attention reads the last three)")
+        if not 0 <= self.num_fpn_levels <= stages - 3:
+            raise ConfigError(f"common_stride={self.common_stride} gives {self.num_fpn_levels} FPN levels; with strides "
+                              f"{self.feature_strides} it must be one of {want[:stages - 2]}")
+        if not isinstance(self.id2label, dict) or self.num_labels > MAX_LABELS:
+            raise ConfigError(f"id2label must be a dict of at most {MAX_LABELS} classes")
+        total = self.approx_num_parameters()
+        if total > MAX_PARAMETERS:
+            raise ConfigError(
+                f"this config implies about {total:.3g} parameters (backbone {self.backbone_config.approx_num_parameters():.3g}"
+                f"; encoder_layers={self.encoder_layers}, decoder_layers={self.decoder_layers}, hidden_dim={self.hidden_dim}, "
+                f"dim_feedforward={self.dim_feedforward}), more than the {MAX_PARAMETERS:.0e} maskformer builds; check "
+                "these fields (the largest Mask2Former checkpoint has 0.22 billion)"
+            )
+
+    def approx_num_parameters(self) -> int:
+        """Weights the config implies (backbone, pixel decoder, transformer decoder, heads), within a few percent."""
+        channels = self.backbone_config.stage_channels
+        f, d, m = self.feature_size, self.hidden_dim, self.mask_feature_size
+        pixel_decoder = sum(c * f for c in channels) + self.encoder_layers * (4 * f * f + 2 * f * self.encoder_feedforward_dim) \
+            + 9 * f * f * max(self.num_fpn_levels, 0) + f * m
+        decoder = (self.decoder_layers - 1) * (8 * d * d + 2 * d * self.dim_feedforward) + 3 * d * d
+        return self.backbone_config.approx_num_parameters() + pixel_decoder + decoder + (self.num_labels + 1) * d
+
+    def to_dict(self):
+        out = super().to_dict()
+        out["backbone_config"] = self.backbone_config.to_dict()
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = dict(self.label2id)
+        out.setdefault("architectures", ["Mask2FormerForUniversalSegmentation"])
+        return dict(sorted(out.items()))

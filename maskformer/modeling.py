@@ -52,8 +52,9 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     def __init__(self, config: MaskFormerConfig):
         super().__init__()
-        if not isinstance(config, MaskFormerConfig):
-            raise TypeError(f"expected a maskformer.MaskFormerConfig, got {type(config).__name__}")
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} expects a maskformer.{self.config_class.__name__}, got "
+                            f"{type(config).__name__}")
         config.validate()  # fields may have been changed since the config was built
         self.config = config
         # Checking pixel_values for NaN/inf costs one reduction (and a device sync on CUDA);

@@ -11,7 +11,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-__all__ = ["ModelOutput", "MaskFormerModelOutput", "MaskFormerForInstanceSegmentationOutput"]
+__all__ = ["ModelOutput", "MaskFormerModelOutput", "MaskFormerForInstanceSegmentationOutput", "Mask2FormerModelOutput",
+           "Mask2FormerForUniversalSegmentationOutput"]
 
 
 class ModelOutput(OrderedDict):
@@ -133,4 +134,44 @@ class MaskFormerForInstanceSegmentationOutput(ModelOutput):
     pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass(repr=False, eq=False)
+class Mask2FormerModelOutput(ModelOutput):
+    """encoder_last_hidden_state (B, C_4, H/32, W/32); pixel_decoder_last_hidden_state (B, M, H/4, W/4),
+    the mask features; transformer_decoder_last_hidden_state (B, Q, D); when asked, encoder_hidden_states
+    (one map per Swin stage), pixel_decoder_hidden_states (the 3 multi-scale maps, coarse to fine),
+    transformer_decoder_hidden_states ((Q, B, D) per layer input and the last output) and
+    transformer_decoder_intermediate_states ((Q, B, D), normalised, one per prediction);
+    masks_queries_logits: (B, Q, H/4, W/4) per prediction; attentions: the decoder self-attention
+    weights (B, heads, Q, Q) per layer when asked."""
+
+    encoder_last_hidden_state: Optional[torch.Tensor] = None
+    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    transformer_decoder_intermediate_states: Optional[Tuple[torch.Tensor, ...]] = None
+    masks_queries_logits: Optional[Tuple[torch.Tensor, ...]] = None
+    attentions: Optional[Tuple[torch.Tensor, ...]] = None
+
+
+@dataclass(repr=False, eq=False)
+class Mask2FormerForUniversalSegmentationOutput(ModelOutput):
+    """class_queries_logits (B, Q, num_labels + 1); masks_queries_logits (B, Q, H/4, W/4), the last
+    prediction; auxiliary_logits (the earlier predictions, as dicts of both, when asked); then the
+    fields of ``Mask2FormerModelOutput``. ``loss`` is for training."""
+
+    loss: Optional[torch.Tensor] = None
+    class_queries_logits: Optional[torch.Tensor] = None
+    masks_queries_logits: Optional[torch.Tensor] = None
+    auxiliary_logits: Optional[List[dict]] = None
+    encoder_last_hidden_state: Optional[torch.Tensor] = None
+    pixel_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    transformer_decoder_last_hidden_state: Optional[torch.Tensor] = None
+    encoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    pixel_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
+    transformer_decoder_hidden_states: Optional[Tuple[torch.Tensor, ...]] = None
     attentions: Optional[Tuple[torch.Tensor, ...]] = None

@@ -71,6 +71,8 @@ class SwinEmbeddings(nn.Module):
 class SwinSelfAttention(nn.Module):
     """Multi-head attention inside (shifted) windows with a learned relative position bias."""
 
+    generic_order = False  # True in Mask2Former's backbone: see _generic_order_forward
+
     def __init__(self, config: MaskFormerSwinConfig, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -134,6 +136,8 @@ class SwinSelfAttention(nn.Module):
         q = self.query(windows).view(shape).transpose(1, 2)
         k = self.key(windows).view(shape).transpose(1, 2)
         v = self.value(windows).view(shape).transpose(1, 2)
+        if self.generic_order:
+            return self._generic_order_forward(q, k, v, mask)
         scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         scores = scores + self.relative_position_bias().unsqueeze(0)
         if mask is not None:
@@ -143,6 +147,21 @@ class SwinSelfAttention(nn.Module):
         probs = self.dropout(F.softmax(scores, dim=-1))
         out = torch.matmul(probs, v)
         return out.transpose(1, 2).reshape(bw, n, c)
+
+    def _generic_order_forward(self, q, k, v, mask):
+        """transformers' generic Swin (Mask2Former's backbone) orders the same arithmetic differently:
+        q.k^T times head_dim**-0.5, plus (bias + shift mask) summed first, softmax in fp32. Matching
+        the order keeps the deformable pixel decoder, which amplifies backbone differences ~3x per
+        layer on perturbed weights, within the parity bar."""
+        bw, heads, n, d = q.shape
+        bias = self.relative_position_bias().unsqueeze(0)  # (1, heads, N, N)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = bias + mask.unsqueeze(1).unsqueeze(0).expand(bw // nw, nw, 1, n, n).reshape(bw, 1, n, n)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
+        probs = self.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        out = torch.matmul(probs, v)
+        return out.transpose(1, 2).reshape(bw, n, heads * d)
 
 
 class SwinSelfOutput(nn.Module):
@@ -359,6 +378,10 @@ class SwinBackbone(nn.Module):
         # in training each block's activations are then recomputed in the backward pass.
         self.gradient_checkpointing = None
 
+    def parts(self):
+        """(patch embeddings, the stages, one output norm per stage), wherever the layout keeps them."""
+        return self.model.embeddings, self.model.encoder.layers, self.hidden_states_norms
+
     def forward(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
         """pixel_values (B, 3, H, W) -> one (B, C_i, H_i, W_i) map per stage, fine to coarse.
 
@@ -371,9 +394,10 @@ class SwinBackbone(nn.Module):
         from . import dispatch
 
         channels_last = dispatch.candidate(pixel_values.device) is not None
-        x, dims = self.model.embeddings(pixel_values)
+        embeddings, stages, norms = self.parts()
+        x, dims = embeddings(pixel_values)
         features = []
-        for stage, norm in zip(self.model.encoder.layers, self.hidden_states_norms):
+        for stage, norm in zip(stages, norms):
             checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
             for block in stage.blocks:
                 x = block(x, dims) if checkpoint is None else checkpoint(block, x, dims)
@@ -386,3 +410,41 @@ class SwinBackbone(nn.Module):
                 x = stage.downsample(x, dims)
                 dims = ((dims[0] + 1) // 2, (dims[1] + 1) // 2)
         return features
+
+
+class _FinalNorm(nn.Module):
+    """Holds the classification Swin's final ``layernorm`` (unused by the segmentation models)."""
+
+    def __init__(self, channels: int, eps: float):
+        super().__init__()
+        self.layernorm = nn.LayerNorm(channels, eps=eps)
+
+
+class Mask2FormerSwinBackbone(SwinBackbone):
+    """The same Swin, in the layout of transformers' generic ``SwinBackbone`` (what Mask2Former
+    checkpoints hold): ``embeddings.*``, ``encoder.layers.*``, ``hidden_states_norms.stage1..4``
+    and the unused final norm as ``swin.layernorm``. transformers' ``SwinBackbone`` runs with
+    ``always_partition=True``: windows are never shrunk to a small map, exactly as
+    ``MaskFormerSwin``, so the numerics (and ``forward``) are ``SwinBackbone``'s.
+    """
+
+    def __init__(self, config: MaskFormerSwinConfig):
+        nn.Module.__init__(self)
+        self.config = config
+        self.channels = config.stage_channels
+        self.embeddings = SwinEmbeddings(config)
+        self.encoder = SwinEncoder(config)
+        self.hidden_states_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(c) for i, c in enumerate(self.channels)})
+        self.swin = _FinalNorm(config.hidden_size, config.layer_norm_eps)
+        self.gradient_checkpointing = None
+        for module in self.modules():
+            if isinstance(module, SwinSelfAttention):
+                module.generic_order = True
+                # Not saved, as transformers 5 (older Mask2Former files that hold it still load:
+                # maskformer.checkpoint checks it against the window size and drops it).
+                index = module.relative_position_index
+                del module.relative_position_index
+                module.register_buffer("relative_position_index", index, persistent=False)
+
+    def parts(self):
+        return self.embeddings, self.encoder.layers, list(self.hidden_states_norms.values())

@@ -1,0 +1,144 @@
+"""Mask2Former: the model classes users import, mirroring transformers' API.
+
+``Mask2FormerModel`` = Swin backbone (transformers' generic ``SwinBackbone`` layout) + multi-scale
+deformable-attention pixel decoder (``msda_pixel_decoder``) + masked-attention transformer decoder
+(``masked_attention_decoder``). ``Mask2FormerForUniversalSegmentation`` adds the class head
+(num_labels + 1 logits, the last one "no object"), applied to every normalised decoder state;
+the mask logits come from the decoder's own mask head. The last prediction is the output, the
+earlier ones the ``auxiliary_logits``.
+
+Loading, saving, input checks and gradient checkpointing are MaskFormer's
+(``MaskFormerPreTrainedModel``, ``maskformer.checkpoint``).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import Mask2FormerConfig
+from .masked_attention_decoder import MaskedAttentionTransformerModule
+from .modeling import MaskFormerPreTrainedModel, _CriterionState
+from .msda_pixel_decoder import MSDeformAttnPixelDecoder
+from .outputs import Mask2FormerForUniversalSegmentationOutput, Mask2FormerModelOutput
+from .swin import Mask2FormerSwinBackbone
+
+__all__ = ["Mask2FormerPreTrainedModel", "Mask2FormerModel", "Mask2FormerForUniversalSegmentation"]
+
+
+class Mask2FormerPixelLevelModule(nn.Module):
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__()
+        self.encoder = Mask2FormerSwinBackbone(config.backbone_config)
+        self.decoder = MSDeformAttnPixelDecoder(config, self.encoder.channels)
+
+
+class Mask2FormerPreTrainedModel(MaskFormerPreTrainedModel):
+    config_class = Mask2FormerConfig
+
+
+class Mask2FormerModel(Mask2FormerPreTrainedModel):
+    """Backbone, pixel decoder and transformer decoder, without the class head.
+
+    forward(pixel_values (B, 3, H, W) float, pixel_mask (B, H, W) optional and unused, as in
+    transformers) -> ``Mask2FormerModelOutput``.
+    """
+
+    checkpoint_prefix = ""
+
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__(config)
+        self.pixel_level_module = Mask2FormerPixelLevelModule(config)
+        self.transformer_module = MaskedAttentionTransformerModule(config.feature_size, config)
+
+    def _run(self, pixel_values, output_hidden_states: bool, output_attentions: bool) -> Mask2FormerModelOutput:
+        features = self.pixel_level_module.encoder(pixel_values)
+        mask_features, multi_scale, _ = self.pixel_level_module.decoder(features)
+        decoded = self.transformer_module(multi_scale, mask_features, output_hidden_states=output_hidden_states,
+                                          output_attentions=output_attentions)
+        states = {}
+        if output_hidden_states:
+            states = dict(
+                encoder_hidden_states=tuple(features),
+                pixel_decoder_hidden_states=multi_scale,
+                transformer_decoder_hidden_states=decoded["hidden_states"],
+                transformer_decoder_intermediate_states=decoded["intermediate_hidden_states"],
+            )
+        out = Mask2FormerModelOutput(
+            encoder_last_hidden_state=features[-1],
+            pixel_decoder_last_hidden_state=mask_features,
+            transformer_decoder_last_hidden_state=decoded["last_hidden_state"],
+            masks_queries_logits=decoded["masks_queries_logits"],
+            attentions=decoded["attentions"],
+            **states,
+        )
+        out._intermediate = decoded["intermediate_hidden_states"]  # for the head model, whatever was asked
+        return out
+
+    def forward(self, pixel_values, pixel_mask=None, output_hidden_states=None, output_attentions=None, return_dict=None):
+        pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
+        cfg = self.config
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        out = self._run(pixel_values, bool(output_hidden_states), bool(output_attentions))
+        del out._intermediate
+        return out if return_dict else out.to_tuple()
+
+
+class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
+    """Mask2Former with its class head: the model users load from the hub.
+
+    forward(pixel_values (B, 3, H, W) float, pixel_mask optional and unused) ->
+    ``Mask2FormerForUniversalSegmentationOutput`` with class_queries_logits (B, Q, K + 1) and
+    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)).
+    """
+
+    def __init__(self, config: Mask2FormerConfig):
+        super().__init__(config)
+        self.model = Mask2FormerModel(config)
+        self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
+        self.criterion = _CriterionState(config.num_labels, config.no_object_weight)
+
+    def forward(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_hidden_states=None,
+                output_auxiliary_logits=None, output_attentions=None, return_dict=None):
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("pass both mask_labels and class_labels to compute the loss, or neither")
+        if mask_labels is not None:
+            raise NotImplementedError(
+                "the Mask2Former training loss (Hungarian matching with point-sampled mask losses) is not implemented "
+                "in maskformer yet; train with transformers' Mask2FormerForUniversalSegmentation (its checkpoints load "
+                "here for inference)"
+            )
+        pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
+        cfg = self.config
+        output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+        return_dict = cfg.return_dict if return_dict is None else return_dict
+        output_auxiliary_logits = cfg.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
+
+        base = self.model._run(pixel_values, bool(output_hidden_states), bool(output_attentions))
+        intermediate = base._intermediate
+        masks_logits = base.masks_queries_logits
+        if output_auxiliary_logits:
+            class_logits = [self.class_predictor(state.transpose(0, 1)) for state in intermediate]
+            auxiliary_logits = [{"masks_queries_logits": m, "class_queries_logits": c}
+                                for m, c in zip(masks_logits[:-1], class_logits[:-1])]
+            class_last = class_logits[-1]
+        else:
+            # Only the last prediction is returned: the class head on the earlier states is not run.
+            auxiliary_logits = None
+            class_last = self.class_predictor(intermediate[-1].transpose(0, 1))
+        names = ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states")
+        states = {name: getattr(base, name) for name in names} if output_hidden_states else {}
+        out = Mask2FormerForUniversalSegmentationOutput(
+            loss=None,
+            class_queries_logits=class_last,
+            masks_queries_logits=masks_logits[-1],
+            auxiliary_logits=auxiliary_logits,
+            encoder_last_hidden_state=base.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=base.pixel_decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=base.transformer_decoder_last_hidden_state,
+            attentions=base.attentions,
+            **states,
+        )
+        return out if return_dict else out.to_tuple()
