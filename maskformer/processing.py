@@ -257,6 +257,8 @@ class MaskFormerImageProcessor:
     """
 
     model_input_names = ["pixel_values", "pixel_mask"]
+    # What `to_dict` writes as "image_processor_type" (transformers' class name; subclasses set theirs).
+    image_processor_type = "MaskFormerImageProcessor"
 
     def __init__(
         self,
@@ -286,7 +288,7 @@ class MaskFormerImageProcessor:
             kwargs.pop(key, None)
         if kwargs:
             warnings.warn(
-                f"MaskFormerImageProcessor ignores unknown config keys {sorted(kwargs)}.", UserWarning, stacklevel=2
+                f"{type(self).__name__} ignores unknown config keys {sorted(kwargs)}.", UserWarning, stacklevel=2
             )
 
         if size is None:
@@ -347,7 +349,7 @@ class MaskFormerImageProcessor:
             elif key == "resample":
                 value = int(value)
             out[key] = value
-        out["image_processor_type"] = "MaskFormerImageProcessor"
+        out["image_processor_type"] = self.image_processor_type
         return out
 
     def to_json_string(self) -> str:
@@ -433,7 +435,7 @@ class MaskFormerImageProcessor:
                 return cls.from_dict(_nested_image_processor_config(nested), **overrides)
             raise FileNotFoundError(
                 f"No {CONFIG_NAME} (nor {PROCESSOR_CONFIG_NAME}) in the folder {folder!r}. Save one with "
-                "`MaskFormerImageProcessor(...).save_pretrained(folder)` or point to the right folder."
+                f"`{cls.__name__}(...).save_pretrained(folder)` or point to the right folder."
             )
         if os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or os.sep + os.sep in path:
             raise FileNotFoundError(
