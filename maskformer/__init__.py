@@ -54,6 +54,7 @@ __all__ = [
     "Mask2FormerConfig",
     "Mask2FormerForUniversalSegmentation",
     "Mask2FormerForUniversalSegmentationOutput",
+    "Mask2FormerImageProcessor",
     "Mask2FormerModel",
     "Mask2FormerModelOutput",
     "Mask2FormerPreTrainedModel",
@@ -77,6 +78,10 @@ def __getattr__(name):
         from .processing import MaskFormerImageProcessor
 
         return MaskFormerImageProcessor
+    if name == "Mask2FormerImageProcessor":
+        from .processing_mask2former import Mask2FormerImageProcessor
+
+        return Mask2FormerImageProcessor
     if name == "export_onnx":
         from .export import export_onnx
 

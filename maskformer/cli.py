@@ -172,6 +172,12 @@ def info() -> dict:
     from .engines.registry import describe as describe_engines
 
     report["engines"] = describe_engines()
+    report["model_families"] = {
+        "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
+                      "engines torch, onnxruntime, openvino)",
+        "mask2former": "Mask2FormerForUniversalSegmentation + Mask2FormerImageProcessor (config model_type "
+                       "'mask2former'; engine torch)",
+    }
     report["threads"] = torch.get_num_threads()
     return report
 

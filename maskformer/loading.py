@@ -38,3 +38,42 @@ def load_default_model(dtype=None, device=None, engine: str = "torch", **engine_
         )
     return MaskFormerForInstanceSegmentation.from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, device=device, engine=engine,
                                                              **engine_kwargs)
+
+
+# config.json's model_type -> (model class, processor module, processor class): what `segment`, `bench`
+# and `info` load for a checkpoint.
+FAMILIES = {
+    "maskformer": ("MaskFormerForInstanceSegmentation", "processing", "MaskFormerImageProcessor"),
+    "mask2former": ("Mask2FormerForUniversalSegmentation", "processing_mask2former", "Mask2FormerImageProcessor"),
+}
+
+
+def checkpoint_family(path_or_repo_id, **hub_kwargs) -> str:
+    """The model family ("maskformer" or "mask2former") of a checkpoint, from its config.json's
+    ``model_type``; ConfigError for any other model type (naming the supported ones)."""
+    import json
+
+    from .config import ConfigError
+
+    path = resolve_file(path_or_repo_id, "config.json", **hub_kwargs)
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
+    model_type = data.get("model_type", "maskformer") if isinstance(data, dict) else None
+    if model_type not in FAMILIES:
+        raise ConfigError(f"{path} describes a {model_type!r} model; maskformer runs {' and '.join(FAMILIES)} checkpoints")
+    return model_type
+
+
+def family_classes(family: str):
+    """(model class, processor class) of a family ("maskformer" or "mask2former")."""
+    import importlib
+
+    from . import modeling, modeling_mask2former
+
+    model_name, module_name, processor_name = FAMILIES[family]
+    model_cls = getattr(modeling, model_name, None) or getattr(modeling_mask2former, model_name)
+    processor_cls = getattr(importlib.import_module(f"{__package__}.{module_name}"), processor_name)
+    return model_cls, processor_cls

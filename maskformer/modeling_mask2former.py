@@ -35,6 +35,15 @@ class Mask2FormerPixelLevelModule(nn.Module):
 class Mask2FormerPreTrainedModel(MaskFormerPreTrainedModel):
     config_class = Mask2FormerConfig
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *, engine: str = "torch", **kwargs):
+        """As ``MaskFormerPreTrainedModel.from_pretrained`` (``engine="torch"`` only: the ONNX
+        Runtime / OpenVINO engines serve MaskFormer; Mask2Former's export is not verified yet)."""
+        if engine not in (None, "torch"):
+            raise ValueError(f"engine={engine!r} serves MaskFormer checkpoints only; load Mask2Former with "
+                             "engine='torch' (the default)")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
 
 class Mask2FormerModel(Mask2FormerPreTrainedModel):
     """Backbone, pixel decoder and transformer decoder, without the class head.

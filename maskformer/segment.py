@@ -709,14 +709,15 @@ def _run_locked(args, out: str, shard: List[Input], failures: List[Tuple[str, st
             print("maskformer segment: no --model given, using the shipped default model (trained on generated shapes: "
                   "background, disc, box, stripe; for photos pass --model)", file=sys.stderr)
     else:
-        from .modeling import MaskFormerForInstanceSegmentation
+        from .loading import checkpoint_family, family_classes
 
-        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype=dtype, device=device,
-                                                                  engine=getattr(args, "engine", "torch"))
+        # config.json's model_type picks the family: MaskFormer or Mask2Former (model and processor)
+        model_cls, processor_cls = family_classes(checkpoint_family(args.model))
+        model = model_cls.from_pretrained(args.model, dtype=dtype, device=device, engine=getattr(args, "engine", "torch"))
         try:
-            processor = MaskFormerImageProcessor.from_pretrained(args.model)
+            processor = processor_cls.from_pretrained(args.model)
         except FileNotFoundError:
-            processor = MaskFormerImageProcessor()
+            processor = processor_cls()
         model_id = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     model.eval()
     if rank == 0 and dtype == torch.bfloat16 and device == "cpu" and not native_cpu_bf16():

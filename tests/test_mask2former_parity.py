@@ -228,3 +228,56 @@ def test_loss_is_refused_not_faked():
     ours = ours_from_hf(make_hf(window_size=3))
     with pytest.raises(NotImplementedError, match="transformers"):
         ours(torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([0])])
+
+
+def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path):
+    """`maskformer segment --model` on a Mask2Former checkpoint (config.json's model_type decides):
+    the label maps equal transformers' own pipeline (its processor, model and semantic
+    post-processing) on the same files; the engines refuse Mask2Former up front."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    from transformers import Mask2FormerImageProcessor as HFProcessor
+
+    from maskformer.synthetic import make_sample
+
+    hf_model = make_hf(window_size=7)
+    with torch.no_grad():
+        # Every query of this small random decoder prefers the same class; a sharper class head gives the
+        # panoptic map three segments (the semantic map stays one label: compared all the same).
+        hf_model.class_predictor.weight.mul_(30)
+    hf_model.save_pretrained(tmp_path / "ckpt")
+    hf_processor = HFProcessor(size={"shortest_edge": 96, "longest_edge": 160})
+    hf_processor.save_pretrained(tmp_path / "ckpt")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(90, 130), (150, 101)]):
+        make_sample(i, height=h, width=w)[0].save(folder / f"img{i}.png")
+    segments = 0
+    for task in ("semantic", "panoptic"):
+        out = tmp_path / f"out-{task}"
+        run = subprocess.run([sys.executable, "-m", "maskformer", "segment", folder, "--model", tmp_path / "ckpt",
+                              "--out", out, "--task", task, "--quiet"], capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        for i in range(2):
+            image = Image.open(folder / f"img{i}.png").convert("RGB")
+            inputs = hf_processor(images=[image], return_tensors="pt")
+            with torch.no_grad():
+                outputs = hf_model(inputs["pixel_values"])
+            if task == "semantic":
+                want = hf_processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+            else:
+                want = hf_processor.post_process_panoptic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+                want = want["segmentation"]
+                segments = max(segments, len(torch.unique(want)))
+            want = want.numpy().astype(np.int64)
+            got = np.asarray(Image.open(out / f"img{i}.png.label.png")).astype(np.int64)
+            assert got.shape == want.shape
+            mismatch = int((got != want).sum())
+            assert mismatch == 0, f"{task} img{i}: {mismatch} of {want.size} pixels differ from transformers' map"
+    assert segments > 1, "the sharpened model should give several panoptic segments"
+    run = subprocess.run([sys.executable, "-m", "maskformer", "segment", folder, "--model", tmp_path / "ckpt", "--out",
+                          tmp_path / "out2", "--engine", "openvino"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "engine='torch'" in run.stderr
