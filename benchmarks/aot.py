@@ -9,7 +9,7 @@ without a GPU, through the launch code a real call runs, and judged on what the 
 How. A stand-in triton driver (``AOTDriver``) reports ``GPUTarget("cuda", arch, 32)`` as the
 current device, so triton's JIT specialises and compiles exactly as it would on that GPU (the
 bundled ptxas makes the cubin). Each kernel's own launch function (``window_attention._launch``,
-``mask_einsum._launch``, ``upsample_argmax._launch_one``) is called with meta tensors of a real
+``mask_einsum._launch``, ``upsample_argmax._launch_one``, ``ms_deform_attn._launch``) is called with meta tensors of a real
 call's shapes, dtypes and strides and ``compile_only=True``: it picks its blocks, warps, stages
 and constexprs as for a real call and hands them to ``kernel.warmup`` instead of launching, so the
 checked binary is the launched one (integer arguments are the real ones, so triton's
@@ -35,9 +35,12 @@ Sets. ``--full``: Swin-T (window 7), Swin-B and Swin-L (window 12) and the shipp
 fp32 (both TF32 settings), fp16, bf16, bias table in the input's dtype and in fp32 (autocast);
 post-processing at 100 queries and 150/133/171 classes (8 queries, 4 classes for the default
 model), masks at a quarter of those inputs, batch 1 and 2, each dtype; upsample+argmax to each
-input size and without resize, int64/int32/uint8 labels, fp32/fp16/bf16 scores. The CI set takes
-one launch per distinct (constexprs, dtypes, shift, table dtype, TF32 setting) combination and
-both divisibility cases of the image-dependent integers.
+input size and without resize, int64/int32/uint8 labels, fp32/fp16/bf16 scores; Mask2Former's
+multi-scale deformable attention (8 heads of 32, 3 levels at strides 32/16/8, 4 points, Q = S) at
+each input size, batch 1 and 8, each dtype. The CI set takes one launch per distinct (constexprs,
+dtypes, shift, table dtype, TF32 setting) combination and both divisibility cases of the
+image-dependent integers; for ms_deform_attn, Swin-T ADE20K at 512x512 (levels 16x16, 32x32,
+64x64) in each dtype.
 """
 from __future__ import annotations
 
@@ -69,7 +72,7 @@ ARCHS = {
     90: dict(gpu="H100", registers=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024,
              smem_per_block=227 * 1024, smem_reserved=1024),
 }
-KERNELS = ("window_attention", "mask_einsum", "upsample_argmax")
+KERNELS = ("window_attention", "mask_einsum", "upsample_argmax", "ms_deform_attn")
 DTYPES = ("float32", "float16", "bfloat16")
 SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32", "uint8": "u8"}
 
@@ -196,6 +199,38 @@ def _upsample_argmax_launch(classes, mh, mw, target, dtype, out_dtype, image=0) 
     return Launch("upsample_argmax", config, compile_, tensor_cores=False)
 
 
+# Mask2Former's pixel decoder: the backbone's strides 8, 16 and 32 as three levels (every input is
+# padded to a multiple of 32 by the processor), 8 heads of 32 dims (d_model 256), 4 points per level,
+# every token a query (the encoder's self-attention: Q = S).
+MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS = 8, 32, 4
+
+
+def msda_levels(height: int, width: int):
+    """The pixel decoder's level shapes for an input: strides 32, 16, 8 ordered as transformers'
+    Mask2FormerPixelDecoder feeds them (lowest resolution first)."""
+    return [(-(-height // s), -(-width // s)) for s in (32, 16, 8)]
+
+
+def _ms_deform_attn_launch(batch, levels, heads, head_dim, points, dtype) -> Launch:
+    import torch
+
+    from maskformer.kernels import ms_deform_attn as msda
+
+    dt = getattr(torch, dtype)
+    tokens = sum(h * w for h, w in levels)
+
+    def compile_():
+        value = torch.empty(batch, tokens, heads, head_dim, device="meta", dtype=dt)
+        loc = torch.empty(batch, tokens, heads, len(levels), points, 2, device="meta", dtype=dt)
+        weights = torch.empty(batch, tokens, heads, len(levels), points, device="meta", dtype=dt)
+        out = torch.empty(batch, tokens, heads * head_dim, device="meta", dtype=dt)
+        return msda._launch(value, levels, loc, weights, out, compile_only=True)
+
+    config = dict(B=batch, levels="+".join(f"{h}x{w}" for h, w in levels), heads=heads, D=head_dim, P=points,
+                  dtype=SHORT[dtype])
+    return Launch("ms_deform_attn", config, compile_, tensor_cores=False)
+
+
 def launches(full: bool) -> List[Launch]:
     """The launch configurations of the chosen set (see the module docstring)."""
     out: List[Launch] = []
@@ -223,6 +258,11 @@ def launches(full: bool) -> List[Launch]:
                         for labels in ("int64", "int32", "uint8"):
                             for i in (0, 1):
                                 out.append(_upsample_argmax_launch(classes, mh, mw, target, dtype, labels, i))
+        for image in IMAGES:
+            for batch in (1, 8):
+                for dtype in DTYPES:
+                    out.append(_ms_deform_attn_launch(batch, msda_levels(*image), MSDA_HEADS, MSDA_HEAD_DIM,
+                                                      MSDA_POINTS, dtype))
         return out
     # CI: one launch per distinct combination of what the wrappers turn into constexprs and dtypes,
     # with both divisibility cases of the image-dependent sizes (160x160 and 128x171).
@@ -249,6 +289,9 @@ def launches(full: bool) -> List[Launch]:
     out.append(_upsample_argmax_launch(150, 160, 213, (640, 853), "float32", "int64"))
     out.append(_upsample_argmax_launch(150, 160, 213, None, "float32", "int64"))
     out.append(_upsample_argmax_launch(150, 128, 171, (512, 683), "bfloat16", "uint8", 1))
+    # Swin-T ADE20K at 512x512: levels 16x16, 32x32, 64x64 (5376 tokens), each dtype
+    for dtype in DTYPES:
+        out.append(_ms_deform_attn_launch(1, msda_levels(512, 512), MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS, dtype))
     return out
 
 

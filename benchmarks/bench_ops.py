@@ -37,6 +37,11 @@ Ops, shapes (CPU-sized but realistic: ADE20k at its 512 short side, MaskFormer-l
   12, shift 6, fp32, batch 1; padded to 84x108). ``ref`` on CPU and ``triton`` on CUDA. The GPU
   comparison at every Swin-L stage in bf16/fp16 against eager and SDPA is
   ``bench_window_attention.py::test_bench_gpu``; it is not repeated here.
+* ``ms_deform_attn``: one multi-scale deformable attention of Mask2Former's pixel decoder, Swin-T
+  ADE20K at 512x512 (levels 16x16, 32x32, 64x64: 5376 tokens, every token a query; 8 heads of 32,
+  4 points per level, fp32, batch 1; locations = each token's centre plus N(0, 2)-pixel offsets,
+  ``make_msda_inputs``). ``ref`` (``ms_deform_attn_ref``) and ``transformers`` (transformers'
+  ``multi_scale_deformable_attention``) on CPU, ``ref`` and ``triton`` on CUDA.
 
 Every semantic/panoptic op also has a ``ref-cuda`` entry (the reference on CUDA tensors), the
 baseline its ``triton`` entry should be read against.
@@ -50,6 +55,9 @@ Verification (before timing; a failure names the op, implementation, device, err
 * ``window_attention`` (fp32): ``max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold|`` and
   the same on the mean with a tenth of the atol, gold the reference in fp64, as
   ``tests/kernels/test_window_attention.py``.
+* ``ms_deform_attn`` (fp32): elementwise ``|out - ref64| <= 2 |ref32 - ref64| + atol``, atol =
+  u * (4*L*P + 2*max side + 8) * sum |terms| as ``tests/kernels/test_ms_deform_attn.py`` (the
+  kernel's coordinate and summation rounding); ``transformers`` must equal ``ref`` bit for bit.
 * ``ref`` entries are the reference: their check is that a second call returns the first call's
   output bit for bit (determinism); ``transformers`` must equal ``ref``.
 
@@ -73,6 +81,7 @@ from benchmarks import bench_postprocess as bpost
 from benchmarks import bench_window_attention as bwa
 from maskformer import _ext, dispatch
 from maskformer.kernels import mask_einsum as me
+from maskformer.kernels import ms_deform_attn as msda
 from maskformer.kernels import query_argmax as qa
 from maskformer.kernels import upsample_argmax as ua
 from maskformer.kernels import window_attention as wa
@@ -88,6 +97,11 @@ QUERY_ARGMAX_OBJECTS = {"q12": 12, "q100": 100}
 # Swin-L at 640x853, stage 2: (H, W, C, heads); window 12 (bwa.WINDOW), shifted block.
 WINDOW_STAGE = (80, 107, 384, 12)
 WINDOW_SHIFT = bwa.WINDOW // 2
+
+# Mask2Former's pixel decoder, Swin-T ADE20K at 512x512: levels at strides 32, 16, 8 (lowest
+# resolution first, as transformers orders them), 8 heads x 32 dims, 4 points per level.
+MSDA_LEVELS = [(16, 16), (32, 32), (64, 64)]
+MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS = 8, 32, 4
 
 FAST_ROUNDS, SLOW_ROUNDS = 10, 5
 
@@ -136,6 +150,10 @@ def _cases() -> List[Case]:
     cases += [
         Case("window_attention", "ref", "cpu", rounds=s),
         Case("window_attention", "triton", "cuda"),
+        Case("ms_deform_attn", "ref", "cpu", rounds=s),
+        Case("ms_deform_attn", "transformers", "cpu", rounds=s),
+        Case("ms_deform_attn", "ref", "cuda"),
+        Case("ms_deform_attn", "triton", "cuda"),
     ]
     return cases
 
@@ -179,7 +197,34 @@ def implementation(case: Case) -> Callable:
         return {"ref": qa.query_argmax_ref, "cpp": qa.query_argmax_cpp}[impl]
     if op == "window_attention":
         return {"ref": wa.window_attention_ref, "triton": wa.window_attention}[impl]
+    if op == "ms_deform_attn":
+        if impl == "transformers":
+            from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+            return multi_scale_deformable_attention
+        return {"ref": msda.ms_deform_attn_ref, "triton": msda.ms_deform_attn}[impl]
     raise ValueError(f"unknown op {op!r}")
+
+
+def make_msda_inputs(batch: int, levels, heads: int, head_dim: int, points: int, seed: int = 0):
+    """(value (B, S, H, D), spatial_shapes, sampling_locations (B, S, H, L, P, 2), attention_weights
+    (B, S, H, L, P)) fp32, shaped like the pixel decoder's encoder self-attention: every token is a
+    query, its reference point is its own pixel centre (transformers' ``get_reference_points``,
+    valid ratios 1), each sample that point plus an N(0, 2)-pixel offset at its level (a few
+    percent fall outside the map); weights softmaxed over the L*P samples."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(h * w for h, w in levels)
+    refs = []
+    for h, w in levels:
+        ys, xs = torch.meshgrid((torch.arange(h) + 0.5) / h, (torch.arange(w) + 0.5) / w, indexing="ij")
+        refs.append(torch.stack([xs.flatten(), ys.flatten()], -1))
+    ref = torch.cat(refs)[None, :, None, None, None, :]  # (1, S, 1, 1, 1, 2)
+    sizes = torch.tensor([[w, h] for h, w in levels], dtype=torch.float32)[None, None, None, :, None, :]
+    offsets = torch.randn(batch, tokens, heads, len(levels), points, 2, generator=gen) * 2.0
+    loc = ref + offsets / sizes
+    weights = torch.randn(batch, tokens, heads, len(levels) * points, generator=gen).softmax(-1)
+    value = torch.randn(batch, tokens, heads, head_dim, generator=gen)
+    return value, [tuple(hw) for hw in levels], loc, weights.view(batch, tokens, heads, len(levels), points)
 
 
 def skip_reason(case: Case) -> Optional[str]:
@@ -229,6 +274,8 @@ class Data:
         elif op == "window_attention":
             h, w, c, heads = WINDOW_STAGE
             args = bwa.make_inputs(1, h, w, c, heads, torch.float32, "cpu") + (bwa.WINDOW, WINDOW_SHIFT, heads)
+        elif op == "ms_deform_attn":
+            args = make_msda_inputs(1, MSDA_LEVELS, MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS)
         else:
             raise ValueError(op)
         self._inputs[key] = args
@@ -279,6 +326,15 @@ def work(case: Case, args: tuple) -> Dict[str, float]:
         b, h, w, c = x.shape
         return {"shape": f"B={b} {h}x{w}x{c} heads={heads} window={window} shift={shift} fp32",
                 "flops": bwa.flops(b, h, w, c, heads)}
+    if case.op == "ms_deform_attn":
+        value, shapes, loc, weights = args
+        b, s, heads, d = value.shape
+        _, q, _, nl, p, _ = loc.shape
+        # 4 corners x D multiply-adds per sample; bytes: value, locations and weights read once,
+        # the output written once (the gathers re-read value through the caches)
+        return {"shape": f"B={b} levels={'+'.join(f'{h}x{w}' for h, w in shapes)} Q={q} H={heads} D={d} P={p} fp32",
+                "flops": 2 * 4 * b * q * heads * nl * p * d,
+                "bytes": 4 * (value.numel() + loc.numel() + weights.numel() + b * q * heads * d)}
     raise ValueError(case.op)
 
 
@@ -361,11 +417,32 @@ def check_window_attention(case: Case, out: torch.Tensor, ref32: torch.Tensor, a
     return f"max |out - gold| {max_err:.2e} (bound {max_bound:.2e}), mean {mean_err:.2e} (bound {mean_bound:.2e})"
 
 
+def check_ms_deform_attn(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
+    """|out - ref64| <= 2 |ref32 - ref64| + atol elementwise, atol = u * (4*L*P + 2*max side + 8) *
+    sum |terms| (the kernel's coordinate and summation rounding; tests/kernels/test_ms_deform_attn.py)."""
+    value, shapes, loc, weights = (a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+    ref64 = msda.ms_deform_attn_ref(value.double(), shapes, loc.double(), weights.double())
+    absref = msda.ms_deform_attn_ref(value.double().abs(), shapes, loc.double(), weights.double().abs())
+    nl, p = weights.shape[-2:]
+    atol = U32 * (4 * nl * p + 2 * max(max(hw) for hw in shapes) + 8) * absref
+    out64, ref32 = out.double().cpu(), ref32.double().cpu()
+    assert out64.shape == ref64.shape, f"{case.label}: shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
+    err = (out64 - ref64).abs()
+    budget = 2 * (ref32 - ref64).abs() + atol
+    over = (err > budget) | out64.isnan()
+    if over.any():
+        flat = int((err - budget).nan_to_num(float("inf")).flatten().argmax())
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+        raise AssertionError(f"{case.label}: {int(over.sum())} of {err.numel()} outputs over budget; worst at {idx}: "
+                             f"|out - ref64| = {err[idx].item():.3e} > bound {budget[idx].item():.3e}")
+    return f"max |out - ref64| {err.max().item():.2e}; worst ratio error/bound {(err / budget).max().item():.2f}"
+
+
 def verify(case: Case, got, expected, args: tuple) -> str:
     """Raise AssertionError (op, impl, device, error, bound) unless ``got`` passes; else say how it passed."""
     if case.impl == "ref":
         # The reference itself: a second call must give the first call's output bit for bit.
-        if case.op in ("mask_einsum", "window_attention"):
+        if case.op in ("mask_einsum", "window_attention", "ms_deform_attn"):
             if not torch.equal(got, expected):
                 diff = (got.double() - expected.double()).abs().max().item()
                 raise AssertionError(f"{case.label}: not deterministic, two calls differ by up to {diff:.3e}")
@@ -376,6 +453,13 @@ def verify(case: Case, got, expected, args: tuple) -> str:
         return check_mask_einsum(case, got, expected, args)
     if case.op == "window_attention":
         return check_window_attention(case, got, expected, args)
+    if case.op == "ms_deform_attn":
+        if case.impl == "transformers":  # the reference is transformers' function, bit for bit
+            if not torch.equal(got, expected):
+                diff = (got.double() - expected.double()).abs().max().item()
+                raise AssertionError(f"{case.label}: differs from the reference by up to {diff:.3e} (must be equal)")
+            return "bit-identical to the reference"
+        return check_ms_deform_attn(case, got, expected, args)
     return check_exact(case, got, expected)
 
 

@@ -10,13 +10,58 @@ and transformers' PyTorch fallbacks do (bilinear, zero padding, ``align_corners=
 ``(x, y)`` in [0, 1] is the pixel ``(x * W - 0.5, y * H - 0.5)``; samples outside the map read 0).
 It materialises a (B*H, D, Q, L*P) tensor of samples: ~80 MB per pixel-decoder layer at 512x683
 (Q = S = 6,800 tokens, 8 heads x 32 dims, 12 samples), which is what the fused kernel avoids.
+
+``ms_deform_attn`` (Triton, ``torch.ops.maskformer.ms_deform_attn``) fuses the whole op: one
+program per (block of BLOCK_Q queries, head, image) loops over the levels (unrolled) and points,
+turns each location into a pixel coordinate in fp32 (``x * w - 0.5``), gathers the 4 bilinear
+neighbours' D-vectors straight from ``value`` (a corner outside the map is a masked load that
+reads 0: grid_sample's zero padding, decided per corner), weights them by the bilinear weight
+times the attention weight and accumulates in a (BLOCK_Q, D) fp32 accumulator; the output is
+written once, in value's dtype. No per-level copy of ``value``, no (B*H, D, Q, L*P) samples.
+Level shapes are scalar arguments (no tensor built per call, so CUDA-graph capture is safe, and
+no recompile per image size); L and P are compile-time constants. Like grid_sample it gives NaN
+for a NaN or infinite location and 0 for a finite one far outside the map.
+
+Limits: forward only (inference; inputs that require grad under grad mode are refused); CUDA, or
+CPU tensors under TRITON_INTERPRET=1 (tests); value, sampling_locations and attention_weights of
+one dtype, fp32/fp16/bf16 (fp32 arithmetic and accumulation for all); head_dim 1..256 (any value:
+padded to a power of two in registers only); 1..4 levels; 1..16 points per level; one image's
+value, locations and output each < 2**31 elements (int32 offsets inside an image). Not bit-equal
+to the reference (its grid coordinate goes through ``2x - 1`` and back, and it sums in value's
+dtype): tests/kernels/test_ms_deform_attn.py bounds the difference by the reference's own error.
+
+Compiled figures (``python -m benchmarks.aot``, CI set: triton 3.9, bundled ptxas 12.9 for sm_80
+and 13.4 for sm_90; Swin-T ADE20K at 512x512: levels 16x16, 32x32, 64x64 = 5376 tokens, Q = S,
+B=1, H=8, D=32, P=4; BLOCK_Q=64, 4 warps): registers / spill bytes (stores/loads) / occupancy.
+
+| version | sm_80 fp32 | sm_80 fp16 | sm_80 bf16 | sm_90 fp32 | sm_90 fp16 | sm_90 bf16 |
+|---|---|---|---|---|---|---|
+| points unrolled too (``static_range``) | 108 / 0 / 25% | 63 / 0 / 50% | 62 / 0 / 50% | 255 / 160+168 / 12.5% | 180 / 0 / 12.5% | 188 / 0 / 12.5% |
+| kept: levels unrolled, points a loop | 80 / 0 / 38% | 66 / 0 / 44% | 72 / 0 / 44% | 94 / 0 / 31% | 72 / 0 / 44% | 72 / 0 / 44% |
+
+Unrolling the 48 (level, point) gathers let sm_90's ptxas hoist them all: fp32 spilled. Other
+head dims (same levels, fp32 / bf16, sm_80 and sm_90): D=24 (padded to 32) 86-96 / 68-72
+registers, D=64 80-89 / 72, D=128 (BLOCK_Q 16) 80 / 66-71, D=256 (BLOCK_Q 16, 8 warps) 80-114 /
+64-72, no spills except 4 bytes (stores and loads) for bf16 at D=24 on sm_90 and D=256 on sm_80;
+4 levels or 16 points: 80-94 registers, no spills. Static SASS instructions of the kept version
+(fp32 / fp16 / bf16): 1381 / 1057 / 1149 on sm_80, 1370 / 1086 / 1177 on sm_90
+(``benchmarks/results/aot-ci.md``). Not timed: there was no GPU.
 """
-from typing import List, Sequence, Tuple
+import contextlib
+import functools
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ms_deform_attn_ref", "check_ms_deform_attn_args"]
+from maskformer import _devices, _ext
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_ref", "check_ms_deform_attn_args", "not_supported_reasons"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_HEAD_DIM = 256  # see the header: the compiled figures behind it
+_MAX_LEVELS = 4  # Mask2Former uses 3, Deformable DETR 4
+_MAX_POINTS = 16  # the point loop is unrolled: 4 corner gathers per point and level
 
 
 def check_ms_deform_attn_args(
@@ -84,3 +129,297 @@ def ms_deform_attn_ref(
     weights = attention_weights.transpose(1, 2).reshape(b * nh, 1, q, nl * p)
     out = (stacked * weights).sum(-1)  # (B*H, D, Q)
     return out.view(b, nh * d, q).transpose(1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Support checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """The reference's own argument checks, as reasons (what makes the call meaningless anywhere)."""
+    try:
+        check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+    except (ValueError, TypeError) as exc:
+        return [str(exc).removeprefix("ms_deform_attn: ")]
+    return []
+
+
+def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """Everything but autograd: what the op's implementation checks before launching."""
+    reasons = _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+    tensors = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        reasons.append(f"tensors are on different devices: {devices}")
+    err = _ext.triton_import_error()
+    if err:
+        reasons.append(err)
+    elif not (value.device.type == "cuda" or (value.device.type == "cpu" and _ext.triton_interpret_mode())):
+        reasons.append(
+            f"value is on {value.device.type}: the Triton kernel runs on CUDA "
+            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
+        )
+    if value.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"value dtype {value.dtype} is not supported (fp32, fp16, bf16)")
+    for name in ("sampling_locations", "attention_weights"):
+        if tensors[name].dtype != value.dtype:
+            # the reference's grid_sample refuses a grid of another dtype than its input; one dtype
+            # for all three keeps "what the kernel accepts" inside "what the reference computes"
+            reasons.append(f"{name} is {tensors[name].dtype} but value is {value.dtype}: one dtype for all three")
+    if reasons:
+        return reasons
+    b, s, nh, d = value.shape
+    _, q, _, nl, p, _ = sampling_locations.shape
+    if not 1 <= d <= _MAX_HEAD_DIM:
+        reasons.append(f"head_dim={d} is outside [1, {_MAX_HEAD_DIM}]: the (BLOCK_Q, head_dim) fp32 accumulator "
+                       "and four gathered corners live in registers")
+    if nl > _MAX_LEVELS:
+        reasons.append(f"{nl} levels > {_MAX_LEVELS}: the level shapes are {_MAX_LEVELS} pairs of scalar arguments")
+    if p > _MAX_POINTS:
+        reasons.append(f"{p} points per level > {_MAX_POINTS}: the point loop is unrolled")
+    for what, n in (("value", s * nh * d), ("sampling_locations", q * nh * nl * p * 2), ("output", q * nh * d)):
+        if n >= 2**31:
+            reasons.append(f"one image's {what} has {n} >= 2**31 elements: offsets are int32 within an image")
+    return reasons
+
+
+def not_supported_reasons(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> List[str]:
+    """Why the Triton ``ms_deform_attn`` cannot serve these arguments; [] when it can.
+
+    Same arguments as ``ms_deform_attn_ref``. Human-readable reasons: shapes, triton missing,
+    device (CUDA, or CPU only under TRITON_INTERPRET=1), dtypes (fp32/fp16/bf16, one for all three
+    tensors), head_dim, levels, points, int32 offsets, and autograd (forward only: inputs that
+    require grad under grad mode are refused).
+    """
+    reasons = _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+    if torch.is_grad_enabled():
+        needing = [name for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                                        ("attention_weights", attention_weights)) if t.requires_grad]
+        if needing:
+            reasons.append(f"{', '.join(needing)} require grad: the kernel is forward-only (no backward)")
+    return reasons
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernel (built on first use: importing this module never imports triton)
+# ---------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _build_kernel():
+    """(kernel, interpreted): the @triton.jit kernel, built once per process on first use.
+    triton.jit decides at decoration time whether it is interpreted, so TRITON_INTERPRET must be
+    set before the first call. Triton resolves names (tl, helpers) in the kernel's module globals,
+    hence the ``global``."""
+    global triton, tl, _level_shape, _gather_corner, _ms_deform_attn_fwd_kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _level_shape(level: tl.constexpr, h0, w0, h1, w1, h2, w2, h3, w3):
+        """(height, width) of a level: the level is a compile-time constant, so this is a choice
+        among scalar arguments, not a load."""
+        if level == 0:
+            return h0, w0
+        elif level == 1:
+            return h1, w1
+        elif level == 2:
+            return h2, w2
+        else:
+            return h3, w3
+
+    @triton.jit
+    def _gather_corner(value_bh, level_start, xc, yc, width, height, weight, offs_d, d_ok,
+                       ROW_STRIDE: tl.constexpr):
+        """weight[:, None] * value[level_start + yc * width + xc, :] for one bilinear corner of
+        BLOCK_Q sample points, 0 where the corner is outside the map (grid_sample's zero padding).
+        xc, yc: fp32 integral corner coordinates (floor of the pixel coordinate, or that + 1)."""
+        inside = (xc >= 0) & (xc < width) & (yc >= 0) & (yc < height)  # false for NaN too
+        # Outside corners index token 0 (any float -> int cast of a far point would be undefined);
+        # their load is masked off and reads 0, their weight still multiplies it (a NaN weight
+        # gives NaN, as grid_sample does for NaN or infinite locations).
+        token = level_start + tl.where(inside, yc * width + xc, 0.0).to(tl.int32)
+        v = tl.load(value_bh + token[:, None] * ROW_STRIDE + offs_d[None, :], mask=inside[:, None] & d_ok[None, :],
+                    other=0.0)
+        return weight[:, None] * v.to(tl.float32)
+
+    @triton.jit
+    def _ms_deform_attn_fwd_kernel(
+        value_ptr, loc_ptr, weight_ptr, out_ptr,
+        num_tokens, num_queries,
+        h0, w0, h1, w1, h2, w2, h3, w3,
+        NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+        NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr, BLOCK_Q: tl.constexpr,
+    ):
+        """out[b, q, h*D:(h+1)*D] = sum_{l,p} w[b,q,h,l,p] * bilinear(value level l, head h; loc[b,q,h,l,p]);
+        grid (cdiv(Q, BLOCK_Q), H, B); value (B, S, H, D), loc (B, Q, H, L, P, 2), w (B, Q, H, L, P),
+        out (B, Q, H*D), all contiguous. Offsets inside an image are int32, the image's base int64."""
+        pid_q = tl.program_id(0)
+        head = tl.program_id(1)
+        batch = tl.program_id(2).to(tl.int64)
+        LP: tl.constexpr = NUM_LEVELS * NUM_POINTS
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_D)
+        q_ok = offs_q < num_queries
+        d_ok = offs_d < HEAD_DIM
+        value_bh = value_ptr + batch * num_tokens * (NUM_HEADS * HEAD_DIM) + head * HEAD_DIM
+        weight_rows = weight_ptr + batch * num_queries * (NUM_HEADS * LP) + offs_q * (NUM_HEADS * LP) + head * LP
+        loc_rows = loc_ptr + batch * num_queries * (NUM_HEADS * LP * 2) + offs_q * (NUM_HEADS * LP * 2) + head * LP * 2
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
+        level_start = 0
+        for level in tl.static_range(NUM_LEVELS):
+            height, width = _level_shape(level, h0, w0, h1, w1, h2, w2, h3, w3)
+            width_f = width.to(tl.float32)
+            height_f = height.to(tl.float32)
+            for point in range(NUM_POINTS):
+                k = level * NUM_POINTS + point
+                x = tl.load(loc_rows + 2 * k, mask=q_ok, other=0.0).to(tl.float32)
+                y = tl.load(loc_rows + 2 * k + 1, mask=q_ok, other=0.0).to(tl.float32)
+                a = tl.load(weight_rows + k, mask=q_ok, other=0.0).to(tl.float32)
+                # align_corners=False: location 0 is the left edge of pixel 0, i.e. pixel -0.5
+                px = x * width_f - 0.5
+                py = y * height_f - 0.5
+                x0 = tl.floor(px)
+                y0 = tl.floor(py)
+                fx = px - x0
+                fy = py - y0
+                # grid_sample's weights: nw = (1-fx)(1-fy), ne = fx(1-fy), sw = (1-fx)fy, se = fx fy
+                wy0 = a * (1.0 - fy)
+                wy1 = a * fy
+                acc += _gather_corner(value_bh, level_start, x0, y0, width_f, height_f, wy0 * (1.0 - fx),
+                                      offs_d, d_ok, NUM_HEADS * HEAD_DIM)
+                acc += _gather_corner(value_bh, level_start, x0 + 1.0, y0, width_f, height_f, wy0 * fx,
+                                      offs_d, d_ok, NUM_HEADS * HEAD_DIM)
+                acc += _gather_corner(value_bh, level_start, x0, y0 + 1.0, width_f, height_f, wy1 * (1.0 - fx),
+                                      offs_d, d_ok, NUM_HEADS * HEAD_DIM)
+                acc += _gather_corner(value_bh, level_start, x0 + 1.0, y0 + 1.0, width_f, height_f, wy1 * fx,
+                                      offs_d, d_ok, NUM_HEADS * HEAD_DIM)
+            level_start += height * width
+        out_rows = out_ptr + batch * num_queries * (NUM_HEADS * HEAD_DIM) + offs_q * (NUM_HEADS * HEAD_DIM)
+        tl.store(out_rows[:, None] + head * HEAD_DIM + offs_d[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=q_ok[:, None] & d_ok[None, :])
+
+    return _ms_deform_attn_fwd_kernel, bool(triton.knobs.runtime.interpret)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _default_blocks(head_dim: int) -> Tuple[int, int]:
+    """(BLOCK_Q, num_warps): a (BLOCK_Q, BLOCK_D) fp32 accumulator of at most 2048 elements
+    (16 per thread over 4 warps) plus a gathered corner of the same size in registers; see the
+    module docstring for the compiled figures. Untuned (no GPU when written)."""
+    block_d = _pow2_at_least(head_dim)
+    return max(16, min(64, 2048 // block_d)), 4 if block_d <= 128 else 8
+
+
+def _launch(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: torch.Tensor,
+            attention_weights: torch.Tensor, out: torch.Tensor, compile_only: bool = False,
+            blocks: Optional[Tuple[int, int]] = None):
+    """Run the kernel: value (B, S, H, D), L (h, w) pairs, sampling_locations (B, Q, H, L, P, 2),
+    attention_weights (B, Q, H, L, P) -> out (B, Q, H*D) contiguous in value's dtype, written and
+    returned. ``blocks`` (BLOCK_Q, num_warps) overrides ``_default_blocks`` (tests, sweeps).
+    ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
+    without launching (``benchmarks/aot.py``, with meta tensors)."""
+    b, s, nh, d = value.shape
+    _, q, _, nl, p, _ = sampling_locations.shape
+    if tuple(out.shape) != (b, q, nh * d) or not out.is_contiguous():
+        raise ValueError(f"ms_deform_attn: out must be contiguous {(b, q, nh * d)}, got {tuple(out.shape)}")
+    value = value.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    kernel, built_interpreted = _build_kernel()
+    interpret = _ext.triton_interpret_mode()
+    if interpret != built_interpreted:
+        raise RuntimeError(
+            f"ms_deform_attn: the kernel was built with TRITON_INTERPRET={int(built_interpreted)} and it is now "
+            f"{int(interpret)}; triton fixes this when it decorates the kernel, so set it once per process")
+    # Level shapes as scalar arguments, not a tensor: no host-to-device copy per call (which
+    # CUDA-graph capture would refuse) and no recompile per image size (triton specialises an
+    # integer only on == 1 and divisibility by 16).
+    flat = [v for hw in spatial_shapes for v in (int(hw[0]), int(hw[1]))]
+    flat += [1] * (2 * _MAX_LEVELS - len(flat))
+    block_q, num_warps = blocks or _default_blocks(d)
+    grid = (triton.cdiv(q, block_q), nh, b)
+    args = (value, sampling_locations, attention_weights, out, s, q, *flat)
+    # enable_fp_fusion explicit (triton 3.10 turns the default off): the corner weights and the
+    # accumulation may fuse into FMAs; the parity bar allows either rounding.
+    meta = dict(NUM_HEADS=nh, HEAD_DIM=d, BLOCK_D=_pow2_at_least(d), NUM_LEVELS=nl, NUM_POINTS=p, BLOCK_Q=block_q,
+                num_warps=num_warps, enable_fp_fusion=True)
+    if compile_only:
+        return kernel.warmup(*args, grid=grid, **meta)
+    if not out.numel():
+        return out
+    if interpret and out.dtype == torch.bfloat16:
+        # Interpreter only: its fp32 -> bf16 cast truncates (triton 3.9's _convert_float rounds to
+        # nearest only when asked, and .to() does not ask) where the GPU's cvt rounds to nearest
+        # even; torch does that rounding here so the tests see the compiled kernel's numbers.
+        staged = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        kernel[grid](*args[:3], staged, *args[4:], **meta)
+        return out.copy_(staged)
+    on_device = torch.cuda.device(value.device) if value.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        kernel[grid](*args, **meta)
+    return out
+
+
+def _pairs(flat_shapes: Sequence[int]) -> List[Tuple[int, int]]:
+    if len(flat_shapes) % 2:
+        raise ValueError(f"ms_deform_attn: flattened spatial_shapes need an even length, got {list(flat_shapes)}")
+    return [(int(flat_shapes[i]), int(flat_shapes[i + 1])) for i in range(0, len(flat_shapes), 2)]
+
+
+# custom_op rather than triton_op: ``triton_op`` imports triton when it decorates, which importing
+# this module must not do (see kernels/window_attention.py). spatial_shapes travel flattened
+# (h0, w0, h1, w1, ...): a schema has int[], not a list of pairs.
+@torch.library.custom_op("maskformer::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: List[int], sampling_locations: torch.Tensor,
+                       attention_weights: torch.Tensor) -> torch.Tensor:
+    shapes = _pairs(spatial_shapes)
+    reasons = _kernel_reasons(value, shapes, sampling_locations, attention_weights)
+    if reasons:
+        raise ValueError("maskformer::ms_deform_attn (Triton) cannot run: " + "; ".join(reasons))
+    b, _, nh, d = value.shape
+    out = value.new_empty((b, sampling_locations.shape[1], nh * d))
+    return _launch(value, shapes, sampling_locations, attention_weights, out)
+
+
+@_ms_deform_attn_op.register_fake
+def _ms_deform_attn_fake(value, spatial_shapes, sampling_locations, attention_weights):
+    _check_devices(value, sampling_locations, attention_weights)
+    check_ms_deform_attn_args(value, _pairs(spatial_shapes), sampling_locations, attention_weights)
+    b, _, nh, d = value.shape
+    return value.new_empty((b, sampling_locations.shape[1], nh * d))
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Fused multi-scale deformable attention (Triton), ``torch.ops.maskformer.ms_deform_attn``.
+
+    Args and result as ``ms_deform_attn_ref``: value (B, S, H, D), L (h, w) pairs of ints,
+    sampling_locations (B, Q, H, L, P, 2) (x, y) in [0, 1], attention_weights (B, Q, H, L, P), one
+    dtype (fp32/fp16/bf16) -> (B, Q, H*D) in that dtype; fp32 arithmetic and accumulation whatever
+    the dtype. Forward only. Raises ValueError with ``not_supported_reasons`` when it cannot run
+    (and for malformed shapes or tensors on different devices). Tensors all on the meta device give
+    a meta result (the fake kernel: shape propagation).
+    """
+    _check_devices(value, sampling_locations, attention_weights)
+    shapes = check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+    flat = [v for hw in shapes for v in hw]
+    return torch.ops.maskformer.ms_deform_attn(value, flat, sampling_locations, attention_weights)
+
+
+def _check_devices(value, sampling_locations, attention_weights) -> None:
+    _devices.check_same_device("ms_deform_attn", value=value, sampling_locations=sampling_locations,
+                               attention_weights=attention_weights)

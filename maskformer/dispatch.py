@@ -37,7 +37,8 @@ whole of transformers' ``post_process_semantic_segmentation``); ``query_argmax``
 step of ``post_process_panoptic_segmentation``: resize, score-weighted argmax over queries and
 per-query mask areas; C++ only, the reference runs on CUDA); ``window_attention`` (the Swin
 blocks' shifted-window attention, Triton only: the model asks ``select`` and runs its own
-reference code when the answer is "reference").
+reference code when the answer is "reference"); ``ms_deform_attn`` (Mask2Former's multi-scale
+deformable attention, Triton only: on CPU the reference runs).
 """
 import contextlib
 import contextvars
@@ -62,13 +63,15 @@ __all__ = [
     "upsample_argmax",
     "semantic_segmentation",
     "query_argmax",
+    "ms_deform_attn",
     "select",
     "describe",
 ]
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
 ENV_VAR = "MASKFORMER_BACKEND"
-OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "query_argmax", "window_attention")
+OPS = ("mask_einsum", "upsample_argmax", "semantic_segmentation", "query_argmax", "window_attention",
+       "ms_deform_attn")
 
 _log = logging.getLogger(__name__)
 _override: Optional[str] = None  # set_backend(): process-wide
@@ -243,7 +246,7 @@ def _ext_cpp_missing(*ops):
 def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[str]:
     """Why ``backend_name`` ("triton" or "cpp") cannot run ``op`` on these arguments; [] if it can.
     Arguments as the op's (``mask_einsum``, ``upsample_argmax``, ``semantic_segmentation``,
-    ``query_argmax``)."""
+    ``query_argmax``, ``window_attention``, ``ms_deform_attn``)."""
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; ops: {', '.join(OPS)}")
     if backend_name == "reference":
@@ -256,6 +259,12 @@ def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[s
         from maskformer.kernels import window_attention as wa
 
         return wa.not_supported_reasons(*args, **kwargs)
+    if op == "ms_deform_attn":
+        if backend_name == "cpp":
+            return ["ms_deform_attn has no C++ kernel (the reference PyTorch code is the CPU path)"]
+        from maskformer.kernels import ms_deform_attn as msda
+
+        return msda.not_supported_reasons(*args, **kwargs)
     if op == "query_argmax":
         from maskformer.kernels import query_argmax as qa
 
@@ -487,6 +496,38 @@ def query_argmax(
     if name == "cpp":
         return qa.query_argmax_cpp(mask_probs, weights, target_size, mask_threshold, source_extent=source_extent)
     return qa.query_argmax_ref(mask_probs, weights, target_size, mask_threshold, source_extent)
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention (Mask2Former's pixel decoder); see
+    ``maskformer.kernels.ms_deform_attn``.
+
+    Args:
+        value: (B, S, H, D), the L levels' maps flattened row-major and concatenated.
+        spatial_shapes: L (h, w) pairs of ints, S = sum(h * w).
+        sampling_locations: (B, Q, H, L, P, 2), (x, y) in [0, 1] (``align_corners=False``; points
+            outside read zeros).
+        attention_weights: (B, Q, H, L, P).
+
+    Returns:
+        (B, Q, H*D) in value's dtype. The reference is transformers' function bit for bit; the
+        Triton kernel (CUDA) computes in fp32 and agrees within the reference's own rounding error.
+        There is no C++ kernel: on CPU the reference runs (``auto`` records why). ValueError for
+        malformed shapes or tensors on different devices, whatever the backend.
+    """
+    from maskformer.kernels import ms_deform_attn as msda
+
+    msda._check_devices(value, sampling_locations, attention_weights)
+    shapes = msda.check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+    name = _choose("ms_deform_attn", value.device, value, shapes, sampling_locations, attention_weights)
+    if name == "triton":
+        return msda.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    return msda.ms_deform_attn_ref(value, shapes, sampling_locations, attention_weights)
 
 
 def describe() -> Dict[str, Union[str, Dict[str, str]]]:

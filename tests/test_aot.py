@@ -43,6 +43,10 @@ def test_ci_set_compiles_without_spills_and_with_tensor_cores(tmp_path):
         assert {l["dtype"] for l in launches if l["kernel"] == kernel} == {"fp32", "fp16", "bf16"}
         assert {l.get("tf32") for l in launches if l["kernel"] == kernel and l["dtype"] == "fp32"} == {False, True}
     assert {l["shift"] for l in launches if l["kernel"] == "window_attention"} == {0, 3, 6}
+    # the deformable attention at Mask2Former's real shape, every dtype
+    msda = [l for l in launches if l["kernel"] == "ms_deform_attn"]
+    assert {l["dtype"] for l in msda} == {"fp32", "fp16", "bf16"}
+    assert {(l["levels"], l["heads"], l["D"], l["P"]) for l in msda} == {("16x16+32x32+64x64", 8, 32, 4)}
     # exact fp32 runs on FFMA, TF32 and half precision on the tensor cores
     by_binary = {(b["arch"], b["binary"]): b for b in report["binaries"]}
     for l in launches:

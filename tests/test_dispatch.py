@@ -78,7 +78,7 @@ def test_import_is_lean():
     extension and does not initialise CUDA."""
     code = (
         "import sys, torch, maskformer, maskformer.dispatch, maskformer._ext\n"
-        "from maskformer.kernels import mask_einsum, query_argmax, upsample_argmax\n"
+        "from maskformer.kernels import mask_einsum, ms_deform_attn, query_argmax, upsample_argmax\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert 'maskformer._C' not in sys.modules, 'extension loaded'\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"

@@ -9,6 +9,7 @@ import torch
 
 from maskformer import dispatch
 from maskformer.kernels import mask_einsum as me
+from maskformer.kernels import ms_deform_attn as msda
 from maskformer.kernels import query_argmax as qa
 from maskformer.kernels import upsample_argmax as ua
 from maskformer.kernels import window_attention as wa
@@ -27,6 +28,7 @@ def mixed_calls():
     cl, ml = torch.rand(1, 5, 4), torch.rand(1, 5, 4, 4)
     probs, weights = torch.rand(5, 4, 4), torch.rand(5)
     x, w, b, t = torch.rand(1, 5, 5, 16), torch.rand(48, 16), torch.rand(48), torch.rand(25, 2)
+    value, loc, aw = torch.rand(1, 17, 2, 8), torch.rand(1, 6, 2, 2, 3, 2), torch.rand(1, 6, 2, 2, 3)
     return [
         ("dispatch.upsample_argmax", lambda: dispatch.upsample_argmax(scores, (8, 8), out=meta(out)),
          ["scores on cpu", "out on meta"]),
@@ -51,6 +53,10 @@ def mixed_calls():
          ["out[0] on meta", "out[1] on cpu"]),
         ("window_attention_ref", lambda: wa.window_attention_ref(x, w, b, meta(t), 3, 1, 2), ["bias_table on meta"]),
         ("window_attention (Triton)", lambda: wa.window_attention(meta(x), w, None, t, 3, 1, 2), ["x on meta"]),
+        ("dispatch.ms_deform_attn", lambda: dispatch.ms_deform_attn(value, [(4, 4), (1, 1)], meta(loc), aw),
+         ["value on cpu", "sampling_locations on meta", "attention_weights on cpu"]),
+        ("ms_deform_attn (Triton)", lambda: msda.ms_deform_attn(value, [(4, 4), (1, 1)], loc, meta(aw)),
+         ["attention_weights on meta"]),
     ]
 
 

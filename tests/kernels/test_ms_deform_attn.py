@@ -1,0 +1,340 @@
+"""kernels/ms_deform_attn.py: the reference against transformers' function (bit for bit), the Triton
+kernel against the reference (under TRITON_INTERPRET=1 on CPU: small shapes, ~10 ms of numpy per
+program, level and point), the support checks, the custom op's contract and ``dispatch.ms_deform_attn``.
+
+Budgets (flash-attention style): ``|fast - ref64| <= 2 |ref_lowp - ref64| + atol`` elementwise,
+ref64 the reference in fp64 on the same inputs, ref_lowp the reference in the inputs' dtype (its
+own rounding error). ``atol`` (``_atol``) covers the elements where the reference happens to be
+exact; it is derived from the kernel's arithmetic, not fitted:
+- fp32: the pixel coordinate ``x * w - 0.5`` and the fraction ``fx`` carry up to ~u * max(h, w)
+  absolute error each (u = 2**-24), which moves a bilinear weight by as much; the 4*L*P products
+  are then summed in fp32 (<= 4*L*P * u relative to the sum of |terms|). With ``absref`` = the
+  exact sum of |attention weight| * bilinear weight * |value| (the reference in fp64 on |value|
+  and |weights|; bilinear weights are >= 0), atol = u * (4*L*P + 2*max(h, w) + 8) * absref.
+- fp16/bf16: that, twice (the inputs are exact in fp32), plus the final rounding to the output
+  dtype, half an ulp: u_lowp * |ref64| (and fp16's smallest subnormal).
+"""
+import numpy as np
+import pytest
+import torch
+
+from maskformer import _ext, dispatch
+from maskformer.kernels import ms_deform_attn as msda
+
+U32 = 2.0**-24
+U_LOWP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def make_inputs(batch, shapes, queries, heads, head_dim, points, seed=0, special=True):
+    """(value (B, S, H, D), sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P)),
+    fp32. Locations: most uniform in [-0.25, 1.25] (about a third of the corners fall outside),
+    and with ``special`` a quarter of them replaced by border cases per level: 0 and 1 (the map's
+    edges, pixel -0.5 and w - 0.5), the first and last pixel centres (fraction exactly 0: the far
+    corners weigh 0), half a pixel outside (pixel -1 and w: one corner row inside with weight 0),
+    pixel edges k/w (fraction 0.5), far outside (+-3, +-1e30). Values N(0, 1) with a few x30
+    outliers; attention weights softmaxed over L*P with a dominant sample per query."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = sum(h * w for h, w in shapes)
+    levels = len(shapes)
+    value = torch.randn(batch, tokens, heads, head_dim, generator=gen)
+    value[torch.rand(value.shape, generator=gen) < 0.02] *= 30.0
+    loc = torch.rand(batch, queries, heads, levels, points, 2, generator=gen) * 1.5 - 0.25
+    if special:
+        for level, (h, w) in enumerate(shapes):
+            for axis, size in ((0, w), (1, h)):
+                cases = torch.tensor([0.0, 1.0, 0.5 / size, (size - 0.5) / size, -0.5 / size, (size + 0.5) / size,
+                                      1.0 / size, (size - 1.0) / size, 3.0, -3.0, 1e30, -1e30])
+                sl = loc[:, :, :, level, :, axis]
+                pick = torch.rand(sl.shape, generator=gen) < 0.25
+                sl[pick] = cases[torch.randint(0, len(cases), (int(pick.sum()),), generator=gen)]
+    logits = torch.randn(batch, queries, heads, levels * points, generator=gen) * 2.0
+    logits[..., 0] += 3.0
+    weights = logits.softmax(-1).view(batch, queries, heads, levels, points)
+    return value, loc, weights
+
+
+def _atol32(value, shapes, loc, weights):
+    """u * (4*L*P + 2*max side + 8) * sum |terms|, elementwise (module docstring)."""
+    absref = msda.ms_deform_attn_ref(value.double().abs(), shapes, loc.double(), weights.double().abs())
+    levels, points = weights.shape[-2:]
+    return U32 * (4 * levels * points + 2 * max(max(hw) for hw in shapes) + 8) * absref
+
+
+def assert_within_budget(fast, ref64, ref_lowp, atol, name):
+    """|fast - ref64| <= 2 |ref_lowp - ref64| + atol elementwise (NaN where and only where the
+    reference has NaN), or a message with the count and the worst element."""
+    fast, ref64, ref_lowp = fast.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
+    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
+    nan_ref, nan_fast = ref64.isnan(), fast.isnan()
+    if not torch.equal(nan_ref, nan_fast):
+        bad = (nan_ref != nan_fast).nonzero()
+        raise AssertionError(f"{name}: NaN pattern differs at {len(bad)} elements, first {tuple(bad[0].tolist())}: "
+                             f"fast {fast[tuple(bad[0])].item()}, ref {ref64[tuple(bad[0])].item()}")
+    ok = ~nan_ref
+    err = torch.where(ok, (fast - ref64).abs(), 0.0)
+    budget = torch.where(ok, 2 * (ref_lowp - ref64).abs() + atol, 1.0)
+    over = err > budget
+    if over.any():
+        i = int(torch.argmax((err - budget).flatten()))
+        idx = tuple(int(v) for v in np.unravel_index(i, tuple(err.shape)))
+        raise AssertionError(
+            f"{name}: {int(over.sum())} of {err.numel()} elements over budget; worst at {idx}: fast "
+            f"{fast[idx].item():.9g}, ref64 {ref64[idx].item():.9g}, ref_lowp {ref_lowp[idx].item():.9g}, err "
+            f"{err[idx].item():.3g} > budget {budget[idx].item():.3g} (atol {float(atol[idx]):.2e})")
+
+
+def check_fp32(fast, value, shapes, loc, weights, name):
+    ref64 = msda.ms_deform_attn_ref(value.double(), shapes, loc.double(), weights.double())
+    ref32 = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    assert fast.dtype == torch.float32
+    assert_within_budget(fast, ref64, ref32, _atol32(value, shapes, loc, weights), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference
+# ---------------------------------------------------------------------------------------------
+
+# (B, levels, Q, H, D, P)
+REF_SHAPES = [
+    (2, [(3, 5), (7, 2), (1, 1)], 13, 2, 8, 4),
+    (1, [(16, 16), (8, 8), (4, 4)], 336, 8, 32, 4),
+    (3, [(5, 6), (3, 3), (2, 2), (1, 1)], 7, 1, 24, 1),
+]
+
+
+@pytest.mark.parametrize("case", REF_SHAPES, ids=lambda c: f"B{c[0]}-L{len(c[1])}-H{c[3]}-D{c[4]}-P{c[5]}")
+def test_ref_is_transformers_bitwise(case):
+    from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
+
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q)
+    ours = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    theirs = multi_scale_deformable_attention(value, shapes, loc, weights)
+    assert ours.dtype == torch.float32 and tuple(ours.shape) == (b, q, h * d)
+    assert torch.equal(ours.nan_to_num(), theirs.nan_to_num()) and torch.equal(ours.isnan(), theirs.isnan())
+
+
+def test_malformed_shapes_raise_naming_the_problem():
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2)
+    with pytest.raises(ValueError, match="cover 19 tokens but value has 18"):
+        msda.ms_deform_attn_ref(value[:, :18], shapes, loc, weights)
+    with pytest.raises(ValueError, match="must be \\(batch, tokens, heads, head_dim\\)"):
+        msda.ms_deform_attn_ref(value[0], shapes, loc, weights)
+    with pytest.raises(ValueError, match="batch, heads and levels must agree"):
+        msda.ms_deform_attn_ref(value, shapes, loc[:, :, :1], weights)
+    with pytest.raises(ValueError, match="attention_weights must be"):
+        msda.ms_deform_attn_ref(value, shapes, loc, weights[..., :1])
+    with pytest.raises(ValueError, match="height and width >= 1"):
+        msda.ms_deform_attn_ref(value[:, :4], [(4, 1), (0, 7)], loc, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton (interpreter on CPU, or CUDA with TRITON_INTERPRET=0)
+# ---------------------------------------------------------------------------------------------
+
+# (B, levels, Q, H, D, P): odd level sizes (1x1, 3x5, 7x2), 1, 3 and 4 levels, P = 1 and 4,
+# H = 1, 2 and 8, D = 8, 32 and 24 (not a power of two), Q over two 64-query blocks (70).
+TRITON_SHAPES = [
+    (2, [(3, 5), (7, 2), (1, 1)], 13, 2, 8, 4),
+    (1, [(1, 1)], 5, 1, 32, 1),
+    (1, [(5, 6), (3, 3), (2, 2), (1, 1)], 9, 8, 8, 4),
+    (1, [(4, 4), (2, 3), (1, 2)], 70, 2, 24, 1),
+    (1, [(7, 2)], 3, 1, 32, 4),
+]
+
+
+def _shape_id(c):
+    return f"B{c[0]}-{'+'.join(f'{h}x{w}' for h, w in c[1])}-Q{c[2]}-H{c[3]}-D{c[4]}-P{c[5]}"
+
+
+@pytest.mark.parametrize("case", TRITON_SHAPES, ids=_shape_id)
+def test_triton_fp32(triton_device, case):
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q + d)
+    args = (value.to(triton_device), shapes, loc.to(triton_device), weights.to(triton_device))
+    assert msda.not_supported_reasons(*args) == []
+    fast = msda.ms_deform_attn(*args)
+    assert tuple(fast.shape) == (b, q, h * d)
+    check_fp32(fast, value, shapes, loc, weights, f"triton fp32 {_shape_id(case)}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [TRITON_SHAPES[0], TRITON_SHAPES[3]], ids=_shape_id)
+def test_triton_low_precision(triton_device, case, dtype):
+    """fp16/bf16 inputs, fp32 arithmetic, output rounded once: within twice the error of the
+    reference run in that dtype (grid_sample and the weighted sum in fp16/bf16)."""
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=5)
+    loc = loc.clamp(-1e4, 1e4)  # fp16's range; +-1e4 is as far outside
+    value, loc, weights = value.to(dtype), loc.to(dtype), weights.to(dtype)
+    fast = msda.ms_deform_attn(value.to(triton_device), shapes, loc.to(triton_device), weights.to(triton_device))
+    assert fast.dtype == dtype
+    ref64 = msda.ms_deform_attn_ref(value.double(), shapes, loc.double(), weights.double())
+    ref_lowp = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    # the kernel's fp32 error (twice: it also moves the rounding), then half an ulp of the output
+    atol = 2 * _atol32(value.float(), shapes, loc.float(), weights.float()) + U_LOWP[dtype] * ref64.abs() + 2.0**-24
+    assert_within_budget(fast, ref64, ref_lowp, atol, f"triton {dtype} {_shape_id(case)}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, interpreted
+def test_triton_borders_and_far_points(triton_device):
+    """Every location a border case: map edges, first/last pixel centres, half a pixel outside,
+    pixel edges, far outside (finite: exactly 0), NaN and +-inf (NaN, as grid_sample)."""
+    shapes = [(3, 5), (1, 1), (4, 2)]
+    value, loc, weights = make_inputs(1, shapes, 24, 2, 8, 2, seed=3)
+    for level, (h, w) in enumerate(shapes):
+        for axis, size in ((0, w), (1, h)):
+            cases = torch.tensor([0.0, 1.0, 0.5 / size, (size - 0.5) / size, -0.5 / size, (size + 0.5) / size,
+                                  1.0 / size, 3.0, -3.0, 1e30, -1e30, 0.5])
+            loc[0, :, :, level, :, axis] = cases[torch.randint(0, len(cases), loc.shape[1:3] + loc.shape[4:5])]
+    far = loc[0, :4].clone()
+    far[..., 0] = 1e30
+    loc[0, :4] = far  # queries 0-3: every sample far outside -> exactly 0
+    loc[0, 4, 0, 0, 0, 0] = float("nan")
+    loc[0, 5, 1, 1, 1, 1] = float("inf")
+    loc[0, 6, 0, 2, 0, 0] = -float("inf")
+    fast = msda.ms_deform_attn(value.to(triton_device), shapes, loc.to(triton_device), weights.to(triton_device))
+    assert torch.equal(fast[0, :4].cpu(), torch.zeros(4, 16))
+    assert fast[0, 4, :8].isnan().all() and fast[0, 5, 8:].isnan().all() and fast[0, 6, :8].isnan().all()
+    check_fp32(fast, value, shapes, loc, weights, "borders")
+
+
+def test_triton_writes_every_element(triton_device):
+    """Sentinel: a NaN-filled output passed through the launch comes back fully written, right."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(2, shapes, 67, 2, 24, 2, seed=11, special=False)
+    args = [t.to(triton_device) for t in (value, loc, weights)]
+    out = torch.full((2, 67, 48), float("nan"), device=triton_device)
+    got = msda._launch(args[0], shapes, args[1], args[2], out)
+    assert got is out
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} of {out.numel()} elements never written"
+    check_fp32(out, value, shapes, loc, weights, "sentinel")
+
+
+def test_triton_non_contiguous_inputs(triton_device):
+    """Strided views (as a caller slicing a bigger tensor would pass) give the same result."""
+    shapes = [(3, 4), (2, 1)]
+    value, loc, weights = make_inputs(1, shapes, 6, 2, 8, 2, seed=2)
+    value_t = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_t = loc.flip(-1).contiguous().flip(-1)
+    weights_t = torch.cat([weights, weights], dim=-1)[..., :2]
+    assert not (value_t.is_contiguous() or weights_t.is_contiguous())
+    dev = triton_device
+    fast = msda.ms_deform_attn(value_t.to(dev), shapes, loc_t.to(dev), weights_t.to(dev))
+    check_fp32(fast, value, shapes, loc, weights, "strided")
+
+
+def test_not_supported_reasons(monkeypatch):
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+
+    def reasons(*args):
+        return " ".join(msda.not_supported_reasons(*args))
+
+    assert "float64 is not supported" in reasons(value.double(), shapes, loc.double(), weights.double())
+    assert "sampling_locations is torch.float16 but value is torch.float32" in reasons(value, shapes, loc.half(), weights)
+    wide = torch.randn(1, 19, 1, 300)
+    assert "head_dim=300 is outside [1, 256]" in reasons(wide, shapes, loc[:, :, :1], weights[:, :, :1])
+    five = [(1, 1)] * 5
+    assert "5 levels > 4" in reasons(torch.randn(1, 5, 2, 8), five, torch.rand(1, 3, 2, 5, 1, 2),
+                                     torch.rand(1, 3, 2, 5, 1))
+    assert "cover 19 tokens but value has 18" in reasons(value[:, :18], shapes, loc, weights)
+    grad = value.clone().requires_grad_()
+    assert "value require grad: the kernel is forward-only" in reasons(grad, shapes, loc, weights)
+    with torch.no_grad():
+        assert "require grad" not in reasons(grad, shapes, loc, weights)
+    assert "meta" in reasons(value.to("meta"), shapes, loc.to("meta"), weights.to("meta"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    text = reasons(value, shapes, loc, weights)
+    assert "TRITON_INTERPRET=1" in text or "triton is not importable" in text, text
+    with pytest.raises(ValueError, match="cannot run"):
+        msda.ms_deform_attn(value, shapes, loc, weights)
+
+
+def test_devices_and_meta():
+    shapes = [(3, 5)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    with pytest.raises(ValueError, match="different devices"):
+        msda.ms_deform_attn(value.to("meta"), shapes, loc, weights)
+    out = msda.ms_deform_attn(value.to("meta"), shapes, loc.to("meta"), weights.to("meta"))  # the fake kernel
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 4, 16) and out.dtype == torch.float32
+
+
+def test_triton_opcheck(triton_device):
+    """torch.library contract of the custom op (schema, fake tensor, no aliasing)."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    flat = [v for hw in shapes for v in hw]
+    args = (value.to(triton_device), flat, loc.to(triton_device), weights.to(triton_device))
+    torch.library.opcheck(torch.ops.maskformer.ms_deform_attn.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# dispatch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_backend(monkeypatch):
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    dispatch.set_backend(None)
+    yield
+    dispatch.set_backend(None)
+
+
+def test_dispatch_auto_on_cpu_runs_reference_and_says_why(clean_backend):
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(2, shapes, 6, 2, 8, 2, seed=4)
+    got = dispatch.ms_deform_attn(value, shapes, loc, weights)
+    rec = dispatch.last_dispatch("ms_deform_attn")
+    assert (rec.requested, rec.backend) == ("auto", "reference")
+    assert "no C++ kernel" in " ".join(rec.refused["cpp"])
+    ref = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+    with dispatch.backend("cpp"):
+        with pytest.raises(dispatch.BackendNotSupportedError, match="no C\\+\\+ kernel"):
+            dispatch.ms_deform_attn(value, shapes, loc, weights)
+
+
+def test_dispatch_forced_triton_without_interpreter_raises(clean_backend, monkeypatch):
+    shapes = [(3, 5)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with dispatch.backend("triton"):
+        with pytest.raises(dispatch.BackendNotSupportedError) as info:
+            dispatch.ms_deform_attn(value, shapes, loc, weights)
+    text = str(info.value)
+    assert "backend 'triton' was forced (with backend())" in text
+    assert "TRITON_INTERPRET=1" in text or "triton is not importable" in text, text
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "none (raised)"
+
+
+def test_dispatch_forced_triton_runs_the_kernel(clean_backend, triton_device):
+    shapes = [(3, 5), (1, 1)]
+    value, loc, weights = make_inputs(1, shapes, 5, 1, 8, 2, seed=6)
+    with dispatch.backend("triton"):
+        fast = dispatch.ms_deform_attn(value.to(triton_device), shapes, loc.to(triton_device),
+                                       weights.to(triton_device))
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "triton"
+    check_fp32(fast, value, shapes, loc, weights, "dispatch triton")
+
+
+def test_dispatch_malformed_arguments_raise_whatever_the_backend(clean_backend):
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    for name in ("auto", "reference", "triton", "cpp"):
+        with dispatch.backend(name):
+            with pytest.raises(ValueError, match="cover 19 tokens but value has 18"):
+                dispatch.ms_deform_attn(value[:, :18], shapes, loc, weights)
+            with pytest.raises(ValueError, match="attention_weights must be"):
+                dispatch.ms_deform_attn(value, shapes, loc, weights[:, :3])
+            with pytest.raises(ValueError, match="different devices"):
+                dispatch.ms_deform_attn(value, shapes, loc.to("meta"), weights)
+    assert _ext.triton_interpret_mode() in (True, False)  # the variable was never touched here
