@@ -47,7 +47,7 @@ class MultiscaleDeformableAttention(nn.Module):
                 spatial_shapes: Sequence[Tuple[int, int]], offset_normalizer: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """hidden, position (B, S, C); reference_points (B, S, L, 2) as (x, y) in [0, 1];
         offset_normalizer (L, 2) = each level's (w, h). -> (output (B, S, C), attention weights (B, S, H, L, P))."""
-        from .kernels.ms_deform_attn import ms_deform_attn_ref  # dispatch.ms_deform_attn once the kernel lands
+        from . import dispatch
 
         b, s, _ = hidden.shape
         h, nl, p = self.n_heads, self.n_levels, self.n_points
@@ -56,7 +56,7 @@ class MultiscaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(b, s, h, nl, p, 2)
         weights = F.softmax(self.attention_weights(query).view(b, s, h, nl * p), -1).view(b, s, h, nl, p)
         locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
-        out = ms_deform_attn_ref(value, spatial_shapes, locations, weights)
+        out = dispatch.ms_deform_attn(value, spatial_shapes, locations, weights)
         return self.output_proj(out), weights
 
 
