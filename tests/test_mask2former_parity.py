@@ -222,9 +222,3 @@ def test_maskformer_checkpoint_is_refused_with_the_right_class(tmp_path):
 def test_unsupported_configs_are_refused_clearly(bad, match):
     with pytest.raises(ConfigError, match=match):
         Mask2FormerConfig(**bad)
-
-
-def test_loss_is_refused_not_faked():
-    ours = ours_from_hf(make_hf(window_size=3))
-    with pytest.raises(NotImplementedError, match="transformers"):
-        ours(torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([0])])
