@@ -90,6 +90,7 @@ def assign(cost: Tensor) -> Tuple[Tensor, Tensor]:
     so that invalid pairs are matched last instead of crashing."""
     from scipy.optimize import linear_sum_assignment
 
+    cost = cost.float()  # scipy takes no half or bfloat16; a no-op for fp32 costs
     big = torch.finfo(cost.dtype).max
     cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
     rows, cols = linear_sum_assignment(cost.cpu())
