@@ -69,8 +69,6 @@ def hungarian_match(masks_queries_logits: Tensor, class_queries_logits: Tensor, 
     masks_queries_logits (B, Q, h, w), class_queries_logits (B, Q, K+1), mask_labels[i] (T_i, H, W),
     class_labels[i] (T_i,) int64.
     """
-    from scipy.optimize import linear_sum_assignment
-
     matches = []
     for logits_i, masks_i, targets_i, labels_i in zip(class_queries_logits, masks_queries_logits, mask_labels, class_labels):
         targets_i = F.interpolate(targets_i[:, None].to(masks_i.dtype), size=masks_i.shape[-2:], mode="nearest")[:, 0]
@@ -81,11 +79,22 @@ def hungarian_match(masks_queries_logits: Tensor, class_queries_logits: Tensor, 
             + cost_class * -logits_i.softmax(-1)[:, labels_i]
             + cost_dice * pairwise_dice_cost(flat_pred, flat_tgt)
         )
-        big = torch.finfo(cost.dtype).max
-        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
-        rows, cols = linear_sum_assignment(cost.cpu())
-        matches.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        matches.append(assign(cost))
     return matches
+
+
+@torch.no_grad()
+def assign(cost: Tensor) -> Tuple[Tensor, Tensor]:
+    """cost (Q, T) float -> (query indices, target indices), int64 CPU tensors of length min(Q, T):
+    the minimum-cost one-to-one assignment (scipy), NaN/inf costs replaced by the largest float
+    so that invalid pairs are matched last instead of crashing."""
+    from scipy.optimize import linear_sum_assignment
+
+    cost = cost.float()  # scipy takes no half or bfloat16; a no-op for fp32 costs
+    big = torch.finfo(cost.dtype).max
+    cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+    rows, cols = linear_sum_assignment(cost.cpu())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 def _pad_targets(mask_labels: Sequence[Tensor]) -> Tensor:

@@ -12,10 +12,14 @@ Loading, saving, input checks and gradient checkpointing are MaskFormer's
 """
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 from torch import nn
 
 from .config import Mask2FormerConfig
+from .loss import _check_labels, as_label_lists
+from .loss_mask2former import mask2former_loss
 from .masked_attention_decoder import MaskedAttentionTransformerModule
 from .modeling import MaskFormerPreTrainedModel, _CriterionState
 from .msda_pixel_decoder import MSDeformAttnPixelDecoder
@@ -99,7 +103,13 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
 
     forward(pixel_values (B, 3, H, W) float, pixel_mask optional and unused) ->
     ``Mask2FormerForUniversalSegmentationOutput`` with class_queries_logits (B, Q, K + 1) and
-    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)).
+    masks_queries_logits (B, Q, ceil(H/4), ceil(W/4)). With ``mask_labels`` (a list of B
+    (N_i, H, W) float binary masks, or one (B, N, H, W) tensor; N_i may be 0) and ``class_labels``
+    (a list of B (N_i,) int64 class ids, or one (B, N) tensor) it also returns the training
+    ``loss`` (``maskformer.loss_mask2former``; its random points come from the global generator,
+    in transformers' order). One difference from transformers, on purpose: with
+    ``use_auxiliary_loss=False`` the loss has no auxiliary terms, as that flag's documentation
+    says; transformers adds them anyway (and needs ``output_hidden_states=True`` not to crash).
     """
 
     def __init__(self, config: Mask2FormerConfig):
@@ -108,17 +118,40 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
         self.criterion = _CriterionState(config.num_labels, config.no_object_weight)
 
+    @property
+    def weight_dict(self) -> Dict[str, float]:
+        """Loss name -> weight, as transformers' attribute (read from the config)."""
+        cfg = self.config
+        return {"loss_cross_entropy": cfg.class_weight, "loss_mask": cfg.mask_weight, "loss_dice": cfg.dice_weight}
+
+    def get_loss_dict(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels,
+                      auxiliary_predictions=None, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        """The weighted losses (``maskformer.loss_mask2former.mask2former_loss``), as transformers'
+        method: masks_queries_logits (B, Q, h, w), class_queries_logits (B, Q, K + 1), labels as for
+        ``forward``, auxiliary_predictions a list of dicts of both logits or None. Draws its random
+        points from ``generator`` (the global one when None)."""
+        cfg = self.config
+        _, losses = mask2former_loss(
+            masks_queries_logits, class_queries_logits, mask_labels, class_labels, num_labels=cfg.num_labels,
+            empty_weight=self.criterion.empty_weight, class_weight=cfg.class_weight, mask_weight=cfg.mask_weight,
+            dice_weight=cfg.dice_weight, num_points=cfg.train_num_points, oversample_ratio=cfg.oversample_ratio,
+            importance_sample_ratio=cfg.importance_sample_ratio, auxiliary_logits=auxiliary_predictions,
+            generator=generator,
+        )
+        return losses
+
+    def get_loss(self, loss_dict: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return sum(loss_dict.values())
+
     def forward(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_hidden_states=None,
                 output_auxiliary_logits=None, output_attentions=None, return_dict=None):
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("pass both mask_labels and class_labels to compute the loss, or neither")
-        if mask_labels is not None:
-            raise NotImplementedError(
-                "the Mask2Former training loss (Hungarian matching with point-sampled mask losses) is not implemented "
-                "in maskformer yet; train with transformers' Mask2FormerForUniversalSegmentation (its checkpoints load "
-                "here for inference)"
-            )
         pixel_values = self._check_pixel_values(pixel_values, pixel_mask)
+        if mask_labels is not None:
+            # checked before the model runs: a bad label fails in milliseconds, not after the forward
+            mask_labels, class_labels = as_label_lists(mask_labels, class_labels)
+            _check_labels(mask_labels, class_labels, pixel_values.shape[0], self.config.num_labels)
         cfg = self.config
         output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
         output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
@@ -128,22 +161,28 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         base = self.model._run(pixel_values, bool(output_hidden_states), bool(output_attentions))
         intermediate = base._intermediate
         masks_logits = base.masks_queries_logits
-        if output_auxiliary_logits:
+        aux_loss = mask_labels is not None and cfg.use_auxiliary_loss
+        if output_auxiliary_logits or aux_loss:
             class_logits = [self.class_predictor(state.transpose(0, 1)) for state in intermediate]
             auxiliary_logits = [{"masks_queries_logits": m, "class_queries_logits": c}
                                 for m, c in zip(masks_logits[:-1], class_logits[:-1])]
             class_last = class_logits[-1]
         else:
-            # Only the last prediction is returned: the class head on the earlier states is not run.
+            # Only the last prediction is needed: the class head on the earlier states is not run.
             auxiliary_logits = None
             class_last = self.class_predictor(intermediate[-1].transpose(0, 1))
+        loss = None
+        if mask_labels is not None:
+            loss_dict = self.get_loss_dict(masks_logits[-1], class_last, mask_labels, class_labels,
+                                           auxiliary_logits if aux_loss else None)
+            loss = self.get_loss(loss_dict)
         names = ("encoder_hidden_states", "pixel_decoder_hidden_states", "transformer_decoder_hidden_states")
         states = {name: getattr(base, name) for name in names} if output_hidden_states else {}
         out = Mask2FormerForUniversalSegmentationOutput(
-            loss=None,
+            loss=loss,
             class_queries_logits=class_last,
             masks_queries_logits=masks_logits[-1],
-            auxiliary_logits=auxiliary_logits,
+            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
             encoder_last_hidden_state=base.encoder_last_hidden_state,
             pixel_decoder_last_hidden_state=base.pixel_decoder_last_hidden_state,
             transformer_decoder_last_hidden_state=base.transformer_decoder_last_hidden_state,

@@ -224,12 +224,6 @@ def test_unsupported_configs_are_refused_clearly(bad, match):
         Mask2FormerConfig(**bad)
 
 
-def test_loss_is_refused_not_faked():
-    ours = ours_from_hf(make_hf(window_size=3))
-    with pytest.raises(NotImplementedError, match="transformers"):
-        ours(torch.randn(1, 3, 64, 64), mask_labels=[torch.ones(1, 64, 64)], class_labels=[torch.tensor([0])])
-
-
 def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path):
     """`maskformer segment --model` on a Mask2Former checkpoint (config.json's model_type decides):
     the label maps equal transformers' own pipeline (its processor, model and semantic
