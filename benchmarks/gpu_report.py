@@ -18,6 +18,7 @@ time is recorded and the report goes on; the e2e parts also save after every row
 | window_attention | ``bench_window_attention.py``: Triton vs SDPA with the bias materialised vs transformers-style eager, Swin-L stages at 640x640, bf16/fp16/fp32, shifts 0 and 6, batch 1; verified first | 110 s |
 | postprocess | ``bench_postprocess``: semantic post-processing vs transformers, 150 classes, 100 queries, 160x213 -> 640x853, batch 2 | 90 s |
 | e2e | ``maskformer bench``: Swin-T and Swin-L (random weights), fp32 and bf16, batch 1: transformers eager, maskformer fast, fast + CUDA graphs (fp32 reference rows for agreement); 100 s per row | 150 s |
+| e2e-mask2former | the same for Mask2Former Swin-T (``m2f-tiny``): transformers eager, maskformer fast (Triton MSDA and window attention), fp32 and bf16 | 90 s |
 | e2e-throughput | the same at batch 8 | what is left |
 | e2e-compile | transformers + ``torch.compile``, bf16, batch 1; 240 s per row | what is left |
 
@@ -163,16 +164,17 @@ def _summarise_postprocess(out: str, log: str, dry: bool) -> Dict:
                 verification=report.get("verification"), dry_run=dry)
 
 
-def _e2e_cmd(name: str, batches: str, impls: str, dtypes: str, row_timeout: int = 100):
+def _e2e_cmd(name: str, batches: str, impls: str, dtypes: str, row_timeout: int = 100, models: str = "tiny,large",
+             dry_models: str = "toy"):
     def cmd(out: str, dry: bool) -> Optional[List[str]]:
         common = ["--out", out, "--name", name, "--batches", batches]
         if dry:
             if "transformers-compile" in impls:
                 return None  # minutes of compilation per row on a CPU
             impls_dry = ",".join(i for i in impls.split(",") if i != "maskformer-fast-cudagraph")
-            return _py("-m", "maskformer.bench", *common, "--models", "toy", "--dtypes", "float32", "--device", "cpu",
+            return _py("-m", "maskformer.bench", *common, "--models", dry_models, "--dtypes", "float32", "--device", "cpu",
                        "--impls", impls_dry, "--warmup", "0", "--repeats", "1", "--row-timeout", "120")
-        return _py("-m", "maskformer.bench", *common, "--models", "tiny,large", "--dtypes", dtypes, "--device", "cuda",
+        return _py("-m", "maskformer.bench", *common, "--models", models, "--dtypes", dtypes, "--device", "cuda",
                    "--impls", impls, "--warmup", "2", "--repeats", "5", "--row-timeout", str(row_timeout))
     return cmd
 
@@ -204,6 +206,10 @@ PARTS = [
          lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_postprocess),
     Part("e2e", "end to end, batch 1", 150, _e2e_cmd("e2e", "1", E2E_IMPLS, "float32,bfloat16"),
          lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e")),
+    Part("e2e-mask2former", "Mask2Former Swin-T end to end, batch 1 (MSDA and window-attention kernels)", 90,
+         _e2e_cmd("e2e-mask2former", "1", "maskformer-reference,transformers-eager,maskformer-fast", "float32,bfloat16",
+                  models="m2f-tiny", dry_models="m2f-toy"),
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e-mask2former")),
     Part("e2e-throughput", "end to end, batch 8", 10**6, _e2e_cmd("e2e-throughput", "8", E2E_IMPLS, "float32,bfloat16"),
          lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e-throughput")),
     Part("e2e-compile", "transformers + torch.compile, bf16, batch 1", 10**6,

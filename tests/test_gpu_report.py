@@ -21,8 +21,9 @@ def test_dry_run_writes_the_report(tmp_path):
     assert report["dry_run"] is True
     status = {p["name"]: p["status"] for p in report["parts"]}
     assert status == {"environment": "ok", "kernel_tests": "ok", "window_attention": "ok", "postprocess": "ok",
-                      "e2e": "ok", "e2e-throughput": "ok", "e2e-compile": "not run"}, report["parts"]
-    for name in ("environment", "kernel_tests", "window_attention", "postprocess", "e2e", "e2e-throughput"):
+                      "e2e": "ok", "e2e-mask2former": "ok", "e2e-throughput": "ok", "e2e-compile": "not run"}, report["parts"]
+    for name in ("environment", "kernel_tests", "window_attention", "postprocess", "e2e", "e2e-mask2former",
+                 "e2e-throughput"):
         data = json.loads((out / f"{name}.json").read_text())
         assert data.get("dry_run") is True, name
         assert gpu_report.DRY_BANNER in (out / f"{name}.md").read_text(), name
@@ -33,6 +34,9 @@ def test_dry_run_writes_the_report(tmp_path):
     assert attention["verified"] is True and {r["impl"] for r in attention["results"]} >= {"triton", "sdpa", "eager"}
     e2e = json.loads((out / "e2e.json").read_text())
     assert {r["impl"] for r in e2e["rows"]} == {"maskformer-reference", "transformers-eager", "maskformer-fast"}
+    m2f = json.loads((out / "e2e-mask2former.json").read_text())
+    assert {r["impl"] for r in m2f["rows"]} == {"maskformer-reference", "transformers-eager", "maskformer-fast"}
+    assert all("error" not in r and r["model"] == "mask2former-swin-toy" for r in m2f["rows"]), m2f["rows"]
     assert all("error" not in r for r in e2e["rows"]), e2e["rows"]
     summary = (out / "report.md").read_text()
     assert summary.startswith(gpu_report.DRY_BANNER) and "| e2e-compile | not run |" in summary
