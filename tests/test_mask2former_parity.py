@@ -275,3 +275,31 @@ def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path
     run = subprocess.run([sys.executable, "-m", "maskformer", "segment", folder, "--model", tmp_path / "ckpt", "--out",
                           tmp_path / "out2", "--engine", "openvino"], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "engine='torch'" in run.stderr
+
+
+def test_hub_repo_id_resolves_from_the_local_cache(tmp_path, monkeypatch):
+    """A hub id (offline, from huggingface_hub's cache layout) loads model and processor, as transformers."""
+    import shutil
+
+    import huggingface_hub.constants
+    from transformers import Mask2FormerImageProcessor as HFProcessor
+
+    from maskformer import Mask2FormerImageProcessor
+
+    hf_model = make_hf(window_size=7)
+    folder = tmp_path / "saved"
+    hf_model.save_pretrained(folder)
+    HFProcessor(size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(folder)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--mask2former-tiny"
+    (repo / "snapshots" / sha).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy(folder / name, repo / "snapshots" / sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    ours = Mask2FormerForUniversalSegmentation.from_pretrained("someone/mask2former-tiny", cache_dir=tmp_path / "hub")
+    compare(hf_model, ours, torch.randn(1, 3, 64, 96))
+    processor = Mask2FormerImageProcessor.from_pretrained("someone/mask2former-tiny", cache_dir=tmp_path / "hub")
+    assert processor.size == {"shortest_edge": 96, "longest_edge": 160}
