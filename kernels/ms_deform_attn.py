@@ -56,7 +56,8 @@ import torch.nn.functional as F
 
 from maskformer import _devices, _ext
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_ref", "check_ms_deform_attn_args", "not_supported_reasons"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_cpp", "ms_deform_attn_ref", "check_ms_deform_attn_args",
+           "not_supported_reasons", "cpp_not_supported_reasons"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # see the header: the compiled figures behind it
@@ -145,13 +146,36 @@ def _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     return []
 
 
-def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
-    """Everything but autograd: what the op's implementation checks before launching."""
+def _common_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """What both kernels (Triton and C++) require: well-formed shapes, one device, one dtype
+    among fp32/fp16/bf16."""
     reasons = _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     tensors = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         reasons.append(f"tensors are on different devices: {devices}")
+    if value.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"value dtype {value.dtype} is not supported (fp32, fp16, bf16)")
+    for name in ("sampling_locations", "attention_weights"):
+        if tensors[name].dtype != value.dtype:
+            # the reference's grid_sample refuses a grid of another dtype than its input; one dtype
+            # for all three keeps "what the kernel accepts" inside "what the reference computes"
+            reasons.append(f"{name} is {tensors[name].dtype} but value is {value.dtype}: one dtype for all three")
+    return reasons
+
+
+def _grad_reasons(value, sampling_locations, attention_weights) -> List[str]:
+    """Both kernels are forward-only: inputs that require grad under grad mode are refused."""
+    if not torch.is_grad_enabled():
+        return []
+    needing = [name for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                                    ("attention_weights", attention_weights)) if t.requires_grad]
+    return [f"{', '.join(needing)} require grad: the kernel is forward-only (no backward)"] if needing else []
+
+
+def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """Everything but autograd: what the Triton op's implementation checks before launching."""
+    reasons = _common_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     err = _ext.triton_import_error()
     if err:
         reasons.append(err)
@@ -160,13 +184,6 @@ def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights
             f"value is on {value.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
         )
-    if value.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"value dtype {value.dtype} is not supported (fp32, fp16, bf16)")
-    for name in ("sampling_locations", "attention_weights"):
-        if tensors[name].dtype != value.dtype:
-            # the reference's grid_sample refuses a grid of another dtype than its input; one dtype
-            # for all three keeps "what the kernel accepts" inside "what the reference computes"
-            reasons.append(f"{name} is {tensors[name].dtype} but value is {value.dtype}: one dtype for all three")
     if reasons:
         return reasons
     b, s, nh, d = value.shape
@@ -197,13 +214,37 @@ def not_supported_reasons(
     tensors), head_dim, levels, points, int32 offsets, and autograd (forward only: inputs that
     require grad under grad mode are refused).
     """
-    reasons = _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
-    if torch.is_grad_enabled():
-        needing = [name for name, t in (("value", value), ("sampling_locations", sampling_locations),
-                                        ("attention_weights", attention_weights)) if t.requires_grad]
-        if needing:
-            reasons.append(f"{', '.join(needing)} require grad: the kernel is forward-only (no backward)")
+    return (_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+            + _grad_reasons(value, sampling_locations, attention_weights))
+
+
+def _cpp_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """Everything but autograd: what ``ms_deform_attn_cpp`` checks before calling the C++ op."""
+    reasons = _common_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+    if not reasons:  # well-formed shapes
+        big = [(int(h), int(w)) for h, w in spatial_shapes if max(int(h), int(w)) >= 2**24]
+        if big:
+            reasons.append(f"level sides must be < 2**24 (pixel coordinates exact in fp32), got {big}")
+    reasons += _ext.cpp_missing_ops("ms_deform_attn_cpu")
+    if value.device.type != "cpu":
+        reasons.append(f"value is on {value.device}: the C++ kernel is CPU-only")
     return reasons
+
+
+def cpp_not_supported_reasons(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> List[str]:
+    """Why the C++ ``ms_deform_attn_cpp`` cannot serve these arguments; [] when it can.
+
+    Same arguments as ``ms_deform_attn_ref``. Reasons: shapes, the extension not built (and why its
+    import failed) or built without the op, device (CPU only), dtypes (fp32/fp16/bf16, one for all
+    three tensors), level sides >= 2**24, and autograd (forward only).
+    """
+    return (_cpp_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+            + _grad_reasons(value, sampling_locations, attention_weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,3 +464,37 @@ def ms_deform_attn(
 def _check_devices(value, sampling_locations, attention_weights) -> None:
     _devices.check_same_device("ms_deform_attn", value=value, sampling_locations=sampling_locations,
                                attention_weights=attention_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ kernel (csrc/ms_deform_attn.cpp, the optional extension maskformer._C)
+# ---------------------------------------------------------------------------------------------
+
+
+def ms_deform_attn_cpp(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused multi-scale deformable attention on CPU (C++), ``torch.ops.maskformer.ms_deform_attn_cpu``.
+
+    Args and result as ``ms_deform_attn_ref``: value (B, S, H, D), L (h, w) pairs of ints,
+    sampling_locations (B, Q, H, L, P, 2) (x, y) in [0, 1], attention_weights (B, Q, H, L, P), one
+    dtype (fp32/fp16/bf16), CPU tensors -> (B, Q, H*D) in that dtype; fp32 arithmetic and
+    accumulation whatever the dtype (fp16/bf16 inputs are converted to fp32 copies first).
+    Forward only. ``out``: a contiguous (B, Q, H*D) CPU tensor of value's dtype to write into and
+    return (the op ``ms_deform_attn_cpu_out``). Raises ValueError with ``cpp_not_supported_reasons``
+    when it cannot run.
+    """
+    _check_devices(value, sampling_locations, attention_weights)
+    shapes = check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+    reasons = cpp_not_supported_reasons(value, shapes, sampling_locations, attention_weights)
+    if reasons:
+        raise ValueError("maskformer::ms_deform_attn_cpu (C++) cannot run: " + "; ".join(reasons))
+    flat = [v for hw in shapes for v in hw]
+    if out is None:
+        return torch.ops.maskformer.ms_deform_attn_cpu(value, flat, sampling_locations, attention_weights)
+    _devices.check_same_device("ms_deform_attn_cpp", value=value, out=out)
+    return torch.ops.maskformer.ms_deform_attn_cpu_out(value, flat, sampling_locations, attention_weights, out)
