@@ -40,8 +40,10 @@ Ops, shapes (CPU-sized but realistic: ADE20k at its 512 short side, MaskFormer-l
 * ``ms_deform_attn``: one multi-scale deformable attention of Mask2Former's pixel decoder, Swin-T
   ADE20K at 512x512 (levels 16x16, 32x32, 64x64: 5376 tokens, every token a query; 8 heads of 32,
   4 points per level, fp32, batch 1; locations = each token's centre plus N(0, 2)-pixel offsets,
-  ``make_msda_inputs``). ``ref`` (``ms_deform_attn_ref``) and ``transformers`` (transformers'
-  ``multi_scale_deformable_attention``) on CPU, ``ref`` and ``triton`` on CUDA.
+  ``make_msda_inputs``). ``ref`` (``ms_deform_attn_ref``), ``transformers`` (transformers'
+  ``multi_scale_deformable_attention``) and ``cpp`` (``ms_deform_attn_cpp``) on CPU, ``ref`` and
+  ``triton`` on CUDA. The interleaved CPU comparison at the 512x683 shape (reference and C++
+  alternating, paired ratios) is ``bench_ms_deform_attn.py``.
 
 Every semantic/panoptic op also has a ``ref-cuda`` entry (the reference on CUDA tensors), the
 baseline its ``triton`` entry should be read against.
@@ -152,6 +154,7 @@ def _cases() -> List[Case]:
         Case("window_attention", "triton", "cuda"),
         Case("ms_deform_attn", "ref", "cpu", rounds=s),
         Case("ms_deform_attn", "transformers", "cpu", rounds=s),
+        Case("ms_deform_attn", "cpp", "cpu"),
         Case("ms_deform_attn", "ref", "cuda"),
         Case("ms_deform_attn", "triton", "cuda"),
     ]
@@ -202,7 +205,7 @@ def implementation(case: Case) -> Callable:
             from transformers.models.mask2former.modeling_mask2former import multi_scale_deformable_attention
 
             return multi_scale_deformable_attention
-        return {"ref": msda.ms_deform_attn_ref, "triton": msda.ms_deform_attn}[impl]
+        return {"ref": msda.ms_deform_attn_ref, "cpp": msda.ms_deform_attn_cpp, "triton": msda.ms_deform_attn}[impl]
     raise ValueError(f"unknown op {op!r}")
 
 

@@ -22,8 +22,29 @@ Level shapes are scalar arguments (no tensor built per call, so CUDA-graph captu
 no recompile per image size); L and P are compile-time constants. Like grid_sample it gives NaN
 for a NaN or infinite location and 0 for a finite one far outside the map.
 
-Limits: forward only (inference; inputs that require grad under grad mode are refused); CUDA, or
-CPU tensors under TRITON_INTERPRET=1 (tests); value, sampling_locations and attention_weights of
+``ms_deform_attn_cpp`` (C++, ``csrc/ms_deform_attn.cpp``, ``torch.ops.maskformer.ms_deform_attn_cpu``
+and ``..._cpu_out``; in the optional extension ``maskformer._C``) is the same fusion on CPU: tasks
+of (image, head, 64 queries), head-major so the threads share one head's slice of ``value`` in
+cache, handed out one at a time (``bilinear.h: parallel_tasks``); per (query, head) a D-vector
+accumulator in registers (8-wide, avx2+fma clone; D = 8/16/24/32/64, any other D a plain loop),
+4 corner rows of D floats read per sample, the output row written once. Same semantics as the
+Triton kernel (fp32 arithmetic, grid_sample's zero padding decided per corner, NaN for a NaN or
+infinite location, 0 far outside); fp16/bf16 inputs are converted to fp32 copies first (each value
+row is read ~48 times), the output rounded once to value's dtype. Limits: forward only, CPU,
+fp32/fp16/bf16 (one dtype for all three), level sides < 2**24 (exact pixel coordinates in fp32).
+Measured (``python -m benchmarks.bench_ms_deform_attn``, interleaved reference / C++, 9 rounds;
+``benchmarks/results/ms_deform_attn-cpu-2t.md``): one pixel-decoder layer of Swin-T ADE20K at
+512x683 (levels 16x22 + 32x43 + 64x86 = 7,232 tokens = queries, 8 heads x 32, 4 points, fp32) on
+a 2-core AMD EPYC (avx2, fma, f16c; no AVX-512), 2 torch threads, shared with other jobs (load
+average 6.5 at start, 6.3 at end): reference 373 ms median (354-380), C++ 22.8 ms (21.3-27.9),
+paired ratio 16.6x median (12.7x-17.3x). One thread (7 rounds, load ~5.5): 299 ms vs 23.2 ms,
+12.6x; under that load the second core was busy with another process, so two threads did not
+beat one (user CPU time per call equalled wall time). ``bench_ops.py`` at 512x512 (5,376 tokens):
+C++ 15.9 ms median vs reference 326 ms and transformers' function 284 ms. The six calls of a
+512x683 forward thus drop from ~2.2 s to ~0.14 s on this machine under this load.
+
+Limits of the Triton kernel: forward only (inference; inputs that require grad under grad mode
+are refused); CUDA, or CPU tensors under TRITON_INTERPRET=1 (tests); value, sampling_locations and attention_weights of
 one dtype, fp32/fp16/bf16 (fp32 arithmetic and accumulation for all); head_dim 1..256 (any value:
 padded to a power of two in registers only); 1..4 levels; 1..16 points per level; one image's
 value, locations and output each < 2**31 elements (int32 offsets inside an image). Not bit-equal
@@ -56,7 +77,8 @@ import torch.nn.functional as F
 
 from maskformer import _devices, _ext
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_ref", "check_ms_deform_attn_args", "not_supported_reasons"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_cpp", "ms_deform_attn_ref", "check_ms_deform_attn_args",
+           "not_supported_reasons", "cpp_not_supported_reasons"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # see the header: the compiled figures behind it
@@ -145,13 +167,36 @@ def _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     return []
 
 
-def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
-    """Everything but autograd: what the op's implementation checks before launching."""
+def _common_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """What both kernels (Triton and C++) require: well-formed shapes, one device, one dtype
+    among fp32/fp16/bf16."""
     reasons = _shape_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     tensors = {"value": value, "sampling_locations": sampling_locations, "attention_weights": attention_weights}
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         reasons.append(f"tensors are on different devices: {devices}")
+    if value.dtype not in _KERNEL_DTYPES:
+        reasons.append(f"value dtype {value.dtype} is not supported (fp32, fp16, bf16)")
+    for name in ("sampling_locations", "attention_weights"):
+        if tensors[name].dtype != value.dtype:
+            # the reference's grid_sample refuses a grid of another dtype than its input; one dtype
+            # for all three keeps "what the kernel accepts" inside "what the reference computes"
+            reasons.append(f"{name} is {tensors[name].dtype} but value is {value.dtype}: one dtype for all three")
+    return reasons
+
+
+def _grad_reasons(value, sampling_locations, attention_weights) -> List[str]:
+    """Both kernels are forward-only: inputs that require grad under grad mode are refused."""
+    if not torch.is_grad_enabled():
+        return []
+    needing = [name for name, t in (("value", value), ("sampling_locations", sampling_locations),
+                                    ("attention_weights", attention_weights)) if t.requires_grad]
+    return [f"{', '.join(needing)} require grad: the kernel is forward-only (no backward)"] if needing else []
+
+
+def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """Everything but autograd: what the Triton op's implementation checks before launching."""
+    reasons = _common_reasons(value, spatial_shapes, sampling_locations, attention_weights)
     err = _ext.triton_import_error()
     if err:
         reasons.append(err)
@@ -160,13 +205,6 @@ def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights
             f"value is on {value.device.type}: the Triton kernel runs on CUDA "
             "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
         )
-    if value.dtype not in _KERNEL_DTYPES:
-        reasons.append(f"value dtype {value.dtype} is not supported (fp32, fp16, bf16)")
-    for name in ("sampling_locations", "attention_weights"):
-        if tensors[name].dtype != value.dtype:
-            # the reference's grid_sample refuses a grid of another dtype than its input; one dtype
-            # for all three keeps "what the kernel accepts" inside "what the reference computes"
-            reasons.append(f"{name} is {tensors[name].dtype} but value is {value.dtype}: one dtype for all three")
     if reasons:
         return reasons
     b, s, nh, d = value.shape
@@ -197,13 +235,37 @@ def not_supported_reasons(
     tensors), head_dim, levels, points, int32 offsets, and autograd (forward only: inputs that
     require grad under grad mode are refused).
     """
-    reasons = _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
-    if torch.is_grad_enabled():
-        needing = [name for name, t in (("value", value), ("sampling_locations", sampling_locations),
-                                        ("attention_weights", attention_weights)) if t.requires_grad]
-        if needing:
-            reasons.append(f"{', '.join(needing)} require grad: the kernel is forward-only (no backward)")
+    return (_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+            + _grad_reasons(value, sampling_locations, attention_weights))
+
+
+def _cpp_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
+    """Everything but autograd: what ``ms_deform_attn_cpp`` checks before calling the C++ op."""
+    reasons = _common_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+    if not reasons:  # well-formed shapes
+        big = [(int(h), int(w)) for h, w in spatial_shapes if max(int(h), int(w)) >= 2**24]
+        if big:
+            reasons.append(f"level sides must be < 2**24 (pixel coordinates exact in fp32), got {big}")
+    reasons += _ext.cpp_missing_ops("ms_deform_attn_cpu")
+    if value.device.type != "cpu":
+        reasons.append(f"value is on {value.device}: the C++ kernel is CPU-only")
     return reasons
+
+
+def cpp_not_supported_reasons(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> List[str]:
+    """Why the C++ ``ms_deform_attn_cpp`` cannot serve these arguments; [] when it can.
+
+    Same arguments as ``ms_deform_attn_ref``. Reasons: shapes, the extension not built (and why its
+    import failed) or built without the op, device (CPU only), dtypes (fp32/fp16/bf16, one for all
+    three tensors), level sides >= 2**24, and autograd (forward only).
+    """
+    return (_cpp_kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights)
+            + _grad_reasons(value, sampling_locations, attention_weights))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,3 +485,37 @@ def ms_deform_attn(
 def _check_devices(value, sampling_locations, attention_weights) -> None:
     _devices.check_same_device("ms_deform_attn", value=value, sampling_locations=sampling_locations,
                                attention_weights=attention_weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ kernel (csrc/ms_deform_attn.cpp, the optional extension maskformer._C)
+# ---------------------------------------------------------------------------------------------
+
+
+def ms_deform_attn_cpp(
+    value: torch.Tensor,
+    spatial_shapes: Sequence[Tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused multi-scale deformable attention on CPU (C++), ``torch.ops.maskformer.ms_deform_attn_cpu``.
+
+    Args and result as ``ms_deform_attn_ref``: value (B, S, H, D), L (h, w) pairs of ints,
+    sampling_locations (B, Q, H, L, P, 2) (x, y) in [0, 1], attention_weights (B, Q, H, L, P), one
+    dtype (fp32/fp16/bf16), CPU tensors -> (B, Q, H*D) in that dtype; fp32 arithmetic and
+    accumulation whatever the dtype (fp16/bf16 inputs are converted to fp32 copies first).
+    Forward only. ``out``: a contiguous (B, Q, H*D) CPU tensor of value's dtype to write into and
+    return (the op ``ms_deform_attn_cpu_out``). Raises ValueError with ``cpp_not_supported_reasons``
+    when it cannot run.
+    """
+    _check_devices(value, sampling_locations, attention_weights)
+    shapes = check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+    reasons = cpp_not_supported_reasons(value, shapes, sampling_locations, attention_weights)
+    if reasons:
+        raise ValueError("maskformer::ms_deform_attn_cpu (C++) cannot run: " + "; ".join(reasons))
+    flat = [v for hw in shapes for v in hw]
+    if out is None:
+        return torch.ops.maskformer.ms_deform_attn_cpu(value, flat, sampling_locations, attention_weights)
+    _devices.check_same_device("ms_deform_attn_cpp", value=value, out=out)
+    return torch.ops.maskformer.ms_deform_attn_cpu_out(value, flat, sampling_locations, attention_weights, out)

@@ -91,8 +91,21 @@ def _register_fakes_once():
                           own_area=own_area)
         return None
 
+    def fake_ms_deform_attn_cpu(value, spatial_shapes, sampling_locations, attention_weights):
+        check_same_device("maskformer::ms_deform_attn_cpu", value=value, sampling_locations=sampling_locations,
+                          attention_weights=attention_weights)
+        b, _, nh, d = value.shape
+        return value.new_empty((b, sampling_locations.shape[1], nh * d))
+
+    def fake_ms_deform_attn_cpu_out(value, spatial_shapes, sampling_locations, attention_weights, out):
+        check_same_device("maskformer::ms_deform_attn_cpu_out", value=value, sampling_locations=sampling_locations,
+                          attention_weights=attention_weights, out=out)
+        return out
+
     for name, fn in (
         ("maskformer::mask_einsum", fake_mask_einsum),
+        ("maskformer::ms_deform_attn_cpu_out", fake_ms_deform_attn_cpu_out),
+        ("maskformer::ms_deform_attn_cpu", fake_ms_deform_attn_cpu),
         ("maskformer::upsample_argmax_out", fake_upsample_argmax_out),
         ("maskformer::bilinear_resize", fake_bilinear_resize),
         ("maskformer::query_argmax_out", fake_query_argmax_out),

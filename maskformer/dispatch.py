@@ -38,7 +38,7 @@ step of ``post_process_panoptic_segmentation``: resize, score-weighted argmax ov
 per-query mask areas; C++ only, the reference runs on CUDA); ``window_attention`` (the Swin
 blocks' shifted-window attention, Triton only: the model asks ``select`` and runs its own
 reference code when the answer is "reference"); ``ms_deform_attn`` (Mask2Former's multi-scale
-deformable attention, Triton only: on CPU the reference runs).
+deformable attention: Triton on CUDA, C++ on CPU).
 """
 import contextlib
 import contextvars
@@ -260,11 +260,10 @@ def not_supported_reasons(op: str, backend_name: str, *args, **kwargs) -> List[s
 
         return wa.not_supported_reasons(*args, **kwargs)
     if op == "ms_deform_attn":
-        if backend_name == "cpp":
-            return ["ms_deform_attn has no C++ kernel (the reference PyTorch code is the CPU path)"]
         from maskformer.kernels import ms_deform_attn as msda
 
-        return msda.not_supported_reasons(*args, **kwargs)
+        fn = msda.not_supported_reasons if backend_name == "triton" else msda.cpp_not_supported_reasons
+        return fn(*args, **kwargs)
     if op == "query_argmax":
         from maskformer.kernels import query_argmax as qa
 
@@ -516,9 +515,10 @@ def ms_deform_attn(
 
     Returns:
         (B, Q, H*D) in value's dtype. The reference is transformers' function bit for bit; the
-        Triton kernel (CUDA) computes in fp32 and agrees within the reference's own rounding error.
-        There is no C++ kernel: on CPU the reference runs (``auto`` records why). ValueError for
-        malformed shapes or tensors on different devices, whatever the backend.
+        Triton kernel (CUDA) and the C++ kernel (CPU, ``csrc/ms_deform_attn.cpp``) compute in fp32
+        and agree within the reference's own rounding error; without the extension the reference
+        runs on CPU (``auto`` records why). ValueError for malformed shapes or tensors on different
+        devices, whatever the backend.
     """
     from maskformer.kernels import ms_deform_attn as msda
 
@@ -527,6 +527,8 @@ def ms_deform_attn(
     name = _choose("ms_deform_attn", value.device, value, shapes, sampling_locations, attention_weights)
     if name == "triton":
         return msda.ms_deform_attn(value, shapes, sampling_locations, attention_weights)
+    if name == "cpp":
+        return msda.ms_deform_attn_cpp(value, shapes, sampling_locations, attention_weights)
     return msda.ms_deform_attn_ref(value, shapes, sampling_locations, attention_weights)
 
 

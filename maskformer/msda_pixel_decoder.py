@@ -8,7 +8,7 @@ then an FPN step up to stride 4, as transformers' ``Mask2FormerPixelDecoder``.
 2. ``encoder_layers`` post-norm layers of multi-scale deformable attention (8 heads x 3 levels x
    4 points, around each token's own centre) and a ReLU MLP. The sampling itself is
    ``maskformer.dispatch.ms_deform_attn`` (``maskformer.kernels.ms_deform_attn``: a fused Triton
-   kernel on CUDA, the PyTorch reference elsewhere).
+   kernel on CUDA, a C++ one on CPU when the extension is built, the PyTorch reference otherwise).
 3. The tokens are split back into the 3 maps; the stride-4 Swin map gets a lateral 1x1 conv +
    GroupNorm, the bilinearly upsampled stride-8 map added, and a 3x3 conv + GroupNorm + ReLU.
    ``mask_projection`` (1x1) of that map is the per-pixel embedding the mask logits contract with.

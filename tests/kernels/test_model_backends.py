@@ -148,11 +148,7 @@ def test_triton_window_attention_runs_in_half_precision_under_autocast(triton_de
         assert err <= 1.5 * ref_err + 1e-3, f"{name}: kernel error {err:.2e} vs reference bf16 error {ref_err:.2e}"
 
 
-def test_mask2former_triton_backend_matches_reference(triton_device, exact_fp32_cuda):
-    """Mask2Former end to end on the Triton backend (window attention and multi-scale deformable
-    attention kernels) against its own reference path, same weights. Bar: the MaskFormer test's
-    1e-4 (summation-order differences are ~1e-6); a wrong sample, weight or level offset, or a
-    masked-attention threshold flipped by one, moves the logits by far more."""
+def small_mask2former(seed=0):
     from maskformer import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
     config = Mask2FormerConfig(
@@ -160,12 +156,20 @@ def test_mask2former_triton_backend_matches_reference(triton_device, exact_fp32_
         feature_size=32, mask_feature_size=32, hidden_dim=32, encoder_feedforward_dim=64, dim_feedforward=64,
         encoder_layers=2, decoder_layers=3, num_attention_heads=4, num_queries=6, num_labels=5,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Mask2FormerForUniversalSegmentation(config).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    model = model.to(triton_device)
+    return model
+
+
+def test_mask2former_triton_backend_matches_reference(triton_device, exact_fp32_cuda):
+    """Mask2Former end to end on the Triton backend (window attention and multi-scale deformable
+    attention kernels) against its own reference path, same weights. Bar: the MaskFormer test's
+    1e-4 (summation-order differences are ~1e-6); a wrong sample, weight or level offset, or a
+    masked-attention threshold flipped by one, moves the logits by far more."""
+    model = small_mask2former().to(triton_device)
     x = torch.randn(1, 3, 60, 44, device=triton_device)
     with torch.no_grad():
         with dispatch.backend("reference"):
@@ -174,6 +178,29 @@ def test_mask2former_triton_backend_matches_reference(triton_device, exact_fp32_
             fast = model(x)
             assert dispatch.last_dispatch("window_attention").backend == "triton"
             assert dispatch.last_dispatch("ms_deform_attn").backend == "triton"
+    for name in ("class_queries_logits", "masks_queries_logits"):
+        a, b = fast[name], ref[name]
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < 1e-4, f"{name}: relative error {err:.2e}"
+
+
+def test_mask2former_auto_on_cpu_uses_cpp_and_matches_reference(cpp_ops, monkeypatch):
+    """Mask2Former end to end on CPU with the default backend (auto): the pixel decoder's
+    deformable attention runs the C++ kernel, against the reference path on the same weights.
+    Bar: the Triton test's 1e-4 (the kernel differs from grid_sample + weighted sum in rounding
+    only: measured 4.6e-7 / 6.8e-7 relative, class / mask logits); a wrong sample, weight or level
+    offset moves the logits by far more. Batch 2 with a 4:3-ish input, so the levels are not square."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    model = small_mask2former(seed=1)
+    x = torch.randn(2, 3, 60, 76)
+    with torch.no_grad():
+        with dispatch.backend("reference"):
+            ref = model(x)
+            assert dispatch.last_dispatch("ms_deform_attn").backend == "reference"
+        with dispatch.backend("auto"):
+            fast = model(x)
+            rec = dispatch.last_dispatch("ms_deform_attn")
+            assert (rec.requested, rec.backend) == ("auto", "cpp"), str(rec)
     for name in ("class_queries_logits", "masks_queries_logits"):
         a, b = fast[name], ref[name]
         err = ((a - b).abs().max() / b.abs().max()).item()

@@ -1,6 +1,8 @@
 """kernels/ms_deform_attn.py: the reference against transformers' function (bit for bit), the Triton
 kernel against the reference (under TRITON_INTERPRET=1 on CPU: small shapes, ~10 ms of numpy per
-program, level and point), the support checks, the custom op's contract and ``dispatch.ms_deform_attn``.
+program, level and point), the C++ kernel against the reference (same shapes and budgets, skipped
+with the import error when the extension is not built), the support checks, the ops' contracts and
+``dispatch.ms_deform_attn``.
 
 Budgets (flash-attention style): ``|fast - ref64| <= 2 |ref_lowp - ref64| + atol`` elementwise,
 ref64 the reference in fp64 on the same inputs, ref_lowp the reference in the inputs' dtype (its
@@ -182,10 +184,11 @@ def test_triton_low_precision(triton_device, case, dtype):
     assert_within_budget(fast, ref64, ref_lowp, atol, f"triton {dtype} {_shape_id(case)}")
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, interpreted
-def test_triton_borders_and_far_points(triton_device):
+def border_inputs():
     """Every location a border case: map edges, first/last pixel centres, half a pixel outside,
-    pixel edges, far outside (finite: exactly 0), NaN and +-inf (NaN, as grid_sample)."""
+    pixel edges, far outside (finite: exactly 0), NaN and +-inf (NaN, as grid_sample). Queries
+    0-3 sample only far outside points; query 4 has a NaN x on head 0, query 5 an inf y on head 1,
+    query 6 a -inf x on head 0."""
     shapes = [(3, 5), (1, 1), (4, 2)]
     value, loc, weights = make_inputs(1, shapes, 24, 2, 8, 2, seed=3)
     for level, (h, w) in enumerate(shapes):
@@ -199,10 +202,22 @@ def test_triton_borders_and_far_points(triton_device):
     loc[0, 4, 0, 0, 0, 0] = float("nan")
     loc[0, 5, 1, 1, 1, 1] = float("inf")
     loc[0, 6, 0, 2, 0, 0] = -float("inf")
+    return value, shapes, loc, weights
+
+
+def check_borders(fast, value, shapes, loc, weights, name):
+    fast = fast.cpu()
+    assert torch.equal(fast[0, :4], torch.zeros(4, 16)), f"{name}: far outside points must give exactly 0"
+    assert fast[0, 4, :8].isnan().all() and fast[0, 5, 8:].isnan().all() and fast[0, 6, :8].isnan().all(), (
+        f"{name}: NaN / inf locations must give NaN on their head")
+    check_fp32(fast, value, shapes, loc, weights, name)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy's inf - inf, interpreted
+def test_triton_borders_and_far_points(triton_device):
+    value, shapes, loc, weights = border_inputs()
     fast = msda.ms_deform_attn(value.to(triton_device), shapes, loc.to(triton_device), weights.to(triton_device))
-    assert torch.equal(fast[0, :4].cpu(), torch.zeros(4, 16))
-    assert fast[0, 4, :8].isnan().all() and fast[0, 5, 8:].isnan().all() and fast[0, 6, :8].isnan().all()
-    check_fp32(fast, value, shapes, loc, weights, "borders")
+    check_borders(fast, value, shapes, loc, weights, "triton borders")
 
 
 def test_triton_writes_every_element(triton_device):
@@ -277,6 +292,197 @@ def test_triton_opcheck(triton_device):
 
 
 # ---------------------------------------------------------------------------------------------
+# C++ (csrc/ms_deform_attn.cpp; skipped with the import error when the extension is not built)
+# ---------------------------------------------------------------------------------------------
+
+# The Triton shapes, plus head dims on the other code paths (D = 16 and 64: other register
+# widths; D = 12: the runtime-D loop) and Q over several 64-query tasks with the pixel decoder's
+# 8 heads on 4:3 levels, batch 2.
+CPP_SHAPES = TRITON_SHAPES + [
+    (2, [(8, 11), (4, 6), (2, 3)], 150, 8, 32, 4),
+    (1, [(5, 7), (3, 2)], 66, 2, 16, 3),
+    (1, [(4, 3)], 9, 1, 64, 2),
+    (2, [(3, 5), (2, 2)], 11, 3, 12, 2),
+]
+
+
+@pytest.mark.parametrize("case", CPP_SHAPES, ids=_shape_id)
+def test_cpp_fp32(cpp_ops, case):
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q + d)
+    assert msda.cpp_not_supported_reasons(value, shapes, loc, weights) == []
+    fast = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    assert tuple(fast.shape) == (b, q, h * d) and fast.dtype == torch.float32
+    check_fp32(fast, value, shapes, loc, weights, f"cpp fp32 {_shape_id(case)}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_threads_agree(cpp_ops, threads):
+    """Each (image, head, 64 queries) task is computed alone, whoever runs it: the result does
+    not depend on the number of threads (bit for bit)."""
+    shapes = [(8, 11), (4, 6), (2, 3)]
+    value, loc, weights = make_inputs(2, shapes, 200, 4, 32, 4, seed=9)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+        torch.set_num_threads(threads)
+        many = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one.nan_to_num(), many.nan_to_num()) and torch.equal(one.isnan(), many.isnan())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", [TRITON_SHAPES[0], TRITON_SHAPES[3], CPP_SHAPES[5]], ids=_shape_id)
+def test_cpp_low_precision(cpp_ops, case, dtype):
+    """fp16/bf16 inputs, fp32 arithmetic, output rounded once: the Triton test's budget (twice
+    the kernel's fp32 error, half an ulp of the output, on top of twice the error of the reference
+    run in that dtype)."""
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=5)
+    loc = loc.clamp(-1e4, 1e4)  # fp16's range; +-1e4 is as far outside
+    value, loc, weights = value.to(dtype), loc.to(dtype), weights.to(dtype)
+    fast = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    assert fast.dtype == dtype and tuple(fast.shape) == (b, q, h * d)
+    ref64 = msda.ms_deform_attn_ref(value.double(), shapes, loc.double(), weights.double())
+    ref_lowp = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    atol = 2 * _atol32(value.float(), shapes, loc.float(), weights.float()) + U_LOWP[dtype] * ref64.abs() + 2.0**-24
+    assert_within_budget(fast, ref64, ref_lowp, atol, f"cpp {dtype} {_shape_id(case)}")
+
+
+def test_cpp_borders_and_far_points(cpp_ops):
+    value, shapes, loc, weights = border_inputs()
+    check_borders(msda.ms_deform_attn_cpp(value, shapes, loc, weights), value, shapes, loc, weights, "cpp borders")
+
+
+def test_cpp_nan_and_inf_weights(cpp_ops):
+    """A NaN attention weight gives NaN on its head even when its point is far outside (the
+    reference multiplies the zero sample by it); an infinite weight on a point whose corners are
+    all outside gives NaN too (inf * 0), as the reference does."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 5, 2, 8, 2, seed=8, special=False)
+    loc[0, 0, 0, 0, 0] = torch.tensor([5.0, 5.0])  # far outside, finite
+    weights[0, 0, 0, 0, 0] = float("nan")
+    loc[0, 1, 1, 1, 1] = torch.tensor([-4.0, 0.5])
+    weights[0, 1, 1, 1, 1] = float("inf")
+    fast = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    ref = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    assert ref[0, 0, :8].isnan().all() and ref[0, 1, 8:].isnan().all()
+    check_fp32(fast, value, shapes, loc, weights, "cpp NaN/inf weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_writes_every_element(cpp_ops, dtype):
+    """Sentinel: a NaN-filled ``out`` comes back fully written (and is the tensor returned)."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(2, shapes, 67, 2, 24, 2, seed=11, special=False)
+    value, loc, weights = value.to(dtype), loc.to(dtype), weights.to(dtype)
+    out = torch.full((2, 67, 48), float("nan"), dtype=dtype)
+    got = msda.ms_deform_attn_cpp(value, shapes, loc, weights, out=out)
+    assert got is out
+    assert not out.isnan().any(), f"{int(out.isnan().sum())} of {out.numel()} elements never written"
+    assert torch.equal(out, msda.ms_deform_attn_cpp(value, shapes, loc, weights))
+
+
+def test_cpp_non_contiguous_inputs(cpp_ops):
+    """Strided views (as a caller slicing a bigger tensor would pass) give the same result."""
+    shapes = [(3, 4), (2, 1)]
+    value, loc, weights = make_inputs(1, shapes, 6, 2, 8, 2, seed=2)
+    value_t = value.transpose(2, 3).contiguous().transpose(2, 3)
+    loc_t = torch.stack([loc, loc + 1], dim=2)[:, :, 0]  # every other (query, head) row
+    weights_t = torch.cat([weights, weights], dim=-1)[..., :2]
+    assert not (value_t.is_contiguous() or weights_t.is_contiguous() or loc_t.is_contiguous())
+    fast = msda.ms_deform_attn_cpp(value_t, shapes, loc_t, weights_t)
+    assert torch.equal(fast.nan_to_num(), msda.ms_deform_attn_cpp(value, shapes, loc, weights).nan_to_num())
+    check_fp32(fast, value, shapes, loc, weights, "cpp strided")
+
+
+def test_cpp_empty(cpp_ops):
+    shapes = [(3, 5)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    out = msda.ms_deform_attn_cpp(value, shapes, loc[:, :0], weights[:, :0])
+    assert tuple(out.shape) == (1, 0, 16)
+    out = msda.ms_deform_attn_cpp(value[:0], shapes, loc[:0], weights[:0])
+    assert tuple(out.shape) == (0, 4, 16)
+
+
+def test_cpp_not_supported_reasons(monkeypatch):
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+
+    def reasons(*args):
+        return " ".join(msda.cpp_not_supported_reasons(*args))
+
+    assert "float64 is not supported" in reasons(value.double(), shapes, loc.double(), weights.double())
+    assert "sampling_locations is torch.float16 but value is torch.float32" in reasons(value, shapes, loc.half(), weights)
+    assert "cover 19 tokens but value has 18" in reasons(value[:, :18], shapes, loc, weights)
+    grad = value.clone().requires_grad_()
+    assert "value require grad: the kernel is forward-only" in reasons(grad, shapes, loc, weights)
+    with torch.no_grad():
+        assert "require grad" not in reasons(grad, shapes, loc, weights)
+    assert "value is on meta: the C++ kernel is CPU-only" in reasons(value.to("meta"), shapes, loc.to("meta"),
+                                                                      weights.to("meta"))
+    # a level side of 2**24 (a stride-0 view: no memory behind the 16.7M tokens)
+    tall = [(2**24, 1)]
+    wide_value = torch.zeros(1, 1, 1, 8).expand(1, 2**24, 1, 8)
+    assert "level sides must be < 2**24" in reasons(wide_value, tall, torch.rand(1, 3, 1, 1, 2, 2),
+                                                    torch.rand(1, 3, 1, 1, 2))
+    monkeypatch.setattr(_ext, "cpp_missing_ops", lambda *ops: ["maskformer._C could not be imported (simulated)"])
+    assert "could not be imported (simulated)" in reasons(value, shapes, loc, weights)
+    with pytest.raises(ValueError, match="C\\+\\+\\) cannot run: maskformer._C could not be imported"):
+        msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+
+
+def test_cpp_op_checks_its_arguments(cpp_ops):
+    """The C++ op validates on its own (TORCH_CHECK), for callers of torch.ops directly."""
+    shapes = [(3, 5), (2, 2)]
+    flat = [3, 5, 2, 2]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    op = cpp_ops.ms_deform_attn_cpu
+    for args, message in [
+        ((value.double(), flat, loc.double(), weights.double()), "value dtype must be float32, float16 or bfloat16"),
+        ((value, flat, loc.half(), weights), "one dtype for all three tensors"),
+        ((value[0], flat, loc, weights), "value must be \\(batch, tokens, heads, head_dim\\)"),
+        ((value, [3, 5, 2], loc, weights), "spatial_shapes must be \\(h0, w0, h1, w1, ...\\)"),
+        ((value, [3, 5, 2, 3], loc, weights), "cover 21 tokens but value has 19"),
+        ((value[:, :4], [4, 1, 0, 7], loc, weights), "height and width >= 1"),
+        ((value, flat, loc[:, :, :1], weights), "sampling_locations must be \\(1, queries, 2, 2, points, 2\\)"),
+        ((value, flat, loc, weights[..., :1]), "attention_weights must be \\(1, 4, 2, 2, 2\\)"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            op(*args)
+    out = torch.empty(1, 4, 16)
+    for bad, message in [(out.double(), "out must be a contiguous CPU Float tensor"), (out[:, :3], "of shape \\(1, 4, 16\\)"),
+                         (torch.empty(1, 16, 4).transpose(1, 2), "not contiguous")]:
+        with pytest.raises(RuntimeError, match=message):
+            cpp_ops.ms_deform_attn_cpu_out(value, flat, loc, weights, bad)
+
+
+def test_cpp_devices_and_meta(cpp_ops):
+    shapes = [(3, 5)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    with pytest.raises(ValueError, match="different devices"):
+        msda.ms_deform_attn_cpp(value.to("meta"), shapes, loc, weights)
+    with pytest.raises(ValueError, match="CPU-only"):
+        msda.ms_deform_attn_cpp(value.to("meta"), shapes, loc.to("meta"), weights.to("meta"))
+    flat = [3, 5]
+    out = cpp_ops.ms_deform_attn_cpu(value.to("meta"), flat, loc.to("meta"), weights.to("meta"))  # the fake kernel
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 4, 16)
+
+
+def test_cpp_opcheck(cpp_ops):
+    """torch.library contract of the C++ ops (schema, fake tensor, no aliasing)."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 4, 2, 8, 2, special=False)
+    flat = [v for hw in shapes for v in hw]
+    torch.library.opcheck(cpp_ops.ms_deform_attn_cpu.default, (value, flat, loc, weights),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(cpp_ops.ms_deform_attn_cpu_out.default, (value, flat, loc, weights, torch.empty(1, 4, 16)),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
 # dispatch
 # ---------------------------------------------------------------------------------------------
 
@@ -289,18 +495,52 @@ def clean_backend(monkeypatch):
     dispatch.set_backend(None)
 
 
-def test_dispatch_auto_on_cpu_runs_reference_and_says_why(clean_backend):
+def test_dispatch_auto_on_cpu_without_the_extension_runs_reference_and_says_why(clean_backend, monkeypatch):
+    """The extension missing (simulated: cpp_missing_ops reports the import error, as it does
+    when maskformer._C cannot be imported): auto runs the reference and records the error; a
+    forced cpp raises with it."""
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(2, shapes, 6, 2, 8, 2, seed=4)
+    missing = "maskformer._C could not be imported (ImportError: simulated by the test)"
+    monkeypatch.setattr(_ext, "cpp_missing_ops", lambda *ops: [missing])
+    got = dispatch.ms_deform_attn(value, shapes, loc, weights)
+    rec = dispatch.last_dispatch("ms_deform_attn")
+    assert (rec.requested, rec.backend) == ("auto", "reference")
+    assert rec.refused["cpp"] == [missing]
+    ref = msda.ms_deform_attn_ref(value, shapes, loc, weights)
+    assert torch.equal(got.nan_to_num(), ref.nan_to_num()) and torch.equal(got.isnan(), ref.isnan())
+    with dispatch.backend("cpp"):
+        with pytest.raises(dispatch.BackendNotSupportedError, match="simulated by the test"):
+            dispatch.ms_deform_attn(value, shapes, loc, weights)
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "none (raised)"
+
+
+def test_dispatch_auto_on_cpu_runs_cpp(clean_backend, cpp_ops):
     shapes = [(3, 5), (2, 2)]
     value, loc, weights = make_inputs(2, shapes, 6, 2, 8, 2, seed=4)
     got = dispatch.ms_deform_attn(value, shapes, loc, weights)
     rec = dispatch.last_dispatch("ms_deform_attn")
-    assert (rec.requested, rec.backend) == ("auto", "reference")
-    assert "no C++ kernel" in " ".join(rec.refused["cpp"])
-    ref = msda.ms_deform_attn_ref(value, shapes, loc, weights)
-    assert torch.equal(got.nan_to_num(), ref.nan_to_num())
+    assert (rec.requested, rec.backend, rec.refused) == ("auto", "cpp", {})
+    check_fp32(got, value, shapes, loc, weights, "dispatch auto (cpp)")
     with dispatch.backend("cpp"):
-        with pytest.raises(dispatch.BackendNotSupportedError, match="no C\\+\\+ kernel"):
-            dispatch.ms_deform_attn(value, shapes, loc, weights)
+        forced = dispatch.ms_deform_attn(value, shapes, loc, weights)
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "cpp"
+    assert torch.equal(forced.nan_to_num(), got.nan_to_num())
+    # float64 is not the kernel's: auto falls back to the reference and says so, forced cpp raises
+    got64 = dispatch.ms_deform_attn(value.double(), shapes, loc.double(), weights.double())
+    rec = dispatch.last_dispatch("ms_deform_attn")
+    assert rec.backend == "reference" and "float64 is not supported" in " ".join(rec.refused["cpp"])
+    assert got64.dtype == torch.float64
+    with dispatch.backend("cpp"):
+        with pytest.raises(dispatch.BackendNotSupportedError, match="float64 is not supported"):
+            dispatch.ms_deform_attn(value.double(), shapes, loc.double(), weights.double())
+    # inputs that require grad under grad mode: the kernel is forward-only, auto takes the reference
+    grad = value.clone().requires_grad_()
+    dispatch.ms_deform_attn(grad, shapes, loc, weights)
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "reference"
+    with torch.no_grad():
+        dispatch.ms_deform_attn(grad, shapes, loc, weights)
+    assert dispatch.last_dispatch("ms_deform_attn").backend == "cpp"
 
 
 def test_dispatch_forced_triton_without_interpreter_raises(clean_backend, monkeypatch):
