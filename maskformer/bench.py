@@ -4,7 +4,8 @@
                      [--rounds 9] [--threads N] [--weights lively|random]
     python -m benchmarks.e2e ...        (the same)
 
-For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640; transformers'
+For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640, Mask2Former Swin-T
+``m2f-tiny`` with the torch rows only; transformers'
 random initialisation saved by transformers, since no trained checkpoint can be downloaded here,
 by default made "lively" (``lively_weights_``: many labels per map, so that ``agree`` measures
 something); ``default``: the trained default model shipped in the package) and each batch, every
