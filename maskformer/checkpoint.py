@@ -216,6 +216,20 @@ def _is_base_model_class(cls) -> bool:
     return getattr(cls, "checkpoint_prefix", "model.") == ""
 
 
+def _rename_for(cls, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Apply the model class's own checkpoint renames (``checkpoint_key_renames``: (regex, replacement)
+    pairs), e.g. Mask2Former's backbone stored in the MaskFormer-Swin layout."""
+    renames = getattr(cls, "checkpoint_key_renames", ())
+    if not renames:
+        return state
+    out = {}
+    for key, value in state.items():
+        for pattern, repl in renames:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
 def _to_model_keys(state: Dict[str, torch.Tensor], base_model: bool) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """(the checkpoint's tensors under the model's names, the checkpoint keys dropped).
 
@@ -543,7 +557,7 @@ def load_model_state(model, state: Dict[str, torch.Tensor], *, ignore_mismatched
                      strict: bool = False) -> LoadPlan:
     """Assign an in-memory state dict (file names or transformers' in-memory names) to ``model``
     (possibly on the meta device), with the rules of ``from_pretrained``; returns the plan."""
-    state, dropped = _to_model_keys(state, _is_base_model(model))
+    state, dropped = _to_model_keys(_rename_for(type(model), state), _is_base_model(model))
     plan = plan_loading(model, state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, dropped=dropped)
     assign_state(model, state, plan)
     return plan
@@ -638,7 +652,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
     config = config.with_overrides(**overrides)
     files = find_checkpoint_files(path_or_repo_id, use_safetensors=use_safetensors, **hub_kwargs)
     base_model = _is_base_model_class(cls)
-    shapes, dropped = _to_model_keys(read_checkpoint(files, shapes_only=True), base_model)
+    shapes, dropped = _to_model_keys(_rename_for(cls, read_checkpoint(files, shapes_only=True)), base_model)
     if isinstance(config, MaskFormerConfig):
         check_config_against_checkpoint(config, shapes, base_model, ignore_mismatched_sizes)
     else:
@@ -646,7 +660,7 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
     with torch.device("meta"):
         model = cls(config)
     plan = plan_loading(model, shapes, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, dropped=dropped)
-    state, _ = _to_model_keys(read_checkpoint(files), base_model)
+    state, _ = _to_model_keys(_rename_for(cls, read_checkpoint(files)), base_model)
     assign_state(model, state, plan)
     del state
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

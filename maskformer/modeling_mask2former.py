@@ -38,6 +38,14 @@ class Mask2FormerPixelLevelModule(nn.Module):
 
 class Mask2FormerPreTrainedModel(MaskFormerPreTrainedModel):
     config_class = Mask2FormerConfig
+    # Mask2Former checkpoints keep the backbone in transformers' generic SwinBackbone layout; one whose
+    # backbone was stored in the MaskFormer-Swin layout (encoder.model.*, hidden_states_norms.0-3)
+    # loads too: both layouts map onto this model's names.
+    checkpoint_key_renames = (
+        (r"(pixel_level_module\.encoder)\.model\.(embeddings|encoder)\.", r"\1.\2."),
+        (r"(pixel_level_module\.encoder)\.model\.layernorm\.", r"\1.swin.layernorm."),
+        (r"(pixel_level_module\.encoder\.hidden_states_norms)\.([0-9])\.", lambda m: f"{m.group(1)}.stage{int(m.group(2)) + 1}."),
+    )
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, engine: str = "torch", **kwargs):

@@ -303,3 +303,29 @@ def test_hub_repo_id_resolves_from_the_local_cache(tmp_path, monkeypatch):
     compare(hf_model, ours, torch.randn(1, 3, 64, 96))
     processor = Mask2FormerImageProcessor.from_pretrained("someone/mask2former-tiny", cache_dir=tmp_path / "hub")
     assert processor.size == {"shortest_edge": 96, "longest_edge": 160}
+
+
+def test_backbone_in_the_maskformer_swin_layout_loads_too(tmp_path):
+    """The issue asks for both Swin layouts: a Mask2Former checkpoint whose backbone tensors carry
+    MaskFormer-Swin names (encoder.model.*, hidden_states_norms.0-3) loads into the same model."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    hf_model = make_hf(window_size=7)
+    hf_model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    renamed = {}
+    for key, value in state.items():
+        key = re.sub(r"(pixel_level_module\.encoder)\.(embeddings|encoder)\.", r"\1.model.\2.", key)
+        key = re.sub(r"(pixel_level_module\.encoder)\.swin\.layernorm\.", r"\1.model.layernorm.", key)
+        key = re.sub(r"(hidden_states_norms)\.stage(\d)\.", lambda m: f"{m.group(1)}.{int(m.group(2)) - 1}.", key)
+        renamed[key] = value
+    assert any(".encoder.model.embeddings." in k for k in renamed) and any("hidden_states_norms.0." in k for k in renamed)
+    save_file(renamed, tmp_path / "model.safetensors")
+    ours, info = Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    compare(hf_model, ours, torch.randn(1, 3, 64, 96))
+    fresh = ours_from_hf(hf_model)  # and an in-memory state dict in that layout
+    load_model_state(fresh, renamed)
+    compare(hf_model, fresh, torch.randn(1, 3, 64, 96))
