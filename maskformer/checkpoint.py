@@ -267,15 +267,23 @@ def _shape_of(shapes, key):
     return tuple(t.shape) if t is not None else None
 
 
-def _swin_problems(bb, shapes: Dict[str, torch.Tensor], enc: str) -> List[str]:
-    """What the Swin backbone config ``bb`` gets wrong about the checkpoint's tensors under ``enc``."""
-    problems: List[str] = []
-
+def _checkers(shapes: Dict[str, torch.Tensor], problems: List[str]):
+    """(shape(key) -> the checkpoint tensor's shape or None, disagree(field, value, found, key) -> one
+    problem naming the config field), shared by the config-against-checkpoint checks."""
     def shape(key):
         return _shape_of(shapes, key)
 
     def disagree(field, value, found, key):
         problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
+
+    return shape, disagree
+
+
+def _swin_problems(bb, shapes: Dict[str, torch.Tensor], enc: str) -> List[str]:
+    """What the Swin backbone config ``bb`` gets wrong about the checkpoint's tensors under ``enc``."""
+    problems: List[str] = []
+
+    shape, disagree = _checkers(shapes, problems)
 
     key = enc + "embeddings.patch_embeddings.projection.weight"
     if shape(key) is not None and len(shape(key)) == 4:
@@ -345,12 +353,7 @@ def check_config_against_checkpoint(config: MaskFormerConfig, shapes: Dict[str, 
     enc = f"{prefix}pixel_level_module.encoder.model."
     problems = []
 
-    def shape(key):
-        t = shapes.get(key)
-        return tuple(t.shape) if t is not None else None
-
-    def disagree(field, value, found, key):
-        problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
+    shape, disagree = _checkers(shapes, problems)
 
     problems.extend(_swin_problems(bb, shapes, enc))
     key = f"{prefix}pixel_level_module.decoder.fpn.stem.0.weight"
@@ -385,11 +388,7 @@ def check_mask2former_config_against_checkpoint(config, shapes: Dict[str, torch.
     prefix = "" if base_model else "model."
     problems = _swin_problems(config.backbone_config, shapes, f"{prefix}pixel_level_module.encoder.")
 
-    def shape(key):
-        return _shape_of(shapes, key)
-
-    def disagree(field, value, found, key):
-        problems.append(f"{field}={value} but the checkpoint has {found} ({key} {shape(key)})")
+    shape, disagree = _checkers(shapes, problems)
 
     pd = f"{prefix}pixel_level_module.decoder."
     key = pd + "level_embed"

@@ -340,6 +340,30 @@ def _default_backbone_dict():
     )
 
 
+def _build_swin_config(backbone_config, config_cls, default: dict, family: str):
+    """``backbone_config`` (None for ``default``, a config of ``config_cls``, a transformers SwinConfig
+    or any object with ``to_dict``, or a dict) as a ``config_cls``; ConfigError for other backbones."""
+    if backbone_config is None:
+        return config_cls(**default)
+    if isinstance(backbone_config, config_cls):
+        return copy.deepcopy(backbone_config)
+    if hasattr(backbone_config, "to_dict") and not isinstance(backbone_config, dict):
+        backbone_config = backbone_config.to_dict()  # e.g. a transformers SwinConfig
+    if not isinstance(backbone_config, dict):
+        raise ConfigError(f"backbone_config must be a dict or {config_cls.__name__}, got {type(backbone_config).__name__}")
+    model_type = backbone_config.get("model_type", "swin")
+    if model_type not in _SWIN_MODEL_TYPES:
+        name = "MaskFormer" if family == "maskformer" else "Mask2Former"
+        raise ConfigError(
+            f"backbone model_type {model_type!r} is not supported: maskformer implements the Swin backbone "
+            f"({' or '.join(_SWIN_MODEL_TYPES)}) used by the facebook/{family}-swin-* checkpoints; for a "
+            f"ResNet {name} use transformers"
+        )
+    data = dict(backbone_config)
+    data.pop("model_type", None)  # the config class writes its own
+    return config_cls.from_dict(data)
+
+
 _CLASS_HINTS = {
     "maskformer": "maskformer.MaskFormerForInstanceSegmentation / MaskFormerConfig",
     "mask2former": "maskformer.Mask2FormerForUniversalSegmentation / Mask2FormerConfig",
@@ -351,6 +375,14 @@ class _SegmentationConfig(_ConfigBase):
     num_labels), config.json reading and writing, hub loading and keyword overrides."""
 
     _sub_configs: tuple = ()
+
+    def _refuse_named_backbone(self) -> None:
+        if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
+            raise ConfigError(
+                f"backbone={self.extra.get('backbone')!r} / use_timm_backbone={self.extra.get('use_timm_backbone')!r}: "
+                "named (timm or hub) backbones are not supported; maskformer builds the Swin backbone described by "
+                "backbone_config. Remove `backbone` and `use_timm_backbone`, or use transformers"
+            )
 
     def _set_labels(self, id2label, label2id, num_labels):
         # Checked before anything is built: num_labels=1e9 would otherwise build a 6 GB dict.
@@ -510,22 +542,7 @@ class MaskFormerConfig(_SegmentationConfig):
 
     @staticmethod
     def _build_backbone(backbone_config):
-        if backbone_config is None:
-            return MaskFormerSwinConfig(**_default_backbone_dict())
-        if isinstance(backbone_config, MaskFormerSwinConfig):
-            return copy.deepcopy(backbone_config)
-        if hasattr(backbone_config, "to_dict") and not isinstance(backbone_config, dict):
-            backbone_config = backbone_config.to_dict()  # e.g. a transformers SwinConfig
-        if not isinstance(backbone_config, dict):
-            raise ConfigError(f"backbone_config must be a dict or MaskFormerSwinConfig, got {type(backbone_config).__name__}")
-        model_type = backbone_config.get("model_type", "swin")
-        if model_type not in _SWIN_MODEL_TYPES:
-            raise ConfigError(
-                f"backbone model_type {model_type!r} is not supported: maskformer implements the Swin backbone "
-                f"({' or '.join(_SWIN_MODEL_TYPES)}) used by the facebook/maskformer-swin-* checkpoints; for a "
-                "ResNet MaskFormer use transformers"
-            )
-        return MaskFormerSwinConfig.from_dict(backbone_config)
+        return _build_swin_config(backbone_config, MaskFormerSwinConfig, _default_backbone_dict(), "maskformer")
 
     @staticmethod
     def _build_decoder(decoder_config, top_level_queries):
@@ -563,12 +580,7 @@ class MaskFormerConfig(_SegmentationConfig):
         for name in ("use_auxiliary_loss", "output_hidden_states", "output_attentions", "return_dict"):
             setattr(self, name, check_bool(getattr(self, name), name))
         self.output_auxiliary_logits = check_bool(self.output_auxiliary_logits, "output_auxiliary_logits", optional=True)
-        if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
-            raise ConfigError(
-                f"backbone={self.extra.get('backbone')!r} / use_timm_backbone={self.extra.get('use_timm_backbone')!r}: "
-                "named (timm or hub) backbones are not supported; maskformer builds the Swin backbone described by "
-                "backbone_config. Remove `backbone` and `use_timm_backbone`, or use transformers"
-            )
+        self._refuse_named_backbone()
         self.backbone_config.validate()
         self.decoder_config.validate()
         if not isinstance(self.id2label, dict) or self.num_labels > MAX_LABELS:
@@ -697,23 +709,7 @@ class Mask2FormerConfig(_SegmentationConfig):
 
     @staticmethod
     def _build_backbone(backbone_config):
-        if backbone_config is None:
-            return SwinBackboneConfig(**_default_mask2former_backbone_dict())
-        if isinstance(backbone_config, SwinBackboneConfig):
-            return copy.deepcopy(backbone_config)
-        if hasattr(backbone_config, "to_dict") and not isinstance(backbone_config, dict):
-            backbone_config = backbone_config.to_dict()  # a transformers SwinConfig, or our MaskFormerSwinConfig
-        if not isinstance(backbone_config, dict):
-            raise ConfigError(f"backbone_config must be a dict or SwinBackboneConfig, got {type(backbone_config).__name__}")
-        model_type = backbone_config.get("model_type", "swin")
-        if model_type not in _SWIN_MODEL_TYPES:
-            raise ConfigError(
-                f"backbone model_type {model_type!r} is not supported: maskformer implements the Swin backbone of the "
-                "facebook/mask2former-swin-* checkpoints; for a ResNet Mask2Former use transformers"
-            )
-        data = dict(backbone_config)
-        data.pop("model_type", None)
-        return SwinBackboneConfig.from_dict(data)
+        return _build_swin_config(backbone_config, SwinBackboneConfig, _default_mask2former_backbone_dict(), "mask2former")
 
     @property
     def hidden_size(self) -> int:
@@ -758,12 +754,7 @@ class Mask2FormerConfig(_SegmentationConfig):
                      "output_attentions", "return_dict"):
             setattr(self, name, check_bool(getattr(self, name), name))
         self.output_auxiliary_logits = check_bool(self.output_auxiliary_logits, "output_auxiliary_logits", optional=True)
-        if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
-            raise ConfigError(
-                f"backbone={self.extra.get('backbone')!r} / use_timm_backbone={self.extra.get('use_timm_backbone')!r}: "
-                "named (timm or hub) backbones are not supported; maskformer builds the Swin backbone described by "
-                "backbone_config. Remove `backbone` and `use_timm_backbone`, or use transformers"
-            )
+        self._refuse_named_backbone()
         self.backbone_config.validate()
         stages = len(self.backbone_config.depths)
         self.feature_strides = check_int_list(self.feature_strides, "feature_strides", 1, 1 << 16, max_len=8)
