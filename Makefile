@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.maskformer-installed
 
-.PHONY: setup demo test bench bench-e2e aot gpu-report gpu-report-dry-run clean
+.PHONY: setup demo test test-oracle-latest bench bench-e2e aot gpu-report gpu-report-dry-run clean
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,25 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The transformers-oracle tests again, against the newest transformers release (pinned in setup.py's
+# "test-latest" extra, with the Hugging Face `kernels` package it depends on), in a second venv, from
+# the repository root: what users have today, and proof that the checkout's kernels/ folder does not
+# shadow their `kernels`. .ci/run runs it after `make test`.
+LATEST_VENV ?= .venv-latest
+LATEST_STAMP := $(LATEST_VENV)/.maskformer-installed
+ORACLE_TESTS ?= tests/test_no_shadowing.py tests/test_parity_transformers.py tests/test_mask2former_parity.py \
+	tests/test_dropin.py tests/test_dropin_processing.py tests/test_processing.py tests/test_mask2former_processing.py \
+	tests/test_loss.py tests/test_mask2former_loss.py tests/test_loading.py tests/test_gpu_report.py
+
+$(LATEST_STAMP): setup.py
+	test -x $(LATEST_VENV)/bin/python || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	$(LATEST_VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test-latest]"
+	touch $(LATEST_STAMP)
+
+test-oracle-latest: $(LATEST_STAMP)
+	$(LATEST_VENV)/bin/python -m pytest -q $(ORACLE_TESTS)
 
 # Kernel micro-benchmarks (pytest-benchmark; every entry verifies against the reference first;
 # Triton/CUDA entries skip with "no CUDA device" on a CPU machine) and the post-processing
