@@ -239,7 +239,7 @@ SEGMENT_FLAGS = {
 }
 _SWITCHES = {"overwrite": "True", "recursive": "True", "color_map": "False", "progress": "False"}
 _KEYWORD = re.compile(r"(?<![\w.\-/])(" + "|".join(SEGMENT_FLAGS) + r")="
-                      r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[\w.+\-:]*)""")
+                      r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[\w.+\-]*)""")
 _BARE = re.compile(r"(?<![\w.\-/])(" + "|".join(k for k in SEGMENT_FLAGS if "_" in k) + r")\b(?!=)")
 
 
@@ -324,8 +324,10 @@ found in, extension kept: photos/trip/a.jpg -> OUT/trip/a.jpg.*):
                     EXIF orientation / frames / bit depth notes, and the set's status
 
 Results are resumable: a re-run skips inputs whose results are complete, redoes interrupted ones,
-and never writes over another input's results or through a symbolic link. Exit status: 0 when
-nothing failed (skips are fine), 1 when an input failed, 130 when interrupted.
+and never writes over another input's results, a file it did not write, or through a symbolic
+link. Results and the output folder are never inputs, so --out may be the input folder. Exit
+status: 0 when nothing failed (skips are fine), 1 when an input failed, 130 when interrupted.
+From Python: maskformer.segment_folder(inputs, out_dir, **options) does the same.
 """
 
 
@@ -375,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-color-map", action="store_true", help="do not write NAME.color.png (default: write it)")
     seg.add_argument("--overwrite", action="store_true",
                      help="redo inputs whose complete results exist (default: skip them); never replaces another "
-                          "input's results")
+                          "input's results or a file this command did not write")
     seg.add_argument("--quiet", action="store_true",
                      help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
     seg.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",

@@ -380,7 +380,7 @@ def _load_model(model: Optional[str], engine: str, dtype: str, device: str, anno
     if model is None:
         if announce:
             log.info("no model given, using the shipped default model (trained on generated shapes: background, "
-                     "disc, box, stripe; for photos pass model=...)")
+                     "disc, box, stripe; for photos pass a checkpoint, e.g. model='facebook/maskformer-swin-base-coco')")
         return (load_default_model(dtype=torch_dtype, device=device, engine=engine),
                 MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR), "default", "maskformer")
     # config.json's model_type picks the family: MaskFormer or Mask2Former (model and processor)

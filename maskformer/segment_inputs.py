@@ -146,8 +146,9 @@ def discover(specs: Sequence[str], recursive: bool, out_dir: Optional[str] = Non
                 visited.add(key)
                 dirs.sort()
                 for d in [d for d in dirs if is_out_below(os.path.join(root, d), spec_real)]:
-                    dirs.remove(d)
-                    out_left_out.append(os.path.join(root, d))
+                    dirs.remove(d)  # not entered, nor named among the subfolders recursive would add
+                    if recursive:
+                        out_left_out.append(os.path.join(root, d))
                 if not recursive:
                     skipped_dirs.extend(os.path.join(root, d) for d in dirs)
                     dirs[:] = []
@@ -165,10 +166,10 @@ def discover(specs: Sequence[str], recursive: bool, out_dir: Optional[str] = Non
                     skipped.append((folder, reason + "; its images were not segmented"))
             if skipped_dirs:
                 notes.append(f"skipped {len(skipped_dirs)} subfolder(s) of {spec} ({_shown(skipped_dirs)}); pass "
-                             "--recursive to include them")
+                             "recursive=True to include them")
             if not found_any and not any(os.path.realpath(e.filename or spec) == spec_real for e in walk_errors):
                 failures.append((spec, "folder holds no images (" + ", ".join(IMAGE_EXTENSIONS) + ")"
-                                 + ("" if recursive else "; pass --recursive to look in subfolders")))
+                                 + ("" if recursive else "; pass recursive=True to look in subfolders")))
         elif os.path.lexists(spec):  # a file, even one whose name has glob characters ("a[1].jpg")
             add(spec, os.path.basename(spec))
         elif glob.has_magic(spec):
@@ -187,8 +188,7 @@ def discover(specs: Sequence[str], recursive: bool, out_dir: Optional[str] = Non
             failures.append((spec, "no such file or folder"))
 
     if out_left_out:
-        notes.append(f"left out the output folder {out_dir} and what is in it ({_shown(out_left_out)}): results "
-                     "are never inputs")
+        notes.append(f"left out the output folder {out_dir}, which is inside an input folder: results are never inputs")
     if results_left_out:
         notes.append(f"left out {len(results_left_out)} result file(s) written by maskformer segment "
                      f"({_shown(results_left_out)}): results are never inputs")
@@ -203,7 +203,7 @@ def discover(specs: Sequence[str], recursive: bool, out_dir: Optional[str] = Non
             for item in by_name[name]:
                 others = ", ".join(p for p in paths if p != item.path)
                 failures.append((item.path, f"its outputs ({name}.*) would collide with those of {others}; segment "
-                                            "their common parent folder instead, or use a separate --out for each"))
+                                            "their common parent folder instead, or use a separate out_dir for each"))
         inputs = [i for i in inputs if i.name not in clashing]
     return Discovery(inputs, failures, skipped, notes)
 

@@ -104,6 +104,22 @@ def test_command_line_errors_use_command_line_spelling(tmp_path, mixed_folder, a
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_spelling_rewrites_only_segment_folder_keywords():
+    from maskformer.cli import cli_spelling
+
+    assert cli_spelling("engine='onnxruntime' runs in float32, not dtype='bfloat16'") == \
+        "--engine onnxruntime runs in float32, not --dtype bfloat16"
+    assert cli_spelling("even with overwrite=True: move it away or choose another out_dir") == \
+        "even with --overwrite: move it away or choose another --out"
+    assert cli_spelling("over max_pixels=1000 (raise max_pixels if you trust it)") == \
+        "over --max-pixels 1000 (raise --max-pixels if you trust it)"
+    assert cli_spelling("color_map=False, progress=False, device='cuda:1'") == "--no-color-map, --quiet, --device cuda:1"
+    assert cli_spelling("out_dir='/tmp/my seg' exists") == "--out '/tmp/my seg' exists"
+    # words, paths and other keywords stay as they are
+    for text in ("the model of this task", "/photos/task=1.png", "strict=True", "engine_cache_dir='x'"):
+        assert cli_spelling(text) == text
+
+
 def test_an_output_path_with_spaces_is_quoted_as_a_shell_would(tmp_path, mixed_folder):
     target = tmp_path / "my results.txt"
     target.write_text("keep me")

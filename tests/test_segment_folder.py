@@ -545,8 +545,11 @@ def test_results_never_nest_when_out_is_inside_the_input_folder(tmp_path):
     assert sets == [2, 2, 2]
     glob_run = segment(str(nest / "**" / "*.png"), nest / "seg")  # a recursive glob does not enter it either
     assert counts(glob_run) == (0, 2, 0), glob_run
+    segment(nest, nest / "seg2")
     flat = segment(nest, nest / "seg2")  # without recursive, the note on subfolders does not name the output
-    assert not any("seg2" in n and "--recursive" in n for n in flat.notes), flat.notes
+    assert counts(flat) == (0, 1, 0)
+    assert any(n.startswith("skipped 2 subfolder(s)") for n in flat.notes), flat.notes  # sub and seg
+    assert not any("seg2" in n for n in flat.notes), flat.notes
 
 
 def test_results_are_never_inputs_when_out_is_the_input_folder(tmp_path):
