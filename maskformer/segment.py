@@ -681,7 +681,8 @@ def segment_folder(
 
             dist.destroy_process_group()
     finally:
-        torch.set_num_threads(threads_before)
+        if options["threads"] is not None:
+            torch.set_num_threads(threads_before)
         lock.release()
     summary.ran = [str(dispatch.last_dispatch(op)) for op in TASK_OPS[options["task"]] if dispatch.last_dispatch(op)]
     if summary.interrupted:
