@@ -69,11 +69,13 @@ __all__ = [
     "MaskFormerSwinConfig",
     "SwinBackboneConfig",
     "export_onnx",
+    "segment_folder",
 ]
 
 
 def __getattr__(name):
-    # The processor pulls in Pillow and SciPy, the export torch.onnx; load them on first use only.
+    # The processor pulls in Pillow and SciPy, the export torch.onnx, segment_folder the loading and
+    # post-processing stack; load them on first use only.
     if name == "MaskFormerImageProcessor":
         from .processing import MaskFormerImageProcessor
 
@@ -86,4 +88,8 @@ def __getattr__(name):
         from .export import export_onnx
 
         return export_onnx
+    if name == "segment_folder":
+        from .segment import segment_folder
+
+        return segment_folder
     raise AttributeError(f"module 'maskformer' has no attribute {name!r}")

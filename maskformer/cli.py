@@ -2,7 +2,7 @@
 
     maskformer demo [--out DIR] [--overwrite]   segment a generated image with the shipped default model
     maskformer segment INPUT... [--model PATH_OR_ID] --out DIR [--task semantic|panoptic|instance]
-                                                segment images, folders and globs (maskformer.segment)
+                                                segment images, folders and globs (maskformer.segment_folder)
     maskformer info                             versions, devices, CPU features, fast paths, engines and why any is off
     maskformer export MODEL OUT.onnx            the model to ONNX (dynamic batch/height/width), verified against PyTorch
     maskformer bench [...]                      end-to-end benchmark against transformers (maskformer.bench)
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import sys
 import time
 from typing import List, Optional
@@ -77,7 +79,7 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
     from .processing import MaskFormerImageProcessor
 
     from .overlay import color_map_image, colour_table, render_overlay
-    from .segment import save_label_map
+    from .segment_outputs import save_label_map
 
     names = ("image.png", "semantic.png", "semantic.color.png", "overlay.png", "segments.json")
     paths = {n: os.path.join(out_dir, n) for n in names}
@@ -226,6 +228,92 @@ def run_export(args) -> int:
     return 0 if (args.no_verify or report.ok) else 1
 
 
+# segment_folder's keywords -> the command line's options. Messages from the function (and from
+# what it calls) name options the Python way, `max_pixels=1000`; the command shows them the way a
+# user types them, `--max-pixels 1000`.
+SEGMENT_FLAGS = {
+    "out_dir": "--out", "model": "--model", "task": "--task", "engine": "--engine", "device": "--device",
+    "dtype": "--dtype", "batch_size": "--batch-size", "overwrite": "--overwrite", "recursive": "--recursive",
+    "max_pixels": "--max-pixels", "threads": "--threads", "backend": "--backend", "color_map": "--no-color-map",
+    "progress": "--quiet",
+}
+_SWITCHES = {"overwrite": "True", "recursive": "True", "color_map": "False", "progress": "False"}
+_KEYWORD = re.compile(r"(?<![\w.\-/])(" + "|".join(SEGMENT_FLAGS) + r")="
+                      r"""('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|[\w.+\-]*)""")
+_BARE = re.compile(r"(?<![\w.\-/])(" + "|".join(k for k in SEGMENT_FLAGS if "_" in k) + r")\b(?!=)")
+
+
+def cli_spelling(text: str) -> str:
+    """``engine='torch'`` -> ``--engine torch``, ``overwrite=True`` -> ``--overwrite``,
+    ``color_map=False`` -> ``--no-color-map``, ``max_pixels`` -> ``--max-pixels``: a message of
+    ``segment_folder`` as the command line's user types the options."""
+    import ast
+    import shlex
+
+    def keyword(match):
+        name, value = match.group(1), match.group(2)
+        flag = SEGMENT_FLAGS[name]
+        if name in _SWITCHES:
+            return flag if value in ("", _SWITCHES[name]) else match.group(0)
+        if value[:1] in "'\"" and value:
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                value = value[1:-1]
+            value = shlex.quote(str(value))
+        return f"{flag} {value}" if value else flag
+
+    text = _KEYWORD.sub(keyword, text)
+    return _BARE.sub(lambda m: SEGMENT_FLAGS[m.group(1)], text)
+
+
+class _CommandLineFormatter(logging.Formatter):
+    """The run's notes and warnings on stderr, prefixed and in the command line's spelling."""
+
+    def format(self, record):
+        return "maskformer segment: " + cli_spelling(record.getMessage())
+
+
+def run_segment(args) -> int:
+    """``maskformer segment``: parse -> ``segment_folder`` -> print -> exit status (0: nothing
+    failed; 1: an input failed; 130: interrupted). Under torchrun only rank 0 prints; the other
+    ranks exit 0 so that torchrun does not tear rank 0 down before it has printed."""
+    from .segment import SegmentInterrupted, segment_folder
+
+    logger = logging.getLogger("maskformer.segment")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CommandLineFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        summary = segment_folder(
+            args.inputs, args.out, model=args.model, task=args.task, engine=args.engine, device=args.device,
+            dtype=args.dtype, batch_size=args.batch_size, overwrite=args.overwrite, recursive=args.recursive,
+            max_pixels=args.max_pixels, threads=args.threads, backend=args.backend, color_map=not args.no_color_map,
+            progress=not args.quiet, raise_errors=args.verbose)
+    except SegmentInterrupted as exc:
+        summary = exc.summary
+    except KeyboardInterrupt:  # before the first input (loading the model): nothing was written
+        print("maskformer segment: interrupted before any input was segmented", file=sys.stderr)
+        return 130
+    finally:
+        logger.removeHandler(handler)
+    if rank != 0:
+        return 0
+    print(f"maskformer segment: {summary}")
+    for outcome in summary.failed:
+        print(f"  failed: {outcome.input}: {cli_spelling(outcome.reason)}", file=sys.stderr)
+    for outcome in summary.skipped:
+        if outcome.outputs:  # a complete result: the count says it
+            continue
+        print(f"  skipped: {outcome.input}: {cli_spelling(outcome.reason)}", file=sys.stderr)
+    if (summary.backend_plan or args.verbose) and summary.ran:
+        print("maskformer segment: ran " + "; ".join(summary.ran), file=sys.stderr)
+    return summary.exit_status
+
+
 SEGMENT_EPILOG = """files written per input (NAME = the input's path relative to the folder or glob base it was
 found in, extension kept: photos/trip/a.jpg -> OUT/trip/a.jpg.*):
   NAME.label.png    lossless label map at the photo's size: class ids (semantic), or segment values
@@ -236,8 +324,10 @@ found in, extension kept: photos/trip/a.jpg -> OUT/trip/a.jpg.*):
                     EXIF orientation / frames / bit depth notes, and the set's status
 
 Results are resumable: a re-run skips inputs whose results are complete, redoes interrupted ones,
-and never writes over another input's results or through a symbolic link. Exit status: 0 when
-nothing failed (skips are fine), 1 when an input failed, 130 when interrupted.
+and never writes over another input's results, a file it did not write, or through a symbolic
+link. Results and the output folder are never inputs, so --out may be the input folder. Exit
+status: 0 when nothing failed (skips are fine), 1 when an input failed, 130 when interrupted.
+From Python: maskformer.segment_folder(inputs, out_dir, **options) does the same.
 """
 
 
@@ -255,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     demo.add_argument("--seed", type=int, default=0, help="which generated image (default: 0)")
-    from .segment import DEFAULT_MAX_PIXELS
+    from .segment_inputs import DEFAULT_MAX_PIXELS
 
     seg = sub.add_parser(
         "segment", parents=[common], formatter_class=fmt, epilog=SEGMENT_EPILOG,
@@ -287,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--no-color-map", action="store_true", help="do not write NAME.color.png (default: write it)")
     seg.add_argument("--overwrite", action="store_true",
                      help="redo inputs whose complete results exist (default: skip them); never replaces another "
-                          "input's results")
+                          "input's results or a file this command did not write")
     seg.add_argument("--quiet", action="store_true",
                      help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
     seg.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
@@ -338,15 +428,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"  mIoU against the image's ground truth: {summary['miou_vs_ground_truth']:.3f}")
             print("  wrote " + ", ".join(summary["files"]))
         elif args.command == "segment":
-            if args.batch_size < 1:
-                raise ValueError("--batch-size must be >= 1")
-            if args.max_pixels < 1:
-                raise ValueError("--max-pixels must be >= 1")
-            if args.threads is not None:
-                set_threads(args.threads)
-            from .segment import run
-
-            return run(args)
+            return run_segment(args)
         elif args.command == "info":
             print(json.dumps(info(), indent=2))
         elif args.command == "export":
@@ -355,7 +437,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except Exception as exc:  # one clear line unless --verbose
         if args.verbose:
             raise
-        print(f"maskformer {args.command}: error: {exc}", file=sys.stderr)
+        message = cli_spelling(str(exc)) if args.command == "segment" else str(exc)
+        print(f"maskformer {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -4,9 +4,14 @@
   colour in every run, model and task; the k-th instance of a label gets another shade. Two
   segments that touch are never given colours closer than ``MIN_ADJACENT_DISTANCE`` (the smaller
   one is moved round the hue circle), so neighbours stay apart even when their names hash close.
-* "no segment" (panoptic pixels no query won, the instance map's background) is not a label: it is
-  left unfilled in the overlay (the photo shows through in grey) and black in the colour map.
-  "background", a real class of some models, is a light grey fill, so the two never look alike.
+* The overlay is the colour map blended over the photo, and its legend shows every colour drawn,
+  with the colour the colour map has: one entry per class for semantic maps, one per segment
+  (``label #value``, the value in the label PNG) for panoptic and instance maps, whose segments of
+  one class are drawn in different shades (before, a panoptic overlay of six segments in seven
+  colours listed one entry). "no segment" (panoptic pixels no query won, the instance map's
+  background) is black in the colour map, so it darkens the photo in the overlay and its legend
+  swatch is black (it was light grey beside a black colour map). "background", a real class of
+  some models, is a light grey fill, so the two never look alike.
 * The overlay fills each segment with its colour over the photo's *luminance* (a 50/50 blend with
   the colour photo turned yellow into sage green over a blue-grey scene: blending with grey keeps
   the hue), and draws each segment's outline in a darker shade of its colour.
@@ -178,16 +183,40 @@ def _words_length(text: str, font) -> float:
     return sum(font.getlength(w) for w in words) + font.size * 0.35 * (len(words) - 1)
 
 
+def legend_entries(label_map: np.ndarray, names: Dict[int, str], table: np.ndarray,
+                   per_segment: bool = False) -> List[Tuple[str, Colour, int]]:
+    """(text, colour, area) for every colour drawn, largest area first; colours are ``table``'s,
+    i.e. those of the colour map (``color_map_image``) and of the overlay's fills.
+
+    Args:
+        label_map: (H, W) integer map; value v is labelled ``names[v]`` ("?" when missing).
+        names: {value: label name}; "no segment" is listed with its own colour (black).
+        table: (max value + 1, 3) uint8 colours from ``colour_table``.
+        per_segment: one entry per value present, as ``"label #value"`` (panoptic and instance
+            maps: the value is the segment's ``png_value``); otherwise one per label name and
+            colour (semantic maps: one per class).
+    """
+    counts = np.bincount(np.asarray(label_map, dtype=np.int64).ravel(), minlength=len(table))
+    entries: Dict[Tuple[str, Colour], int] = {}
+    for v in np.flatnonzero(counts).tolist():
+        name = names.get(v, "?")
+        text = f"{name} #{v}" if per_segment and name != NO_SEGMENT else name
+        key = (text, tuple(int(c) for c in table[min(v, len(table) - 1)]))
+        entries[key] = entries.get(key, 0) + int(counts[v])
+    return sorted(((t, c, a) for (t, c), a in entries.items()), key=lambda e: (-e[2], e[0]))
+
+
 def render_overlay(image, label_map: np.ndarray, names: Dict[int, str], table: Optional[np.ndarray] = None,
-                   legend: Optional[List[Tuple[str, Colour, int]]] = None):
+                   legend: Optional[List[Tuple[str, Colour, int]]] = None, per_segment: bool = False):
     """Overlay of an (H, W) label map on the RGB PIL ``image`` of the same size, plus a legend.
 
     Args:
         image: PIL image of the map's scene (any mode and size, e.g. decoded at a reduced scale; it is
             resized to the drawing's size and shown in grey under the fills).
         label_map: (H, W) integer map; value v is labelled ``names[v]`` (``"no segment"`` stays unfilled).
-        table: colours from ``colour_table`` (computed when None).
-        legend: (text, colour, area) entries; by default one per label name present, largest first.
+        table: colours from ``colour_table`` (computed when None); the colour map uses the same.
+        legend: (text, colour, area) entries; by default ``legend_entries(..., per_segment)``.
+        per_segment: one legend entry per segment (panoptic, instance) instead of per class.
 
     Returns:
         PIL RGB image: the overlay at its display size (see module docstring) with the legend panel on
@@ -202,32 +231,21 @@ def render_overlay(image, label_map: np.ndarray, names: Dict[int, str], table: O
     resample = Image.Resampling.NEAREST if dh > image.height else Image.Resampling.BILINEAR
     gray = np.asarray(image.convert("L").resize((dw, dh), resample), dtype=np.uint16)
     labels = _nearest(label_map, (dh, dw))
-    unfilled = np.array([names.get(v) == NO_SEGMENT for v in range(len(table))], dtype=bool)
-    colours = table.astype(np.uint16)[labels]  # (dh, dw, 3)
+    no_segment = np.array([names.get(v) == NO_SEGMENT for v in range(len(table))], dtype=bool)
+    colours = table.astype(np.uint16)[labels]  # (dh, dw, 3): the colour map's colour of each pixel
     fill = (colours * FILL_ALPHA + gray[..., None] * (256 - FILL_ALPHA)) >> 8
-    hole = unfilled[labels]
-    fill[hole] = (gray[hole, None] * 7) >> 3  # "no segment": the photo, a little dimmed
     line = max(1, int(round(min(dh, dw) / 250)))
-    edge = _outline(labels, line) & ~hole  # "no segment" pixels get no outline either
+    edge = _outline(labels, line) & ~no_segment[labels]  # "no segment" is not a segment: no outline
     fill[edge] = (colours[edge] * 140) >> 8  # outlines: the segment's own colour, darker
     drawing = Image.fromarray(fill.astype(np.uint8))
 
     if legend is None:
-        counts = np.bincount(np.asarray(label_map, dtype=np.int64).ravel(), minlength=len(table))
-        by_name: Dict[str, Tuple[Colour, int]] = {}
-        for v in np.flatnonzero(counts).tolist():
-            name = names.get(v, "?")
-            swatch = (210, 210, 210) if name == NO_SEGMENT else tuple(int(c) for c in table[v])  # as drawn: unfilled
-            colour, area = by_name.get(name, (swatch, 0))
-            by_name[name] = (colour, area + int(counts[v]))
-        legend = sorted(((n, c, a) for n, (c, a) in by_name.items()), key=lambda e: (-e[2], e[0]))
+        legend = legend_entries(label_map, names, table, per_segment=per_segment)
     size = int(min(48, max(12, round(dh / 28))))
     font = ImageFont.load_default(size=size)
     row, pad = int(size * 1.5), size // 2
     rows_per_col = max(1, (max(dh, 8 * row) - 2 * pad) // row)
-    shown = legend[: 3 * rows_per_col]
-    if len(legend) > len(shown):
-        shown = shown[:-1] + [(f"+{len(legend) - len(shown) + 1} more", (255, 255, 255), 0)]
+    shown = legend  # every entry, in as many columns as it takes: each colour drawn is explained
     texts = [f"{name}" for name, _, _ in shown]
     col_w = int(max(_words_length(t, font) for t in texts) + size * 1.6 + 2 * pad) if texts else 0
     n_cols = (len(shown) + rows_per_col - 1) // rows_per_col
