@@ -63,6 +63,7 @@ from .segment_inputs import (  # noqa: F401  (IMAGE_EXTENSIONS: importable from 
 )
 from .segment_outputs import (
     RECORD_FORMAT,
+    ForeignFileError,
     OutputError,
     OutputLock,
     check_out_folder,
@@ -433,7 +434,7 @@ class _Run:
             record = read_record(files["json"])
             state = record_state(record, item.real, files, self.params)
             if state == "foreign":
-                raise OutputError(f"{files['json']} holds the result of another image ({record.get('image')}); "
+                raise ForeignFileError(f"{files['json']} holds the result of another image ({record.get('image')}); "
                                   "refusing to overwrite it, even with overwrite=True (choose another out_dir)")
             if state == "complete" and not options["overwrite"]:
                 self.summary.skipped.append(Outcome(item.path, "complete result exists", tuple(files.values())))
@@ -444,6 +445,9 @@ class _Run:
                                   f"{old.get('model')}, dtype {old.get('dtype')}); pass overwrite=True to replace it, "
                                   "or choose another out_dir")
             check_targets(record, item.real, files)  # links and foreign files: before the decoding
+        except ForeignFileError as exc:
+            self.summary.skipped.append(Outcome(item.path, str(exc)))
+            return 1
         except OutputError as exc:
             self.fail(item.path, str(exc), exc)
             return 1

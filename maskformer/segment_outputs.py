@@ -43,6 +43,13 @@ class OutputError(Exception):
     """An output cannot be written safely; the message names the path."""
 
 
+class ForeignFileError(OutputError):
+    """A result would replace a file this command did not write (a user's file, or another image's
+    result). Found while planning, the input is reported and skipped (issue 24: "reported and
+    skipped"), never a reason to touch the file; found while writing (it appeared meanwhile), the
+    input fails."""
+
+
 def check_out_folder(out: str) -> str:
     """Fail early (before the model loads) when ``out`` cannot be a folder. Returns it absolute."""
     out = os.fspath(out)
@@ -98,7 +105,7 @@ def atomic_write(path: str, write, replace: bool) -> int:
     folder, base = os.path.split(path)
     _check_target(path)
     if not replace and os.path.lexists(path):
-        raise OutputError(_foreign_message(path))
+        raise ForeignFileError(_foreign_message(path))
     tmp = os.path.join(folder, f".{base}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
     try:
@@ -112,12 +119,12 @@ def atomic_write(path: str, write, replace: bool) -> int:
             try:
                 os.link(tmp, path, follow_symlinks=False)
             except FileExistsError:
-                raise OutputError(_foreign_message(path)) from None
+                raise ForeignFileError(_foreign_message(path)) from None
             except OSError as exc:
                 if exc.errno not in _NO_HARD_LINKS:
                     raise
                 if os.path.lexists(path):
-                    raise OutputError(_foreign_message(path)) from None
+                    raise ForeignFileError(_foreign_message(path)) from None
                 os.rename(tmp, path)
             else:
                 os.unlink(tmp)
@@ -217,7 +224,7 @@ def check_targets(record: Optional[dict], source: str, files: Dict[str, str]) ->
             continue
         _check_target(path)
         if kind not in mine and os.path.lexists(path):
-            raise OutputError(_foreign_message(path))
+            raise ForeignFileError(_foreign_message(path))
 
 
 def record_state(record: Optional[dict], source: str, files: Dict[str, str], params: dict) -> str:
@@ -361,7 +368,7 @@ def write_result(files: Dict[str, str], previous: Optional[dict], record: dict, 
 
 
 __all__: List[str] = [
-    "LOCK_NAME", "RECORD_FORMAT", "RESULT_KINDS", "OutputError", "OutputLock", "atomic_write", "check_out_folder",
+    "LOCK_NAME", "RECORD_FORMAT", "RESULT_KINDS", "ForeignFileError", "OutputError", "OutputLock", "atomic_write", "check_out_folder",
     "check_targets", "claimed_kinds", "ensure_folder", "is_result_file", "output_files", "read_record",
     "record_json", "record_state", "save_label_map", "write_result",
 ]

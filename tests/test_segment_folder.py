@@ -36,6 +36,11 @@ def reasons(summary):
     return {os.path.basename(o.input): o.reason for o in summary.failed}
 
 
+def skip_reasons(summary):
+    """{input's file name: reason} of the skips."""
+    return {os.path.basename(o.input): o.reason for o in summary.skipped}
+
+
 def outputs_of(folder):
     """{relative path: bytes} of every file under ``folder``."""
     found = {}
@@ -389,8 +394,8 @@ def test_outputs_mirror_paths_and_never_collide(tmp_path):
     before = outputs_of(tmp_path / "o3")
     for overwrite in (False, True):
         second = segment(src / "other", tmp_path / "o3", overwrite=overwrite)
-        assert counts(second) == (0, 0, 1)
-        assert "holds the result of another image" in second.failed[0].reason
+        assert counts(second) == (0, 1, 0) and second.exit_status == 0  # reported and skipped (issue 24)
+        assert "holds the result of another image" in second.skipped[0].reason
         assert outputs_of(tmp_path / "o3") == before
 
 
@@ -451,8 +456,9 @@ def test_never_writes_through_a_symlink(tmp_path):
 def test_user_files_with_result_names_are_never_replaced_when_out_is_the_input_folder(tmp_path):
     """The report: with the output folder equal to the input folder, an input named
     ``a.png.label.png`` was replaced by a.png's label map (exit 0, "3 done"), and a foreign
-    ``g0.png.overlay.png`` by g0.png's overlay. Now a.png and g0.png fail, naming the file in
-    their way; the user's files are inputs like any other, and unchanged, overwrite or not."""
+    ``g0.png.overlay.png`` by g0.png's overlay. Now a.png and g0.png are reported and skipped,
+    naming the file in their way; the user's files are inputs like any other, and unchanged,
+    overwrite or not."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for name, seed in (("a.png", 60), ("a.png.label.png", 61), ("g0.png", 62), ("g0.png.overlay.png", 63),
@@ -461,11 +467,11 @@ def test_user_files_with_result_names_are_never_replaced_when_out_is_the_input_f
     users = {n: (folder / n).read_bytes() for n in ("a.png.label.png", "g0.png.overlay.png")}
     for overwrite in (False, True):
         summary = segment(folder, folder, overwrite=overwrite)
-        why = reasons(summary)
-        assert set(why) == {"a.png", "g0.png"}, summary.failed
+        why = skip_reasons(summary)
+        assert not summary.failed and summary.exit_status == 0, summary.failed
         assert why["a.png"].startswith(f"{folder / 'a.png.label.png'} exists and was not written by maskformer segment")
         assert "even with overwrite=True" in why["g0.png"]
-        done = {os.path.basename(o.input) for o in summary.done} | {os.path.basename(o.input) for o in summary.skipped}
+        done = {os.path.basename(o.input) for o in summary.done} | {n for n, r in why.items() if "complete" in r}
         assert done == {"a.png.label.png", "g0.png.overlay.png", "b.png"}
         for name, data in users.items():
             assert (folder / name).read_bytes() == data, f"{name} was replaced"
@@ -481,7 +487,7 @@ def test_a_foreign_file_in_the_output_folder_is_reported_and_kept(tmp_path):
     out.mkdir()
     (out / "g0.png.overlay.png").write_bytes(b"the user's own overlay")
     summary = segment(src, out, overwrite=True)
-    assert counts(summary) == (1, 0, 1) and reasons(summary).keys() == {"g0.png"}
+    assert counts(summary) == (1, 1, 0) and skip_reasons(summary).keys() == {"g0.png"}
     assert (out / "g0.png.overlay.png").read_bytes() == b"the user's own overlay"
     assert sorted(os.listdir(out)) == ["g0.png.overlay.png"] + [f"g1.png.{k}" for k in
                                                                   ("color.png", "json", "label.png", "overlay.png")]
@@ -490,7 +496,7 @@ def test_a_foreign_file_in_the_output_folder_is_reported_and_kept(tmp_path):
     assert segment(src / "g1.png", tmp_path / "o2", color_map=False).exit_status == 0
     (tmp_path / "o2" / "g1.png.color.png").write_bytes(b"mine")
     again = segment(src / "g1.png", tmp_path / "o2", overwrite=True)
-    assert counts(again) == (0, 0, 1) and "g1.png.color.png exists and was not written" in again.failed[0].reason
+    assert counts(again) == (0, 1, 0) and "g1.png.color.png exists and was not written" in again.skipped[0].reason
     assert (tmp_path / "o2" / "g1.png.color.png").read_bytes() == b"mine"
 
 
