@@ -936,8 +936,11 @@ def run(models: Sequence[Tuple[str, int, int]] = DEFAULT_MODELS, batches: Sequen
                 f"launches ({time.monotonic() - t0:.1f} s)")
         return traces[key]
 
-    calibration, fitted = [], constants is None
+    calibration, fitted, measured_on = [], constants is None, None
     if fitted:
+        with open(os.path.join(measured_dir, "environment.json")) as f:
+            env = json.load(f)
+        measured_on = {k: env.get(k) for k in ("gpu", "torch", "triton", "transformers", "date")}
         measured = measured_rows(measured_dir)
         timelines = [Timeline.of(get("transformers-eager", r["model"], r["batch"], "fp32", *r["input"]), DEVICES["h200"])
                      for r in measured]
@@ -980,7 +983,7 @@ def run(models: Sequence[Tuple[str, int, int]] = DEFAULT_MODELS, batches: Sequen
             "efficiency": {"value": constants.efficiency, "fitted": fitted},
             "launch_floor_us": {"value": constants.launch_floor_us, "fitted": False, "note": "assumed"},
         },
-        "calibration": calibration, "max_calibration_error": max((abs(r["error"]) for r in calibration), default=None),
+        "calibration": calibration, "calibration_measured_on": measured_on, "max_calibration_error": max((abs(r["error"]) for r in calibration), default=None),
         "rows": rows, "targets": target, "top_op_kinds_fast": top,
     }
 
@@ -1032,8 +1035,10 @@ def markdown(report: Dict) -> str:
         for r in report["calibration"]:
             lines.append(f"| {r['model']} | {r['input'][0]}x{r['input'][1]} | {r['batch']} | {r['measured_ms']} | "
                          f"{r['predicted_ms']} | {r['error']:+.1%} |")
-        lines += ["", f"Measured: {report['calibration'][0]['source']} and its e2e-throughput.json (median of 5, "
-                      "random weights, transformers 5.17 there; traced here with the transformers above)."]
+        on = report["calibration_measured_on"]
+        lines += ["", f"Measured: {report['calibration'][0]['source']} and e2e-throughput.json beside it (median "
+                      f"of 5, random weights; {on['gpu']}, torch {on['torch']}, transformers {on['transformers']}, "
+                      f"{on['date'][:10]}); traced here with the versions above."]
     t = report["targets"]
     if t:
         row = t["row"]

@@ -255,6 +255,12 @@ def test_toy_report_plumbing(tmp_path):
     assert json.loads(open(json_path).read())["rows"] == json.loads(json.dumps(rows))
     text = open(md_path).read()
     assert "| toy | 96x128 | maskformer-fast | 1 | bf16 | h100 |" in text and "top op kinds by launches" in text
+    # the calibration section, as a fitted run writes it
+    report.update(calibration=[{"model": "toy", "batch": 1, "dtype": "fp32", "device": "h200", "input": [96, 128],
+                                "measured_ms": 10.0, "predicted_ms": 11.0, "error": 0.1, "source": "measured.json"}],
+                  calibration_measured_on={"gpu": "NVIDIA H200", "torch": "2.11", "transformers": "5.17",
+                                           "date": "2026-11-26T03:34:34"}, max_calibration_error=0.1)
+    assert "| toy | 96x128 | 1 | 10.0 | 11.0 | +10.0% |" in gm.markdown(report)
 
 
 def test_command_line(tmp_path, capsys):
