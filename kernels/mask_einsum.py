@@ -22,9 +22,10 @@ transformers' ``post_process_semantic_segmentation`` starts with::
   (image, 128-pixel tiles), fp32 accumulation.
 
 Neither is bit-identical to the reference (MKL/cuBLAS sum in their own order): they agree to a
-few fp32 ulps. ``maskformer.dispatch.semantic_segmentation`` therefore computes the CPU scores with
-the reference ops, contracting one image at a time, where bit-identity with transformers matters more than the
-fusion (``ref_factors`` explains the one batch-sized intermediate that costs); these kernels serve
+few fp32 ulps. The ``semantic_segmentation`` op's C++ implementation
+(``kernels/semantic_segmentation.py``) therefore computes the CPU scores with the reference ops,
+contracting one image at a time, where bit-identity with transformers matters more than the fusion
+(``ref_factors`` explains the one batch-sized intermediate that costs); these kernels serve
 ``dispatch.mask_einsum`` and the GPU path.
 
 Limits: forward only; Triton on CUDA (or CPU tensors under TRITON_INTERPRET=1, for tests);

@@ -197,7 +197,8 @@ class Op:
 # ---------------------------------------------------------------------------------------------
 _ops: Dict[str, Op] = {}
 _loaded = False  # set last, once OP_MODULES and the variable's modules are in _ops
-_lock = threading.RLock()  # re-entrant: an op module may register further ops while it loads
+_loading = False  # inside _load: an op module being imported may call register()
+_lock = threading.RLock()  # re-entrant: that register() runs in the loading thread
 
 
 def _module_op(module_name: str, source: str) -> Op:
@@ -214,19 +215,23 @@ def _module_op(module_name: str, source: str) -> Op:
 
 
 def _load() -> None:
-    global _loaded
+    global _loaded, _loading
     if _loaded:  # fast path, lock-free: torch.compile traces the lookups below and cannot trace a lock
         return
     with _lock:
-        if _loaded:
+        if _loaded or _loading:
             return
-        extra = [m.strip() for m in os.environ.get(ENV_VAR, "").split(",") if m.strip()]
-        for module_name, source in [(m, "maskformer.kernels.registry.OP_MODULES") for m in OP_MODULES] + \
-                                   [(m, f"{ENV_VAR}") for m in extra]:
-            op = _module_op(module_name, source)
-            if _ops.get(op.name) is not op:
-                _add(op, replace=False)
-        _loaded = True
+        _loading = True
+        try:
+            extra = [m.strip() for m in os.environ.get(ENV_VAR, "").split(",") if m.strip()]
+            sources = [(m, "maskformer.kernels.registry.OP_MODULES") for m in OP_MODULES] + [(m, ENV_VAR) for m in extra]
+            for module_name, source in sources:
+                op = _module_op(module_name, source)
+                if _ops.get(op.name) is not op:
+                    _add(op, replace=False)
+            _loaded = True
+        finally:
+            _loading = False
 
 
 def _add(op: Op, replace: bool) -> None:
@@ -240,8 +245,9 @@ def _add(op: Op, replace: bool) -> None:
 
 
 def register(op: Op, replace: bool = False) -> Op:
-    """Add ``op`` to the registry; returns it. ValueError when another op of that name is
-    registered, unless ``replace``. (Loads nothing: an op module may call it while it is imported.)"""
+    """Add ``op`` to the registry, after the ops already there (the project's first); returns it.
+    ValueError when another op of that name is registered, unless ``replace``."""
+    _load()  # a no-op when called by an op module that the load itself is importing
     with _lock:
         _add(op, replace)
     return op
@@ -249,6 +255,7 @@ def register(op: Op, replace: bool = False) -> Op:
 
 def register_module(module_name: str, replace: bool = False) -> Op:
     """Import ``module_name`` and register its ``OP``; returns it."""
+    _load()
     op = _module_op(module_name, "register_module()")
     with _lock:
         _add(op, replace)
