@@ -8,9 +8,11 @@ without a GPU, through the launch code a real call runs, and judged on what the 
 
 How. A stand-in triton driver (``AOTDriver``) reports ``GPUTarget("cuda", arch, 32)`` as the
 current device, so triton's JIT specialises and compiles exactly as it would on that GPU (the
-bundled ptxas makes the cubin). Each kernel's own launch function (``window_attention._launch``,
-``mask_einsum._launch``, ``upsample_argmax._launch_one``, ``ms_deform_attn._launch``) is called with meta tensors of a real
-call's shapes, dtypes and strides and ``compile_only=True``: it picks its blocks, warps, stages
+bundled ptxas makes the cubin). The launches are declared by each op next to its kernel
+(``aot_launches`` in ``kernels/<op>.py``, read through ``maskformer.kernels.registry``): each calls
+the kernel's own launch function (``window_attention.launch``, ``mask_einsum.launch``,
+``upsample_argmax.launch_one``, ``ms_deform_attn.launch``) with meta tensors of a real call's
+shapes, dtypes and strides and ``compile_only=True``: it picks its blocks, warps, stages
 and constexprs as for a real call and hands them to ``kernel.warmup`` instead of launching, so the
 checked binary is the launched one (integer arguments are the real ones, so triton's
 divisibility-by-16 specialisation is the real one; a meta tensor's pointer is its storage offset,
@@ -26,31 +28,25 @@ SASS (HGMMA, HMMA), FFMA and all SASS instructions (static counts, from the bund
 Rules (exit status 1, and ``tests/test_aot.py`` fails, when any is broken):
 - every launch compiles;
 - no binary spills (0 bytes of spill stores and loads);
-- every window_attention / mask_einsum binary whose dot takes fp16/bf16 operands, or fp32 ones
-  with TF32 allowed, has tensor-core instructions (``wgmma`` or ``mma.sync`` in its PTX).
+- every binary of a launch declared with ``tensor_cores=True`` (the window_attention and
+  mask_einsum dots on fp16/bf16 operands, or fp32 ones with TF32 allowed) has tensor-core
+  instructions (``wgmma`` or ``mma.sync`` in its PTX).
 
-Sets. ``--full``: Swin-T (window 7), Swin-B and Swin-L (window 12) and the shipped default model
-(window 7) at 512x512, 512x683 (unpadded), 512x704 (padded to 32), 640x640, 640x853 and
-640x864, every stage, both shifts, batch 1 and 8,
-fp32 (both TF32 settings), fp16, bf16, bias table in the input's dtype and in fp32 (autocast);
-post-processing at 100 queries and 150/133/171 classes (8 queries, 4 classes for the default
-model), masks at a quarter of those inputs, batch 1 and 2, each dtype; upsample+argmax to each
-input size and without resize, int64/int32/uint8 labels, fp32/fp16/bf16 scores; Mask2Former's
-multi-scale deformable attention (8 heads of 32, 3 levels at strides 32/16/8, 4 points, Q = S) at
-each input size, batch 1 and 8, each dtype. The CI set takes one launch per distinct (constexprs,
-dtypes, shift, table dtype, TF32 setting) combination and both divisibility cases of the
-image-dependent integers; for ms_deform_attn, Swin-T ADE20K at 512x512 (levels 16x16, 32x32,
-64x64) in each dtype.
+Sets (each op's ``aot_launches`` docstring says what its own are). ``--full``: every real launch
+configuration: Swin-T, Swin-B, Swin-L and the default model at the ADE20K input sizes of
+``registry.IMAGES``, every stage, shift, batch 1 and 8, dtype, TF32 setting and table dtype;
+post-processing at each head of ``registry.POSTPROCESS_HEADS``; Mask2Former's deformable
+attention at each input size. The CI set takes one launch per distinct (constexprs, dtypes,
+shift, table dtype, TF32 setting) combination and both divisibility cases of the image-dependent
+integers.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import datetime
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -58,7 +54,11 @@ import sys
 import tempfile
 import time
 import traceback
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Dict, List, Optional
+
+from maskformer._ext import tf32_matmul  # noqa: F401  (the policy the fp32 launches compile under; scripts use it)
+from maskformer.kernels import registry
+from maskformer.kernels.registry import AOTLaunch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,227 +72,22 @@ ARCHS = {
     90: dict(gpu="H100", registers=65536, max_warps=64, max_blocks=32, smem_per_sm=228 * 1024,
              smem_per_block=227 * 1024, smem_reserved=1024),
 }
-KERNELS = ("window_attention", "mask_einsum", "upsample_argmax", "ms_deform_attn")
-DTYPES = ("float32", "float16", "bfloat16")
-SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int64": "i64", "int32": "i32", "uint8": "u8"}
-
-# Swin backbones as MaskFormer's checkpoints use them: (embed_dim, heads per stage, window).
-# Swin-S has Swin-T's widths and window (only depths differ): the same launches.
-SWIN = {
-    "swin-tiny": (96, (3, 6, 12, 24), 7),
-    "swin-base": (128, (4, 8, 16, 32), 12),
-    "swin-large": (192, (6, 12, 24, 48), 12),
-    "default-model": (32, (1, 2, 4, 8), 7),
-}
-# Inputs at ADE20K's short sides, as the model gets them unpadded (the benchmark's 512x683) and
-# padded to a multiple of 32 by the processor (512x704).
-IMAGES = ((512, 512), (512, 683), (512, 704), (640, 640), (640, 853), (640, 864))
-# Post-processing heads: (queries, classes): ADE20K, COCO panoptic, COCO-Stuff, the default model.
-HEADS = ((100, 150), (100, 133), (100, 171), (8, 4))
 
 
 # ---------------------------------------------------------------------------------------------
-# launches
+# launches: declared by each op next to its kernel (maskformer.kernels.registry)
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Launch:
-    """One real launch configuration: ``compile()`` goes through the op's launch function with
-    meta tensors and returns the CompiledKernel. ``tensor_cores``: the rule applies."""
-
-    kernel: str
-    config: Dict
-    compile: Callable[[], object]
-    tensor_cores: bool
-
-    @property
-    def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.config.items())
+def kernels() -> List[str]:
+    """The ops whose Triton kernels are checked: every registered op that declares AOT launches."""
+    return registry.aot_kernels()
 
 
-@contextlib.contextmanager
-def tf32_matmul(allowed: bool) -> Iterator[None]:
-    """torch's fp32 matmul policy set to TF32 (True) or exact fp32 (False) inside the block, with
-    the new API (``fp32_precision``; mixing it with ``allow_tf32`` makes torch refuse to answer)."""
-    import torch
-
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.fp32_precision
-    matmul.fp32_precision = "tf32" if allowed else "ieee"
-    try:
-        yield
-    finally:
-        matmul.fp32_precision = previous
-
-
-def stage_shapes(height: int, width: int):
-    """(H, W) of the four Swin stages for an input: patch embedding pads to a multiple of 4,
-    each patch merging pads to even sizes (transformers' MaskFormerSwin)."""
-    h, w = -(-height // 4), -(-width // 4)
-    for _ in range(4):
-        yield h, w
-        h, w = -(-h // 2), -(-w // 2)
-
-
-def _window_attention_launch(batch, h, w, c, heads, window, shift, dtype, table_dtype, tf32) -> Launch:
-    import torch
-
-    from maskformer.kernels import window_attention as wa
-
-    dt, tdt = getattr(torch, dtype), getattr(torch, table_dtype)
-
-    def compile_():
-        # _window_attention_impl's tensors: x (B, H, W, C) contiguous, its q/k/v Linear, a new out.
-        x = torch.empty(batch, h, w, c, device="meta", dtype=dt)
-        weight = torch.empty(3 * c, c, device="meta", dtype=dt)
-        bias = torch.empty(3 * c, device="meta", dtype=dt)
-        table = torch.empty((2 * window - 1) ** 2, heads, device="meta", dtype=tdt)
-        qkv = torch.nn.functional.linear(x, weight, bias)
-        with tf32_matmul(bool(tf32)):
-            return wa._launch(qkv, bias, table, x.new_empty(x.shape), window, shift, heads, compile_only=True)
-
-    config = dict(x=f"{batch}x{h}x{w}x{c}", heads=heads, window=window, shift=shift, dtype=SHORT[dtype],
-                  table=SHORT[table_dtype])
-    if dtype == "float32":
-        config["tf32"] = bool(tf32)
-    return Launch("window_attention", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
-
-
-def _mask_einsum_launch(batch, queries, classes, mh, mw, dtype, tf32) -> Launch:
-    import torch
-
-    from maskformer.kernels import mask_einsum as me
-
-    dt = getattr(torch, dtype)
-
-    def compile_():
-        cl = torch.empty(batch, queries, classes + 1, device="meta", dtype=dt)
-        ml = torch.empty(batch, queries, mh, mw, device="meta", dtype=dt)
-        out = torch.empty(batch, classes, mh, mw, device="meta", dtype=torch.float32)
-        with tf32_matmul(bool(tf32)):
-            return me._launch(cl, ml, out, compile_only=True)
-
-    config = dict(B=batch, Q=queries, K=classes, masks=f"{mh}x{mw}", dtype=SHORT[dtype])
-    if dtype == "float32":
-        config["tf32"] = bool(tf32)
-    return Launch("mask_einsum", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
-
-
-def _upsample_argmax_launch(classes, mh, mw, target, dtype, out_dtype, image=0) -> Launch:
-    import torch
-
-    from maskformer.kernels import upsample_argmax as ua
-
-    def compile_():
-        # upsample_argmax(scores (B, K, h, w), sizes): image i of the batch, the CUDA rounding.
-        scores = torch.empty(image + 1, classes, mh, mw, device="meta", dtype=getattr(torch, dtype))
-        img = scores[image]
-        size = target
-        out = torch.empty(size if size is not None else (mh, mw), device="meta", dtype=getattr(torch, out_dtype))
-        fma, vec = ua.CUDA_ROUNDING
-        return ua._launch_one(img, out, size is not None, fma, vec, None, *ua.kernel_scales(None, size),
-                              compile_only=True)
-
-    config = dict(K=classes, scores=f"{mh}x{mw}", target="none" if target is None else f"{target[0]}x{target[1]}",
-                  dtype=SHORT[dtype], labels=SHORT[out_dtype], image=image)
-    return Launch("upsample_argmax", config, compile_, tensor_cores=False)
-
-
-# Mask2Former's pixel decoder: the backbone's strides 8, 16 and 32 as three levels (every input is
-# padded to a multiple of 32 by the processor), 8 heads of 32 dims (d_model 256), 4 points per level,
-# every token a query (the encoder's self-attention: Q = S).
-MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS = 8, 32, 4
-
-
-def msda_levels(height: int, width: int):
-    """The pixel decoder's level shapes for an input: strides 32, 16, 8 ordered as transformers'
-    Mask2FormerPixelDecoder feeds them (lowest resolution first)."""
-    return [(-(-height // s), -(-width // s)) for s in (32, 16, 8)]
-
-
-def _ms_deform_attn_launch(batch, levels, heads, head_dim, points, dtype) -> Launch:
-    import torch
-
-    from maskformer.kernels import ms_deform_attn as msda
-
-    dt = getattr(torch, dtype)
-    tokens = sum(h * w for h, w in levels)
-
-    def compile_():
-        value = torch.empty(batch, tokens, heads, head_dim, device="meta", dtype=dt)
-        loc = torch.empty(batch, tokens, heads, len(levels), points, 2, device="meta", dtype=dt)
-        weights = torch.empty(batch, tokens, heads, len(levels), points, device="meta", dtype=dt)
-        out = torch.empty(batch, tokens, heads * head_dim, device="meta", dtype=dt)
-        return msda._launch(value, levels, loc, weights, out, compile_only=True)
-
-    config = dict(B=batch, levels="+".join(f"{h}x{w}" for h, w in levels), heads=heads, D=head_dim, P=points,
-                  dtype=SHORT[dtype])
-    return Launch("ms_deform_attn", config, compile_, tensor_cores=False)
-
-
-def launches(full: bool) -> List[Launch]:
-    """The launch configurations of the chosen set (see the module docstring)."""
-    out: List[Launch] = []
-    if full:
-        for model, (embed, heads_per_stage, window) in SWIN.items():
-            for image in IMAGES:
-                for stage, (h, w) in enumerate(stage_shapes(*image)):
-                    c, heads = embed * 2**stage, heads_per_stage[stage]
-                    for batch in (1, 8):
-                        for shift in (0, window // 2):
-                            for dtype in DTYPES:
-                                for table in sorted({dtype, "float32"}):
-                                    for tf32 in ((False, True) if dtype == "float32" else (None,)):
-                                        out.append(_window_attention_launch(batch, h, w, c, heads, window, shift,
-                                                                            dtype, table, tf32))
-        for queries, classes in HEADS:
-            for image in IMAGES:
-                mh, mw = -(-image[0] // 4), -(-image[1] // 4)
-                for batch in (1, 2):
-                    for dtype in DTYPES:
-                        for tf32 in ((False, True) if dtype == "float32" else (None,)):
-                            out.append(_mask_einsum_launch(batch, queries, classes, mh, mw, dtype, tf32))
-                for target in (image, None):
-                    for dtype in DTYPES:
-                        for labels in ("int64", "int32", "uint8"):
-                            for i in (0, 1):
-                                out.append(_upsample_argmax_launch(classes, mh, mw, target, dtype, labels, i))
-        for image in IMAGES:
-            for batch in (1, 8):
-                for dtype in DTYPES:
-                    out.append(_ms_deform_attn_launch(batch, msda_levels(*image), MSDA_HEADS, MSDA_HEAD_DIM,
-                                                      MSDA_POINTS, dtype))
-        return out
-    # CI: one launch per distinct combination of what the wrappers turn into constexprs and dtypes,
-    # with both divisibility cases of the image-dependent sizes (160x160 and 128x171).
-    wa_shapes = [  # (model, input) -> stage 1 (the largest maps)
-        ("swin-tiny", (512, 683)),  # window 7, 128x171 (widths not divisible by 16)
-        ("swin-large", (640, 640)),  # window 12, 160x160
-    ]
-    for model, image in wa_shapes:
-        embed, heads_per_stage, window = SWIN[model]
-        h, w = next(stage_shapes(*image))
-        for shift in (0, window // 2):
-            for dtype in DTYPES:
-                for tf32 in ((False, True) if dtype == "float32" else (None,)):
-                    out.append(_window_attention_launch(1, h, w, embed, heads_per_stage[0], window, shift, dtype,
-                                                        dtype, tf32))
-        # autocast: half x with the fp32 parameter table
-        out.append(_window_attention_launch(1, h, w, embed, heads_per_stage[0], window, window // 2, "bfloat16",
-                                            "float32", None))
-    for queries, classes, image in ((100, 150, (640, 853)), (8, 4, (512, 683))):
-        mh, mw = -(-image[0] // 4), -(-image[1] // 4)
-        for dtype in DTYPES:
-            for tf32 in ((False, True) if dtype == "float32" else (None,)):
-                out.append(_mask_einsum_launch(2, queries, classes, mh, mw, dtype, tf32))
-    out.append(_upsample_argmax_launch(150, 160, 213, (640, 853), "float32", "int64"))
-    out.append(_upsample_argmax_launch(150, 160, 213, None, "float32", "int64"))
-    out.append(_upsample_argmax_launch(150, 128, 171, (512, 683), "bfloat16", "uint8", 1))
-    # Swin-T ADE20K at 512x512: levels 16x16, 32x32, 64x64 (5376 tokens), each dtype
-    for dtype in DTYPES:
-        out.append(_ms_deform_attn_launch(1, msda_levels(512, 512), MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS, dtype))
-    return out
+def launches(full: bool, names: Optional[List[str]] = None) -> List[AOTLaunch]:
+    """The launch configurations of the chosen set, as each op declares them (its
+    ``aot_launches(full)``, next to its kernel), for the ops ``names`` (default: all)."""
+    return registry.aot_launches(full, names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +298,7 @@ def rule_failures(row: Dict, tensor_cores: bool) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def compile_all(archs: List[int], plan: List[Launch], log=print) -> Dict:
+def compile_all(archs: List[int], plan: List[AOTLaunch], log=print) -> Dict:
     """Compile every launch for every arch -> {"binaries": [...], "launches": [...]}. Launches that
     produce the same binary (triton's hash) share one entry."""
     import triton
@@ -625,15 +420,17 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(archs: List[int], full: bool, log=print, kernels=KERNELS) -> Dict:
-    plan = launches(full)
+def run(archs: List[int], full: bool, log=print, names: Optional[List[str]] = None) -> Dict:
+    """Compile the set's launches of the ops ``names`` (default: every op that declares launches)."""
+    names = kernels() if names is None else list(names)
+    plan = launches(full, names)
     covered = sorted({launch.kernel for launch in plan})
-    if covered != sorted(KERNELS):
-        raise RuntimeError(f"the plan covers {covered}, not every Triton kernel {sorted(KERNELS)}")
-    plan = [launch for launch in plan if launch.kernel in kernels]
+    if covered != sorted(names):
+        raise RuntimeError(f"the plan covers {covered}, not every kernel asked for {sorted(names)}: an op's "
+                           "aot_launches returned none (or launches named for another kernel)")
     t0 = time.perf_counter()
     result = compile_all(archs, plan, log)
-    report = dict(set="full" if full else "ci", archs=[f"sm_{a}" for a in archs], kernels=sorted(kernels),
+    report = dict(set="full" if full else "ci", archs=[f"sm_{a}" for a in archs], kernels=sorted(names),
                   environment=environment(archs),
                   rules=["every launch compiles", "no spill stores or loads",
                          "tensor-core instructions in every window_attention/mask_einsum binary on fp16/bf16 "
@@ -655,8 +452,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, metavar="STEM",
                         help="results file stem, .json and .md added (default benchmarks/results/aot-<set>; "
                              "'none' writes no results file)")
-    parser.add_argument("--kernels", default=",".join(KERNELS),
-                        help="comma list, a subset of: " + ", ".join(KERNELS) + " (default all; a subset is for "
+    available = kernels()
+    parser.add_argument("--kernels", default=",".join(available),
+                        help="comma list, a subset of: " + ", ".join(available) + " (default all; a subset is for "
                              "iterating on one kernel, the check is complete only with all)")
     parser.add_argument("--quiet", action="store_true", help="no line per launch")
     args = parser.parse_args(argv)
@@ -671,10 +469,10 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the check compiles the kernels, the interpreter would not")
     to_stdout = args.json == "-"
     log = (lambda *a: None) if args.quiet or to_stdout else (lambda *a: print(*a, flush=True))
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    if not kernels or any(k not in KERNELS for k in kernels):
-        parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(KERNELS)}")
-    report = run(archs, args.full, log, kernels)
+    names = [k.strip() for k in args.kernels.split(",") if k.strip()]
+    if not names or any(k not in available for k in names):
+        parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(available)}")
+    report = run(archs, args.full, log, names)
     stem = args.out or os.path.join(HERE, "results", f"aot-{report['set']}")
     if stem != "none":
         os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)

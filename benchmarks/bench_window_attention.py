@@ -106,8 +106,8 @@ def implementations():
     return {
         "triton": _triton_as_the_model_calls_it,
         "ref": wa.window_attention_ref,
-        "eager": wa._window_attention_eager,
-        "sdpa": functools.partial(wa._window_attention_eager, use_sdpa=True),
+        "eager": wa.window_attention_eager,
+        "sdpa": functools.partial(wa.window_attention_eager, use_sdpa=True),
     }
 
 
@@ -135,7 +135,7 @@ def kernel_only(args, shift, heads):
     # rebuild it: ~0.3 ms at every stage, host-bound, whatever the stage's size).
     dense = wa.dense_relative_position_bias(table, WINDOW)
     return {
-        "triton_kernel": lambda: wa._launch(qkv, bias, dense, out, WINDOW, shift, heads),
+        "triton_kernel": lambda: wa.launch(qkv, bias, dense, out, WINDOW, shift, heads),
         "sdpa_kernel": lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask),
     }
 
@@ -162,7 +162,7 @@ def verify(args, shift, heads):
     2026-11-26: Triton 6.7e-6 and SDPA 7.6e-6 against a bar of 8.7e-7 at stage 1)."""
     x, weight, bias, table = args
     gold = wa.window_attention_ref(x.double(), weight.double(), bias.double(), table.double(), WINDOW, shift, heads)
-    eager_err = (wa._window_attention_eager(*args, WINDOW, shift, heads).double() - gold).abs().max().item()
+    eager_err = (wa.window_attention_eager(*args, WINDOW, shift, heads).double() - gold).abs().max().item()
     bound = 2 * eager_err + torch.finfo(x.dtype).eps * gold.abs().max().item()
     report = {}
     for name, fn in implementations().items():
@@ -281,9 +281,9 @@ def run_gpu(args, record, device="cuda", timer=time_cuda, stages=STAGES):
                     qkv = torch.nn.functional.linear(inputs[0], inputs[1], inputs[2])
                     out = torch.empty_like(inputs[0])
                     # Other tiles round P (fp16/bf16) against another running max: ~1 ulp apart.
-                    default_out = wa._launch(qkv, inputs[2], inputs[3], torch.empty_like(out), WINDOW, shift, heads)
+                    default_out = wa.launch(qkv, inputs[2], inputs[3], torch.empty_like(out), WINDOW, shift, heads)
                     for bm, bn, warps, n_stages in SWEEP:
-                        fn = functools.partial(wa._launch, qkv, inputs[2], inputs[3], out, WINDOW, shift, heads,
+                        fn = functools.partial(wa.launch, qkv, inputs[2], inputs[3], out, WINDOW, shift, heads,
                                                block_m=bm, block_n=bn, num_warps=warps, num_stages=n_stages)
                         fn()
                         same = (out.float() - default_out.float()).abs().max().item()

@@ -1,8 +1,9 @@
 """Fast ops for maskformer, installed as ``maskformer.kernels``.
 
-One file per op; each file holds the kernel and its pure-PyTorch ``<op>_ref`` twin with the
-same signature. Importing this package never imports triton or initialises CUDA: each op
-module imports triton lazily (see ``maskformer.dispatch``).
+One file per op; each file holds the kernel, its pure-PyTorch ``<op>_ref`` twin with the same
+signature, and the op's declaration ``OP = Op(...)``, which ``registry.py`` collects for
+``maskformer.dispatch`` and the other readers. Importing this package never imports triton or
+initialises CUDA: each op module imports triton lazily, on first launch.
 
 This folder is ``maskformer.kernels`` and nothing else. Python started in the checkout's root puts
 the root first on ``sys.path``, where this folder would shadow Hugging Face's ``kernels`` package

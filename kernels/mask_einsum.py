@@ -22,9 +22,10 @@ transformers' ``post_process_semantic_segmentation`` starts with::
   (image, 128-pixel tiles), fp32 accumulation.
 
 Neither is bit-identical to the reference (MKL/cuBLAS sum in their own order): they agree to a
-few fp32 ulps. ``maskformer.dispatch.semantic_segmentation`` therefore computes the CPU scores with
-the reference ops, contracting one image at a time, where bit-identity with transformers matters more than the
-fusion (``ref_factors`` explains the one batch-sized intermediate that costs); these kernels serve
+few fp32 ulps. The ``semantic_segmentation`` op's C++ implementation
+(``kernels/semantic_segmentation.py``) therefore computes the CPU scores with the reference ops,
+contracting one image at a time, where bit-identity with transformers matters more than the fusion
+(``ref_factors`` explains the one batch-sized intermediate that costs); these kernels serve
 ``dispatch.mask_einsum`` and the GPU path.
 
 Limits: forward only; Triton on CUDA (or CPU tensors under TRITON_INTERPRET=1, for tests);
@@ -50,13 +51,21 @@ from typing import List, Optional, Tuple
 import torch
 
 from maskformer import _devices, _ext
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op
 
 __all__ = [
+    "OP",
     "mask_einsum",
     "mask_einsum_ref",
     "mask_einsum_cpp",
+    "check_args",
     "not_supported_reasons",
     "cpp_not_supported_reasons",
+    "launch",
+    "default_blocks",
+    "dot_dtype",
+    "dot_precision",
+    "aot_launches",
     "make_realistic_logits",
 ]
 
@@ -98,7 +107,7 @@ def ref_factors(class_queries_logits: torch.Tensor, masks_queries_logits: torch.
     on torch 2.13 CPU). The contraction, in turn, may be done one image at a time:
     ``ref_contract(classes[i:i+1], probs[i:i+1])`` equals the batched einsum's image i (tested).
     """
-    _check_shapes(class_queries_logits, masks_queries_logits)
+    check_args(class_queries_logits, masks_queries_logits)
     masks_classes = _upcast(class_queries_logits).softmax(dim=-1)[..., :-1]
     masks_probs = _upcast(masks_queries_logits).sigmoid()
     return masks_classes, masks_probs
@@ -121,9 +130,10 @@ def _shape_reasons(class_queries_logits: torch.Tensor, masks_queries_logits: tor
     return reasons
 
 
-def _check_shapes(class_queries_logits, masks_queries_logits):
-    """ValueError for tensors on different devices or malformed shapes (every entry, and the fake
-    kernel, which is where a meta tensor mixed with real ones would land)."""
+def check_args(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> None:
+    """The op's argument check: (B, Q, K+1) class logits with K >= 1 and (B, Q, h, w) mask logits on
+    one device, else ValueError (every entry, and the fake kernels, which is where a meta tensor
+    mixed with real ones would land)."""
     _devices.check_same_device("mask_einsum", class_queries_logits=class_queries_logits,
                                masks_queries_logits=masks_queries_logits)
     reasons = _shape_reasons(class_queries_logits, masks_queries_logits)
@@ -225,20 +235,20 @@ def _build_kernel():
     return _mask_einsum_fwd_kernel
 
 
-def _dot_dtype(masks_dtype: torch.dtype) -> torch.dtype:
+def dot_dtype(masks_dtype: torch.dtype) -> torch.dtype:
     """The dot's operand dtype: fp16/bf16 mask logits -> that dtype (tensor cores, fp32
     accumulation), fp32 -> fp32."""
     return masks_dtype if masks_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _dot_precision(dot_dtype: torch.dtype) -> str:
+def dot_precision(dot_dtype: torch.dtype) -> str:
     """tl.dot's input_precision: "tf32" (tensor cores; for fp16/bf16 operands triton ignores it)
     unless the operands are fp32 and torch's fp32 matmul policy is exact
     (``maskformer._ext.tf32_matmul_allowed``), then "ieee" (FFMA)."""
     return "tf32" if dot_dtype != torch.float32 or _ext.tf32_matmul_allowed() else "ieee"
 
 
-def _default_blocks(k: int, dot_dtype: torch.dtype, precision: str) -> Tuple[int, int, int, int]:
+def default_blocks(k: int, dot_dtype: torch.dtype, precision: str) -> Tuple[int, int, int, int]:
     """(BLOCK_K, BLOCK_P, BLOCK_Q, num_warps). The accumulator is BLOCK_K x BLOCK_P fp32 in
     registers; see the module docstring for the compiled figures behind these choices."""
     block_k = 64 if k > 32 else (32 if k > 16 else 16)  # tl.dot needs every block >= 16
@@ -250,24 +260,24 @@ def _default_blocks(k: int, dot_dtype: torch.dtype, precision: str) -> Tuple[int
     return block_k, 128, 32, 8
 
 
-def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor,
+def launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor, out: torch.Tensor,
             compile_only: bool = False, blocks: Optional[Tuple[int, int, int, int]] = None):
     """Run the kernel: (B, Q, K+1), (B, Q, h, w) -> out (B, K, h, w) fp32 contiguous, returned.
-    ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_Q, num_warps) overrides ``_default_blocks`` (tests, sweeps).
+    ``blocks`` (BLOCK_K, BLOCK_P, BLOCK_Q, num_warps) overrides ``default_blocks`` (tests, sweeps).
     ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
     without launching (``benchmarks/aot.py``, with meta tensors)."""
     ml = masks_queries_logits.contiguous()
     b, q, c = class_queries_logits.shape
     k = c - 1
     hw = ml.shape[2] * ml.shape[3]
-    dot_dtype = _dot_dtype(ml.dtype)
-    precision = _dot_precision(dot_dtype)
+    operand_dtype = dot_dtype(ml.dtype)
+    precision = dot_precision(operand_dtype)
     # The class softmax once per call (B x Q x (K+1): 15k values for an ADE20K image), laid out
     # (B, K, Q) for the dot; recomputing it in every (pixel, class) block, as this kernel first
     # did, was ~1600 softmaxes per 640x853 image and 255 registers with spills.
     probs = torch.softmax(class_queries_logits, dim=-1, dtype=torch.float32)[..., :-1]
-    probs = probs.transpose(1, 2).to(dot_dtype).contiguous()
-    block_k, block_p, block_q, num_warps = blocks or _default_blocks(k, dot_dtype, precision)
+    probs = probs.transpose(1, 2).to(operand_dtype).contiguous()
+    block_k, block_p, block_q, num_warps = blocks or default_blocks(k, operand_dtype, precision)
     kernel = _build_kernel()
     grid = (triton.cdiv(hw, block_p), triton.cdiv(k, block_k), b)
     interpret = _ext.triton_interpret_mode()
@@ -275,7 +285,7 @@ def _launch(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tens
     # enable_fp_fusion explicit (triton 3.10 turns the default off): the sigmoid's arithmetic may
     # fuse; the parity bar allows either rounding.
     meta = dict(BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_P=block_p, DOT_PRECISION=precision,
-                UPCAST_DOT=interpret and dot_dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=True)
+                UPCAST_DOT=interpret and operand_dtype == torch.bfloat16, num_warps=num_warps, enable_fp_fusion=True)
     if compile_only:
         return kernel.warmup(*args, grid=grid, **meta)
     if b and hw:
@@ -291,12 +301,12 @@ def _mask_einsum_triton_op(class_queries_logits: torch.Tensor, masks_queries_log
     b, q, c = class_queries_logits.shape
     out = torch.empty((b, c - 1) + tuple(masks_queries_logits.shape[2:]), device=masks_queries_logits.device,
                       dtype=torch.float32)
-    return _launch(class_queries_logits, masks_queries_logits, out)
+    return launch(class_queries_logits, masks_queries_logits, out)
 
 
 @_mask_einsum_triton_op.register_fake
 def _mask_einsum_triton_fake(class_queries_logits, masks_queries_logits):
-    _check_shapes(class_queries_logits, masks_queries_logits)
+    check_args(class_queries_logits, masks_queries_logits)
     b, q, c = class_queries_logits.shape
     return masks_queries_logits.new_empty((b, c - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
 
@@ -309,7 +319,7 @@ def mask_einsum(class_queries_logits: torch.Tensor, masks_queries_logits: torch.
     (and for tensors on different devices). Tensors all on the meta device give a meta result (the
     op's fake kernel: shape propagation).
     """
-    _check_shapes(class_queries_logits, masks_queries_logits)
+    check_args(class_queries_logits, masks_queries_logits)
     return torch.ops.maskformer.mask_einsum_triton(class_queries_logits, masks_queries_logits)
 
 
@@ -325,6 +335,68 @@ def mask_einsum_cpp(class_queries_logits: torch.Tensor, masks_queries_logits: to
     if reasons:
         raise ValueError("maskformer::mask_einsum (C++) cannot run: " + "; ".join(reasons))
     return torch.ops.maskformer.mask_einsum(class_queries_logits, masks_queries_logits)
+
+
+def _mask_einsum_cpp_fake(class_queries_logits, masks_queries_logits):
+    """Fake (and Meta) kernel of the C++ ``maskformer::mask_einsum``."""
+    _devices.check_same_device("maskformer::mask_einsum", class_queries_logits=class_queries_logits,
+                               masks_queries_logits=masks_queries_logits)
+    b, q, k1 = class_queries_logits.shape
+    return masks_queries_logits.new_empty((b, k1 - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time launches (benchmarks/aot.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _aot_launch(batch: int, queries: int, classes: int, mh: int, mw: int, dtype: str, tf32: Optional[bool]) -> AOTLaunch:
+    dt = getattr(torch, dtype)
+
+    def compile_():
+        cl = torch.empty(batch, queries, classes + 1, device="meta", dtype=dt)
+        ml = torch.empty(batch, queries, mh, mw, device="meta", dtype=dt)
+        out = torch.empty(batch, classes, mh, mw, device="meta", dtype=torch.float32)
+        with _ext.tf32_matmul(bool(tf32)):
+            return launch(cl, ml, out, compile_only=True)
+
+    config = dict(B=batch, Q=queries, K=classes, masks=f"{mh}x{mw}", dtype=DTYPE_LABELS[dtype])
+    if dtype == "float32":
+        config["tf32"] = bool(tf32)
+    return AOTLaunch("mask_einsum", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
+
+
+def aot_launches(full: bool) -> List[AOTLaunch]:
+    """The launches ``benchmarks/aot.py`` compiles. Full: every post-processing head
+    (``POSTPROCESS_HEADS``) with masks at a quarter of each input size (``IMAGES``), batch 1 and 2,
+    each dtype, fp32 under both TF32 settings. CI: ADE20K (100 queries, 150 classes) at 640x853 and
+    the default model (8 queries, 4 classes) at 512x683, batch 2, the same dtypes and settings."""
+    shapes = ([(q, k, image, batch) for q, k in POSTPROCESS_HEADS for image in IMAGES for batch in (1, 2)] if full
+              else [(100, 150, (640, 853), 2), (8, 4, (512, 683), 2)])
+    out = []
+    for queries, classes, image, batch in shapes:
+        mh, mw = -(-image[0] // 4), -(-image[1] // 4)
+        for dtype in AOT_DTYPES:
+            for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                out.append(_aot_launch(batch, queries, classes, mh, mw, dtype, tf32))
+    return out
+
+
+OP = Op(
+    name="mask_einsum",
+    reference=mask_einsum_ref,
+    check=check_args,
+    description="semantic class scores, softmax + sigmoid + query contraction fused: (B, Q, K+1), (B, Q, h, w) -> "
+                "(B, K, h, w) fp32",
+    role="semantic post-processing",
+    tasks=(),  # the semantic task runs it inside semantic_segmentation, never on its own
+    impls=(
+        Impl("triton", mask_einsum, devices=("cuda",), dtypes=_KERNEL_DTYPES, reasons=not_supported_reasons),
+        Impl("cpp", mask_einsum_cpp, devices=("cpu",), dtypes=_KERNEL_DTYPES, reasons=cpp_not_supported_reasons),
+    ),
+    fakes={"maskformer::mask_einsum": _mask_einsum_cpp_fake},
+    aot_launches=aot_launches,
+)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,9 +76,11 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_cpp", "ms_deform_attn_ref", "check_ms_deform_attn_args",
-           "not_supported_reasons", "cpp_not_supported_reasons"]
+__all__ = ["OP", "ms_deform_attn", "ms_deform_attn_cpp", "ms_deform_attn_ref", "check_args", "check_ms_deform_attn_args",
+           "not_supported_reasons", "cpp_not_supported_reasons", "launch", "default_blocks", "levels_for_input",
+           "aot_launches"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_HEAD_DIM = 256  # see the header: the compiled figures behind it
@@ -374,7 +376,7 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _default_blocks(head_dim: int) -> Tuple[int, int]:
+def default_blocks(head_dim: int) -> Tuple[int, int]:
     """(BLOCK_Q, num_warps): a (BLOCK_Q, BLOCK_D) fp32 accumulator of at most 2048 elements
     (16 per thread over 4 warps) plus a gathered corner of the same size in registers; see the
     module docstring for the compiled figures. Untuned (no GPU when written)."""
@@ -382,12 +384,12 @@ def _default_blocks(head_dim: int) -> Tuple[int, int]:
     return max(16, min(64, 2048 // block_d)), 4 if block_d <= 128 else 8
 
 
-def _launch(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: torch.Tensor,
+def launch(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: torch.Tensor,
             attention_weights: torch.Tensor, out: torch.Tensor, compile_only: bool = False,
             blocks: Optional[Tuple[int, int]] = None):
     """Run the kernel: value (B, S, H, D), L (h, w) pairs, sampling_locations (B, Q, H, L, P, 2),
     attention_weights (B, Q, H, L, P) -> out (B, Q, H*D) contiguous in value's dtype, written and
-    returned. ``blocks`` (BLOCK_Q, num_warps) overrides ``_default_blocks`` (tests, sweeps).
+    returned. ``blocks`` (BLOCK_Q, num_warps) overrides ``default_blocks`` (tests, sweeps).
     ``compile_only``: compile for the active triton target and return the ``CompiledKernel``
     without launching (``benchmarks/aot.py``, with meta tensors)."""
     b, s, nh, d = value.shape
@@ -408,7 +410,7 @@ def _launch(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]], samp
     # integer only on == 1 and divisibility by 16).
     flat = [v for hw in spatial_shapes for v in (int(hw[0]), int(hw[1]))]
     flat += [1] * (2 * _MAX_LEVELS - len(flat))
-    block_q, num_warps = blocks or _default_blocks(d)
+    block_q, num_warps = blocks or default_blocks(d)
     grid = (triton.cdiv(q, block_q), nh, b)
     args = (value, sampling_locations, attention_weights, out, s, q, *flat)
     # enable_fp_fusion explicit (triton 3.10 turns the default off): the corner weights and the
@@ -450,7 +452,7 @@ def _ms_deform_attn_op(value: torch.Tensor, spatial_shapes: List[int], sampling_
         raise ValueError("maskformer::ms_deform_attn (Triton) cannot run: " + "; ".join(reasons))
     b, _, nh, d = value.shape
     out = value.new_empty((b, sampling_locations.shape[1], nh * d))
-    return _launch(value, shapes, sampling_locations, attention_weights, out)
+    return launch(value, shapes, sampling_locations, attention_weights, out)
 
 
 @_ms_deform_attn_op.register_fake
@@ -487,6 +489,14 @@ def _check_devices(value, sampling_locations, attention_weights) -> None:
                                attention_weights=attention_weights)
 
 
+def check_args(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]], sampling_locations: torch.Tensor,
+               attention_weights: torch.Tensor) -> None:
+    """The op's argument check: the three tensors on one device, then the shapes
+    (``check_ms_deform_attn_args``); ValueError naming the problem."""
+    _check_devices(value, sampling_locations, attention_weights)
+    check_ms_deform_attn_args(value, spatial_shapes, sampling_locations, attention_weights)
+
+
 # ---------------------------------------------------------------------------------------------
 # C++ kernel (csrc/ms_deform_attn.cpp, the optional extension maskformer._C)
 # ---------------------------------------------------------------------------------------------
@@ -519,3 +529,81 @@ def ms_deform_attn_cpp(
         return torch.ops.maskformer.ms_deform_attn_cpu(value, flat, sampling_locations, attention_weights)
     _devices.check_same_device("ms_deform_attn_cpp", value=value, out=out)
     return torch.ops.maskformer.ms_deform_attn_cpu_out(value, flat, sampling_locations, attention_weights, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes of the C++ ops, ahead-of-time launches, the op's declaration
+# ---------------------------------------------------------------------------------------------
+
+
+def _ms_deform_attn_cpu_fake(value, spatial_shapes, sampling_locations, attention_weights):
+    """Fake (and Meta) kernel of the C++ ``maskformer::ms_deform_attn_cpu``."""
+    _devices.check_same_device("maskformer::ms_deform_attn_cpu", value=value, sampling_locations=sampling_locations,
+                               attention_weights=attention_weights)
+    b, _, nh, d = value.shape
+    return value.new_empty((b, sampling_locations.shape[1], nh * d))
+
+
+def _ms_deform_attn_cpu_out_fake(value, spatial_shapes, sampling_locations, attention_weights, out):
+    """Fake (and Meta) kernel of the C++ ``maskformer::ms_deform_attn_cpu_out``: writes ``out``."""
+    _devices.check_same_device("maskformer::ms_deform_attn_cpu_out", value=value, sampling_locations=sampling_locations,
+                               attention_weights=attention_weights, out=out)
+    return out
+
+
+# Mask2Former's pixel decoder: the backbone's strides 8, 16 and 32 as three levels (every input is
+# padded to a multiple of 32 by the processor), 8 heads of 32 dims (d_model 256), 4 points per level,
+# every token a query (the encoder's self-attention: Q = S).
+AOT_HEADS, AOT_HEAD_DIM, AOT_POINTS = 8, 32, 4
+
+
+def levels_for_input(height: int, width: int) -> List[Tuple[int, int]]:
+    """The pixel decoder's level shapes for an input: strides 32, 16, 8 ordered as transformers'
+    Mask2FormerPixelDecoder feeds them (lowest resolution first)."""
+    return [(-(-height // s), -(-width // s)) for s in (32, 16, 8)]
+
+
+def _aot_launch(batch: int, levels: List[Tuple[int, int]], heads: int, head_dim: int, points: int,
+                dtype: str) -> AOTLaunch:
+    dt = getattr(torch, dtype)
+    tokens = sum(h * w for h, w in levels)
+
+    def compile_():
+        value = torch.empty(batch, tokens, heads, head_dim, device="meta", dtype=dt)
+        loc = torch.empty(batch, tokens, heads, len(levels), points, 2, device="meta", dtype=dt)
+        weights = torch.empty(batch, tokens, heads, len(levels), points, device="meta", dtype=dt)
+        out = torch.empty(batch, tokens, heads * head_dim, device="meta", dtype=dt)
+        return launch(value, levels, loc, weights, out, compile_only=True)
+
+    config = dict(B=batch, levels="+".join(f"{h}x{w}" for h, w in levels), heads=heads, D=head_dim, P=points,
+                  dtype=DTYPE_LABELS[dtype])
+    return AOTLaunch("ms_deform_attn", config, compile_, tensor_cores=False)
+
+
+def aot_launches(full: bool) -> List[AOTLaunch]:
+    """The launches ``benchmarks/aot.py`` compiles: Mask2Former's pixel decoder (``AOT_HEADS`` heads
+    of ``AOT_HEAD_DIM``, 3 levels at strides 32/16/8, ``AOT_POINTS`` points, Q = S). Full: at each
+    input size (``IMAGES``), batch 1 and 8, each dtype. CI: Swin-T ADE20K at 512x512 (levels 16x16,
+    32x32, 64x64: 5376 tokens), batch 1, each dtype."""
+    shapes = [(image, batch) for image in IMAGES for batch in (1, 8)] if full else [((512, 512), 1)]
+    return [_aot_launch(batch, levels_for_input(*image), AOT_HEADS, AOT_HEAD_DIM, AOT_POINTS, dtype)
+            for image, batch in shapes for dtype in AOT_DTYPES]
+
+
+OP = Op(
+    name="ms_deform_attn",
+    reference=ms_deform_attn_ref,
+    check=check_args,
+    description="Mask2Former's multi-scale deformable attention (pixel decoder): (B, S, H, D) values sampled at "
+                "(B, Q, H, L, P, 2) locations -> (B, Q, H*D), fused without the (B*H, D, Q, L*P) samples",
+    role="network",
+    tasks=("semantic", "instance", "panoptic"),
+    models=("mask2former",),
+    impls=(
+        Impl("triton", ms_deform_attn, devices=("cuda",), dtypes=_KERNEL_DTYPES, reasons=not_supported_reasons),
+        Impl("cpp", ms_deform_attn_cpp, devices=("cpu",), dtypes=_KERNEL_DTYPES, reasons=cpp_not_supported_reasons),
+    ),
+    fakes={"maskformer::ms_deform_attn_cpu": _ms_deform_attn_cpu_fake,
+           "maskformer::ms_deform_attn_cpu_out": _ms_deform_attn_cpu_out_fake},
+    aot_launches=aot_launches,
+)

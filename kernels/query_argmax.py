@@ -35,20 +35,27 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
+from maskformer.kernels.registry import Impl, Op
+from maskformer.kernels.upsample_argmax import as_extent, aten_scales, extent_view, kernel_scales, rounding_for
 
 __all__ = [
+    "OP",
     "query_argmax_ref",
     "query_argmax_cpp",
+    "check_args",
     "not_supported_reasons",
     "cpp_not_supported_reasons",
 ]
+
+# What forcing Triton says: there is no Triton kernel (yet).
+_NO_TRITON = "the reference PyTorch ops are the CUDA path"
 
 Size = Tuple[int, int]
 Extent = Tuple[float, float]
 
 
-def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size, source_extent=None,
-                out=None) -> Tuple[Optional[Size], Optional[Extent]]:
+def _arguments(mask_probs: torch.Tensor, weights: torch.Tensor, target_size, source_extent=None,
+               out=None) -> Tuple[Optional[Size], Optional[Extent]]:
     """(target size as an int pair or None, extent as a float pair or None). Raises ValueError on
     malformed arguments, bad extents and tensors on different devices."""
     _devices.check_same_device("query_argmax", mask_probs=mask_probs, weights=weights, out=out)
@@ -60,8 +67,6 @@ def _check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size, so
     if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (mask_probs.shape[0],):
         shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise ValueError(f"weights must be a ({mask_probs.shape[0]},) tensor (one per query), got {shape}")
-    from maskformer.kernels.upsample_argmax import as_extent
-
     extent = None
     if source_extent is not None:
         extent = as_extent(source_extent, mask_probs.shape[1], mask_probs.shape[2], "source_extent")
@@ -117,10 +122,8 @@ def query_argmax_ref(
             (first index on ties, NaN wins: torch.argmax).
         own_area: (Q,) int64, ``#{pixels: P[q] >= mask_threshold}``.
     """
-    from maskformer.kernels.upsample_argmax import _crop, aten_scales
-
-    size, extent = _check_args(mask_probs, weights, target_size, source_extent)
-    probs = _crop(mask_probs, extent)
+    size, extent = _arguments(mask_probs, weights, target_size, source_extent)
+    probs = extent_view(mask_probs, extent)
     if size is not None and extent is None:
         probs = F.interpolate(mask_probs.unsqueeze(0), size=size, mode="bilinear", align_corners=False)[0]
     elif size is not None:
@@ -142,9 +145,17 @@ def query_argmax_ref(
 # ---------------------------------------------------------------------------------------------
 
 
+def check_args(mask_probs: torch.Tensor, weights: torch.Tensor, target_size: Optional[Size] = None,
+               mask_threshold: float = 0.5, source_extent: Optional[Extent] = None) -> None:
+    """The op's argument check (``query_argmax_ref``'s arguments): (Q, h, w) probabilities with
+    Q, h, w >= 1, (Q,) weights, on one device, a positive (H, W) or None, a valid extent or None;
+    ValueError naming the problem."""
+    _arguments(mask_probs, weights, target_size, source_extent)
+
+
 def _arg_reasons(mask_probs, weights, target_size, source_extent=None) -> List[str]:
     try:
-        _check_args(mask_probs, weights, target_size, source_extent)
+        _arguments(mask_probs, weights, target_size, source_extent)
     except ValueError as exc:
         return [str(exc)]
     return []
@@ -152,9 +163,7 @@ def _arg_reasons(mask_probs, weights, target_size, source_extent=None) -> List[s
 
 def not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5, source_extent=None) -> List[str]:
     """Why a Triton ``query_argmax`` cannot serve these arguments: there is none yet."""
-    return _arg_reasons(mask_probs, weights, target_size, source_extent) + [
-        "query_argmax has no Triton kernel (the reference PyTorch ops are the CUDA path)"
-    ]
+    return _arg_reasons(mask_probs, weights, target_size, source_extent) + [OP.no_impl_reason("triton")]
 
 
 def cpp_not_supported_reasons(mask_probs, weights, target_size=None, mask_threshold=0.5,
@@ -187,9 +196,10 @@ def query_argmax_cpp(
     weights: torch.Tensor,
     target_size: Optional[Size] = None,
     mask_threshold: float = 0.5,
+    source_extent: Optional[Extent] = None,
+    *,
     out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
     prune: bool = True,
-    source_extent: Optional[Extent] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused resize + weighted argmax over queries + own areas on CPU
     (``torch.ops.maskformer.query_argmax_out``).
@@ -201,16 +211,14 @@ def query_argmax_cpp(
     (for tests and benchmarks; the result is the same). Raises ValueError with
     ``cpp_not_supported_reasons`` when it cannot run.
     """
-    from maskformer.kernels.upsample_argmax import _crop, kernel_scales, rounding_for
-
     # Arguments and devices first (out included), as every other entry: a mixed-device call is
     # named as such whether or not the extension is built.
-    size, extent = _check_args(mask_probs, weights, target_size, source_extent, out)
+    size, extent = _arguments(mask_probs, weights, target_size, source_extent, out)
     reasons = cpp_not_supported_reasons(mask_probs, weights, target_size, mask_threshold, source_extent)
     if reasons:
         raise ValueError("maskformer::query_argmax_out (C++) cannot run: " + "; ".join(reasons))
-    crop = _crop(mask_probs, extent)
-    shape = tuple(crop.shape[1:]) if size is None else size
+    region = extent_view(mask_probs, extent)
+    shape = tuple(region.shape[1:]) if size is None else size
     q = mask_probs.shape[0]
     if out is None:
         labels = torch.empty(shape, dtype=torch.int64)
@@ -225,7 +233,29 @@ def query_argmax_cpp(
                 )
     fma, vec = rounding_for(mask_probs, size, extent)
     torch.ops.maskformer.query_argmax_out(
-        crop, weights, _threshold_fp32(mask_threshold), size is not None, fma, vec, prune, labels, own_area,
+        region, weights, _threshold_fp32(mask_threshold), size is not None, fma, vec, prune, labels, own_area,
         *kernel_scales(extent, size),
     )
     return labels, own_area
+
+
+def _query_argmax_out_fake(mask_probs, weights, mask_threshold, resize, use_fma, channels_last_vec, allow_prune,
+                           labels, own_area, scale_h=-1.0, scale_w=-1.0):
+    """Fake (and Meta) kernel of the C++ ``maskformer::query_argmax_out``: writes labels, own_area."""
+    _devices.check_same_device("maskformer::query_argmax_out", mask_probs=mask_probs, weights=weights, labels=labels,
+                               own_area=own_area)
+    return None
+
+
+OP = Op(
+    name="query_argmax",
+    reference=query_argmax_ref,
+    check=check_args,
+    description="the per-pixel step of panoptic post-processing: resize, score-weighted argmax over queries and "
+                "per-query mask areas, without a (Q, H, W) tensor: (Q, h, w), (Q,) -> (H, W) labels, (Q,) areas",
+    role="panoptic post-processing",
+    tasks=("panoptic",),
+    impls=(Impl("cpp", query_argmax_cpp, devices=("cpu",), dtypes=(torch.float32,), reasons=cpp_not_supported_reasons),),
+    missing={"triton": _NO_TRITON},
+    fakes={"maskformer::query_argmax_out": _query_argmax_out_fake},
+)

@@ -58,20 +58,29 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op
 
 __all__ = [
+    "OP",
     "upsample_argmax",
     "upsample_argmax_ref",
     "upsample_argmax_cpp",
+    "check_args",
     "not_supported_reasons",
     "cpp_not_supported_reasons",
+    "launch_one",
+    "aot_launches",
     "BilinearRounding",
     "torch_cpu_bilinear_rounding",
     "torch_cpu_uses_channels_last",
     "bilinear_resize_emulated",
     "rounding_for",
+    "as_size",
     "as_extent",
+    "as_extents",
+    "check_out_dtype",
     "crop_size",
+    "extent_view",
     "aten_scales",
     "kernel_scales",
     "NO_SCALE",
@@ -98,13 +107,13 @@ def _images_and_sizes(scores: torch.Tensor, target_sizes) -> Tuple[List[torch.Te
     """(per-image (K, h, w) views, per-image target size or None, batched?). Raises ValueError."""
     if scores.dim() == 3:
         images, batched = [scores], False
-        sizes = [None if target_sizes is None else _as_size(target_sizes)]
+        sizes = [None if target_sizes is None else as_size(target_sizes)]
     elif scores.dim() == 4:
         images, batched = list(scores.unbind(0)), True
         if target_sizes is None:
             sizes = [None] * len(images)
         else:
-            sizes = [_as_size(s) for s in target_sizes]
+            sizes = [as_size(s) for s in target_sizes]
             if len(sizes) != len(images):
                 raise ValueError(f"{len(sizes)} target sizes for a batch of {len(images)} score maps")
     else:
@@ -114,7 +123,9 @@ def _images_and_sizes(scores: torch.Tensor, target_sizes) -> Tuple[List[torch.Te
     return images, sizes, batched
 
 
-def _as_size(size) -> Size:
+def as_size(size) -> Size:
+    """One target size (a pair of numbers, or a 2-element tensor) as positive ints (H, W); raises
+    ValueError naming the value."""
     if isinstance(size, torch.Tensor):
         size = size.tolist()
     try:
@@ -149,8 +160,9 @@ def as_extent(extent, h: int, w: int, name: str = "source_extents") -> Extent:
     return pair
 
 
-def _extents(scores: torch.Tensor, source_extents, batched: bool) -> List[Optional[Extent]]:
-    """Per-image validated extent or None (see ``upsample_argmax_ref``). Raises ValueError."""
+def as_extents(scores: torch.Tensor, source_extents, batched: bool) -> List[Optional[Extent]]:
+    """Per-image validated extent or None, for (K, h, w) scores (``batched`` False: one extent or
+    None) or (B, K, h, w) ones (None or B entries); see ``upsample_argmax_ref``. Raises ValueError."""
     h, w = scores.shape[-2], scores.shape[-1]
     if not batched:
         return [None if source_extents is None else as_extent(source_extents, h, w)]
@@ -173,7 +185,7 @@ def crop_size(extent: Extent) -> Size:
     return math.ceil(extent[0]), math.ceil(extent[1])
 
 
-def _crop(img: torch.Tensor, extent: Optional[Extent]) -> torch.Tensor:
+def extent_view(img: torch.Tensor, extent: Optional[Extent]) -> torch.Tensor:
     """(K, h, w) -> the (K, ceil(eh), ceil(ew)) view of its valid region (img itself for None)."""
     if extent is None:
         return img
@@ -204,7 +216,9 @@ def _to_float32(x: float) -> float:
     return struct.unpack("f", struct.pack("f", x))[0]
 
 
-def _check_out_dtype(out_dtype: torch.dtype, num_classes: int) -> None:
+def check_out_dtype(out_dtype: torch.dtype, num_classes: int) -> None:
+    """ValueError unless ``out_dtype`` is a label dtype (``OUT_DTYPES``) that holds class index
+    ``num_classes - 1``."""
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {[str(d) for d in OUT_DTYPES]}, got {out_dtype}")
     if num_classes - 1 > _MAX_LABEL[out_dtype]:
@@ -216,7 +230,7 @@ def _arguments(scores, target_sizes, source_extents, out=None):
     (devices included)."""
     _check_devices(scores, out)
     images, sizes, batched = _images_and_sizes(scores, target_sizes)
-    extents = _extents(scores, source_extents, batched)
+    extents = as_extents(scores, source_extents, batched)
     return images, sizes, extents, batched
 
 
@@ -282,11 +296,11 @@ def upsample_argmax_ref(
         the lowest class index, NaN wins (torch.argmax).
     """
     images, sizes, extents, batched = _arguments(scores, target_sizes, source_extents, out)
-    _check_out_dtype(out_dtype, scores.shape[-3])
+    check_out_dtype(out_dtype, scores.shape[-3])
     outs = _outputs(images, sizes, extents, out_dtype, out, batched)
     for img, size, extent, o in zip(images, sizes, extents, outs):
         # Upcast, then crop: fp16/bf16 scores give exactly the labels of their fp32 upcast.
-        x = _crop(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, extent)
+        x = extent_view(img.float() if img.dtype in (torch.float16, torch.bfloat16) else img, extent)
         if size is None:
             labels = x.argmax(dim=0)
         elif extent is None:
@@ -437,10 +451,19 @@ def torch_cpu_bilinear_rounding() -> BilinearRounding:
 def _arg_reasons(scores, target_sizes, out_dtype, out=None, source_extents=None) -> List[str]:
     try:
         _arguments(scores, target_sizes, source_extents, out)
-        _check_out_dtype(out_dtype, scores.shape[-3])
+        check_out_dtype(out_dtype, scores.shape[-3])
     except ValueError as exc:
         return [str(exc)]
     return []
+
+
+def check_args(scores: torch.Tensor, target_sizes=None, out_dtype: torch.dtype = torch.int64, out=None,
+               source_extents=None) -> None:
+    """The op's argument check (``upsample_argmax_ref``'s arguments): shapes, target sizes, extents,
+    label dtype, ``out`` and devices; ValueError "upsample_argmax: ..." naming the problem."""
+    reasons = _arg_reasons(scores, target_sizes, out_dtype, out, source_extents)
+    if reasons:
+        raise ValueError("upsample_argmax: " + "; ".join(reasons))
 
 
 def _offset_reasons(scores, target_sizes, source_extents) -> List[str]:
@@ -449,7 +472,7 @@ def _offset_reasons(scores, target_sizes, source_extents) -> List[str]:
     images, sizes, extents, _ = _arguments(scores, target_sizes, source_extents)
     reasons = []
     for img, extent in zip(images, extents):
-        x = _crop(img, extent)
+        x = extent_view(img, extent)
         span = x.numel() if x.stride(-1) != 1 else 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride()))
         if span >= 2**31:
             reasons.append("one image's scores span >= 2**31 elements: offsets are int32")
@@ -508,7 +531,7 @@ def _interpolated_layout(img: torch.Tensor, extent: Optional[Extent]) -> torch.T
     dense tensor and makes any other contiguous; built on the meta device: no copy)."""
     if img.dtype in (torch.float16, torch.bfloat16):
         img = torch.empty_strided(img.shape, img.stride(), dtype=img.dtype, device="meta").float()
-    return _crop(img, extent)
+    return extent_view(img, extent)
 
 
 # On CUDA: the fma variant of aten's generic formula (nvcc contracts it), never channels-last.
@@ -637,7 +660,7 @@ def _build_kernel():
     return _upsample_argmax_kernel
 
 
-def _launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, channels_last_vec: int,
+def launch_one(x: torch.Tensor, out: torch.Tensor, resize: bool, fma: bool, channels_last_vec: int,
                 best: Optional[torch.Tensor] = None, scale_h: float = NO_SCALE,
                 scale_w: float = NO_SCALE, compile_only: bool = False):
     """One image: x (K, h, w) with x.stride(2) == 1, out (H, W) contiguous int; best (H, W) fp32 or
@@ -679,7 +702,7 @@ def _upsample_argmax_triton_op(
     crop) is read in place; the rounding (use_fma, channels_last_vec) and the source steps
     (scale_h/w, NO_SCALE for none) are the caller's (``rounding_for``, ``kernel_scales``)."""
     x = scores if scores.stride(-1) == 1 else scores.contiguous()
-    _launch_one(x, out, resize, use_fma, channels_last_vec, None, scale_h, scale_w)
+    launch_one(x, out, resize, use_fma, channels_last_vec, None, scale_h, scale_w)
 
 
 @_upsample_argmax_triton_op.register_fake
@@ -709,7 +732,7 @@ def upsample_argmax(
     outs = _outputs(images, sizes, extents, out_dtype, out, batched)
     for img, size, extent, o in zip(images, sizes, extents, outs):
         fma, vec = rounding_for(img, size, extent)
-        torch.ops.maskformer.upsample_argmax_triton(_crop(img, extent), o, size is not None, fma, vec,
+        torch.ops.maskformer.upsample_argmax_triton(extent_view(img, extent), o, size is not None, fma, vec,
                                                     *kernel_scales(extent, size))
     return outs if batched else outs[0]
 
@@ -735,6 +758,77 @@ def upsample_argmax_cpp(
     outs = _outputs(images, sizes, extents, out_dtype, out, batched)
     for img, size, extent, o in zip(images, sizes, extents, outs):
         fma, vec = rounding_for(img, size, extent)
-        torch.ops.maskformer.upsample_argmax_out(_crop(img, extent), o, size is not None, fma, vec,
+        torch.ops.maskformer.upsample_argmax_out(extent_view(img, extent), o, size is not None, fma, vec,
                                                  *kernel_scales(extent, size))
     return outs if batched else outs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fakes of the C++ ops, ahead-of-time launches, the op's declaration
+# ---------------------------------------------------------------------------------------------
+
+
+def _upsample_argmax_out_fake(scores, out, resize, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
+    """Fake (and Meta) kernel of the C++ ``maskformer::upsample_argmax_out``: writes ``out``."""
+    _devices.check_same_device("maskformer::upsample_argmax_out", scores=scores, out=out)
+    return out
+
+
+def _bilinear_resize_fake(x, H, W, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
+    """Fake kernel of the C++ ``maskformer::bilinear_resize`` (the kernels' interpolation, for tests)."""
+    return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
+
+
+def _aot_launch(classes: int, mh: int, mw: int, target: Optional[Size], dtype: str, out_dtype: str,
+                image: int = 0) -> AOTLaunch:
+    def compile_():
+        # upsample_argmax(scores (B, K, h, w), sizes): image i of the batch, the CUDA rounding.
+        scores = torch.empty(image + 1, classes, mh, mw, device="meta", dtype=getattr(torch, dtype))
+        out = torch.empty(target if target is not None else (mh, mw), device="meta", dtype=getattr(torch, out_dtype))
+        fma, vec = CUDA_ROUNDING
+        return launch_one(scores[image], out, target is not None, fma, vec, None, *kernel_scales(None, target),
+                          compile_only=True)
+
+    config = dict(K=classes, scores=f"{mh}x{mw}", target="none" if target is None else f"{target[0]}x{target[1]}",
+                  dtype=DTYPE_LABELS[dtype], labels=DTYPE_LABELS[out_dtype], image=image)
+    return AOTLaunch("upsample_argmax", config, compile_, tensor_cores=False)
+
+
+def aot_launches(full: bool) -> List[AOTLaunch]:
+    """The launches ``benchmarks/aot.py`` compiles. Full: every post-processing head's classes
+    (``POSTPROCESS_HEADS``), scores at a quarter of each input size (``IMAGES``) resized to the
+    input size and not resized, fp32/fp16/bf16 scores, int64/int32/uint8 labels, images 0 and 1 of
+    a batch. CI: 150 classes 160x213 -> 640x853 and unresized (fp32, int64), and 128x171 -> 512x683
+    (bf16 scores, uint8 labels, the batch's second image)."""
+    if not full:
+        return [_aot_launch(150, 160, 213, (640, 853), "float32", "int64"),
+                _aot_launch(150, 160, 213, None, "float32", "int64"),
+                _aot_launch(150, 128, 171, (512, 683), "bfloat16", "uint8", 1)]
+    out = []
+    for _, classes in POSTPROCESS_HEADS:
+        for image in IMAGES:
+            mh, mw = -(-image[0] // 4), -(-image[1] // 4)
+            for target in (image, None):
+                for dtype in AOT_DTYPES:
+                    for labels in ("int64", "int32", "uint8"):
+                        for i in (0, 1):
+                            out.append(_aot_launch(classes, mh, mw, target, dtype, labels, i))
+    return out
+
+
+OP = Op(
+    name="upsample_argmax",
+    reference=upsample_argmax_ref,
+    check=check_args,
+    description="bilinear resize (align_corners=False) + argmax over classes without (K, H, W) scores: "
+                "(K, h, w) or (B, K, h, w) scores -> (H, W) labels, identical to the reference's",
+    role="semantic post-processing",
+    tasks=(),  # the semantic task runs it inside semantic_segmentation, never on its own
+    impls=(
+        Impl("triton", upsample_argmax, devices=("cuda",), dtypes=_SCORE_DTYPES, reasons=not_supported_reasons),
+        Impl("cpp", upsample_argmax_cpp, devices=("cpu",), dtypes=_SCORE_DTYPES, reasons=cpp_not_supported_reasons),
+    ),
+    fakes={"maskformer::upsample_argmax_out": _upsample_argmax_out_fake,
+           "maskformer::bilinear_resize": _bilinear_resize_fake},
+    aot_launches=aot_launches,
+)

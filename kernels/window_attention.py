@@ -31,12 +31,12 @@ softmax. Triton blocks are powers of two, so N is never padded to one: N = 144 (
 9 key tiles of 16 with no padded key and 3 query tiles of 64 (192 x 144 scores computed per window
 and head; 256 x 256 tiles would compute 3.2x the 144 x 144 needed); N = 49 (window 7) needs 64 rows
 whatever the tiling, so there the program takes up to 4 heads (fp16/bf16) and shares the window's
-coordinates, masks and addresses among them. The defaults (``_default_blocks``) are *untuned* (no
+coordinates, masks and addresses among them. The defaults (``default_blocks``) are *untuned* (no
 GPU was available when this was written); ``benchmarks/bench_window_attention.py --sweep`` times
 alternatives.
 
 Compiled figures, before (2815de5) and after the rework: the kernel compiled for sm_80 and sm_90
-without a GPU through ``_launch`` (triton 3.9, bundled ptxas 12.9 for sm_80 and 13.4 for sm_90;
+without a GPU through ``launch`` (triton 3.9, bundled ptxas 12.9 for sm_80 and 13.4 for sm_90;
 ``python scripts/window_attention_figures.py`` prints this table). Instructions per window and
 head are estimated from the SASS: each loop's own instructions x its trip count x warps x query
 tiles / heads per program, for an interior window (the blocks a branch skips, skipped: no padded
@@ -101,10 +101,12 @@ import torch.nn.functional as F
 from maskformer import _devices, _ext
 from maskformer._ext import triton_import_error as _triton_import_error
 from maskformer._ext import triton_interpret_mode as _interpret_mode
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
 from maskformer.windows import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
-__all__ = ["window_attention", "window_attention_ref", "not_supported_reasons", "check_devices",
-           "dense_relative_position_bias"]
+__all__ = ["OP", "window_attention", "window_attention_ref", "window_attention_eager", "window_attention_impl",
+           "check_args", "not_supported_reasons", "check_devices", "launch", "default_blocks", "dot_precision",
+           "aot_launches", "dense_relative_position_bias", "stage_shapes", "SWIN"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # q, the fp32 accumulator (both BLOCK_M x head_dim) and the K/V tiles live in registers. Compiled
@@ -119,7 +121,7 @@ _MAX_HEAD_DIM = 256
 # ---------------------------------------------------------------------------------------------
 
 
-def _window_attention_eager(
+def window_attention_eager(
     x: torch.Tensor,
     qkv_weight: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
@@ -180,6 +182,14 @@ def check_devices(x, qkv_weight, qkv_bias, bias_table) -> None:
                                bias_table=bias_table)
 
 
+def check_args(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads) -> None:
+    """The op's argument check, run before any backend is chosen (``window_attention_ref``'s
+    arguments): the tensors on one device (``check_devices``). The shapes are each backend's
+    concern: the model's reference code needs no fused weight, so a CPU call may pass None for
+    ``qkv_weight``."""
+    check_devices(x, qkv_weight, qkv_bias, bias_table)
+
+
 def window_attention_ref(
     x: torch.Tensor,
     qkv_weight: torch.Tensor,
@@ -214,7 +224,7 @@ def window_attention_ref(
     """
     check_devices(x, qkv_weight, qkv_bias, bias_table)
     compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    out = _window_attention_eager(
+    out = window_attention_eager(
         x.to(compute),
         qkv_weight.to(compute),
         None if qkv_bias is None else qkv_bias.to(compute),
@@ -332,7 +342,7 @@ def _build_kernel():
     """(kernel, interpreted): the @triton.jit kernel, built on first use, once per process.
 
     triton.jit decides at decoration time whether it makes an interpreted function, so the kernel
-    follows the TRITON_INTERPRET of its first use; ``_launch`` refuses to run it if the setting
+    follows the TRITON_INTERPRET of its first use; ``launch`` refuses to run it if the setting
     changed since (the helpers below are module globals, so two variants cannot coexist).
     """
     # Triton resolves the names a kernel uses (tl, helper @jit functions) in the kernel function's
@@ -505,14 +515,14 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot's input_precision: fp16/bf16 operands always run on the tensor cores ("tf32" is
     ignored for them); fp32 follows torch's fp32 matmul policy (``maskformer._ext.tf32_matmul_allowed``):
     "tf32" tensor cores when allowed, exact "ieee" FFMA otherwise (torch's default)."""
     return "tf32" if dtype != torch.float32 or _ext.tf32_matmul_allowed() else "ieee"
 
 
-def _default_blocks(n: int, head_dim: int, num_heads: int = 1, precision: str = "tf32",
+def default_blocks(n: int, head_dim: int, num_heads: int = 1, precision: str = "tf32",
                     element_size: int = 2) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, heads_per_program) for a window of N = w*w tokens. Untuned
     (no GPU when written): ``benchmarks/bench_window_attention.py --sweep`` measures the
@@ -559,7 +569,7 @@ def _dense_bias(bias_table: torch.Tensor, window_size: int) -> torch.Tensor:
     return bias_table.contiguous() if bias_table.dim() == 3 else dense_relative_position_bias(bias_table, window_size)
 
 
-def _launch(
+def launch(
     qkv: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
     bias_table: torch.Tensor,
@@ -577,7 +587,7 @@ def _launch(
     """Run the attention kernel: qkv (B, H, W, 3C) projected q/k/v (bias included for real pixels),
     qkv_bias (3C,) or None (used for padded tokens), bias_table ((2w-1)^2, heads) or its dense
     (heads, N, N) form -> out (B, H, W, C), written in place (any strides with a unit last stride)
-    and returned. The block/warp/stage/heads arguments override ``_default_blocks`` (tests,
+    and returned. The block/warp/stage/heads arguments override ``default_blocks`` (tests,
     ``--sweep``; heads_per_program must divide num_heads); None = default. ``compile_only``:
     compile for the active triton target and return the ``CompiledKernel`` without launching
     (``benchmarks/aot.py`` calls this with meta tensors: the binary it checks is the one a real
@@ -597,9 +607,9 @@ def _launch(
     windows_per_row = wp // w
     windows_per_image = (hp // w) * windows_per_row
     n = w * w
-    precision = _dot_precision(qkv.dtype)
+    precision = dot_precision(qkv.dtype)
     d_block = _pow2_at_least(head_dim)
-    m_default, n_default, warps_default, heads_default = _default_blocks(n, head_dim, num_heads, precision,
+    m_default, n_default, warps_default, heads_default = default_blocks(n, head_dim, num_heads, precision,
                                                                          qkv.element_size())
     block_m = block_m or m_default
     block_n = block_n or n_default
@@ -644,7 +654,7 @@ def _launch(
     return compiled if compile_only else out
 
 
-def _window_attention_impl(
+def window_attention_impl(
     x: torch.Tensor,
     qkv_weight: torch.Tensor,
     qkv_bias: Optional[torch.Tensor],
@@ -665,7 +675,7 @@ def _window_attention_impl(
     qkv = F.linear(x, qkv_weight, qkv_bias)
     if out is None:
         out = x.new_empty(x.shape)
-    return _launch(qkv, qkv_bias, bias_table, out, window_size, shift_size, num_heads, **blocks)
+    return launch(qkv, qkv_bias, bias_table, out, window_size, shift_size, num_heads, **blocks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +698,7 @@ def _window_attention_op(
     shift_size: int,
     num_heads: int,
 ) -> torch.Tensor:
-    return _window_attention_impl(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads)
+    return window_attention_impl(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads)
 
 
 @_window_attention_op.register_fake
@@ -724,3 +734,93 @@ def window_attention(
     """
     check_devices(x, qkv_weight, qkv_bias, bias_table)
     return torch.ops.maskformer.window_attention(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size, num_heads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time launches (benchmarks/aot.py) and the op's declaration
+# ---------------------------------------------------------------------------------------------
+# Swin backbones as MaskFormer's checkpoints use them: (embed_dim, heads per stage, window).
+# Swin-S has Swin-T's widths and window (only depths differ): the same launches.
+SWIN = {
+    "swin-tiny": (96, (3, 6, 12, 24), 7),
+    "swin-base": (128, (4, 8, 16, 32), 12),
+    "swin-large": (192, (6, 12, 24, 48), 12),
+    "default-model": (32, (1, 2, 4, 8), 7),
+}
+
+
+def stage_shapes(height: int, width: int):
+    """(H, W) of the four Swin stages for an input: patch embedding pads to a multiple of 4,
+    each patch merging pads to even sizes (transformers' MaskFormerSwin)."""
+    h, w = -(-height // 4), -(-width // 4)
+    for _ in range(4):
+        yield h, w
+        h, w = -(-h // 2), -(-w // 2)
+
+
+def _aot_launch(batch, h, w, c, heads, window, shift, dtype, table_dtype, tf32) -> AOTLaunch:
+    dt, tdt = getattr(torch, dtype), getattr(torch, table_dtype)
+
+    def compile_():
+        # window_attention_impl's tensors: x (B, H, W, C) contiguous, its q/k/v Linear, a new out.
+        x = torch.empty(batch, h, w, c, device="meta", dtype=dt)
+        weight = torch.empty(3 * c, c, device="meta", dtype=dt)
+        bias = torch.empty(3 * c, device="meta", dtype=dt)
+        table = torch.empty((2 * window - 1) ** 2, heads, device="meta", dtype=tdt)
+        qkv = F.linear(x, weight, bias)
+        with _ext.tf32_matmul(bool(tf32)):
+            return launch(qkv, bias, table, x.new_empty(x.shape), window, shift, heads, compile_only=True)
+
+    config = dict(x=f"{batch}x{h}x{w}x{c}", heads=heads, window=window, shift=shift, dtype=DTYPE_LABELS[dtype],
+                  table=DTYPE_LABELS[table_dtype])
+    if dtype == "float32":
+        config["tf32"] = bool(tf32)
+    return AOTLaunch("window_attention", config, compile_, tensor_cores=dtype != "float32" or bool(tf32))
+
+
+def aot_launches(full: bool) -> List[AOTLaunch]:
+    """The launches ``benchmarks/aot.py`` compiles. Full: Swin-T (window 7), Swin-B and Swin-L
+    (window 12) and the shipped default model (window 7) at each input size (``IMAGES``), every
+    stage, both shifts, batch 1 and 8, fp32 (both TF32 settings), fp16, bf16, the bias table in the
+    input's dtype and in fp32 (autocast). CI: one launch per distinct (constexprs, dtypes, shift,
+    table dtype, TF32 setting), with both divisibility cases of the image-dependent sizes: stage 1
+    of Swin-T at 512x683 (window 7, 128x171) and of Swin-L at 640x640 (window 12, 160x160), plus
+    bf16 with the fp32 table (autocast)."""
+    out: List[AOTLaunch] = []
+    if full:
+        for embed, heads_per_stage, window in SWIN.values():
+            for image in IMAGES:
+                for stage, (h, w) in enumerate(stage_shapes(*image)):
+                    c, heads = embed * 2**stage, heads_per_stage[stage]
+                    for batch in (1, 8):
+                        for shift in (0, window // 2):
+                            for dtype in AOT_DTYPES:
+                                for table in sorted({dtype, "float32"}):
+                                    for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                                        out.append(_aot_launch(batch, h, w, c, heads, window, shift, dtype, table,
+                                                               tf32))
+        return out
+    for model, image in (("swin-tiny", (512, 683)), ("swin-large", (640, 640))):
+        embed, heads_per_stage, window = SWIN[model]
+        h, w = next(stage_shapes(*image))
+        for shift in (0, window // 2):
+            for dtype in AOT_DTYPES:
+                for tf32 in ((False, True) if dtype == "float32" else (None,)):
+                    out.append(_aot_launch(1, h, w, embed, heads_per_stage[0], window, shift, dtype, dtype, tf32))
+        # autocast: half x with the fp32 parameter table
+        out.append(_aot_launch(1, h, w, embed, heads_per_stage[0], window, window // 2, "bfloat16", "float32", None))
+    return out
+
+
+OP = Op(
+    name="window_attention",
+    reference=window_attention_ref,
+    check=check_args,
+    description="Swin (shifted-)window attention of one block before the output projection, one kernel launch "
+                "after the q/k/v GEMM: (B, H, W, C) -> (B, H, W, C); the model runs its own reference code",
+    role="network",
+    tasks=("semantic", "instance", "panoptic"),
+    impls=(Impl("triton", window_attention, devices=("cuda",), dtypes=_KERNEL_DTYPES, reasons=not_supported_reasons),),
+    missing={"cpp": "the reference PyTorch code is the CPU path"},
+    aot_launches=aot_launches,
+)

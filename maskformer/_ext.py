@@ -8,15 +8,17 @@ so every later dispatch decision can say *why* the C++ path is off. Set
 Thread-safe: the first loads run under a lock and publish their result only when complete, so
 threads racing on the first call all see the extension loaded, or all see why it is not.
 """
+import contextlib
 import functools
+import importlib
 import os
 import threading
-from typing import List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-__all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "triton_import_error", "triton_interpret_mode",
-           "tf32_matmul_allowed", "cpu_model", "cpu_flags"]
+__all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "register_fakes_on_load", "triton_import_error",
+           "triton_interpret_mode", "tf32_matmul_allowed", "tf32_matmul", "cpu_model", "cpu_flags"]
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
@@ -37,7 +39,9 @@ def load_cpp():
             error = "disabled by MASKFORMER_DISABLE_CPP"
         else:
             try:
-                from . import _C as module  # noqa: F401  (loading the .so registers the ops)
+                # Loading the .so registers the ops. By its full name: ``from . import _C`` is an
+                # import of the package __init__ (the top layer) from this bottom one.
+                module = importlib.import_module("maskformer._C")
             except Exception as exc:  # ImportError when not built; OSError/undefined symbol when built against another torch
                 error = (
                     f"maskformer._C could not be imported ({type(exc).__name__}: {exc}); build it with "
@@ -65,61 +69,38 @@ def cpp_missing_ops(*names: str) -> List[str]:
     return [f"maskformer._C has no op {', '.join(missing)} (stale build? rebuild the extension)"] if missing else []
 
 
-@functools.lru_cache(maxsize=None)
-def _register_fakes_once():
-    """Shape functions of the C++ ops, so torch.compile / export / opcheck can trace them. They are
-    also the Meta kernels: a call mixing a real meta tensor with CPU ones dispatches here, so they
-    check devices (ValueError) rather than return an output that nothing wrote."""
-    from maskformer._devices import check_same_device
+# Fake (meta) kernels of the C++ ops, declared by the op modules that call them (each
+# ``kernels/<op>.py``'s ``Op(fakes=...)``): qualified op name -> function. Registered with
+# torch.library once the extension is loaded, so torch.compile / export / opcheck can trace the
+# ops. They are also the Meta kernels: a call mixing a real meta tensor with CPU ones dispatches
+# there, so each checks devices (ValueError) rather than return an output nothing wrote.
+_fakes: Dict[str, Callable] = {}
+_fakes_registered: set = set()
 
-    def fake_mask_einsum(class_queries_logits, masks_queries_logits):
-        check_same_device("maskformer::mask_einsum", class_queries_logits=class_queries_logits,
-                          masks_queries_logits=masks_queries_logits)
-        b, q, k1 = class_queries_logits.shape
-        return masks_queries_logits.new_empty((b, k1 - 1) + tuple(masks_queries_logits.shape[2:]), dtype=torch.float32)
 
-    def fake_upsample_argmax_out(scores, out, resize, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
-        check_same_device("maskformer::upsample_argmax_out", scores=scores, out=out)
-        return out
+def register_fakes_on_load(fakes: Dict[str, Callable]) -> None:
+    """Register ``fakes`` ({"maskformer::op": fake}) with ``torch.library.register_fake`` when the
+    extension loads, or now if it is loaded. ValueError when another fake of a name was declared."""
+    with _load_lock:
+        for name, fn in fakes.items():
+            if _fakes.get(name, fn) is not fn:
+                raise ValueError(f"two fake kernels declared for {name}: {_fakes[name].__module__} and {fn.__module__}")
+            _fakes[name] = fn
+        if _cpp_module is not None:
+            _register_fakes()
 
-    def fake_bilinear_resize(x, H, W, use_fma, channels_last_vec, scale_h=-1.0, scale_w=-1.0):
-        return x.new_empty((x.shape[0], H, W), dtype=torch.float32)
 
-    def fake_query_argmax_out(mask_probs, weights, mask_threshold, resize, use_fma, channels_last_vec, allow_prune,
-                              labels, own_area, scale_h=-1.0, scale_w=-1.0):
-        check_same_device("maskformer::query_argmax_out", mask_probs=mask_probs, weights=weights, labels=labels,
-                          own_area=own_area)
-        return None
-
-    def fake_ms_deform_attn_cpu(value, spatial_shapes, sampling_locations, attention_weights):
-        check_same_device("maskformer::ms_deform_attn_cpu", value=value, sampling_locations=sampling_locations,
-                          attention_weights=attention_weights)
-        b, _, nh, d = value.shape
-        return value.new_empty((b, sampling_locations.shape[1], nh * d))
-
-    def fake_ms_deform_attn_cpu_out(value, spatial_shapes, sampling_locations, attention_weights, out):
-        check_same_device("maskformer::ms_deform_attn_cpu_out", value=value, sampling_locations=sampling_locations,
-                          attention_weights=attention_weights, out=out)
-        return out
-
-    for name, fn in (
-        ("maskformer::mask_einsum", fake_mask_einsum),
-        ("maskformer::ms_deform_attn_cpu_out", fake_ms_deform_attn_cpu_out),
-        ("maskformer::ms_deform_attn_cpu", fake_ms_deform_attn_cpu),
-        ("maskformer::upsample_argmax_out", fake_upsample_argmax_out),
-        ("maskformer::bilinear_resize", fake_bilinear_resize),
-        ("maskformer::query_argmax_out", fake_query_argmax_out),
-    ):
-        if hasattr(torch.ops.maskformer, name.split("::")[1]):
+def _register_fakes() -> None:
+    """Register the declared fakes not yet registered (the caller holds _load_lock). Ops missing
+    from the loaded extension (an older build) are skipped: the dispatch reasons name them."""
+    for name, fn in _fakes.items():
+        if name in _fakes_registered or not hasattr(torch.ops.maskformer, name.split("::")[1]):
+            continue
+        try:
             torch.library.register_fake(name)(fn)
-    return True
-
-
-def _register_fakes():
-    try:
-        _register_fakes_once()
-    except Exception:  # an older torch without register_fake: eager use is unaffected
-        pass
+        except Exception:  # an older torch without register_fake: eager use is unaffected
+            pass
+        _fakes_registered.add(name)
 
 
 _UNCHECKED = object()
@@ -170,6 +151,20 @@ def tf32_matmul_allowed() -> bool:
         if precision == "none":
             precision = getattr(torch.backends, "fp32_precision", "ieee")
         return precision == "tf32"
+
+
+@contextlib.contextmanager
+def tf32_matmul(allowed: bool) -> Iterator[None]:
+    """torch's fp32 matmul policy set to TF32 (True) or exact fp32 (False) inside the block, with
+    the new API (``fp32_precision``; mixing it with ``allow_tf32`` makes torch refuse to answer).
+    For compiling or timing the kernels under each policy (``benchmarks/aot.py``)."""
+    matmul = torch.backends.cuda.matmul
+    previous = matmul.fp32_precision
+    matmul.fp32_precision = "tf32" if allowed else "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = previous
 
 
 # ---------------------------------------------------------------------------------------------

@@ -151,6 +151,20 @@ def info() -> dict:
         "bfloat16": "native (avx512_bf16/AMX): --dtype bfloat16 can be faster than float32" if native_bf16 else
                     "no avx512_bf16/AMX: bfloat16 matmuls are emulated; --dtype float32 is the fast choice here",
     }
+    # What each fast backend serves comes from the op registry (each kernels/<op>.py declares its
+    # implementations), so an op added there shows up here without an edit.
+    from .kernels import registry
+
+    try:
+        ops = registry.ops()
+        registry_error = None
+    except ImportError as exc:  # a module named in MASKFORMER_OP_MODULES that does not import
+        ops, registry_error = [], str(exc)
+
+    def served(backend: str) -> str:
+        names = [op.name for op in ops if op.impl(backend) is not None]
+        return ", ".join(names) or "no op"
+
     triton_err = _ext.triton_import_error()
     if triton_err is not None:
         report["triton"] = f"not usable: {triton_err}"
@@ -158,19 +172,24 @@ def info() -> dict:
         import triton
 
         if cuda:
-            report["triton"] = f"installed ({triton.__version__}), CUDA device present: the Triton kernels run"
+            report["triton"] = (f"installed ({triton.__version__}), CUDA device present: the Triton kernels run "
+                                f"({served('triton')})")
         else:
-            report["triton"] = (f"installed ({triton.__version__}), no CUDA device: the Triton kernels cannot run here"
+            report["triton"] = (f"installed ({triton.__version__}), no CUDA device: the Triton kernels "
+                                f"({served('triton')}) cannot run here"
                                 + (" (TRITON_INTERPRET=1 is set: they run slowly on CPU tensors, for tests)"
                                    if _ext.triton_interpret_mode() else ""))
     cpp_err = _ext.cpp_import_error()
-    report["cpp"] = "built: the C++ post-processing kernels run on CPU tensors" if cpp_err is None else f"not usable: {cpp_err}"
-    try:
+    report["cpp"] = (f"built: the C++ kernels run on CPU tensors ({served('cpp')})" if cpp_err is None
+                     else f"not usable: {cpp_err}")
+    # dispatch.describe(): the requested backend and every registered op (description, role,
+    # tasks, implementations with devices and dtypes, what has no kernel and why).
+    if registry_error is None:
         from . import dispatch
 
         report["backends"] = dispatch.describe()
-    except (ImportError, AttributeError) as exc:
-        report["backends"] = f"dispatch not available ({exc})"
+    else:
+        report["backends"] = f"the op registry did not load: {registry_error}"
     from .engines.registry import describe as describe_engines
 
     report["engines"] = describe_engines()

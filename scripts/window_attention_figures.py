@@ -11,7 +11,7 @@ count, times warps, times query tiles, over heads per program; ``benchmarks.aot.
 for an interior window (every block a conditional branch can skip, skipped: no padded token, no
 shift mask) and a border window (all of them run), the global-load, MMA and MUFU instructions
 among the latter, and the bias bytes the loads touch. Both
-kernels are compiled through their own ``_launch(..., compile_only=True)``.
+kernels are compiled through their own ``launch(..., compile_only=True)``.
 """
 import argparse
 import contextlib
@@ -49,15 +49,20 @@ def load_revision(rev: str):
     return module
 
 
+def api(wa, name):
+    """``wa.<name>``: public in the module now, ``_<name>`` in the revisions before the op registry."""
+    return getattr(wa, name, None) or getattr(wa, "_" + name)
+
+
 def geometry(wa, shape, window, dtype, tf32):
     """(block_m, block_n, num_warps, heads_per_program) the module's launch picks."""
     b, h, w, c, heads = shape
     n, d = window * window, c // heads
     with aot.tf32_matmul(tf32):
-        if "heads_per_program" in wa._launch.__code__.co_varnames:
-            precision = wa._dot_precision(dtype)
-            return wa._default_blocks(n, d, heads, precision, torch.empty((), dtype=dtype).element_size())
-        return wa._default_blocks(n, d) + (1,)
+        if "heads_per_program" in api(wa, "launch").__code__.co_varnames:
+            precision = api(wa, "dot_precision")(dtype)
+            return api(wa, "default_blocks")(n, d, heads, precision, torch.empty((), dtype=dtype).element_size())
+        return api(wa, "default_blocks")(n, d) + (1,)
 
 
 def per_window_head(row, window, blocks):
@@ -125,8 +130,8 @@ def main(argv=None):
                         qkv = torch.nn.functional.linear(x, weight, bias)
                         buf = io.StringIO()
                         with aot.target(arch), aot.tf32_matmul(tf32), contextlib.redirect_stdout(buf):
-                            compiled = wa._launch(qkv, bias, table, x.new_empty(x.shape), window, shift, heads,
-                                                  compile_only=True)
+                            compiled = api(wa, "launch")(qkv, bias, table, x.new_empty(x.shape), window, shift,
+                                                         heads, compile_only=True)
                         row = aot.analyse(compiled, buf.getvalue(), arch)
                         blocks = geometry(wa, shape, window, dtype, tf32)
                         dyn = per_window_head(row, window, blocks)

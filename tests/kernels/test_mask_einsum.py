@@ -125,21 +125,21 @@ def test_dot_follows_torch_tf32_policy():
     previous = matmul.fp32_precision
     try:
         matmul.fp32_precision = "ieee"
-        assert me._dot_precision(torch.float32) == "ieee"
-        assert me._dot_precision(torch.bfloat16) == "tf32"
+        assert me.dot_precision(torch.float32) == "ieee"
+        assert me.dot_precision(torch.bfloat16) == "tf32"
         matmul.fp32_precision = "tf32"
-        assert me._dot_precision(torch.float32) == "tf32"
-        assert me._default_blocks(150, torch.float32, "tf32") != me._default_blocks(150, torch.float32, "ieee")
+        assert me.dot_precision(torch.float32) == "tf32"
+        assert me.default_blocks(150, torch.float32, "tf32") != me.default_blocks(150, torch.float32, "ieee")
     finally:
         matmul.fp32_precision = previous
-    assert me._dot_dtype(torch.float16) == torch.float16 and me._dot_dtype(torch.float32) == torch.float32
+    assert me.dot_dtype(torch.float16) == torch.float16 and me.dot_dtype(torch.float32) == torch.float32
 
 
 def test_triton_writes_every_element(triton_device):
     """Sentinel: a NaN-filled output must come back fully overwritten with the right values."""
     cl, ml = me.make_realistic_logits(2, 17, 70, 9, 8, seed=5, device=triton_device)
     out = torch.full((2, 70, 9, 8), float("nan"), device=triton_device)
-    me._launch(cl, ml, out)
+    me.launch(cl, ml, out)
     assert not out.isnan().any(), f"{int(out.isnan().sum())} elements never written"
     _fp32_budget_check(out, cl.cpu(), ml.cpu(), "sentinel")
 

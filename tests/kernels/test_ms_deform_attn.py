@@ -226,7 +226,7 @@ def test_triton_writes_every_element(triton_device):
     value, loc, weights = make_inputs(2, shapes, 67, 2, 24, 2, seed=11, special=False)
     args = [t.to(triton_device) for t in (value, loc, weights)]
     out = torch.full((2, 67, 48), float("nan"), device=triton_device)
-    got = msda._launch(args[0], shapes, args[1], args[2], out)
+    got = msda.launch(args[0], shapes, args[1], args[2], out)
     assert got is out
     assert not out.isnan().any(), f"{int(out.isnan().sum())} of {out.numel()} elements never written"
     check_fp32(out, value, shapes, loc, weights, "sentinel")

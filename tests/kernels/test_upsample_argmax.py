@@ -139,7 +139,7 @@ def test_triton_values_are_f_interpolate_bitwise(triton_device, size):
     assert (vec > 0) == (sum(size) <= 128)
     out = torch.empty(size, dtype=torch.int64, device=triton_device)
     best = torch.full(size, float("nan"), device=triton_device)
-    ua._launch_one(x.to(triton_device), out, True, fma, vec, best)
+    ua.launch_one(x.to(triton_device), out, True, fma, vec, best)
     ref = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]
     bad = int((best.cpu() != ref.max(0).values).sum())
     assert bad == 0, f"{bad} of {best.numel()} winning values differ from F.interpolate"

@@ -108,7 +108,7 @@ def run_kernel_with_guards(x, weight, bias, table, window, shift, heads, **block
     g, gc = window, 8
     buf = torch.full((b, h + 2 * g, w + 2 * g, c + 2 * gc), float("nan"), dtype=x.dtype, device=x.device)
     out = buf[:, g : g + h, g : g + w, gc : gc + c]
-    result = wa._window_attention_impl(x, weight, bias, table, window, shift, heads, out=out, **blocks)
+    result = wa.window_attention_impl(x, weight, bias, table, window, shift, heads, out=out, **blocks)
     assert result.data_ptr() == out.data_ptr()
     guard = torch.ones(buf.shape, dtype=torch.bool, device=buf.device)
     guard[:, g : g + h, g : g + w, gc : gc + c] = False
@@ -229,7 +229,7 @@ def check_kernel(case, dtype, device):
     if dtype == torch.float32:
         baseline = wa.window_attention_ref(x, weight, bias, table, window, shift, heads)
     else:
-        baseline = wa._window_attention_eager(x, weight, bias, table, window, shift, heads)
+        baseline = wa.window_attention_eager(x, weight, bias, table, window, shift, heads)
     assert_within_budget(fast, gold, baseline, f"{case_id(case)} {dtype}")
 
 
@@ -260,9 +260,9 @@ def test_padded_tokens_read_the_bias(triton_device):
     qkv = F.linear(x, weight, bias)
     gold = wa.window_attention_ref(x.double(), weight.double(), bias.double(), table.double(), 7, 0, 1)
     baseline = wa.window_attention_ref(x, weight, bias, table, 7, 0, 1)
-    right = wa._launch(qkv, bias, table, torch.full_like(x, float("nan")), 7, 0, 1)
+    right = wa.launch(qkv, bias, table, torch.full_like(x, float("nan")), 7, 0, 1)
     assert_within_budget(right, gold, baseline, "bias for padded tokens")
-    wrong = wa._launch(qkv, None, table, torch.full_like(x, float("nan")), 7, 0, 1)
+    wrong = wa.launch(qkv, None, table, torch.full_like(x, float("nan")), 7, 0, 1)
     with pytest.raises(AssertionError) as failure:
         assert_within_budget(wrong, gold, baseline, "zeros for padded tokens")
     err, bound = map(float, re.search(r"max \|fast - gold\| (\S+) \(bound (\S+)\)", str(failure.value)).groups())
@@ -308,31 +308,31 @@ def test_dot_follows_torch_tf32_policy():
     previous = matmul.fp32_precision
     try:
         matmul.fp32_precision = "ieee"
-        assert wa._dot_precision(torch.float32) == "ieee" and wa._dot_precision(torch.float16) == "tf32"
+        assert wa.dot_precision(torch.float32) == "ieee" and wa.dot_precision(torch.float16) == "tf32"
         matmul.fp32_precision = "tf32"
-        assert wa._dot_precision(torch.float32) == "tf32"
+        assert wa.dot_precision(torch.float32) == "tf32"
     finally:
         matmul.fp32_precision = previous
-    assert wa._default_blocks(49, 32, 3, "ieee", 4) == (64, 16, 4, 1)
-    assert wa._default_blocks(49, 32, 3, "tf32", 4) == (64, 64, 4, 1)
-    assert wa._default_blocks(49, 32, 6, "tf32", 2) == (64, 64, 4, 3)
-    assert wa._default_blocks(49, 256, 6, "tf32", 2)[3] == 1  # shared memory
-    assert wa._default_blocks(144, 32, 6, "tf32", 2) == (64, 16, 4, 1)
-    assert wa._default_blocks(144, 32, 6, "ieee", 4) == (64, 16, 8, 1)
+    assert wa.default_blocks(49, 32, 3, "ieee", 4) == (64, 16, 4, 1)
+    assert wa.default_blocks(49, 32, 3, "tf32", 4) == (64, 64, 4, 1)
+    assert wa.default_blocks(49, 32, 6, "tf32", 2) == (64, 64, 4, 3)
+    assert wa.default_blocks(49, 256, 6, "tf32", 2)[3] == 1  # shared memory
+    assert wa.default_blocks(144, 32, 6, "tf32", 2) == (64, 16, 4, 1)
+    assert wa.default_blocks(144, 32, 6, "ieee", 4) == (64, 16, 8, 1)
 
 
 def test_heads_per_program_must_divide(triton_device):
     x, weight, bias, table = cast(make_inputs(1, 5, 5, 96, 3, 3), torch.float32, triton_device)
     qkv = F.linear(x, weight, bias)
     with pytest.raises(ValueError, match="heads_per_program=2 must divide num_heads=3"):
-        wa._launch(qkv, bias, table, torch.empty_like(x), 3, 1, 3, heads_per_program=2)
+        wa.launch(qkv, bias, table, torch.empty_like(x), 3, 1, 3, heads_per_program=2)
 
 
 def test_public_op_matches_body(triton_device):
     """torch.ops.maskformer.window_attention runs the same body: bit-identical to the direct call."""
     x, weight, bias, table = cast(make_inputs(1, 9, 9, 32, 2, 7), torch.float32, triton_device)
     out = wa.window_attention(x, weight, bias, table, 7, 3, 2)
-    direct = wa._window_attention_impl(x, weight, bias, table, 7, 3, 2)
+    direct = wa.window_attention_impl(x, weight, bias, table, 7, 3, 2)
     assert out.shape == x.shape and out.is_contiguous()
     assert torch.equal(out, direct)
 
