@@ -18,7 +18,8 @@ from typing import Callable, Dict, Iterator, List, Optional
 import torch
 
 __all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "register_fakes_on_load", "triton_import_error",
-           "triton_interpret_mode", "tf32_matmul_allowed", "tf32_matmul", "cpu_model", "cpu_flags"]
+           "triton_interpret_mode", "tf32_matmul_allowed", "tf32_matmul", "cpu_model", "cpu_flags", "cpu_features",
+           "native_cpu_bf16"]
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
@@ -193,3 +194,14 @@ def cpu_flags(names) -> "dict":
     ``names``; all False where /proc/cpuinfo is not readable."""
     flags = set((_cpuinfo_field("flags") or "").split())
     return {name: name in flags for name in names}
+
+
+def cpu_features() -> "dict":
+    """The x86 features that decide CPU speed here (from /proc/cpuinfo; all False elsewhere)."""
+    return cpu_flags(("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))
+
+
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), where bf16 can beat fp32."""
+    feats = cpu_features()
+    return feats["avx512_bf16"] or feats["amx_bf16"]

@@ -131,7 +131,6 @@ def info() -> dict:
     import torch
 
     from . import __version__, _ext
-    from .segment import cpu_features
 
     cuda = torch.cuda.is_available()
     report = {
@@ -141,7 +140,7 @@ def info() -> dict:
         "cuda_available": cuda,
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores)",
     }
-    feats = cpu_features()
+    feats = _ext.cpu_features()
     capability = torch.backends.cpu.get_cpu_capability() if hasattr(torch.backends, "cpu") else "unknown"
     native_bf16 = feats["avx512_bf16"] or feats["amx_bf16"]
     report["cpu"] = {

@@ -49,6 +49,8 @@ import numpy as np
 import torch
 
 from . import dispatch
+from ._ext import cpu_features, native_cpu_bf16  # noqa: F401  (importable from here, as before)
+from .kernels import registry
 from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes, load_default_model
 from .overlay import color_map_image, colour_table, render_overlay
 from .segment_inputs import (  # noqa: F401  (IMAGE_EXTENSIONS: importable from here, as before)
@@ -178,17 +180,12 @@ def _check_engine(engine: str, dtype: str, device: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # Which dispatch ops each task runs, and which backends have a kernel for them. The op registry
 # (issue 20) is to replace these three tables: backend_plan is the one function that reads them.
-TASK_OPS = {"semantic": ["window_attention", "semantic_segmentation"], "panoptic": ["window_attention", "query_argmax"],
-            "instance": ["window_attention"]}
-KERNELS = {"cpp": {"semantic_segmentation", "query_argmax"}, "triton": {"semantic_segmentation", "window_attention"}}
-OP_ROLE = {"window_attention": "network", "semantic_segmentation": "semantic post-processing",
-           "query_argmax": "panoptic post-processing"}
-
-
-def backend_plan(name: Optional[str], device: str, task: str) -> Tuple[Optional[str], Optional[str], str]:
-    """A forced ``backend`` applies to the ops of this task that it has a kernel for; the rest
-    run on ``auto``. Returns (network backend, post-processing backend, one line saying which op
-    runs where); raises ValueError up front when the backend is unusable or has nothing to run."""
+def backend_plan(name: Optional[str], device: str, task: str, family: str = "maskformer"
+                 ) -> Tuple[Optional[str], Optional[str], str]:
+    """A forced ``backend`` applies to the ops of this task (and model family) that it has a
+    kernel for, read from the op registry; the rest run on ``auto``. Returns (network backend,
+    post-processing backend, one line saying which op runs where); raises ValueError up front
+    when the backend is unusable or has nothing to run."""
     if name in (None, "auto"):
         return None, None, ""
     if name == "reference":
@@ -202,29 +199,32 @@ def backend_plan(name: Optional[str], device: str, task: str) -> Tuple[Optional[
         err = f"the C++ kernels run on CPU tensors and device={device!r}"
     if err:
         raise ValueError(f"backend={name!r} cannot run here: {err}; use backend='auto'")
-    served = [op for op in TASK_OPS[task] if op in KERNELS[name]]
-    missing = [op for op in TASK_OPS[task] if op not in KERNELS[name]]
-    if not served:
+    ops = registry.task_ops(task, family)
+    missing = [op for op in ops if op.impl(name) is None]
+    if len(missing) == len(ops):
         raise ValueError(f"backend={name!r} has no kernel for anything task={task!r} runs ("
-                         + ", ".join(f"{op}: {OP_ROLE[op]}" for op in missing) + "); use backend='auto'")
-    line = f"backend {name}: " + ", ".join(f"{op} ({OP_ROLE[op]}) on {name}" for op in served)
+                         + ", ".join(f"{op.name}: {op.role}" for op in missing) + "); use backend='auto'")
+    # One backend is forced per phase (dispatch.backend() is not per op): the network's only when
+    # every network op has a kernel on it (Mask2Former on cpp: the deformable attention has one,
+    # the window attention not, so the network runs on auto, which picks the C++ kernel anyway).
+    network = [op for op in ops if op.role == "network"]
+    post_ops = [op for op in ops if op.role != "network"]
+    forward = name if network and not any(op in missing for op in network) else None
+    post = name if post_ops and not any(op in missing for op in post_ops) else None
+
+    if forward is None and post is None:
+        raise ValueError(f"backend={name!r} cannot be forced on any phase of task={task!r} for a {family} model ("
+                         + ", ".join(f"{op.name}: {op.role}" for op in missing) + f" has no {name} kernel); "
+                         "use backend='auto'")
+    forced = [op for op in ops if op not in missing and (forward if op.role == "network" else post)]
+    unforced = [op for op in ops if op not in missing and op not in forced]
+    line = f"backend {name}: " + ", ".join(f"{op.name} ({op.role}) on {name}" for op in forced)
+    if unforced:
+        line += "; " + ", ".join(f"{op.name} ({op.role})" for op in unforced) + " on auto (its phase has ops " \
+                f"without a {name} kernel)"
     if missing:
-        line += "; no " + name + " kernel for " + ", ".join(f"{op} ({OP_ROLE[op]})" for op in missing) + ": auto"
-    forward = name if "window_attention" in served else None
-    post = name if any(op != "window_attention" for op in served) else None
+        line += "; no " + name + " kernel for " + ", ".join(f"{op.name} ({op.role})" for op in missing) + ": auto"
     return forward, post, line
-
-
-def cpu_features() -> Dict[str, bool]:
-    """The x86 features that decide CPU speed here (from /proc/cpuinfo; all False elsewhere)."""
-    from ._ext import cpu_flags  # reads /proc/cpuinfo; the extension itself is not loaded
-
-    return cpu_flags(("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"))
-
-
-def native_cpu_bf16() -> bool:
-    feats = cpu_features()
-    return feats["avx512_bf16"] or feats["amx_bf16"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,7 +635,10 @@ def segment_folder(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA device is available here (torch {torch.__version__}); use "
                          "device='cpu'")
-    forward_backend, post_backend, plan = backend_plan(backend, device, options["task"])
+    # The forced-backend plan depends on the model family (Mask2Former adds its deformable
+    # attention); config.json says which, read before anything heavy loads.
+    family = "maskformer" if model is None or backend in (None, "auto", "reference") else checkpoint_family(model)
+    forward_backend, post_backend, plan = backend_plan(backend, device, options["task"], family)
     rank, world, owns_group = _distributed()
     found = discover(specs, recursive, out)
     summary = SegmentSummary(out_dir=out, world_size=world, backend_plan=plan)
@@ -661,7 +664,7 @@ def segment_folder(
     try:
         if options["threads"] is not None:
             torch.set_num_threads(options["threads"])  # the engines take torch's count when built
-        loaded, processor, model_id, _ = _load_model(model, options["engine"], options["dtype"], device, rank == 0)
+        loaded, processor, model_id, family = _load_model(model, options["engine"], options["dtype"], device, rank == 0)
         loaded.eval()
         if rank == 0 and options["dtype"] == "bfloat16" and device == "cpu" and not native_cpu_bf16():
             warning = ("dtype='bfloat16' on a CPU without avx512_bf16/AMX is emulated in float32 arithmetic; see "
@@ -688,7 +691,8 @@ def segment_folder(
         if options["threads"] is not None:
             torch.set_num_threads(threads_before)
         lock.release()
-    summary.ran = [str(dispatch.last_dispatch(op)) for op in TASK_OPS[options["task"]] if dispatch.last_dispatch(op)]
+    summary.ran = [str(dispatch.last_dispatch(op.name)) for op in registry.task_ops(options["task"], family)
+                   if dispatch.last_dispatch(op.name)]
     if summary.interrupted:
         raise SegmentInterrupted(summary)
     return summary

@@ -757,3 +757,28 @@ def test_overlays_are_legible_at_any_size(tmp_path):
     assert np.array_equal(np.asarray(color), label(out / "wide.png.label.png"))
     assert segment(src / "tiny.png", tmp_path / "o2", color_map=False).exit_status == 0
     assert not (tmp_path / "o2" / "tiny.png.color.png").exists()
+
+
+def test_backend_plan_reads_the_op_registry_per_model_family(monkeypatch):
+    """The forced-backend plan comes from the op registry: Mask2Former's deformable attention
+    (which the old hand-written tables left out) is listed, and a phase is forced only when all of
+    its ops have a kernel on that backend (dispatch forces one backend per block)."""
+    from maskformer import _ext
+    from maskformer.segment import backend_plan
+
+    if _ext.cpp_import_error() is None:
+        forward, post, line = backend_plan("cpp", "cpu", "semantic", "mask2former")
+        assert (forward, post) == (None, "cpp")
+        assert "semantic_segmentation (semantic post-processing) on cpp" in line
+        assert "ms_deform_attn (network) on auto (its phase has ops without a cpp kernel)" in line
+        assert "no cpp kernel for window_attention (network): auto" in line
+        with pytest.raises(ValueError, match="cannot be forced on any phase of task='instance' for a mask2former"):
+            backend_plan("cpp", "cpu", "instance", "mask2former")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if _ext.triton_import_error() is None:
+        forward, post, line = backend_plan("triton", "cpu", "semantic", "mask2former")
+        assert (forward, post) == ("triton", "triton")
+        assert line == ("backend triton: window_attention (network) on triton, ms_deform_attn (network) on triton, "
+                        "semantic_segmentation (semantic post-processing) on triton")
+        forward, post, line = backend_plan("triton", "cpu", "panoptic", "maskformer")
+        assert (forward, post) == ("triton", None) and "no triton kernel for query_argmax" in line
