@@ -11,12 +11,11 @@ import sys
 import pytest
 import torch
 
-from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, dispatch
-from maskformer.checkpoint import load_model_state
+from maskformer import MaskFormerForInstanceSegmentation, dispatch
 from maskformer.export import (OUTPUT_FIELDS, REL_ERROR_BAR, default_verify_sizes, export_program, min_side,
                                padded_stages, tracing_context)
 
-from hf_oracle import make_hf_model
+from hf_oracle import make_hf_model, ours_from_hf
 
 HAVE_EXPORTER = all(importlib.util.find_spec(p) is not None for p in ("onnx", "onnxscript"))
 HAVE_ORT = HAVE_EXPORTER and importlib.util.find_spec("onnxruntime") is not None
@@ -25,12 +24,6 @@ needs_ort = pytest.mark.skipif(not HAVE_ORT, reason="onnx, onnxscript and onnxru
                                                     "pip install 'maskformer[onnx]'")
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason="onnx, onnxscript and openvino not installed: "
                                                   "pip install 'maskformer[openvino]'")
-
-
-def ours_from_hf(hf_model):
-    ours = MaskFormerForInstanceSegmentation(MaskFormerConfig.from_dict(hf_model.config.to_dict())).eval()
-    load_model_state(ours, dict(hf_model.state_dict()))
-    return ours
 
 
 @pytest.mark.parametrize(
