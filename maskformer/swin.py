@@ -358,7 +358,7 @@ class SwinModel(nn.Module):
         self.encoder = SwinEncoder(config)
         # Final norm of the classification Swin: MaskFormer never uses it (the per-stage norms
         # below replace it) but the hub files carry it, so it is kept for strict loading.
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = nn.LayerNorm(config.stage_channels[-1], eps=config.layer_norm_eps)
 
 
 class SwinBackbone(nn.Module):
@@ -435,7 +435,7 @@ class Mask2FormerSwinBackbone(SwinBackbone):
         self.embeddings = SwinEmbeddings(config)
         self.encoder = SwinEncoder(config)
         self.hidden_states_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(c) for i, c in enumerate(self.channels)})
-        self.swin = _FinalNorm(config.hidden_size, config.layer_norm_eps)
+        self.swin = _FinalNorm(config.stage_channels[-1], config.layer_norm_eps)
         self.gradient_checkpointing = None
         for module in self.modules():
             if isinstance(module, SwinSelfAttention):

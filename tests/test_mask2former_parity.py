@@ -185,14 +185,24 @@ def test_maskformer_checkpoint_is_refused_with_the_right_class(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     (dict(feature_size=48), "multiple of 32"),
     (dict(hidden_dim=30, num_attention_heads=8), "divisible by num_attention_heads"),
-    (dict(backbone_config=dict(model_type="resnet")), "not supported"),
     (dict(backbone_config=dict(model_type="swin", out_features=["stage2", "stage3", "stage4"])), "every Swin stage"),
     (dict(feature_strides=[4, 8, 16]), "feature_strides"),
     (dict(common_stride=2), "common_stride"),
+    # a hub config's out_features name 4 stages; the error names depths, the field that is wrong
+    (dict(backbone_config=dict(model_type="swin", depths="abc", out_features=["stage1", "stage2", "stage3", "stage4"])),
+     r"backbone_config\.depths must be a list of integers, got 'abc'"),
 ])
 def test_unsupported_configs_are_refused_clearly(bad, match):
+    """Refused when a model is built (as transformers, a config may be edited through such states first)."""
+    config = Mask2FormerConfig(**bad)
     with pytest.raises(ConfigError, match=match):
-        Mask2FormerConfig(**bad)
+        Mask2FormerModel(config)
+
+
+def test_unsupported_backbone_type_is_refused_at_construction():
+    """The one refusal at construction: there is no config class here to hold a ResNet backbone."""
+    with pytest.raises(ConfigError, match="not supported"):
+        Mask2FormerConfig(backbone_config=dict(model_type="resnet"))
 
 
 def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path):
