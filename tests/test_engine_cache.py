@@ -298,8 +298,8 @@ def test_one_process_builds_the_others_wait_and_a_killed_builder_is_replaced(eng
 def test_abandoned_builds_and_stale_locks_are_removed_live_ones_kept(tmp_path):
     """Item 10 and the lock: the ``.build-*`` folder of a build whose lock nobody holds is removed,
     one whose lock is held is kept; an unheld lock file (a killed builder's, with its pid) does not
-    block the next build and is removed; an older maskformer's build folder goes once it is an hour
-    old."""
+    block the next build and is removed; an older maskformer's build folder and a killed writer's
+    temporary JSON go once an hour old, a folder renamed aside for deletion at once."""
     import fcntl
 
     root = tmp_path / "cache"
@@ -317,6 +317,11 @@ def test_abandoned_builds_and_stale_locks_are_removed_live_ones_kept(tmp_path):
     old.mkdir()
     young.mkdir()
     os.utime(old, (time.time() - 7200, time.time() - 7200))
+    trash, old_tmp, young_tmp = root / f".trash-{live}-0123abcd", root / ".tmp-1-00000000", root / ".tmp-2-11111111"
+    (trash / "compiled").mkdir(parents=True)
+    old_tmp.write_text("{")
+    young_tmp.write_text("{")
+    os.utime(old_tmp, (time.time() - 7200, time.time() - 7200))
     try:
         notes = []
         entry = str(root / killed)
@@ -326,8 +331,9 @@ def test_abandoned_builds_and_stale_locks_are_removed_live_ones_kept(tmp_path):
             assert json.loads((root / f".{killed}.lock").read_text())["pid"] == os.getpid()
             removed = cache.remove_abandoned_builds(str(root), holding=entry)
         assert sorted(os.path.basename(p) for p in removed) == sorted(
-            [f".build-{killed}-{dead.pid}-deadbeef", f".{stale_lock}.lock", old.name])
-        assert sorted(os.listdir(root)) == sorted([f".build-{live}-{os.getpid()}-cafebabe", f".{live}.lock", young.name])
+            [f".build-{killed}-{dead.pid}-deadbeef", f".{stale_lock}.lock", old.name, trash.name, old_tmp.name])
+        assert sorted(os.listdir(root)) == sorted([f".build-{live}-{os.getpid()}-cafebabe", f".{live}.lock", young.name,
+                                                   young_tmp.name])
     finally:
         os.close(held)
 

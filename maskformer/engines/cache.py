@@ -18,18 +18,18 @@ mtime, ctime), so a warm load does not re-read the weights. ctime is what a user
 unchanged by accident: the kernel sets it on every write, rename, chmod and utime (which is how
 ``cp -p`` or ``touch -r`` restore an mtime), and no call sets it back; a file replaced by another
 also gets another inode. Hashing the weights on every load instead would cost, on this project's
-2-core AMD EPYC (SHA-NI; file in the page cache; a shared machine): 0.26 s for Swin-T's 167 MB
-(640 MB/s, load 9) to 0.63 s (265 MB/s, load 16), and 3.3 s for Swin-L's 850 MB (load 15),
-against 2 us for the ``os.stat`` (``benchmarks/results/engine-cache-cpu.md``).
+2-core AMD EPYC (SHA-NI; file in the page cache; a shared machine at load 11-16): 0.59-0.63 s for
+Swin-T's 167 MB and 3.3-3.7 s for Swin-L's 850 MB, against 2 us for the ``os.stat``
+(``benchmarks/results/engine-cache-cpu{-run1,}.md``).
 
 An entry (``<engine>-<key[:24]>/``) holds the engine's files and ``manifest.json``: the key, what
 went into it, the source, each file's size and SHA-256 recorded when it was built, and the
 verification against PyTorch. Every load checks that the entry holds exactly those files with
-those sizes and hashes: for Swin-T's 170 MB entry 0.56-0.59 s of a 1.2 s (OpenVINO) to 2.2 s (ONNX
-Runtime) warm load at load 11-12 here (0.26 s at 640 MB/s), so about 5x that, 1.3-3 s, for
-Swin-L; a wrong model served costs more. An entry that fails (a file
-replaced, truncated, zeroed or missing, an unreadable manifest) is rebuilt, with a line saying
-why.
+those sizes and hashes. For Swin-T's 170 MB entry that took 0.31 s of a 1.16 s warm load (ONNX
+Runtime) and 0.37 s of 0.72 s (OpenVINO) at load 14-15 here (27% and 52%, paired), so about 5x
+that, 1.6-1.9 s, for Swin-L's 850 MB at the same load: the price of never serving another model's
+file or a zeroed block. An entry that fails (a file replaced, truncated, zeroed or missing, an
+unreadable manifest) is rebuilt, with a line saying why.
 
 Building: under the entry's lock, ``.<entry>.lock`` in the cache folder: the builder holds an
 exclusive ``flock`` on it and writes its pid and host into it. Another process that needs the
@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -59,6 +60,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .._version import __version__
+from ..checkpoint import find_checkpoint_files
+from ..config import MaskFormerConfig
+from ..hub import HUB_KWARGS
 from . import export
 
 MANIFEST = "manifest.json"
@@ -135,8 +139,7 @@ def file_sha256(path: str, root: str) -> str:
 
 
 def _versions(engine_module) -> Dict[str, str]:
-    import importlib.metadata as md
-
+    md = importlib.metadata
     found = {"maskformer": __version__, "export_format": str(export.EXPORT_FORMAT), "cache_format": str(CACHE_FORMAT),
              "torch": torch.__version__}
     for package in ("onnx", "onnxscript"):
@@ -173,10 +176,6 @@ def graph_config(config) -> Dict:
 def compute_key(path_or_repo_id, engine: str, engine_module, root: str, **kwargs) -> Tuple[str, Dict, object]:
     """(key, what went into it, the effective config), reading only config.json, the file headers
     the config check needs, and the weight files' bytes (or their remembered hashes)."""
-    from ..checkpoint import find_checkpoint_files
-    from ..config import MaskFormerConfig
-    from ..hub import HUB_KWARGS
-
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     given = kwargs.get("config")
     config = given
@@ -348,7 +347,7 @@ def _try_lock(path: str) -> Optional[int]:
     """A descriptor holding ``path``'s flock if nobody holds it (None if someone does, or if there
     is no such file or no flock)."""
     try:
-        import fcntl
+        import fcntl  # not on Windows (see build_lock)
 
         fd = os.open(path, os.O_RDONLY)
     except (ImportError, OSError):
@@ -365,8 +364,8 @@ def _try_lock(path: str) -> Optional[int]:
 
 def remove_abandoned_builds(root: str, holding: str) -> List[str]:
     """Remove what killed builds left in ``root``: ``.build-*`` folders whose entry's lock nobody
-    holds (those of ``holding``, whose lock this process holds, included) and unheld lock files.
-    Returns the removed paths."""
+    holds (those of ``holding``, whose lock this process holds, included), unheld lock files,
+    ``.trash-*`` folders and ``.tmp-*`` files over an hour old. Returns the removed paths."""
     removed = []
     names = sorted(os.listdir(root))
     for name in names:
@@ -385,6 +384,14 @@ def remove_abandoned_builds(root: str, holding: str) -> List[str]:
                     os.close(fd)
         elif name.startswith(".build-") and os.path.isdir(path):  # an older maskformer's (tempfile.mkdtemp) name
             stale = time.time() - os.path.getmtime(path) > _FOREIGN_BUILD_STALE_S
+        elif name.startswith(".trash-"):  # renamed aside to be deleted, by a process killed before it was
+            stale = True
+        elif name.startswith(".tmp-") and os.path.isfile(path):  # a JSON file a killed process was writing
+            with contextlib.suppress(OSError):
+                if time.time() - os.path.getmtime(path) > _FOREIGN_BUILD_STALE_S:
+                    os.remove(path)
+                    removed.append(path)
+            continue
         elif (name.startswith(".") and name.endswith(".lock") and name != f".{os.path.basename(holding)}.lock"):
             fd = _try_lock(path)
             if fd is not None:  # nobody holds it: a killed builder's

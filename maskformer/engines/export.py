@@ -40,12 +40,16 @@ W) float32.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
+import logging
 import os
+import re
 import shutil
 import time
 import uuid
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -137,9 +141,6 @@ def _quiet_exporter():
     """The exporter's own chatter, not ours to show a user of ``segment --engine``: a warning per
     torchvision op it cannot register (torchvision is deliberately not installed) and pytree
     deprecation FutureWarnings. Errors still raise; logging at ERROR still shows."""
-    import logging
-    import warnings
-
     logger = logging.getLogger("torch.onnx")
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -322,12 +323,12 @@ def estimate_export_seconds(config, loadavg: Optional[float] = None) -> float:
 
 
 # Seconds per traced layer on a core of its own: 4 exports on this project's 2-core AMD EPYC (Zen 4),
-# each time divided by its layers and by max(1, load / cores) at the time: the default model (7
-# layers) 207 s at load 23 -> 2.6; a Swin-T (18 layers) 542 s at load 14 -> 4.2 (both in
-# benchmarks/results/engine-cache-cpu.md), and in two earlier runs of the same code whose logs were
-# not kept, Swin-T 367 s at load ~12 -> 3.4 and a 6-layer test model 64 s at load ~10 -> 2.1. The
-# median, 3.0: an estimate to within a factor of 2, not a promise.
-_EXPORT_SECONDS_PER_LAYER = 3.0
+# each time divided by its layers and by max(1, load / cores) over the export, in two runs of
+# benchmarks/bench_engine_cache.py (benchmarks/results/engine-cache-cpu{-run1,}.md): the default
+# model (7 layers) 207 s at load 23 -> 2.6 and 126 s at load 9 -> 3.9; a Swin-T (18 layers) 542 s
+# at load 14 -> 4.2 and 515 s at load 10 -> 5.8. The median, 4.0: an estimate to within a factor
+# of 2, not a promise.
+_EXPORT_SECONDS_PER_LAYER = 4.0
 
 
 def _busy_note() -> str:
@@ -378,8 +379,6 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
                 seed: int = 0, log: Optional[Callable[[str], None]] = None, engine: str = "the engine") -> List[Dict]:
     """``verify_onnx`` with an engine ``Runner`` already made (``runner.run(x)`` -> tensors in
     ``runner.output_names`` order). ``log``: a line per size as it is checked."""
-    import copy
-
     model = _cpu_fp32(model)
     model64 = None  # made on the first row whose error passes REL_ERROR_BAR (see FP64_FACTOR)
     fields = tuple(fields or runner.output_names)
@@ -433,9 +432,7 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
 def _name_dynamic_dims(path: str, program) -> None:
     """Rename the exporter's size symbols (s6, s37, ...) to batch, height and width in the file's
     input and output shapes (ONNX Runtime's free-dimension overrides and readers go by these)."""
-    import re
-
-    import onnx
+    import onnx  # optional: the [onnx] / [openvino] extras
 
     dims = program.graph_signature.user_inputs and [n for n in program.graph.nodes if n.op == "placeholder"]
     symbols = {}
@@ -457,8 +454,6 @@ def _name_dynamic_dims(path: str, program) -> None:
 
 def _cpu_fp32(model):
     if model.dtype != torch.float32 or model.device.type != "cpu":
-        import copy
-
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     return model.eval()
 

@@ -8,14 +8,14 @@ then ``compile_model``): OpenVINO plans a static shape faster than a dynamic one
 compiled in memory.
 
 Compiled shapes are also kept on disk, in ``compiled/`` of the cache entry, by this module rather
-than by OpenVINO's ``CACHE_DIR`` (which keeps every shape it meets: 119 MB for the 7 MB default
-model was measured, about 8 MB per shape): each blob is
+than by OpenVINO's ``CACHE_DIR``, which keeps every shape it meets (issue #24 measured 119 MB,
+about 8 MB per shape, for the 7 MB default model): each blob is
 ``CompiledModel.export_model()``'s bytes, named by the shape, the compile settings and the blob's
 own SHA-256, which is checked before ``import_model`` (a damaged blob is deleted and the shape
-compiled again). Reading a blob back saves most of a compile: Swin-T at 512x683, 4.7 s against
-11.4 s for the compile (2.4x, paired; load 11 on this project's 2-core EPYC). A blob is the model
-compiled for one shape, weights included: 175 MB for Swin-T's 168 MB of weights, 6.1 MB for a
-5.6 MB test model.
+compiled again). Reading a blob back saves most of a compile: Swin-T at 512x683, 2.7 s against
+6.6 s (2.4x, paired; load 14 on this project's 2-core EPYC; benchmarks/results/engine-cache-cpu.md).
+A blob is the model compiled for one shape, weights included: 175 MB for Swin-T's 168 MB of
+weights.
 
 Inference precision is pinned to f32: on CPUs with avx512_bf16/AMX, OpenVINO would otherwise run
 in bf16 by default. Threads: ``INFERENCE_NUM_THREADS`` = the model's ``threads``, one stream,
