@@ -224,18 +224,21 @@ def check_entry(entry: str, key: str) -> Optional[str]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not all(isinstance(v, dict) and "sha256" in v for v in files.values()):
         return f"its {MANIFEST} records no content hashes"
-    present = {n for n in os.listdir(entry) if n != MANIFEST and os.path.isfile(os.path.join(entry, n))}
-    if present != set(files):
-        extra, gone = sorted(present - set(files)), sorted(set(files) - present)
-        return "; ".join(([f"{', '.join(gone)} missing"] if gone else [])
-                         + ([f"{', '.join(extra)} not made by its build"] if extra else []))
-    for name, record in sorted(files.items()):
-        path = os.path.join(entry, name)
-        size = os.path.getsize(path)
-        if size != record.get("size"):
-            return f"{name} has {size} bytes, {record.get('size')} when built"
-        if sha256_of(path) != record["sha256"]:
-            return f"{name} differs from the file built (SHA-256)"
+    try:  # another user's entry made 0700 by an older maskformer cannot be read: say so
+        present = {n for n in os.listdir(entry) if n != MANIFEST and os.path.isfile(os.path.join(entry, n))}
+        if present != set(files):
+            extra, gone = sorted(present - set(files)), sorted(set(files) - present)
+            return "; ".join(([f"{', '.join(gone)} missing"] if gone else [])
+                             + ([f"{', '.join(extra)} not made by its build"] if extra else []))
+        for name, record in sorted(files.items()):
+            path = os.path.join(entry, name)
+            size = os.path.getsize(path)
+            if size != record.get("size"):
+                return f"{name} has {size} bytes, {record.get('size')} when built"
+            if sha256_of(path) != record["sha256"]:
+                return f"{name} differs from the file built (SHA-256)"
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
     return None
 
 
