@@ -1,7 +1,7 @@
 """What the engine cache's checks and steps cost: the numbers behind the comments of
 ``maskformer/engines/cache.py``, ``openvino_engine.py`` and the export's time estimate.
 
-    python -m benchmarks.bench_engine_cache [--rounds 3] [--threads N] [--out benchmarks/results]
+    python -m benchmarks.bench_engine_cache [--rounds 3] [--threads N] [--out STEM] [--overwrite]
 
 Rows, on models made in a temporary folder (random "lively" weights, ``maskformer.bench``):
 
@@ -15,8 +15,10 @@ Rows, on models made in a temporary folder (random "lively" weights, ``maskforme
 * compiled: OpenVINO's compiled blob per input shape against the model's weights, and a compile
   against reading the blob back (512x683), interleaved.
 
-Writes ``engine-cache-cpu.json`` / ``.md`` with the CPU model and flags, threads, versions and the
-1-minute load average of every row (this machine is shared: compare within a run only).
+Writes ``engine-cache-cpu.json`` / ``.md`` (``maskformer.reporting``: under out/benchmarks/ by default,
+never over an existing file without ``--overwrite``) with the environment (CPU model and flags,
+threads, versions, commit) and the 1-minute load average of every row (this machine is shared:
+compare within a run only).
 """
 from __future__ import annotations
 
@@ -140,20 +142,27 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--export-rounds", type=int, default=1, help="exports of each model (minutes each here)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=None, help="results file stem (default out/benchmarks/engine-cache-cpu, or "
+                                                    "the next free -2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files if they exist")
     args = parser.parse_args(argv)
+    from maskformer import reporting
+
+    try:
+        stem = reporting.results_stem(args.out, "engine-cache-cpu", overwrite=args.overwrite)  # before measuring
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    import onnxruntime
-    import openvino
+    import onnxruntime  # noqa: F401  (both engines must be installed: fail before minutes of measuring)
+    import openvino  # noqa: F401
 
-    from maskformer._ext import cpu_flags, cpu_model
-    from maskformer.bench import _commit, make_checkpoint
+    from maskformer._ext import cpu_flags
+    from maskformer.bench import make_checkpoint
     from maskformer.loading import DEFAULT_MODEL_DIR
 
-    report = dict(cpu=cpu_model(), flags=dict(cpu_flags(("avx2", "avx512f", "avx512_bf16", "sha_ni"))), threads=threads,
-                  torch=torch.__version__, onnxruntime=onnxruntime.__version__, openvino=openvino.__version__,
-                  commit=_commit(), date=time.strftime("%Y-%m-%d %H:%M"), loadavg_start=_load())
+    env = reporting.environment("cpu", threads=threads)
+    report = dict(environment=env, sha_ni=cpu_flags(("sha_ni",))["sha_ni"], loadavg_start=_load())
     with tempfile.TemporaryDirectory() as tmp:
         swin_t = make_checkpoint("tiny", os.path.join(tmp, "swin-t"))
         report["export"] = export_rows(tmp, {"default": DEFAULT_MODEL_DIR, "swin-t": swin_t}, args.export_rounds)
@@ -164,16 +173,10 @@ def main(argv=None) -> int:
         report["load"] = load_rows(swin_t, cache_dir, args.rounds, threads)
         report["compiled"] = compiled_rows(swin_t, cache_dir, args.rounds, threads)
     report["loadavg_end"] = _load()
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "engine-cache-cpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    flags = report["flags"]
     lines = ["# Engine cache: what its checks and steps cost (CPU)", "",
-             f"{report['cpu']}, flags {', '.join(k for k, v in flags.items() if v)}"
-             f"{' (not: ' + ', '.join(k for k, v in flags.items() if not v) + ')' if not all(flags.values()) else ''}; "
-             f"{threads} threads; torch {report['torch']}, onnxruntime {report['onnxruntime']}, openvino "
-             f"{report['openvino']}; commit {report['commit']}, {report['date']}; 1-minute load "
-             f"{report['loadavg_start']} at the start, {report['loadavg_end']} at the end (a shared machine).", "",
+             *reporting.environment_markdown(env, loadavg_end=[report["loadavg_end"]]),
+             f"SHA extensions (sha_ni): {'yes' if report['sha_ni'] else 'no'}; 1-minute load "
+             f"{report['loadavg_start']} at the start (a shared machine).", "",
              "## Export (trace + write, no verification)", "",
              "| model | parameters | layers traced | seconds | 1-min load |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['params_m']} M | {r['layers']} | {r['seconds']} | {r['loadavg'][0]}-{r['loadavg'][1]} |"
@@ -193,8 +196,7 @@ def main(argv=None) -> int:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {'x'.join(map(str, r['shape']))} | {r['weights_mb']} | {r['blob_mb']} | {r['compile_ms']} | "
               f"{r['read_back_ms']} | {r['read_back_speedup_paired']} | {r['loadavg']} |" for r in report["compiled"]]
-    with open(os.path.join(args.out, "engine-cache-cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    reporting.write_report(stem, report, "\n".join(lines) + "\n", overwrite=args.overwrite)
     print("\n".join(lines))
     return 0
 
