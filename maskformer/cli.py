@@ -3,7 +3,8 @@
     maskformer demo [--out DIR] [--overwrite]   segment a generated image with the shipped default model
     maskformer segment INPUT... [--model PATH_OR_ID] --out DIR [--task semantic|panoptic|instance]
                                                 segment images, folders and globs (maskformer.segment_folder)
-    maskformer info                             versions, devices, CPU features, fast paths, engines and why any is off
+    maskformer info                             versions, devices, CPU features and precisions, fast paths, engines
+                                                (and the precisions each runs) and why any is off
     maskformer export MODEL OUT.onnx            the model to ONNX (dynamic batch/height/width), verified against PyTorch
     maskformer bench [...]                      end-to-end benchmark against transformers (maskformer.bench)
 
@@ -149,6 +150,8 @@ def info() -> dict:
         "torch_cpu_capability": capability,
         "bfloat16": "native (avx512_bf16/AMX): --dtype bfloat16 can be faster than float32" if native_bf16 else
                     "no avx512_bf16/AMX: bfloat16 matmuls are emulated; --dtype float32 is the fast choice here",
+        # which precisions the CPU computes in (its flags), then what each engine does with each
+        "native_precisions": _ext.cpu_native_precisions(),
     }
     # What each fast backend serves comes from the op registry (each kernels/<op>.py declares its
     # implementations), so an op added there shows up here without an edit.
@@ -189,9 +192,10 @@ def info() -> dict:
         report["backends"] = dispatch.describe()
     else:
         report["backends"] = f"the op registry did not load: {registry_error}"
-    from .engines.registry import describe as describe_engines
+    from .engines.registry import describe as describe_engines, describe_precisions
 
     report["engines"] = describe_engines()
+    report["engine_precisions"] = describe_precisions()
     report["model_families"] = {
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",
@@ -401,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     seg.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                      help="model precision (default: float32; bfloat16 pays only on GPUs and CPUs with "
-                          "avx512_bf16/AMX: see `maskformer info`)")
+                          "avx512_bf16/AMX: see `maskformer info`). With --engine openvino: the precision it "
+                          "computes in (bfloat16 where the CPU has it natively, else float32 with a note)")
     seg.add_argument("--backend", choices=("auto", "reference", "triton", "cpp"), default=None,
                      help="force the kernels' backend for the ops it has a kernel for; the others run on auto, and "
                           "the command says which op ran where (default: auto: Triton on CUDA, C++ on CPU)")
@@ -418,9 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--quiet", action="store_true",
                      help="no progress lines (default: a bar on a terminal, else a line every 25 inputs or 30 s)")
     seg.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
-                     help="who runs the network (default: torch). onnxruntime/openvino: its ONNX export on the CPU in "
-                          "float32, built on first use and cached; post-processing stays ours. `maskformer info` says "
-                          "which are installed")
+                     help="who runs the network (default: torch). onnxruntime/openvino: its ONNX export on the CPU "
+                          "(float32; openvino also --dtype bfloat16), built on first use and cached; post-processing "
+                          "stays ours. `maskformer info` says which are installed and which precisions each runs")
     seg.add_argument("--threads", type=int, default=None,
                      help="CPU threads for torch and the engine (default: torch's, one per core)")
     sub.add_parser("info", parents=[common], help="versions, devices, CPU features, fast paths and engines")

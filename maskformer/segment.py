@@ -43,6 +43,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -50,6 +51,7 @@ import torch
 
 from . import dispatch
 from ._ext import cpu_features, native_cpu_bf16  # noqa: F401  (importable from here, as before)
+from .engines.registry import PrecisionWarning, precision_plan
 from .kernels import registry
 from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes, load_default_model
 from .overlay import color_map_image, colour_table, render_overlay
@@ -162,17 +164,16 @@ def _dtype_name(dtype) -> str:
     return _choice("dtype", dtype, DTYPES)
 
 
-def _check_engine(engine: str, dtype: str, device: str) -> None:
+def _check_engine(engine: str, dtype: str, device: str) -> Optional[str]:
     """What the CPU engines cannot do, refused before anything loads (from_pretrained would refuse
-    too, after resolving the checkpoint)."""
+    too, after resolving the checkpoint). Returns the note to give when the engine will compute in
+    another precision than ``dtype`` (float32 for bfloat16 where the CPU has no native bf16)."""
     if engine == "torch":
-        return
-    if dtype != "float32":
-        raise ValueError(f"engine={engine!r} runs in float32, not dtype={dtype!r}: pass dtype='float32', or "
-                         "engine='torch' for other dtypes")
+        return None
     if device.split(":")[0] != "cpu":
         raise ValueError(f"engine={engine!r} runs on the CPU, not device={device!r}: pass device='cpu', or "
                          "engine='torch' on a GPU")
+    return precision_plan(engine, dtype).note  # imports the engine's package (openvino...) only here
 
 
 # ---------------------------------------------------------------------------------------------
@@ -583,9 +584,14 @@ def segment_folder(
         model: checkpoint folder or hub id, MaskFormer or Mask2Former (config.json's model_type
             decides); None: the shipped default model, trained only on generated shapes.
         task: "semantic", "panoptic" or "instance".
-        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer on the CPU in float32).
+        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer on the CPU; float32, or bfloat16
+            on OpenVINO where the CPU has native bf16: see ``dtype``).
         device: "cpu" or "cuda[:N]" (a ``torch.device`` works too).
-        dtype: "float32", "float16" or "bfloat16" (or the torch dtype): the model's precision.
+        dtype: "float32", "float16" or "bfloat16" (or the torch dtype): the model's precision. With
+            an engine, the precision it computes in: "bfloat16" runs on OpenVINO where its CPU
+            device lists BF16 (avx512_bf16 or AMX), and float32 with a note naming the missing
+            flag elsewhere; what an engine cannot run is refused before anything loads, naming
+            the alternative (ONNX Runtime: float32 only).
         batch_size: images per forward pass on CUDA, batched only with images of the same input
             size; on the CPU images run one at a time (faster there, and byte-identical maps).
         overwrite: redo inputs whose complete results exist (default: skip them). Never replaces
@@ -630,7 +636,7 @@ def segment_folder(
     if backend is not None:
         _choice("backend", backend, BACKENDS)
     device = options["device"]
-    _check_engine(options["engine"], options["dtype"], device)
+    precision_note = _check_engine(options["engine"], options["dtype"], device)
     out = check_out_folder(out_dir)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}: no CUDA device is available here (torch {torch.__version__}); use "
@@ -664,11 +670,17 @@ def segment_folder(
     try:
         if options["threads"] is not None:
             torch.set_num_threads(options["threads"])  # the engines take torch's count when built
-        loaded, processor, model_id, family = _load_model(model, options["engine"], options["dtype"], device, rank == 0)
+        with warnings.catch_warnings():  # the engine's precision note is given below, once, as a note of the run
+            warnings.simplefilter("ignore", PrecisionWarning)
+            loaded, processor, model_id, family = _load_model(model, options["engine"], options["dtype"], device,
+                                                              rank == 0)
         loaded.eval()
-        if rank == 0 and options["dtype"] == "bfloat16" and device == "cpu" and not native_cpu_bf16():
+        warning = precision_note
+        if (options["engine"] == "torch" and options["dtype"] == "bfloat16" and device == "cpu"
+                and not native_cpu_bf16()):
             warning = ("dtype='bfloat16' on a CPU without avx512_bf16/AMX is emulated in float32 arithmetic; see "
                        "`maskformer info` and prefer dtype='float32' here")
+        if rank == 0 and warning:
             summary.notes.append(warning)
             log.warning(warning)
         if rank == 0 and plan:

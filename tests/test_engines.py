@@ -81,8 +81,8 @@ def test_engine_checks_inputs_and_refuses_what_it_cannot_do(checkpoint, engine_c
         model(x[0])
     with pytest.raises(ValueError, match="smaller than"):
         model(torch.randn(1, 3, 20, 64))
-    with pytest.raises(ValueError, match="runs in float32"):
-        load(checkpoint, engine, engine_cache, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="an engine computes in one of float32, bfloat16, float16"):
+        load(checkpoint, engine, engine_cache, dtype=torch.int8)
     with pytest.raises(ValueError, match="runs on the CPU"):
         load(checkpoint, engine, engine_cache, device="cuda")
     with pytest.raises(ValueError, match="train with engine='torch'"):
@@ -105,6 +105,7 @@ def test_engine_threads_default_to_torch_and_are_applied(checkpoint, engine_cach
     else:
         compiled = one.runner.compiled_for((1, 3, 64, 64))
         assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 1
+        # float32 set explicitly: OpenVINO's own default is bf16 on a CPU with avx512_bf16/AMX
         assert str(compiled.get_property("INFERENCE_PRECISION_HINT")) in ("f32", "<Type: 'float32'>")
     with pytest.raises(ValueError, match="positive integer"):
         load(checkpoint, engine, engine_cache, threads=0)
@@ -307,7 +308,15 @@ def test_segment_command_with_an_engine(checkpoint, engine_cache, engine, tmp_pa
         maps[name] = [np.asarray(Image.open(out / f"img{i}.png.label.png")) for i in range(2)]
     agree = np.mean([(a == b).mean() for a, b in zip(maps["torch"], maps[engine])])
     assert agree >= 0.999, agree
+    # what the engine cannot compute in is refused before anything loads, naming the alternative
+    # (--dtype bfloat16 with openvino: tests/test_engine_precision.py)
+    refused, why = ("bfloat16", "computes in float32 only") if engine == "onnxruntime" else ("float16", "cannot compute float16")
+    if engine == "openvino":
+        from maskformer.engines.openvino_engine import cpu_capabilities
+
+        if "FP16" in cpu_capabilities():
+            return  # a CPU with native fp16 (AVX512-FP16/AMX-FP16): OpenVINO runs it
     bad = subprocess.run([sys.executable, "-m", "maskformer", "segment", str(src), "--model", checkpoint, "--out",
-                          str(tmp_path / "bf16"), "--engine", engine, "--dtype", "bfloat16"],
+                          str(tmp_path / "refused"), "--engine", engine, "--dtype", refused],
                          capture_output=True, text=True, timeout=300, env=env)
-    assert bad.returncode == 1 and "runs in float32" in bad.stderr
+    assert bad.returncode == 1 and why in bad.stderr, bad.stderr[-2000:]

@@ -9,7 +9,13 @@ What ``from_pretrained(..., engine=...)`` does for an engine other than torch:
 
 * refuses at once, naming the install command, when the engine's packages are missing
   (``pip install 'maskformer[onnx]'`` / ``'maskformer[openvino]'``), and refuses what an exported
-  inference graph cannot do (a dtype other than float32, a device other than the CPU, training);
+  inference graph cannot do (a device other than the CPU, training);
+* ``dtype=`` picks the precision the engine computes in (``registry.precision_plan``): float32;
+  ``torch.bfloat16`` on OpenVINO where its CPU device lists BF16 (avx512_bf16 or AMX), else
+  float32 with a ``PrecisionWarning`` naming the missing CPU flag; float16 where OpenVINO lists
+  FP16; every other combination refused with the alternative named. Inputs and outputs stay
+  float32 and the cached export is the same float32 file at every precision (no export per
+  precision): the precision is a compile setting, part of the name of OpenVINO's compiled blobs;
 * looks the checkpoint up in the engine cache (``maskformer.engines.cache``): the key is the
   SHA-256 of the weight files and of the effective config without its labels, the engine, and the
   versions of maskformer, the export format, torch, onnxscript and the engine. A hit is checked
@@ -46,13 +52,19 @@ from .cache import EngineCacheError
 from .model import EngineModel, load_engine_model
 from .registry import (  # noqa: F401
     ENGINES,
+    PRECISIONS,
     EngineUnavailableError,
+    PrecisionPlan,
+    PrecisionWarning,
     default_threads,
     describe,
+    describe_precisions,
     engine_module,
     engine_unavailable,
+    precision_plan,
     runner_for_file,
 )
 
-__all__ = ["ENGINES", "EngineCacheError", "EngineModel", "EngineUnavailableError", "engine_unavailable", "describe", "runner_for_file",
+__all__ = ["ENGINES", "PRECISIONS", "EngineCacheError", "EngineModel", "EngineUnavailableError", "PrecisionPlan",
+           "PrecisionWarning", "engine_unavailable", "describe", "describe_precisions", "precision_plan", "runner_for_file",
            "load_engine_model"]

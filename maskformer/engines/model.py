@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import List, Optional
 
 import torch
@@ -11,14 +12,14 @@ from ..inputs import InputError, check_pixel_values
 from ..outputs import MaskFormerForInstanceSegmentationOutput
 from . import cache
 from .export import min_side
-from .registry import default_threads, engine_module, require
+from .registry import PrecisionWarning, default_threads, engine_module, precision_plan, require
 
 __all__ = ["EngineModel", "load_engine_model"]
 
 
 class EngineModel:
     """What ``from_pretrained(..., engine="onnxruntime" | "openvino")`` returns: the torch model's
-    call signature and outputs, the network run by the engine on the CPU in float32.
+    call signature and outputs, the network run by the engine on the CPU.
 
     ``model(pixel_values, pixel_mask=None, return_dict=None)`` checks the input as the torch
     model does and returns ``MaskFormerForInstanceSegmentationOutput`` with ``class_queries_logits``,
@@ -27,17 +28,22 @@ class EngineModel:
     ``output_attentions`` need ``engine="torch"`` and raise ``ValueError``.
 
     Attributes: ``config``, ``engine``, ``threads``, ``cache_entry`` (the folder of the cached
-    export), ``runner`` (the engine's session), ``device`` (cpu), ``dtype`` (float32).
+    export), ``runner`` (the engine's session), ``device`` (cpu), ``dtype`` (float32: what it
+    takes and returns, at every precision; other float inputs are converted), ``precision`` (the
+    torch dtype the engine computes in: ``torch.bfloat16`` for ``dtype=torch.bfloat16`` on
+    OpenVINO where the CPU has native bf16, else ``torch.float32``).
     """
 
     main_input_name = "pixel_values"
 
-    def __init__(self, config, runner, engine: str, threads: int, cache_entry: Optional[str] = None):
+    def __init__(self, config, runner, engine: str, threads: int, cache_entry: Optional[str] = None,
+                 precision: torch.dtype = torch.float32):
         self.config = config
         self.runner = runner
         self.engine = engine
         self.threads = threads
         self.cache_entry = cache_entry
+        self.precision = precision
         self.check_finite = True
         self.training = False
 
@@ -59,16 +65,20 @@ class EngineModel:
         return self
 
     def to(self, *args, **kwargs) -> "EngineModel":
-        """Accepts only what it is: the CPU and float32."""
+        """Accepts only what it is: the CPU, and float32 or the precision it computes in (chosen
+        when loading: ``from_pretrained(..., engine=..., dtype=...)``)."""
         for value in list(args) + list(kwargs.values()):
-            if isinstance(value, torch.dtype) and value != torch.float32:
-                raise ValueError(f"engine {self.engine!r} runs in float32; load with engine='torch' for {value}")
+            if isinstance(value, torch.dtype) and value not in (torch.float32, self.precision):
+                raise ValueError(f"engine {self.engine!r} computes in {str(self.precision).replace('torch.', '')}, "
+                                 f"chosen when loading: load with from_pretrained(..., engine={self.engine!r}, "
+                                 f"dtype={value}) for another precision, or with engine='torch'")
             if isinstance(value, (str, torch.device)) and torch.device(value).type != "cpu":
                 raise ValueError(f"engine {self.engine!r} runs on the CPU; load with engine='torch' for {value}")
         return self
 
     def __repr__(self):
-        return f"EngineModel(engine={self.engine!r}, threads={self.threads}, outputs={list(self.runner.output_names)})"
+        return (f"EngineModel(engine={self.engine!r}, precision={str(self.precision).replace('torch.', '')}, "
+                f"threads={self.threads}, outputs={list(self.runner.output_names)})")
 
     def __call__(self, pixel_values, mask_labels=None, class_labels=None, pixel_mask=None, output_auxiliary_logits=None,
                  output_hidden_states=None, output_attentions=None, return_dict=None):
@@ -97,15 +107,19 @@ class EngineModel:
 
 def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[int] = None,
                       engine_cache_dir: Optional[str] = None, dtype=None, device=None, **kwargs) -> EngineModel:
-    """``from_pretrained(path, engine=...)`` for engines other than torch (see the module docstring)."""
+    """``from_pretrained(path, engine=...)`` for engines other than torch (see the module docstring).
+    ``dtype``: the precision the engine computes in (``registry.precision_plan``: refused with the
+    alternative named where the engine cannot, float32 with a ``PrecisionWarning`` where the CPU
+    has no native bf16); the cached export is float32 whatever it is."""
     require(engine)
     if getattr(cls, "checkpoint_prefix", None) != "model.":  # MaskFormerModel: no heads, no logits
         raise ValueError(f"engine={engine!r} serves MaskFormerForInstanceSegmentation (the model with heads); "
                          f"load {cls.__name__} with engine='torch'")
     if dtype is None and "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
-    if dtype not in (None, "auto", "float32", "torch.float32", torch.float32):
-        raise ValueError(f"engine {engine!r} runs in float32, got dtype={dtype!r}; use engine='torch' for other dtypes")
+    plan = precision_plan(engine, dtype)  # before the cache: a refusal costs no export
+    if plan.note:
+        warnings.warn(plan.note, PrecisionWarning, stacklevel=3)
     if kwargs.get("device_map") not in (None, "cpu", "auto") or (device is not None and torch.device(device).type != "cpu"):
         raise ValueError(f"engine {engine!r} runs on the CPU, got device={device!r} "
                          f"device_map={kwargs.get('device_map')!r}; use engine='torch' on a GPU")
@@ -116,8 +130,8 @@ def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[in
     threads = default_threads(threads)
     entry, config = cache.get_or_build(cls, path_or_repo_id, engine, engine_module(engine), engine_cache_dir=engine_cache_dir,
                                        threads=threads, log=_stderr, **kwargs)
-    runner = engine_module(engine).Runner.from_entry(entry, threads)
-    return EngineModel(config, runner, engine, threads, cache_entry=entry)
+    runner = engine_module(engine).Runner.from_entry(entry, threads, precision=plan.runs)
+    return EngineModel(config, runner, engine, threads, cache_entry=entry, precision=getattr(torch, plan.runs))
 
 
 def _stderr(message: str) -> None:

@@ -5,7 +5,11 @@ Runtime) and the outputs are ONNX Runtime's own buffers, handed out as tensors o
 memory (``OrtValue.numpy()`` is a view that keeps the buffer alive; ``torch.from_numpy`` shares
 it). Threads: ``intra_op_num_threads`` = the model's ``threads``, one inter-op thread, no
 spinning of idle threads, sequential execution, all graph optimisations (ONNX Runtime fuses
-LayerNorm, GELU, attention patterns and the bias adds into the GEMMs). The graph keeps dynamic
+LayerNorm, GELU, attention patterns and the bias adds into the GEMMs). Precision: float32 only.
+The CPU execution provider has no bfloat16 kernel for MatMul, Gemm, Add or Conv (onnxruntime 1.32:
+NOT_IMPLEMENTED, checked), so ``dtype=torch.bfloat16`` is refused naming OpenVINO; float16 would
+need a second, float16 copy of the graph (ONNX Runtime has no precision setting) and is refused
+too. The graph keeps dynamic
 sizes: fixing them per input size (``add_free_dimension_override_by_name``) measured within 2%
 of it for Swin-T at 512x683 (2161 against 2203 ms, noise on this machine), so one session serves
 every size.
@@ -13,7 +17,7 @@ every size.
 from __future__ import annotations
 
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +38,29 @@ def prepare(entry: str, onnx_path: str) -> None:
     """Nothing to convert: ONNX Runtime reads the ONNX file (``model.onnx``) itself."""
     if os.path.basename(onnx_path) != ONNX_FILE:
         os.replace(onnx_path, os.path.join(entry, ONNX_FILE))
+
+
+def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optional[str]]:
+    """("float32", None) for float32; ValueError naming the alternative for bfloat16 and float16
+    (see the module docstring). ``cpu_lacks``: the CPU flags missing for ``precision`` (None when
+    the CPU has them)."""
+    if precision == "float32":
+        return precision, None
+    if precision == "bfloat16":
+        where = ("dtype=torch.bfloat16 with engine='openvino', which computes bf16 natively on this CPU, or "
+                 if cpu_lacks is None else f"dtype=torch.float32 (this CPU has {cpu_lacks} anyway), or ")
+        raise ValueError("engine 'onnxruntime' computes in float32 only: its CPU execution provider has no bfloat16 "
+                         "kernels for MatMul, Gemm, Add or Conv. Use " + where + "engine='torch' with bfloat16")
+    raise ValueError("engine 'onnxruntime' computes in float32 only: float16 would need a second, float16 copy of the "
+                     "exported graph, which maskformer does not make"
+                     + (f", and this CPU has {cpu_lacks}" if cpu_lacks else "")
+                     + ". Use dtype=torch.float32, or engine='openvino' with dtype=torch.bfloat16 where `maskformer "
+                       "info` says bf16 is native")
+
+
+def precision_facts() -> Dict[str, str]:
+    """What ``maskformer info`` says of ONNX Runtime's precisions beyond the plans."""
+    return {"providers": "CPUExecutionProvider (float32 kernels; no precision setting)"}
 
 
 def session_options(threads: int):
@@ -66,12 +93,14 @@ class Runner:
         self.output_names: List[str] = [o.name for o in self.session.get_outputs()]
 
     @classmethod
-    def from_onnx(cls, path: str, threads: int) -> "Runner":
+    def from_onnx(cls, path: str, threads: int, precision: str = "float32") -> "Runner":
+        _float32_only(precision)
         return cls(path, threads)
 
     @classmethod
-    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True) -> "Runner":
+    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True, precision: str = "float32") -> "Runner":
         """``keep_compiled``: nothing to keep (ONNX Runtime plans the graph in memory at each load)."""
+        _float32_only(precision)
         return cls(os.path.join(entry, ONNX_FILE), threads)
 
     def run(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
@@ -88,3 +117,8 @@ class Runner:
         outs = [torch.from_numpy(value.numpy()) for value in binding.get_outputs()]
         del x  # the input had to outlive the run: the binding holds a raw pointer only
         return outs
+
+
+def _float32_only(precision: str) -> None:
+    if precision != "float32":
+        precision_plan(precision, None)  # raises, naming the alternative

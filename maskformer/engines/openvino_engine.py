@@ -17,9 +17,15 @@ compiled again). Reading a blob back saves most of a compile: Swin-T at 512x683,
 A blob is the model compiled for one shape, weights included: 175 MB for Swin-T's 168 MB of
 weights.
 
-Inference precision is pinned to f32: on CPUs with avx512_bf16/AMX, OpenVINO would otherwise run
-in bf16 by default. Threads: ``INFERENCE_NUM_THREADS`` = the model's ``threads``, one stream,
-the latency hint.
+Precision: ``INFERENCE_PRECISION_HINT`` is always set, and checked on the compiled model. OpenVINO's
+own default on a CPU with avx512_bf16 or AMX is bf16 (OpenVINO 2026.4 on this project's Zen 4
+EPYC), so "float32" must be asked for to mean float32. ``bfloat16`` runs where the CPU device
+lists BF16 among its ``OPTIMIZATION_CAPABILITIES``, and float32 with a ``PrecisionWarning``
+elsewhere; ``float16`` runs where it lists FP16 and is refused elsewhere, because there OpenVINO
+silently computes an f16 hint in bf16 (checked on this CPU: the compiled model reports bf16).
+Weights and inputs stay float32 in the IR; OpenVINO converts them when it compiles, so one IR
+serves every precision, and the compiled blobs on disk carry the precision in their names.
+Threads: ``INFERENCE_NUM_THREADS`` = the model's ``threads``, one stream, the latency hint.
 
 No copies on our side: the input tensor's memory is shared with OpenVINO, and each call's outputs
 are fresh torch tensors set as the request's output tensors, which OpenVINO writes in place
@@ -28,6 +34,7 @@ are fresh torch tensors set as the request's output tensors, which OpenVINO writ
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -35,7 +42,7 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -74,9 +81,74 @@ def prepare(entry: str, onnx_path: str) -> None:
             os.remove(path)
 
 
-def compile_config(threads: int) -> Dict[str, object]:
+# precision -> OpenVINO's INFERENCE_PRECISION_HINT value, and the CPU device capability that
+# makes it native.
+HINTS = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+_CAPABILITY = {"float32": "FP32", "bfloat16": "BF16", "float16": "FP16"}
+_TYPE_NAMES = {"f32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16", "f16": "float16",
+               "float16": "float16"}
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_capabilities() -> Tuple[str, ...]:
+    """The CPU device's ``OPTIMIZATION_CAPABILITIES`` (e.g. BF16, FP32, INT8 on this project's Zen 4)."""
+    import openvino as ov
+
+    return tuple(str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def precision_of(value) -> str:
+    """An ``INFERENCE_PRECISION_HINT`` value (an ``ov.Type`` or its name) -> "float32", "bfloat16", ..."""
+    name = str(getattr(value, "to_string", lambda: value)()).lower()
+    return _TYPE_NAMES.get(name, name)
+
+
+@functools.lru_cache(maxsize=None)
+def default_precision() -> str:
+    """The precision OpenVINO computes in on this CPU when no hint is given ("bfloat16" here)."""
+    import openvino as ov
+
+    return precision_of(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+
+
+def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optional[str]]:
+    """(the precision to compile for, a note when it is not the one asked for); ValueError for
+    float16 where the CPU device has no FP16. ``cpu_lacks``: the CPU flags missing for
+    ``precision`` (None when /proc/cpuinfo shows them), to name in the messages."""
+    caps = cpu_capabilities()
+    if precision == "float32" or _CAPABILITY[precision] in caps:
+        return precision, None
+    why = (f"this CPU has {cpu_lacks}, and " if cpu_lacks else "") + (
+        f"OpenVINO {versions()['openvino'].split('-')[0]}'s CPU device lists no {_CAPABILITY[precision]} "
+        f"({', '.join(caps)})")
+    if precision == "bfloat16":
+        return "float32", (f"dtype=bfloat16 asked of engine 'openvino', but {why}, so bf16 would not be computed "
+                           "natively: running float32 instead (pass dtype=torch.float32 to say so; `maskformer info` "
+                           "lists what this CPU runs natively)")
+    raise ValueError(f"engine 'openvino' cannot compute float16 here: {why}; asked for f16 it would silently compute "
+                     "bf16 or f32. Use dtype=torch.bfloat16" + (" (native here)" if _CAPABILITY["bfloat16"] in caps else "")
+                     + " or dtype=torch.float32")
+
+
+def precision_facts() -> Dict[str, str]:
+    """What ``maskformer info`` says of OpenVINO's precisions beyond the plans."""
+    return {"cpu_capabilities": ", ".join(cpu_capabilities()),
+            "default_precision": f"{default_precision()} (what OpenVINO computes in without a hint on this CPU; "
+                                 "maskformer always sets one: float32 unless dtype= asks otherwise)"}
+
+
+def compile_config(threads: int, precision: str = "float32") -> Dict[str, object]:
     return {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
-            "INFERENCE_PRECISION_HINT": "f32"}
+            "INFERENCE_PRECISION_HINT": HINTS[precision]}
+
+
+def check_compiled_precision(compiled, precision: str) -> None:
+    """RuntimeError unless ``compiled`` computes in ``precision`` (OpenVINO may replace a hint it
+    cannot serve without a word: f16 became bf16 on this project's Zen 4)."""
+    got = precision_of(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    if got != precision:
+        raise RuntimeError(f"OpenVINO compiled the model in {got}, not the {precision} asked for "
+                           f"(INFERENCE_PRECISION_HINT={HINTS[precision]}); pass dtype=torch.float32")
 
 
 class Runner:
@@ -85,13 +157,15 @@ class Runner:
     ``compiled_dir``: where compiled shapes are kept on disk (see the module docstring); None
     keeps them in memory only."""
 
-    def __init__(self, model_path: str, threads: int, compiled_dir: Optional[str] = None, static_shapes: bool = True):
+    def __init__(self, model_path: str, threads: int, compiled_dir: Optional[str] = None, static_shapes: bool = True,
+                 precision: str = "float32"):
         import openvino as ov
 
         self.core = ov.Core()
         self.model = self.core.read_model(model_path)
         self.threads = threads
-        self.config = compile_config(threads)
+        self.precision = precision
+        self.config = compile_config(threads, precision)
         self.static_shapes = static_shapes
         self.compiled_dir = compiled_dir
         weights = os.path.join(os.path.dirname(model_path), WEIGHTS_FILE)
@@ -103,13 +177,13 @@ class Runner:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_onnx(cls, path: str, threads: int) -> "Runner":
-        return cls(path, threads)
+    def from_onnx(cls, path: str, threads: int, precision: str = "float32") -> "Runner":
+        return cls(path, threads, precision=precision)
 
     @classmethod
-    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True) -> "Runner":
+    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True, precision: str = "float32") -> "Runner":
         return cls(os.path.join(entry, IR_FILE), threads,
-                   compiled_dir=os.path.join(entry, COMPILED_DIR) if keep_compiled else None)
+                   compiled_dir=os.path.join(entry, COMPILED_DIR) if keep_compiled else None, precision=precision)
 
     def compiled_for(self, shape: tuple):
         """The model compiled for input ``shape`` (compiled on first use, or read back from
@@ -127,6 +201,7 @@ class Runner:
                     model = self.model.clone()
                     model.reshape({self.model.inputs[0].get_any_name(): list(shape)})
                 compiled = self.core.compile_model(model, "CPU", self.config)
+                check_compiled_precision(compiled, self.precision)
                 if self.compiled_dir and self.static_shapes:
                     self._keep_compiled(shape, compiled)
             self._compiled[key] = compiled
@@ -135,7 +210,8 @@ class Runner:
             return compiled
 
     def _blob_prefix(self, shape: tuple) -> str:
-        return f"{'x'.join(str(int(d)) for d in shape)}-{self._settings}-"
+        # The precision in the name, for a reader of the folder; the settings hash covers it too.
+        return f"{'x'.join(str(int(d)) for d in shape)}-{HINTS[self.precision]}-{self._settings}-"
 
     def _read_compiled(self, shape: tuple):
         """The model compiled for ``shape`` from a blob in ``compiled_dir`` whose bytes match the
@@ -156,7 +232,8 @@ class Runner:
             if hashlib.sha256(data).hexdigest() == os.path.basename(path)[len(prefix):-len(".blob")]:
                 try:
                     compiled = self.core.import_model(data, "CPU", self.config)
-                except Exception:  # a blob OpenVINO cannot read back: compiled again below
+                    check_compiled_precision(compiled, self.precision)
+                except Exception:  # a blob OpenVINO cannot read back (or of another precision): compiled again below
                     compiled = None
             if compiled is None:
                 with contextlib.suppress(OSError):
