@@ -189,9 +189,14 @@ def info() -> dict:
         report["backends"] = dispatch.describe()
     else:
         report["backends"] = f"the op registry did not load: {registry_error}"
-    from .engines.registry import describe as describe_engines
+    # The engines package builds on the export, which runs the model with dispatch's reference
+    # backend; an op module that does not import breaks that import too, and info still reports.
+    try:
+        from .engines.registry import describe as describe_engines
 
-    report["engines"] = describe_engines()
+        report["engines"] = describe_engines()
+    except ImportError as exc:
+        report["engines"] = f"not listed: {exc}"
     report["model_families"] = {
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",
