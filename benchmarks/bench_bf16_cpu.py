@@ -22,10 +22,13 @@ Steps, in this order (verify, then time):
    torch row (a TorchDispatchMode timer: thread CPU time is what a loaded machine leaves least
    disturbed), grouped by kind; OpenVINO's own per-node counters (``PERF_COUNT``), by node type.
 3. **Ablation** (1 thread): the reference and fast rows, and the fast path with one of its changes
-   undone (``ABLATIONS``), timed as in 4, to measure each change.
+   undone (``ABLATIONS``), timed as in 4, all in processes that keep freed memory (``KEPT_MEMORY``),
+   so that page-fault counts, which differ from process to process, do not decide the comparison.
 4. **Timing**: every row in its own process, loaded and warmed up, then timed interleaved round
    by round (the order rotating), for each thread count; per forward the wall time, the process
-   CPU time and the page faults; per round the 1-minute load; paired per-round ratios.
+   CPU time and the page faults; per round the 1-minute load; paired per-round ratios. The torch
+   rows also run keeping freed memory (``KEPT_MEMORY``) and, with 2+ threads, with passive OpenMP
+   threads (``OMP_PASSIVE``): on a loaded machine either decides more than any kernel.
 
 Results: ``benchmarks/results/bf16-cpu-<name>.json`` and ``.md``, with the CPU model and flags,
 threads, load averages, versions, commit and the malloc settings of the environment (glibc's
@@ -162,7 +165,7 @@ def worker(spec: Dict) -> int:
     post-processing, timed) until EXIT, one line each on stdin."""
     from maskformer.bench import synthetic_pixel_values
 
-    forward = make_row(spec["row"], spec["checkpoint"], spec["onnx"], spec["threads"])
+    forward = make_row(spec["row"].split("@")[0], spec["checkpoint"], spec["onnx"], spec["threads"])
     x = synthetic_pixel_values(1, HEIGHT, WIDTH)
     for _ in range(2):
         post_process(*forward(x))
@@ -183,11 +186,26 @@ def worker(spec: Dict) -> int:
     return 0
 
 
+# A row named "<row>@kept-memory" runs in a process whose glibc keeps freed memory instead of returning
+# it to the system: no page faults per forward once warm (OpenVINO plans its buffers once; a torch
+# forward allocates its activations afresh, and glibc's trimming turns them into 10-50 thousand
+# page faults per Swin-T forward, a number that depends on the process's allocation history).
+KEPT_MEMORY = {"MALLOC_TRIM_THRESHOLD_": str(1 << 34), "MALLOC_MMAP_THRESHOLD_": str(1 << 34)}
+# "@omp-passive": OpenMP threads sleep at once when idle instead of spinning (GNU OpenMP spins first
+# by default), which decides how a torch forward with 2 threads fares on a loaded 2-core machine.
+OMP_PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
+ENVIRONMENTS = {"kept-memory": KEPT_MEMORY, "omp-passive": OMP_PASSIVE}
+
+
 class Worker:
     def __init__(self, spec: Dict, log_path: str):
         self.log = open(log_path, "w")
+        env = dict(os.environ)
+        for tag in spec["row"].split("@")[1:]:
+            env.update(ENVIRONMENTS[tag])
         self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_bf16_cpu", "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=REPO,
+                                     env=env)
 
     def ask(self, command: Optional[str] = None) -> Dict:
         if command:
@@ -228,9 +246,13 @@ def time_rows(rows, checkpoint: str, onnx_path: str, threads: int, rounds: int, 
     for r, ts in times.items():
         out["rows"][r] = {k: round(statistics.median(t[k] for t in ts), 1) for k in ts[0]}
         out["rows"][r]["forward_ms_all"] = [round(t["forward_ms"], 1) for t in ts]
-    pairs = [(r, "torch-bf16-fast") for r in rows if r != "torch-bf16-fast"]
-    if "openvino-bf16" in times:
-        pairs.append(("torch-bf16-reference", "openvino-bf16"))
+    pairs = [(r, "torch-bf16-fast") for r in rows if "@" not in r and r != "torch-bf16-fast"]
+    for tag in ENVIRONMENTS:
+        pairs += [(f"torch-bf16-reference@{tag}", f"torch-bf16-fast@{tag}"), ("openvino-bf16", f"torch-bf16-fast@{tag}")]
+    pairs.append(("torch-bf16-reference", "openvino-bf16"))
+    for r in rows:
+        if r.startswith("torch-bf16-fast-") and r.endswith("@kept-memory"):
+            pairs.append((r, "torch-bf16-fast@kept-memory"))
     out["paired"] = []
     for a, b in pairs:
         if a in times and b in times:
@@ -434,6 +456,9 @@ def markdown(report: Dict) -> str:
                   f"(load {min(t['loads'])}-{max(t['loads'])})", ""]
         if t.get("ablation"):
             lines += [f"- {r}: {what}" for r, what in ABLATIONS.items()] + [""]
+        lines += ["Rows marked @kept-memory run with " + ", ".join(f"{k}={v}" for k, v in KEPT_MEMORY.items())
+                  + " (glibc keeps freed memory: no page faults per forward); @omp-passive with OMP_WAIT_POLICY=PASSIVE "
+                  "(idle OpenMP threads sleep instead of spinning).", ""]
         lines += ["| row | forward ms (wall) | forward ms (process CPU) | page faults | + our post-processing ms |",
                   "|---|---|---|---|---|"]
         for r, v in t["rows"].items():
@@ -498,13 +523,16 @@ def main(argv=None) -> int:
         report["profile"] = {"torch": profile_torch(checkpoint), "openvino": profile_openvino(onnx_path)}
         write(report, args.name)
     if "ablation" not in skip:
-        rows = ("torch-bf16-reference", "torch-bf16-fast") + tuple(ABLATIONS)
+        rows = tuple(r + "@kept-memory" for r in ("torch-bf16-reference", "torch-bf16-fast") + tuple(ABLATIONS))
         report["ablation"] = [dict(time_rows(rows, checkpoint, onnx_path, 1, args.ablation_rounds, work), ablation=True)]
         write(report, args.name)
     if "timing" not in skip:
         report["timing"] = []
         for t in threads:
-            report["timing"].append(time_rows(ROWS, checkpoint, onnx_path, t, args.rounds, work))
+            rows = ROWS + tuple(f"torch-bf16-{p}@kept-memory" for p in ("reference", "fast"))
+            if t > 1:
+                rows += tuple(f"torch-bf16-{p}@omp-passive" for p in ("reference", "fast"))
+            report["timing"].append(time_rows(rows, checkpoint, onnx_path, t, args.rounds, work))
             write(report, args.name)
     stem = write(report, args.name)
     print(open(stem + ".md").read())
