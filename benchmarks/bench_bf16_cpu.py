@@ -65,8 +65,6 @@ ABLATIONS = {
     "torch-bf16-fast-unfused-linear": "GEMMs through F.linear (aten::addmm) and GELU as its own op, instead of "
                                       "oneDNN's linear with the bias and GELU in its epilogue",
     "torch-bf16-fast-whole-attention": "attention over the whole map at once instead of chunks of 192 (window, head) rows",
-    "torch-bf16-fast-plain-pixel-decoder": "the pixel decoder as before: lateral sums not in place, channels-last mask "
-                                           "features (the heads' einsum is slow on them in bf16)",
 }
 
 
@@ -81,10 +79,6 @@ def apply_ablation(row: str) -> None:
         swin.fused_linear, swin.onednn_epilogue = unfused_linear, lambda act: None
     elif row == "torch-bf16-fast-whole-attention":
         swin._FAST_ATTENTION_ROWS = 1 << 30
-    elif row == "torch-bf16-fast-plain-pixel-decoder":
-        from maskformer import pixel_decoder
-
-        pixel_decoder.use_fast_cpu_bf16 = lambda x, module=None: False
     elif row in ABLATIONS:
         raise AssertionError(row)
 

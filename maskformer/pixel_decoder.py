@@ -13,8 +13,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .precision import use_fast_cpu_bf16
-
 
 class ConvNormReLU(nn.Sequential):
     """Conv(3x3, no bias) -> GroupNorm(32) -> ReLU; children named 0, 1, 2 as in the checkpoints."""
@@ -40,9 +38,6 @@ class FPNLayer(nn.Module):
         """down (B, F, h, w) coarser, left (B, C_l, H, W) finer -> (B, F, H, W)."""
         left = self.proj(left)
         down = F.interpolate(down, size=left.shape[-2:], mode="nearest")
-        if use_fast_cpu_bf16(left, self):
-            # in place: one (B, F, H, W) map fewer to allocate (11 MB at Swin-T 512x683), the same sum
-            return self.block(left.add_(down))
         return self.block(down + left)
 
 
@@ -72,10 +67,4 @@ class PixelDecoder(nn.Module):
 
     def forward(self, features: List[torch.Tensor]) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         fpn_outputs = self.fpn(features)
-        mask_features = self.mask_projection(fpn_outputs[-1])
-        if use_fast_cpu_bf16(mask_features, self):
-            # The heads' einsum with these features takes a slow path on a channels-last bf16 map
-            # (Swin-T 512x683, 1 thread: 11.0 ms against 3.5 ms contiguous; the copy costs less than
-            # the difference: projection + einsum 75.3 -> 70.7 ms). Same values, NCHW as transformers'.
-            mask_features = mask_features.contiguous()
-        return mask_features, fpn_outputs
+        return self.mask_projection(fpn_outputs[-1]), fpn_outputs

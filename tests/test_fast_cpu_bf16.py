@@ -315,23 +315,3 @@ def test_cpu_precisions_without_cpu_flags(monkeypatch):
     finally:
         precision.cpu_precisions.cache_clear()
 
-
-@needs_onednn_bf16
-def test_pixel_decoder_fast_path_same_values_contiguous(force_fast):
-    """On the fast path the pixel decoder adds the lateral maps in place and returns NCHW-contiguous
-    mask features (the heads' einsum is slow on a channels-last bf16 map): the same values."""
-    from maskformer.pixel_decoder import PixelDecoder
-
-    decoder = PixelDecoder(64, [16, 32], 32, 32).eval().to(torch.bfloat16)
-    with torch.no_grad():
-        for p in decoder.parameters():
-            p.add_(torch.randn(p.shape).bfloat16() * 0.2)
-    features = [torch.randn(2, c, s, s + 3).bfloat16().contiguous(memory_format=torch.channels_last)
-                for c, s in ((16, 23), (32, 12), (64, 6))]
-    before = [f.clone() for f in features]
-    mask_ref, fpn_ref = _reference(decoder, features)
-    with torch.inference_mode():
-        mask, fpn = decoder(features)
-    assert mask.is_contiguous() and not mask_ref.is_contiguous()
-    assert torch.equal(mask, mask_ref) and all(torch.equal(a, b) for a, b in zip(fpn, fpn_ref))
-    assert all(torch.equal(f, g) for f, g in zip(features, before)), "the in-place add wrote into an input"
