@@ -97,12 +97,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     x (..., K) bf16 CPU; weight (N, K), bias (N,) or None, bf16; residual (..., N) bf16 or None
     -> (..., N) bf16. Only for the bf16 CPU fast path (``maskformer.precision.use_fast_cpu_bf16``).
 
-    Why (1 thread, this project's 2-core AMD EPYC, avx512_bf16, torch 2.13): aten::addmm copies
+    Why (1 thread, this project's 2-core AMD EPYC, avx512_bf16, torch 2.13, load 12-15): aten::addmm copies
     the bias into the output and runs a beta=1 GEMM, this primitive adds it in the GEMM's epilogue
     (21888 x 96 -> 384: 4.1 against 5.9 ms), and bf16 GELU as an elementwise op costs more than the
     GEMM before it (fused 5.5 ms, F.linear + F.gelu 8.5 ms). The residual is added after the call:
-    oneDNN's binary "add" post-op was 1.5-5x slower than the GEMM plus an in-place add here
-    (352 x 768 -> 768: 4.5 against 0.9 ms).
+    oneDNN's binary "add" post-op was 1.2-5x slower than the GEMM plus an in-place add on the Swin-T
+    shapes (352 x 768 -> 768: 4.5 against 0.9 ms).
     """
     attr, scalars, algorithm = epilogue or ("none", [], "")
     out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)

@@ -36,7 +36,7 @@ from .windows import (  # noqa: F401  (importable from here as before)
 
 # (window, head) rows of attention per chunk on the bf16 CPU fast path: 192 rows hold 1.8 MB of fp32
 # scores, where the whole map's (stage 1 at 512x683) hold 13.7 MB. The arithmetic is the same
-# (benchmarks/results/bf16-cpu-swin-tiny.md, ablation in processes that keep freed memory: 1.00x);
+# (benchmarks/results/bf16-cpu-swin-tiny.md, ablation in processes that keep freed memory: 1.01x);
 # what chunks save is memory and page faults: glibc hands whole-map temporaries back to the system
 # and the next forward faults them in again (1 thread, one process alternating: 15.0 against 25.2
 # thousand faults per forward, 444 against 469 ms of CPU; stage-1 attention alone 7.2 against 19 ms).
