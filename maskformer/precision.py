@@ -6,15 +6,14 @@ bfloat16, float16 and int8, whether the CPU has instructions that compute in it 
 AMX) or whether oneDNN/PyTorch would emulate it through fp32, naming the missing flags.
 
 The bf16 fast path (``use_fast_cpu_bf16``) is what the model modules switch on: on a CPU with
-native bf16, with bf16 activations, the Swin blocks and the DETR decoder run their GEMMs through
-oneDNN's fused linear (bias, GELU/ReLU and the residual add applied to the fp32 accumulator, one
-rounding to bf16) and the window attention with scores and softmax in fp32 (see
-``maskformer.swin``). On under the ``auto`` backend only (``maskformer.dispatch``): ``reference``
-runs transformers' operations, a forced ``triton`` or ``cpp`` what it names. Off
-when gradients are needed, in training mode, while tracing (``torch.compile``/``torch.export``:
-the reference path is what is exported), on a CPU without native bf16 (there oneDNN converts bf16
-through fp32 arithmetic; not measured here, this project's CPU has avx512_bf16) and where torch
-lacks the oneDNN ops.
+native bf16, with bf16 weights and activations, the Swin blocks run their GEMMs through oneDNN's
+linear (bias and GELU/ReLU applied to the fp32 accumulator before the one rounding to bf16) and
+the window attention with fp32 scores and softmax (``SwinLayer.forward_fast_cpu_bf16``). On under
+the ``auto`` backend only (``maskformer.dispatch``): ``reference`` runs transformers' operations, a
+forced ``triton`` or ``cpp`` what it names. Off when gradients are needed, in training mode, under
+autocast, while tracing (``torch.compile``/``torch.export``: the reference path is what is
+exported), on a CPU without native bf16 (there oneDNN converts bf16 through fp32 arithmetic; not
+measured here, this project's CPU has avx512_bf16) and where torch lacks the oneDNN ops.
 ``set_fast_cpu_bf16(False)`` turns it off for the process (benchmarks and tests toggle it on
 identical weights); float32 never takes it, so float32 results are the same either way.
 """
@@ -25,6 +24,9 @@ import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
+from . import dispatch
+from ._ext import cpu_flags
 
 __all__ = ["PrecisionSupport", "cpu_precisions", "native_precisions", "cpu_bf16_native", "set_fast_cpu_bf16",
            "fast_cpu_bf16_enabled", "use_fast_cpu_bf16"]
@@ -55,8 +57,6 @@ class PrecisionSupport:
 
 
 def _cpu_flags() -> Dict[str, bool]:
-    from ._ext import cpu_flags
-
     return cpu_flags(sorted({f for _, flags, _ in _NATIVE_FLAGS for f in flags}))
 
 
@@ -140,6 +140,4 @@ def use_fast_cpu_bf16(x: torch.Tensor, module: Optional[torch.nn.Module] = None)
         # the reference), none requiring grad when grad mode is on
         if any(p.dtype != torch.bfloat16 or (grad and p.requires_grad) for p in module.parameters()):
             return False
-    from . import dispatch  # lightweight, but it names the kernels' package: kept out of import time
-
     return dispatch.get_backend() == "auto" and _fast_cpu_bf16_available()
