@@ -19,7 +19,7 @@ import torch
 
 __all__ = ["load_cpp", "cpp_import_error", "cpp_missing_ops", "register_fakes_on_load", "triton_import_error",
            "triton_interpret_mode", "tf32_matmul_allowed", "tf32_matmul", "cpu_model", "cpu_flags", "cpu_features",
-           "native_cpu_bf16", "NATIVE_PRECISION_FLAGS", "cpu_native_precisions", "missing_precision_flags"]
+           "native_cpu_bf16"]
 
 _cpp_module = None
 _cpp_error: Optional[str] = None
@@ -205,40 +205,3 @@ def native_cpu_bf16() -> bool:
     """Whether this CPU computes bf16 natively (avx512_bf16 or AMX), where bf16 can beat fp32."""
     feats = cpu_features()
     return feats["avx512_bf16"] or feats["amx_bf16"]
-
-
-# precision -> (x86 flags any one of which makes the CPU compute in it, what they do). Names as in
-# /proc/cpuinfo. float32 is always native; its flags say only how wide.
-NATIVE_PRECISION_FLAGS = {
-    "float32": (("avx512f", "avx2", "fma"), "fp32 FMA"),
-    "bfloat16": (("avx512_bf16", "amx_bf16"), "bf16 dot products: vdpbf16ps or AMX tiles"),
-    "float16": (("avx512_fp16", "amx_fp16"), "fp16 arithmetic: AVX512-FP16 or AMX-FP16"),
-    "int8": (("amx_int8", "avx512_vnni", "avx_vnni"), "int8 dot products: VNNI or AMX tiles"),
-}
-
-
-def missing_precision_flags(precision: str) -> Optional[str]:
-    """None when this CPU computes ``precision`` ("bfloat16", "float16", "int8", "float32")
-    natively, else what it lacks, e.g. "neither avx512_bf16 nor amx_bf16 (bf16 dot products: ...)"
-    (or that /proc/cpuinfo could not be read)."""
-    flags, what = NATIVE_PRECISION_FLAGS[precision]
-    have = cpu_flags(flags)
-    if precision == "float32" or any(have.values()):
-        return None
-    if not _cpuinfo_field("flags"):
-        return f"the CPU's flags are unknown (no x86 flags in /proc/cpuinfo), so {' or '.join(flags)} cannot be seen"
-    return f"{'neither ' + ' nor '.join(flags) if len(flags) == 2 else 'none of ' + ', '.join(flags)} ({what})"
-
-
-def cpu_native_precisions() -> Dict[str, str]:
-    """{precision: one line} for ``maskformer info``: float32, bfloat16, float16 and int8, each
-    "native (the flags that make it so)" or "not native: this CPU has ..." (from /proc/cpuinfo)."""
-    out = {}
-    for precision, (flags, what) in NATIVE_PRECISION_FLAGS.items():
-        missing = missing_precision_flags(precision)
-        if missing is None:
-            have = [f for f, ok in cpu_flags(flags).items() if ok]
-            out[precision] = f"native ({', '.join(have) or 'scalar/SSE'}: {what})"
-        else:
-            out[precision] = f"not native: this CPU has {missing}"
-    return out

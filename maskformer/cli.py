@@ -132,6 +132,7 @@ def info() -> dict:
     import torch
 
     from . import __version__, _ext
+    from .precision import native_precisions
 
     cuda = torch.cuda.is_available()
     report = {
@@ -151,7 +152,7 @@ def info() -> dict:
         "bfloat16": "native (avx512_bf16/AMX): --dtype bfloat16 can be faster than float32" if native_bf16 else
                     "no avx512_bf16/AMX: bfloat16 matmuls are emulated; --dtype float32 is the fast choice here",
         # which precisions the CPU computes in (its flags), then what each engine does with each
-        "native_precisions": _ext.cpu_native_precisions(),
+        "native_precisions": native_precisions(),
     }
     # What each fast backend serves comes from the op registry (each kernels/<op>.py declares its
     # implementations), so an op added there shows up here without an edit.
@@ -192,10 +193,17 @@ def info() -> dict:
         report["backends"] = dispatch.describe()
     else:
         report["backends"] = f"the op registry did not load: {registry_error}"
-    from .engines.registry import describe as describe_engines, describe_precisions
+    # The engines package builds on the export, which runs the model with dispatch's reference
+    # backend; an op module that does not import breaks that import too, and info still reports.
+    try:
+        from .engines.precision import describe_precisions
+        from .engines.registry import describe as describe_engines
 
-    report["engines"] = describe_engines()
-    report["engine_precisions"] = describe_precisions()
+        report["engines"] = describe_engines()
+        # per engine: what dtype= of each precision does on this CPU, and the engine's own facts
+        report["engine_precisions"] = describe_precisions()
+    except ImportError as exc:
+        report["engines"] = f"not listed: {exc}"
     report["model_families"] = {
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",

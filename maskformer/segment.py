@@ -51,7 +51,7 @@ import torch
 
 from . import dispatch
 from ._ext import cpu_features, native_cpu_bf16  # noqa: F401  (importable from here, as before)
-from .engines.registry import PrecisionWarning, precision_plan
+from .engines.precision import PrecisionWarning, precision_plan
 from .kernels import registry
 from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes, load_default_model
 from .overlay import color_map_image, colour_table, render_overlay

@@ -11,7 +11,7 @@ import torch
 
 from maskformer import MaskFormerForInstanceSegmentation
 from maskformer.engines import PrecisionWarning, engine_unavailable, precision_plan
-from maskformer.engines import registry
+from maskformer.engines import precision as engine_precision
 
 HAVE = {name: engine_unavailable(name) is None for name in ("onnxruntime", "openvino")}
 needs_openvino = pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
@@ -42,9 +42,9 @@ def no_bf16_cpu(monkeypatch):
     from maskformer.engines import openvino_engine
 
     monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda: ("WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT"))
-    real = registry.missing_precision_flags
-    monkeypatch.setattr(registry, "missing_precision_flags",
-                        lambda p: "neither avx512_bf16 nor amx_bf16 (bf16 dot products)" if p == "bfloat16" else real(p))
+    real = engine_precision.cpu_lacks
+    monkeypatch.setattr(engine_precision, "cpu_lacks",
+                        lambda p: "needs avx512_bf16 or amx_bf16 (bf16 dot products)" if p == "bfloat16" else real(p))
 
 
 @needs_openvino
@@ -139,10 +139,10 @@ def test_onnxruntime_refuses_reduced_precision_naming_the_alternative(engine_che
 
 
 def test_precision_names():
-    assert registry.precision_name(None) == registry.precision_name("auto") == "float32"
-    assert registry.precision_name(torch.bfloat16) == registry.precision_name("torch.bfloat16") == "bfloat16"
+    assert engine_precision.precision_name(None) == engine_precision.precision_name("auto") == "float32"
+    assert engine_precision.precision_name(torch.bfloat16) == engine_precision.precision_name("torch.bfloat16") == "bfloat16"
     with pytest.raises(ValueError, match="one of float32, bfloat16, float16"):
-        registry.precision_name(torch.float64)
+        engine_precision.precision_name(torch.float64)
     assert precision_plan("torch", torch.float16).runs == "float16"
 
 
@@ -194,10 +194,78 @@ def test_info_reports_native_precisions_and_each_engines():
             assert isinstance(value, str)
             continue
         assert value["float32"] == "runs float32"
-        assert set(registry.PRECISIONS) <= set(value)
+        assert set(engine_precision.PRECISIONS) <= set(value)
     if HAVE["onnxruntime"]:
         assert engines["onnxruntime"]["bfloat16"].startswith("refused: ")
     if HAVE["openvino"]:
         assert "default_precision" in engines["openvino"] and "cpu_capabilities" in engines["openvino"]
         expected = "runs bfloat16 natively" if _bf16_native_for_openvino() else "runs float32 instead, with a warning"
         assert engines["openvino"]["bfloat16"].startswith(expected), engines["openvino"]["bfloat16"]
+
+
+def test_bench_rows_run_the_precisions_the_engines_compute_in(monkeypatch):
+    """An engine row at bf16 runs only where the engine computes bf16 here; ONNX Runtime's is
+    listed as not run with its reason; the default-precision peer is one row; reduced-precision
+    rows are paired with the peers by their own names."""
+    from maskformer import bench
+
+    assert bench.row_dtypes("maskformer-fast", ["float32", "bfloat16"], "cpu") == (["float32", "bfloat16"], {})
+    assert bench.row_dtypes(bench.PEER_DEFAULT, ["float32", "bfloat16"], "cpu") == (["default"], {})
+    if HAVE["onnxruntime"]:
+        runs, skipped = bench.row_dtypes("maskformer-onnxruntime", ["float32", "bfloat16"], "cpu")
+        assert runs == ["float32"] and "float32 only" in skipped["maskformer-onnxruntime/bfloat16"]
+    if HAVE["openvino"]:
+        runs, skipped = bench.row_dtypes("maskformer-openvino", ["float32", "bfloat16"], "cpu")
+        assert runs == (["float32", "bfloat16"] if _bf16_native_for_openvino() else ["float32"])
+        from maskformer.engines import openvino_engine
+
+        monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda: ("FP32", "INT8"))
+        runs, skipped = bench.row_dtypes("openvino-raw", ["float32", "bfloat16"], "cpu")
+        assert runs == ["float32"] and "running float32 instead" in skipped["openvino-raw/bfloat16"]
+    labels = [bench.row_label(*k.split("/")) for k in ("maskformer-openvino/float32", "maskformer-openvino/bfloat16",
+                                                       "openvino-raw/bfloat16", f"{bench.PEER_DEFAULT}/default")]
+    assert labels == ["maskformer-openvino", "maskformer-openvino/bfloat16", "openvino-raw/bfloat16", bench.PEER_DEFAULT]
+    e2e, forward = bench.comparison_pairs(labels)
+    assert ("maskformer-openvino/bfloat16", bench.PEER_DEFAULT) in e2e
+    assert ("maskformer-openvino/bfloat16", "openvino-raw/bfloat16") in forward
+    assert ("maskformer-openvino", "openvino-raw/bfloat16") not in forward
+
+
+@needs_openvino
+def test_bench_command_with_bf16_engine_rows(tmp_path, engine_cache):
+    """``maskformer bench --dtype float32,bfloat16`` runs OpenVINO at bf16 and the peer at
+    OpenVINO's default precision, each with its agreement against our fp32 maps."""
+    import json
+    import subprocess
+    import sys
+
+    if not _bf16_native_for_openvino():
+        pytest.skip("this CPU has no native bf16: the bf16 engine rows are not run (test_bench_rows_...)")
+    impls = f"maskformer-openvino,{bench_peer()},openvino-raw"
+    result = subprocess.run(
+        [sys.executable, "-m", "maskformer", "bench", "--models", "toy", "--batches", "1", "--rounds", "1",
+         "--dtype", "float32,bfloat16", "--impls", impls, "--threads", "1", "--pause", "0", "--out", str(tmp_path),
+         "--name", "prec", "--engine-cache", engine_cache],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "prec.json"))
+    rows = {(r["impl"], r["dtype"]): r for r in report["rows"]}
+    assert set(rows) == {("maskformer-openvino", "float32"), ("maskformer-openvino", "bfloat16"),
+                         (bench_peer(), "default"), ("openvino-raw", "float32"), ("openvino-raw", "bfloat16")}
+    from maskformer.engines.openvino_engine import default_precision
+
+    assert rows[(bench_peer(), "default")]["computes_in"] == default_precision()
+    for (impl, dtype), row in rows.items():
+        assert row["computes_in"] == (default_precision() if dtype == "default" else dtype), row
+        if impl != "openvino-raw":
+            assert row["agree_bar"] == (0.999 if dtype == "float32" else 0.995) and 0 < row["agree"] <= 1
+    [group] = report["groups"]
+    assert any(p["faster"] == "maskformer-openvino/bfloat16" and p["slower"] == bench_peer()
+               for p in group["paired_end_to_end"])
+    assert f"| {bench_peer()} | default ({default_precision()}) |" in open(tmp_path / "prec.md").read()
+
+
+def bench_peer():
+    from maskformer import bench
+
+    return bench.PEER_DEFAULT

@@ -10,7 +10,7 @@ What ``from_pretrained(..., engine=...)`` does for an engine other than torch:
 * refuses at once, naming the install command, when the engine's packages are missing
   (``pip install 'maskformer[onnx]'`` / ``'maskformer[openvino]'``), and refuses what an exported
   inference graph cannot do (a device other than the CPU, training);
-* ``dtype=`` picks the precision the engine computes in (``registry.precision_plan``): float32;
+* ``dtype=`` picks the precision the engine computes in (``engines.precision``): float32;
   ``torch.bfloat16`` on OpenVINO where its CPU device lists BF16 (avx512_bf16 or AMX), else
   float32 with a ``PrecisionWarning`` naming the missing CPU flag; float16 where OpenVINO lists
   FP16; every other combination refused with the alternative named. Inputs and outputs stay
@@ -50,18 +50,14 @@ from __future__ import annotations
 from . import cache  # noqa: F401
 from .cache import EngineCacheError
 from .model import EngineModel, load_engine_model
+from .precision import PRECISIONS, PrecisionPlan, PrecisionWarning, describe_precisions, precision_plan
 from .registry import (  # noqa: F401
     ENGINES,
-    PRECISIONS,
     EngineUnavailableError,
-    PrecisionPlan,
-    PrecisionWarning,
     default_threads,
     describe,
-    describe_precisions,
     engine_module,
     engine_unavailable,
-    precision_plan,
     runner_for_file,
 )
 

@@ -12,7 +12,8 @@ from ..inputs import InputError, check_pixel_values
 from ..outputs import MaskFormerForInstanceSegmentationOutput
 from . import cache
 from .export import min_side
-from .registry import PrecisionWarning, default_threads, engine_module, precision_plan, require
+from .precision import PrecisionWarning, precision_plan
+from .registry import default_threads, engine_module, require
 
 __all__ = ["EngineModel", "load_engine_model"]
 
@@ -108,7 +109,7 @@ class EngineModel:
 def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[int] = None,
                       engine_cache_dir: Optional[str] = None, dtype=None, device=None, **kwargs) -> EngineModel:
     """``from_pretrained(path, engine=...)`` for engines other than torch (see the module docstring).
-    ``dtype``: the precision the engine computes in (``registry.precision_plan``: refused with the
+    ``dtype``: the precision the engine computes in (``engines.precision.precision_plan``: refused with the
     alternative named where the engine cannot, float32 with a ``PrecisionWarning`` where the CPU
     has no native bf16); the cached export is float32 whatever it is."""
     require(engine)

@@ -6,10 +6,11 @@ memory (``OrtValue.numpy()`` is a view that keeps the buffer alive; ``torch.from
 it). Threads: ``intra_op_num_threads`` = the model's ``threads``, one inter-op thread, no
 spinning of idle threads, sequential execution, all graph optimisations (ONNX Runtime fuses
 LayerNorm, GELU, attention patterns and the bias adds into the GEMMs). Precision: float32 only.
-The CPU execution provider has no bfloat16 kernel for MatMul, Gemm, Add or Conv (onnxruntime 1.32:
-NOT_IMPLEMENTED, checked), so ``dtype=torch.bfloat16`` is refused naming OpenVINO; float16 would
-need a second, float16 copy of the graph (ONNX Runtime has no precision setting) and is refused
-too. The graph keeps dynamic
+The CPU execution provider has no bfloat16 kernel for MatMul, Gemm or Add (onnxruntime 1.32,
+checked: NOT_IMPLEMENTED at session creation) and ONNX's Conv takes no bf16 at all; its one bf16
+option, ``mlas.enable_gemm_fastmath_arm64_bfloat16``, is for ARM64. So ``dtype=torch.bfloat16``
+is refused naming OpenVINO; float16 would need a second, float16 copy of the graph (ONNX Runtime
+has no precision setting) and is refused too. The graph keeps dynamic
 sizes: fixing them per input size (``add_free_dimension_override_by_name``) measured within 2%
 of it for Swin-T at 512x683 (2161 against 2203 ms, noise on this machine), so one session serves
 every size.
@@ -42,18 +43,18 @@ def prepare(entry: str, onnx_path: str) -> None:
 
 def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optional[str]]:
     """("float32", None) for float32; ValueError naming the alternative for bfloat16 and float16
-    (see the module docstring). ``cpu_lacks``: the CPU flags missing for ``precision`` (None when
-    the CPU has them)."""
+    (see the module docstring). ``cpu_lacks``: the CPU flags ``precision`` needs and this CPU
+    lacks (None when it has one)."""
     if precision == "float32":
         return precision, None
     if precision == "bfloat16":
         where = ("dtype=torch.bfloat16 with engine='openvino', which computes bf16 natively on this CPU, or "
-                 if cpu_lacks is None else f"dtype=torch.float32 (this CPU has {cpu_lacks} anyway), or ")
+                 if cpu_lacks is None else f"dtype=torch.float32 (this CPU is not native in bf16 anyway: it {cpu_lacks}), or ")
         raise ValueError("engine 'onnxruntime' computes in float32 only: its CPU execution provider has no bfloat16 "
-                         "kernels for MatMul, Gemm, Add or Conv. Use " + where + "engine='torch' with bfloat16")
+                         "kernels for MatMul, Gemm or Add. Use " + where + "engine='torch' with bfloat16")
     raise ValueError("engine 'onnxruntime' computes in float32 only: float16 would need a second, float16 copy of the "
                      "exported graph, which maskformer does not make"
-                     + (f", and this CPU has {cpu_lacks}" if cpu_lacks else "")
+                     + (f", and this CPU is not native in it ({cpu_lacks})" if cpu_lacks else "")
                      + ". Use dtype=torch.float32, or engine='openvino' with dtype=torch.bfloat16 where `maskformer "
                        "info` says bf16 is native")
 

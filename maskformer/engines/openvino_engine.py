@@ -113,12 +113,12 @@ def default_precision() -> str:
 
 def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optional[str]]:
     """(the precision to compile for, a note when it is not the one asked for); ValueError for
-    float16 where the CPU device has no FP16. ``cpu_lacks``: the CPU flags missing for
-    ``precision`` (None when /proc/cpuinfo shows them), to name in the messages."""
+    float16 where the CPU device has no FP16. ``cpu_lacks``: the CPU flags ``precision`` needs and
+    /proc/cpuinfo does not show ("needs avx512_bf16 or amx_bf16 (...)"; None when it shows one)."""
     caps = cpu_capabilities()
     if precision == "float32" or _CAPABILITY[precision] in caps:
         return precision, None
-    why = (f"this CPU has {cpu_lacks}, and " if cpu_lacks else "") + (
+    why = (f"this CPU is not native in it ({cpu_lacks}), and " if cpu_lacks else "") + (
         f"OpenVINO {versions()['openvino'].split('-')[0]}'s CPU device lists no {_CAPABILITY[precision]} "
         f"({', '.join(caps)})")
     if precision == "bfloat16":
