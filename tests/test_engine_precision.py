@@ -163,6 +163,26 @@ def test_segment_folder_with_openvino_bf16(engine_checkpoint, engine_cache, tmp_
 
 
 @needs_openvino
+def test_segment_command_with_openvino_bf16(engine_checkpoint, engine_cache, tmp_path):
+    """The command's wiring: --engine openvino --dtype bfloat16 runs, and says so where it falls back."""
+    import subprocess
+    import sys
+
+    from maskformer.synthetic import make_sample
+
+    src = tmp_path / "in"
+    src.mkdir()
+    make_sample(9, 120, 160)[0].save(src / "a.png")
+    result = subprocess.run([sys.executable, "-m", "maskformer", "segment", str(src), "--model", engine_checkpoint,
+                             "--out", str(tmp_path / "out"), "--engine", "openvino", "--dtype", "bfloat16", "--threads",
+                             "1", "--quiet"], capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MASKFORMER_ENGINE_CACHE=engine_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "out" / "a.png.label.png").exists()
+    assert ("running float32 instead" in result.stderr) != _bf16_native_for_openvino(), result.stderr[-2000:]
+
+
+@needs_openvino
 def test_segment_folder_notes_the_float32_fall_back(engine_checkpoint, engine_cache, tmp_path, monkeypatch,
                                                     no_bf16_cpu):
     from maskformer import segment_folder
