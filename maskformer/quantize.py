@@ -57,6 +57,8 @@ class QuantizeResult:
     accepted: bool
     reason: str
     quantize_s: float
+    loadavg_per_round: List[Optional[List[float]]] = dataclasses.field(default_factory=list)
+    environment: Dict = dataclasses.field(default_factory=dict)  # maskformer.reporting.environment
     out: Optional[str] = None
 
     def to_dict(self) -> Dict:
@@ -70,6 +72,10 @@ class QuantizeResult:
         for precision, ms in self.forward_ms.items():
             ratio = "" if precision == "int8" else f"  (int8 {self.speedup[precision]:.3f}x faster, paired)"
             lines.append(f"  forward {precision:9s} {ms:9.1f} ms{ratio}")
+        loads = [l[0] for l in self.loadavg_per_round if l]
+        if loads:
+            lines.append(f"  1-minute load average per round {min(loads):.2f} to {max(loads):.2f} "
+                         f"({self.environment.get('device_name', 'CPU')})")
         lines.append(("accepted: wrote " + str(self.out)) if self.accepted else f"not accepted, nothing written: {self.reason}")
         return "\n".join(lines)
 
@@ -102,6 +108,7 @@ def quantize_openvino(model: Optional[str], calibration: str, out: str, *, held_
     from .engines.model import EngineModel
     from .loading import DEFAULT_MODEL_DIR
     from .measure import paired_ratios
+    from .reporting import environment, loadavg
     from .modeling import MaskFormerForInstanceSegmentation
     from .processing import MaskFormerImageProcessor
 
@@ -168,12 +175,14 @@ def quantize_openvino(model: Optional[str], calibration: str, out: str, *, held_
             # the order rotating by one each round
             names = list(models)
             times: Dict[str, List[float]] = {p: [] for p in names}
+            loads = []
             for r in range(rounds):
                 for p in names[r % len(names):] + names[:r % len(names)]:
                     t0 = time.perf_counter()
                     for x, _ in held:
                         models[p].runner.run(x)
                     times[p].append((time.perf_counter() - t0) * 1e3)
+                loads.append(loadavg())
                 log(f"round {r + 1}/{rounds}: " + ", ".join(f"{p} {times[p][-1]:.0f} ms" for p in names))
         ratios = {p["slower"]: p["median"] for p in paired_ratios(times, [("int8", p) for p in names if p != "int8"])}
         agree = equal / total
@@ -189,7 +198,7 @@ def quantize_openvino(model: Optional[str], calibration: str, out: str, *, held_
             agree_per_image=[round(a, 6) for a in per_image],
             forward_ms={p: round(float(np.median(times[p])), 1) for p in names}, speedup=ratios, rounds=rounds,
             threads=threads, accepted=not problems, reason="; ".join(problems) or "kept the maps and is the fastest",
-            quantize_s=round(quantize_s, 1))
+            quantize_s=round(quantize_s, 1), loadavg_per_round=loads, environment=environment("cpu", threads=threads))
         if result.accepted:
             result.out = out
             with open(os.path.join(tmp, "quantize.json"), "w") as f:
