@@ -51,7 +51,6 @@ import torch
 
 from . import dispatch
 from ._ext import cpu_features, native_cpu_bf16  # noqa: F401  (importable from here, as before)
-from .engines.precision import PrecisionWarning, precision_plan
 from .kernels import registry
 from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes, load_default_model
 from .overlay import color_map_image, colour_table, render_overlay
@@ -170,6 +169,9 @@ def _check_engine(engine: str, dtype: str, device: str) -> Optional[str]:
     another precision than ``dtype`` (float32 for bfloat16 where the CPU has no native bf16)."""
     if engine == "torch":
         return None
+    # here: the engines package (export, cache) is needed by engine runs only
+    from .engines.precision import precision_plan
+
     if device.split(":")[0] != "cpu":
         raise ValueError(f"engine={engine!r} runs on the CPU, not device={device!r}: pass device='cpu', or "
                          "engine='torch' on a GPU")
@@ -670,8 +672,11 @@ def segment_folder(
     try:
         if options["threads"] is not None:
             torch.set_num_threads(options["threads"])  # the engines take torch's count when built
-        with warnings.catch_warnings():  # the engine's precision note is given below, once, as a note of the run
-            warnings.simplefilter("ignore", PrecisionWarning)
+        with warnings.catch_warnings():
+            if options["engine"] != "torch":  # its precision note is given below, once, as a note of the run
+                from .engines.precision import PrecisionWarning
+
+                warnings.simplefilter("ignore", PrecisionWarning)
             loaded, processor, model_id, family = _load_model(model, options["engine"], options["dtype"], device,
                                                               rank == 0)
         loaded.eval()
