@@ -1,27 +1,44 @@
 # Fresh machine: `make demo` and `make test` create .venv, install the CPU torch wheel first
-# (a bare `torch` requirement would pull gigabytes of CUDA packages), then maskformer with
-# --no-build-isolation so the optional C++ extension builds against the installed torch.
+# (a bare `torch` requirement would pull gigabytes of CUDA packages), then maskformer's
+# dependencies, then maskformer itself with --no-build-isolation so the optional C++ extension
+# builds against the installed torch. Each step says what it does and how long it took "on a busy
+# 2-core machine": a clean clone's `PIP_NO_CACHE_DIR=1 make demo` on this project's 2-core AMD
+# EPYC, shared with other jobs (load average 10 to 27), packages from a local index, 2026-12-06:
+# 11 min 11 s in all; a download over a slow network adds its own time. When a step ends it says
+# how long it took this time.
+comma := ,
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.maskformer-installed
+# The torch and dependency steps print pip's progress (the downloads are the long part where the
+# network is slow); the C++ compiler prints nothing until it is done.
+PIP_PROGRESS ?= --progress-bar on
+STEP = @echo "make setup [$(1)/4]: $(2)"; t0=$$(date +%s); $(3) && echo "make setup [$(1)/4]: done in $$(( $$(date +%s) - t0 )) s"
 
 .PHONY: setup demo test test-oracle-latest bench bench-e2e aot gpu-report gpu-report-dry-run clean
 
 $(STAMP): setup.py
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/python -m pip install -q --no-build-isolation -e ".[test]"
+	$(call STEP,1,creating $(VENV) (12 s on a busy 2-core machine),test -x $(BIN)/python || $(PYTHON) -m venv $(VENV))
+	$(call STEP,2,installing torch $(TORCH_VERSION)$(comma) the CPU wheel (192 MB; 72 s on a busy 2-core machine),\
+		$(BIN)/python -m pip install $(PIP_PROGRESS) torch==$(TORCH_VERSION))
+	$(call STEP,3,installing the dependencies: transformers (the test oracle)$(comma) triton$(comma) onnx$(comma) \
+		onnxruntime$(comma) openvino$(comma) pytest (122 s on a busy 2-core machine),\
+		MASKFORMER_BUILD_CPP=0 $(BIN)/python -m pip install $(PIP_PROGRESS) --no-build-isolation -e ".[test]")
+	$(call STEP,4,installing maskformer and compiling its C++ extension (csrc/; 448 s on a busy 2-core machine$(comma) \
+		the compiler prints nothing meanwhile),$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .)
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 # Main job on the embedded default: the shipped small model, trained on generated shapes only.
 demo: setup
+	@echo "make demo: segmenting a generated image with the shipped default model (17 s on a busy 2-core machine)"
 	$(BIN)/maskformer demo --out out/demo --overwrite
 
 test: setup
+	@echo "make test: the whole suite, about 1000 tests (58 min on a busy 2-core machine; a dot per test)"
 	$(BIN)/python -m pytest -q tests
 
 # The transformers-oracle tests again, against the newest transformers release (pinned in setup.py's
@@ -45,7 +62,8 @@ test-oracle-latest: $(LATEST_STAMP)
 
 # Kernel micro-benchmarks (pytest-benchmark; every entry verifies against the reference first;
 # Triton/CUDA entries skip with "no CUDA device" on a CPU machine) and the post-processing
-# comparisons that write benchmarks/results/*.json and .md.
+# comparisons that write out/benchmarks/*.json and .md (a new name when one is taken; see
+# docs/benchmarks.md).
 bench: setup
 	$(BIN)/python -m pytest -q benchmarks/bench_ops.py benchmarks/bench_postprocess.py benchmarks/bench_panoptic.py benchmarks/bench_window_attention.py --benchmark-only
 	$(BIN)/python -m benchmarks.bench_postprocess
@@ -65,19 +83,21 @@ aot: setup
 # pytest are installed: no .venv, no network; under 9 minutes. It installs this checkout offline
 # first (no C++ build; if pip cannot, the report runs from the checkout, which maps kernels/
 # itself) and, where $OUT is set (a lent machine whose tool returns at most 8 files), packs the
-# folder into $OUT/gpu-report.tgz. Commit the folder it writes.
+# folder into $OUT/gpu-report.tgz. Commit the folder it writes. A folder that already holds a
+# report is refused (nothing is overwritten): GPU_REPORT_FLAGS=--overwrite writes over it.
 GPU_REPORT_DIR ?= benchmarks/results/gpu-report
 GPU_REPORT_BUDGET ?= 510
+GPU_REPORT_FLAGS ?=
 gpu-report:
 	MASKFORMER_BUILD_CPP=0 $(PYTHON) -m pip install -q --no-deps --no-build-isolation --no-index -e . \
 		|| echo "gpu-report: offline install failed; running from the checkout"
-	$(PYTHON) -m benchmarks.gpu_report --out $(GPU_REPORT_DIR) --budget $(GPU_REPORT_BUDGET); status=$$?; \
+	$(PYTHON) -m benchmarks.gpu_report --out $(GPU_REPORT_DIR) --budget $(GPU_REPORT_BUDGET) $(GPU_REPORT_FLAGS); status=$$?; \
 	if [ -n "$$OUT" ]; then tar czf "$$OUT/gpu-report.tgz" -C $(dir $(GPU_REPORT_DIR)) $(notdir $(GPU_REPORT_DIR)); fi; \
 	exit $$status
 
 # Its plumbing on the CPU, tiny shapes (tests/test_gpu_report.py runs it in `make test`).
 gpu-report-dry-run: setup
-	$(BIN)/python -m benchmarks.gpu_report --dry-run --out out/gpu-report-dry-run
+	$(BIN)/python -m benchmarks.gpu_report --dry-run --out out/gpu-report-dry-run --overwrite
 
 clean:
 	rm -rf build *.egg-info out .pytest_cache maskformer/_C*.so

@@ -9,6 +9,7 @@ reference path. Set ``MASKFORMER_BUILD_CPP=0`` to skip the build on purpose.
 """
 import glob
 import os
+import re
 import sys
 
 from setuptools import setup
@@ -63,6 +64,12 @@ def _cpp_extension():
 
 ext_modules, cmdclass = _cpp_extension()
 
+
+def _version() -> str:
+    """maskformer/_version.py's ``__version__``, read as text: importing the package here would need torch."""
+    with open(os.path.join(HERE, "maskformer", "_version.py"), encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
 # What the tests need besides the transformers oracle.
 _TEST_TOOLS = [
     "pytest",
@@ -78,7 +85,7 @@ _TEST_TOOLS = [
 
 setup(
     name="maskformer",
-    version="0.1.0",
+    version=_version(),
     description="Fast MaskFormer inference: a drop-in for transformers' MaskFormer with Triton and C++ kernels",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
     if os.path.exists(os.path.join(HERE, "README.md"))

@@ -3,8 +3,12 @@ without a GPU, through the launch code a real call runs, and judged on what the 
 
     python -m benchmarks.aot                          # CI set, sm_80 + sm_90 (~2 min on 2 cores)
     python -m benchmarks.aot --full                   # every real launch configuration (below)
-    python -m benchmarks.aot --arch 90 --json -       # one arch, the JSON on stdout
-    python -m benchmarks.aot --full --out benchmarks/results/aot-full   # results file stem
+    python -m benchmarks.aot --arch 90 --json -       # one arch, the JSON on stdout (and no other file)
+    python -m benchmarks.aot --out benchmarks/results/aot-ci --overwrite   # refresh the committed results
+
+Results: ``out/benchmarks/aot-<set>.json`` and ``.md`` (``--out STEM``; a default name that is
+taken becomes ``aot-<set>-2``), or only the ``--json`` file when that is given without ``--out``; an
+existing file is replaced only with ``--overwrite`` (``maskformer.reporting``).
 
 How. A stand-in triton driver (``AOTDriver``) reports ``GPUTarget("cuda", arch, 32)`` as the
 current device, so triton's JIT specialises and compiles exactly as it would on that GPU (the
@@ -44,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
@@ -59,6 +62,8 @@ from typing import Dict, List, Optional
 from maskformer._ext import tf32_matmul  # noqa: F401  (the policy the fp32 launches compile under; scripts use it)
 from maskformer.kernels import registry
 from maskformer.kernels.registry import AOTLaunch
+
+from maskformer import reporting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -368,15 +373,8 @@ def _short(row: Dict) -> str:
 
 
 def environment(archs: List[int]) -> Dict:
-    import torch
-    import triton
+    """``maskformer.reporting.environment`` plus the ptxas that compiles for each arch."""
     from triton.backends.nvidia.compiler import get_ptxas
-
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return None
 
     ptxas = {}
     for arch in archs:  # triton 3.9 runs its bundled CUDA 12.9 ptxas below sm_90, the 13.x one from sm_90
@@ -385,16 +383,15 @@ def environment(archs: List[int]) -> Dict:
             ptxas[f"sm_{arch}"] = f"{os.path.basename(tool.path)} {tool.version}"
         except Exception as exc:
             ptxas[f"sm_{arch}"] = f"unavailable ({type(exc).__name__}: {exc})"
-    return dict(torch=torch.__version__, triton=triton.__version__, ptxas=ptxas, commit=git("rev-parse", "HEAD"),
-                dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    return dict(reporting.environment("cpu"), ptxas=ptxas)
 
 
 def markdown(report: Dict) -> str:
     env = report["environment"]
     lines = [f"# Ahead-of-time compile check ({report['set']} set)", "",
-             f"triton {env['triton']}, ptxas " + ", ".join(f"{v} ({k})" for k, v in env["ptxas"].items()) + f", torch {env['torch']}, commit {env['commit']}"
-             f"{' (dirty)' if env['dirty'] else ''}, {env['date']}; {len(report['launches'])} launches, "
+             f"triton {env['versions']['triton']}, ptxas " + ", ".join(f"{v} ({k})" for k, v in env["ptxas"].items())
+             + f", torch {env['versions']['torch']}, commit {reporting.commit_text(env)}, {env['date']}; "
+             f"{env['device_name']}, {env['threads']} threads; {len(report['launches'])} launches, "
              f"{len(report['binaries'])} binaries, {report['seconds']:.0f} s. Compiled without a GPU "
              "(`python -m benchmarks.aot`); occupancy against the "
              + ", ".join(f"{v['gpu']} (sm_{k})" for k, v in ARCHS.items()) + " limits; SASS counts are static.", "",
@@ -448,10 +445,13 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--arch", default="80,90", help="comma list of compute capabilities: 80, 90 (default both)")
     parser.add_argument("--full", action="store_true", help="every real launch configuration (default: the CI set)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the JSON report here ('-': stdout)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="write the JSON report here ('-': stdout) instead of the results files (unless --out)")
     parser.add_argument("--out", default=None, metavar="STEM",
-                        help="results file stem, .json and .md added (default benchmarks/results/aot-<set>; "
-                             "'none' writes no results file)")
+                        help="results file stem, .json and .md added (default out/benchmarks/aot-<set>, or the next "
+                             "free -2, -3 when taken; not written when --json is given without --out; 'none' writes "
+                             "no results file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files (and --json) if they exist")
     available = kernels()
     parser.add_argument("--kernels", default=",".join(available),
                         help="comma list, a subset of: " + ", ".join(available) + " (default all; a subset is for "
@@ -472,25 +472,32 @@ def main(argv=None) -> int:
     names = [k.strip() for k in args.kernels.split(",") if k.strip()]
     if not names or any(k not in available for k in names):
         parser.error(f"--kernels {args.kernels!r}: choose from {', '.join(available)}")
+    # Claimed before compiling (minutes): a taken --out or --json is refused now, not afterwards.
+    out = sys.stderr if to_stdout else sys.stdout
+    stem = None
+    if args.out != "none" and (args.out or not args.json):
+        try:
+            stem = reporting.results_stem(args.out, f"aot-{'full' if args.full else 'ci'}", overwrite=args.overwrite,
+                                          log=lambda text: print(text, file=out))
+        except reporting.ResultsExistError as exc:
+            parser.error(str(exc))
+    if args.json and not to_stdout:
+        try:
+            reporting.claim_file(args.json, overwrite=args.overwrite)
+        except reporting.ResultsExistError as exc:
+            parser.error(str(exc))
     report = run(archs, args.full, log, names)
-    stem = args.out or os.path.join(HERE, "results", f"aot-{report['set']}")
-    if stem != "none":
-        os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-        with open(stem + ".json", "w") as f:
-            json.dump(report, f, indent=1)
-        with open(stem + ".md", "w") as f:
-            f.write(markdown(report))
+    if stem:
+        reporting.write_report(stem, report, markdown(report), overwrite=args.overwrite)
     if args.json:
         text = json.dumps(report, indent=1)
         if to_stdout:
             print(text)
         else:
-            with open(args.json, "w") as f:
-                f.write(text)
-    out = sys.stderr if to_stdout else sys.stdout
+            reporting.write_text(args.json, text + "\n", overwrite=args.overwrite)
     print(f"{len(report['launches'])} launches, {len(report['binaries'])} binaries for "
           f"{', '.join(report['archs'])} in {report['seconds']:.0f} s", file=out)
-    if stem != "none":
+    if stem:
         print(f"wrote {stem}.json and {stem}.md", file=out)
     for failure in report["failures"]:
         print("FAIL " + failure, file=out)

@@ -1,7 +1,7 @@
 """Is an int8 CPU engine worth offering? ONNX Runtime's dynamic int8 quantisation of our export,
 against the fp32 export, on the two models the CPU-engines issue names.
 
-    python -m benchmarks.bench_int8 [--rounds 7] [--threads N] [--out benchmarks/results]
+    python -m benchmarks.bench_int8 [--rounds 7] [--threads N] [--out STEM] [--overwrite]
 
 For the trained default model (``maskformer/default_model``, on generated images of its four
 classes) and a Swin-T ADE-architecture model with the benchmark's lively random weights
@@ -10,13 +10,13 @@ only), quantise it with ``onnxruntime.quantization.quantize_dynamic`` (int8 weig
 quantised per call: ORT's CPU int8 recipe for transformer models), run both with ONNX Runtime,
 interleaved round by round, and compare the semantic maps (our post-processing on each) pixel by
 pixel. The issue's bar for offering int8: faster than fp32 *and* at least 99% of pixels equal on
-the default model and 98% on the lively Swin-T. Writes ``int8-cpu.json`` / ``.md`` with the CPU
-model and flags, threads and load averages.
+the default model and 98% on the lively Swin-T. Writes ``out/benchmarks/int8-cpu.json`` / ``.md``
+(``--out STEM``; an existing file is replaced only with ``--overwrite``) with the environment of
+``maskformer.reporting`` (CPU model and flags, threads, load averages, versions, commit).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 import torch
+
+from maskformer import reporting
 
 BARS = {"default": 0.99, "tiny": 0.98}
 
@@ -78,7 +80,7 @@ def measure(model: str, rounds: int, threads: int, tmp: str):
             start = time.perf_counter()
             sessions[name].run(["class_queries_logits", "masks_queries_logits"], {"pixel_values": x})
             times[name].append((time.perf_counter() - start) * 1e3)
-        loads.append(os.getloadavg()[0])
+        loads.append((reporting.loadavg() or [float("nan")])[0])
     paired = statistics.median(f / i for f, i in zip(times["fp32"], times["int8"]))
     return dict(model=model, size=[height, width], agree=agree, bar=BARS[model],
                 labels_fp32=int(len(np.unique(maps["fp32"]))),
@@ -91,29 +93,25 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--out", default=None,
+                        help=f"results file stem (default {reporting.DEFAULT_RESULTS_DIR}/int8-cpu, or the next free "
+                             "-2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files if they exist")
     args = parser.parse_args(argv)
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    import onnxruntime
-
-    from maskformer._ext import cpu_flags, cpu_model
-    from maskformer.bench import _commit
+    try:
+        stem = reporting.results_stem(args.out, "int8-cpu", overwrite=args.overwrite)  # before measuring
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
+    env = reporting.environment("cpu", threads=threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         rows = [measure(model, args.rounds, threads, tmp) for model in ("default", "tiny")]
-    flags = cpu_flags(("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"))
-    report = dict(cpu=cpu_model(), flags=dict(flags),
-                  threads=threads, onnxruntime=onnxruntime.__version__, torch=torch.__version__, commit=_commit(),
-                  date=time.strftime("%Y-%m-%d %H:%M"), rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "int8-cpu.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    report = dict(environment=env, loadavg_end=reporting.loadavg(), rounds=args.rounds, rows=rows)
     lines = [
         "# int8 (ONNX Runtime dynamic quantisation) vs fp32 on the CPU", "",
-        f"{report['cpu']}, flags {', '.join(k for k, v in report['flags'].items() if v)} (not: "
-        f"{', '.join(k for k, v in report['flags'].items() if not v)}); {threads} threads; onnxruntime "
-        f"{report['onnxruntime']}, torch {report['torch']}; commit {report['commit']}, {report['date']}. "
+        *reporting.environment_markdown(env, loadavg_end=report["loadavg_end"]), "",
         f"Forward only, batch 1, {args.rounds} interleaved rounds; agree = semantic-map pixels equal to fp32's.", "",
         "| model | labels (fp32 map) | agree | bar | fp32 ms | int8 ms | int8 speed-up (paired) | 1-min load | offered |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -122,9 +120,9 @@ def main(argv=None) -> int:
         lines.append(f"| {r['model']} | {r['labels_fp32']} | {r['agree']:.4%} | {r['bar']:.0%} | {r['fp32_ms']:.1f} | "
                      f"{r['int8_ms']:.1f} | {r['speedup_paired']:.3f}x | {min(r['loadavg_rounds'])}-"
                      f"{max(r['loadavg_rounds'])} | {'yes' if r['offer'] else 'no'} |")
-    with open(os.path.join(args.out, "int8-cpu.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    paths = reporting.write_report(stem, report, "\n".join(lines), overwrite=args.overwrite)
     print("\n".join(lines))
+    print("wrote " + " and ".join(paths))
     return 0
 
 

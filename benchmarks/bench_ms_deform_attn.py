@@ -13,26 +13,24 @@ offsets). The C++ output is verified first (``bench_ops.check_ms_deform_attn``: 
 fp32 reference's own error plus the kernel's rounding budget), then the two run alternately
 (reference, C++, reference, C++, ...) after one warm-up call each, so a load change on the shared
 machine hits both; the report gives each one's median, min and max, and the median and range of
-the per-round ratios reference / C++. CPU model, ISA flags, torch threads and the 1-minute load
-average at start and end go into the JSON and Markdown files under benchmarks/results/.
+the per-round ratios reference / C++. The environment (``maskformer.reporting``: CPU model, ISA
+flags, torch threads, load average at the start and the end, versions, commit) goes into the JSON
+and Markdown files, ``out/benchmarks/ms_deform_attn-cpu-<threads>t`` by default (``--out STEM``;
+an existing file is replaced only with ``--overwrite``).
 """
 import argparse
-import datetime
 import json
-import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
 from benchmarks import bench_ops
-from benchmarks.bench_postprocess import device_info
+from maskformer import reporting
 from maskformer.kernels import ms_deform_attn as msda
 
 LEVELS = [(16, 22), (32, 43), (64, 86)]  # 512x683 at strides 32, 16, 8
 HEADS, HEAD_DIM, POINTS = 8, 32, 4
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _time(fn, args) -> float:
@@ -43,7 +41,7 @@ def _time(fn, args) -> float:
 
 def run(rounds: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    info = device_info("cpu")
+    env = reporting.environment("cpu", threads=threads)
     args = bench_ops.make_msda_inputs(1, LEVELS, HEADS, HEAD_DIM, POINTS)
     ref32 = msda.ms_deform_attn_ref(*args)
     case = bench_ops.Case("ms_deform_attn", "cpp", "cpu")
@@ -57,11 +55,10 @@ def run(rounds: int, threads: int) -> dict:
         cpp_ms.append(1e3 * _time(msda.ms_deform_attn_cpp, args))
         print(f"round {i}: reference {ref_ms[-1]:.1f} ms, cpp {cpp_ms[-1]:.2f} ms, ratio {ref_ms[-1] / cpp_ms[-1]:.1f}")
     ratios = [r / c for r, c in zip(ref_ms, cpp_ms)]
-    info["loadavg_1min_at_end"] = os.getloadavg()[0]
     value, _, loc, _ = args
     return {
-        **info,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "environment": env,
+        "loadavg_end": reporting.loadavg(),
         "op": "ms_deform_attn",
         "shape": {"levels": LEVELS, "tokens": value.shape[1], "queries": loc.shape[1], "heads": HEADS,
                   "head_dim": HEAD_DIM, "points": POINTS, "batch": 1, "dtype": "fp32"},
@@ -78,16 +75,12 @@ def run(rounds: int, threads: int) -> dict:
     }
 
 
-def write(report: dict, stem: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+def markdown(report: dict) -> str:
     s, sh = report["summary"], report["shape"]
     lines = [
         "# Multi-scale deformable attention on CPU: reference vs C++ (interleaved)",
         "",
-        f"{report['cpu']} ({report['cores']} cores, flags {' '.join(report['cpu_flags'])}), torch {report['torch']}, "
-        f"{report['torch_threads']} threads, load average (1 min) {report['loadavg_1min_at_start']:.2f} at start, "
-        f"{report['loadavg_1min_at_end']:.2f} at end (shared machine), commit {report['commit']}, {report['date']}.",
+        *reporting.environment_markdown(report["environment"], loadavg_end=report["loadavg_end"]),
         "",
         f"Shape: levels {' + '.join(f'{h}x{w}' for h, w in sh['levels'])} ({sh['tokens']} tokens = queries), "
         f"{sh['heads']} heads x {sh['head_dim']}, {sh['points']} points, batch 1, fp32. Verified: {report['verified']}.",
@@ -102,18 +95,26 @@ def write(report: dict, stem: str) -> None:
         f"(range {s['ratio_min']:.1f}x to {s['ratio_max']:.1f}x).",
         "",
     ]
-    (RESULTS / f"{stem}.md").write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", default=None, help="results file stem (default ms_deform_attn-cpu-<threads>t)")
+    parser.add_argument("--out", default=None,
+                        help=f"results file stem (default {reporting.DEFAULT_RESULTS_DIR}/ms_deform_attn-cpu-<threads>t, "
+                             "or the next free -2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files if they exist")
     ns = parser.parse_args(argv)
+    try:
+        stem = reporting.results_stem(ns.out, f"ms_deform_attn-cpu-{ns.threads}t", overwrite=ns.overwrite)
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     report = run(ns.rounds, ns.threads)
-    write(report, ns.out or f"ms_deform_attn-cpu-{ns.threads}t")
+    paths = reporting.write_report(stem, report, markdown(report), overwrite=ns.overwrite)
     print(json.dumps(report["summary"], indent=1))
+    print("wrote " + " and ".join(paths))
 
 
 if __name__ == "__main__":

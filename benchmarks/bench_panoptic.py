@@ -9,8 +9,9 @@ Script mode (verify, then time, then write files)::
     python -m benchmarks.bench_panoptic            # or: python benchmarks/bench_panoptic.py
     python -m benchmarks.bench_panoptic --compare benchmarks/results/panoptic-cpu.json --fail-if-regression
 
-writes ``benchmarks/results/panoptic-<device>.json`` and ``.md`` (device, versions, commit, config,
-one table per scenario). pytest-benchmark entries (both scenarios; transformers, ours on the
+writes ``out/benchmarks/panoptic-cpu.json`` and ``.md`` (``--out STEM``; the environment of
+``maskformer.reporting``, the config, one table per scenario; an existing file is replaced only with
+``--overwrite``). pytest-benchmark entries (both scenarios; transformers, ours on the
 reference and C++ backends; ~25 s on 2 CPU cores)::
 
     pytest benchmarks/bench_panoptic.py --benchmark-only
@@ -27,7 +28,7 @@ How things are measured (as ``bench_postprocess``, whose helpers this reuses)
   [mask_threshold, mask_threshold / score), and the check says so if it ever does), else the script
   stops before timing.
 * Time: wall clock of the whole call, median and 10th/90th percentiles over ``--iters`` runs after
-  ``--warmup``, all torch threads. The machine may be shared: the load average at start is recorded.
+  ``--warmup``, all torch threads. The machine may be shared: the load average at the start and the end is recorded.
 * Peak extra memory: one fresh subprocess per implementation, peak RSS reset with
   ``/proc/self/clear_refs`` just before the call, ``VmHWM - VmRSS`` after it.
 * Components: ``query_argmax`` alone (reference torch ops vs C++) on the kept queries of both
@@ -43,12 +44,12 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
 if str(ROOT) not in sys.path:  # script mode: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_postprocess import copy_bandwidth_gbs, device_info, time_call, write_report  # noqa: E402
-from maskformer.bench import measure_peak_extra  # noqa: E402
+from benchmarks.bench_postprocess import copy_bandwidth_gbs, time_call, write_report  # noqa: E402
+from maskformer import reporting  # noqa: E402
+from maskformer.measure import measure_peak_extra  # noqa: E402
 
 CONFIG = {
     "batch": 2, "queries": 100, "classes": 133, "mask": (160, 213), "target": (640, 853), "seed": 0,
@@ -226,15 +227,12 @@ def run_scenario(label: str, objects: int, args) -> dict:
             "roofline": roofline}
 
 
-def write_markdown(path: Path, report: dict) -> None:
-    d, c = report["device"], report["config"]
+def markdown(report: dict) -> str:
+    c = report["config"]
     lines = [
         "# Panoptic post-processing benchmark",
         "",
-        f"- device: {d['device']} - {d.get('cpu')} ({d['cores']} cores, torch threads {d['torch_threads']}, "
-        f"capability {d['cpu_capability']}); load average at start {d.get('loadavg_1min_at_start')} "
-        "(the machine is shared: timings are indicative)",
-        f"- torch {d['torch']}, transformers {d['transformers']}, commit {d['commit']}",
+        *reporting.environment_markdown(report["environment"], loadavg_end=report.get("loadavg_end")),
         f"- config: batch {c['batch']}, {c['queries']} queries, {c['classes']} classes, mask {c['mask'][0]}x{c['mask'][1]}"
         f" -> target {c['target'][0]}x{c['target'][1]}, realistic logits (seed {c['seed']}), threshold "
         f"{c['threshold']}, mask_threshold {c['mask_threshold']}, overlap {c['overlap_mask_area_threshold']}",
@@ -264,7 +262,7 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append("\n## Against the stored baseline\n")
         for name, ratio in report["comparison"].items():
             lines.append(f"- {name}: {ratio:.2f}x the baseline's median time")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -272,7 +270,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iters", type=int, default=9)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--out", type=Path, default=None, help="results file stem (default results/panoptic-cpu)")
+    parser.add_argument("--out", default=None,
+                        help=f"results file stem (default {reporting.DEFAULT_RESULTS_DIR}/panoptic-cpu, or the next "
+                             "free -2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files if they exist")
     parser.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare with")
     parser.add_argument("--fail-if-regression", action="store_true",
                         help="exit 1 when an implementation is > 1.25x slower than in --compare")
@@ -282,19 +283,23 @@ def main(argv=None):
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.objects)))
         return 0
-    stem = args.out or RESULTS / "panoptic-cpu"
+    try:
+        stem = reporting.results_stem(args.out, "panoptic-cpu", overwrite=args.overwrite)  # before measuring
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
-    info = device_info("cpu")
+    env = reporting.environment("cpu")
     args.bandwidth = copy_bandwidth_gbs("cpu")
     scenarios = [run_scenario(label, objects, args) for label, objects in SCENARIOS.items()]
-    report = {"device": info, "config": CONFIG, "copy_bandwidth_gbs": args.bandwidth,
+    report = {"environment": env, "loadavg_end": reporting.loadavg(), "config": CONFIG,
+              "copy_bandwidth_gbs": args.bandwidth,
               "memory_method": "not measured" if args.no_memory else "VmHWM - VmRSS (clear_refs)",
               "scenarios": scenarios}
     if baseline:
         old = {(s["scenario"], r["name"]): r for s in baseline["scenarios"] for r in s["rows"]}
         report["comparison"] = {f"{s['scenario']} / {r['name']}": r["median_ms"] / old[(s["scenario"], r["name"])]["median_ms"]
                                 for s in scenarios for r in s["rows"] if (s["scenario"], r["name"]) in old}
-    return write_report(stem, report, write_markdown, args.fail_if_regression)
+    return write_report(stem, report, markdown, args.fail_if_regression, args.overwrite)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,8 +16,10 @@ sharp regions) or ``random`` (``torch.randn`` class and mask logits: every class
 same everywhere, so many classes stay candidates in every source cell - the worst case of the C++
 kernel). ``--targets``: one ``HxW`` per image (cycled over the batch); default 640x853 for all.
 
-writes ``benchmarks/results/postprocess-<device>.json`` and ``.md`` (device, versions, commit,
-config, one row per implementation). pytest-benchmark entries::
+writes ``out/benchmarks/postprocess-<device>.json`` and ``.md`` (``--out STEM``; the environment of
+``maskformer.reporting``: device, CPU model and flags, threads, load average, versions, commit; then
+the config and one row per implementation; an existing file is replaced only with ``--overwrite``).
+pytest-benchmark entries::
 
     pytest benchmarks/bench_postprocess.py --benchmark-only
 
@@ -41,8 +43,6 @@ How things are measured
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,11 +51,11 @@ from pathlib import Path
 
 import torch
 
-from maskformer.bench import measure_peak_extra
+from maskformer import reporting
+from maskformer.measure import measure_peak_extra
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS = HERE / "results"
 
 # "targets": None (every image at "target") or one (H, W) per image, cycled over the batch.
 CONFIG = {"batch": 2, "queries": 100, "classes": 150, "mask": (160, 213), "target": (640, 853), "targets": None,
@@ -233,45 +233,13 @@ def copy_bandwidth_gbs(device: str) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def device_info(device: str) -> dict:
-    info = {"device": device, "torch_threads": torch.get_num_threads(), "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__}
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(0)
-    from maskformer import _ext
-
-    info["cpu"] = _ext.cpu_model()
-    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    # the ISA extensions the kernels and aten choose between
-    wanted = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile")
-    info["cpu_flags"] = [name for name, have in _ext.cpu_flags(wanted).items() if have]
-    try:
-        info["loadavg_1min_at_start"] = os.getloadavg()[0]
-    except OSError:
-        pass
-    for mod in ("triton", "transformers"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as exc:
-            info[mod] = f"not available ({type(exc).__name__})"
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-    except Exception:
-        info["commit"] = None
-    return info
-
-
-def write_markdown(path: Path, report: dict) -> None:
-    d, c = report["device"], report["config"]
+def markdown(report: dict) -> str:
+    c = report["config"]
     lines = [
         "# Semantic post-processing benchmark",
         "",
         *(["**DRY RUN: tiny inputs, one iteration; the times mean nothing.**", ""] if report.get("dry_run") else []),
-        f"- device: {d['device']} - {d.get('gpu') or d.get('cpu')} ({d['cores']} cores, torch threads "
-        f"{d['torch_threads']}, capability {d['cpu_capability']}, flags {' '.join(d.get('cpu_flags') or []) or '?'});"
-        f" 1-min load average {d.get('loadavg_1min_at_start')} at start, {report.get('loadavg_1min_at_end')} at end",
-        f"- torch {d['torch']}, triton {d['triton']}, transformers {d['transformers']}, commit {d['commit']}",
+        *reporting.environment_markdown(report["environment"], loadavg_end=report.get("loadavg_end")),
         f"- config: batch {c['batch']}, {c['queries']} queries, {c['classes']} classes, mask {c['mask'][0]}x{c['mask'][1]}"
         f" -> targets {', '.join(f'{t[0]}x{t[1]}' for t in target_sizes(c))}, {c.get('logits', 'realistic')} logits"
         f" (seed {c['seed']})",
@@ -295,12 +263,12 @@ def write_markdown(path: Path, report: dict) -> None:
         lines.append("\n## Against the stored baseline\n")
         for name, ratio in report["comparison"].items():
             lines.append(f"- {name}: {ratio:.2f}x the baseline's median time")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def run(args) -> dict:
     device = args.device
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    env = reporting.environment(device)
     impls, notes = implementations(device)
     cl, ml, sizes = make_inputs(device)
     expected = impls["transformers"](cl, ml, sizes)
@@ -342,10 +310,8 @@ def run(args) -> dict:
         roofline = (f"upsample_argmax (C++): {eff:.2f} GB/s effective (scores read once + int64 labels written, "
                     f"{moved / 2**20:.0f} MiB, over its median time) = {100 * eff / bw:.0f}% of the {bw:.1f} GB/s "
                     "measured copy bandwidth")
-    info = device_info(device)
-    info["loadavg_1min_at_start"] = load_start  # device_info runs after the timing
     report = {
-        "device": info,
+        "environment": env,
         "config": CONFIG,
         "verification": verification,
         "memory_method": rows[0].get("method", "not measured"),
@@ -353,7 +319,7 @@ def run(args) -> dict:
         "rows": rows,
         "notes": notes,
         "roofline": roofline,
-        "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "loadavg_end": reporting.loadavg(),
     }
     if args.baseline:
         old_rows = {r["name"]: r for r in args.baseline["rows"]}
@@ -368,7 +334,10 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=15)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--out", type=Path, default=None, help="results file stem (default results/postprocess-<device>)")
+    parser.add_argument("--out", default=None,
+                        help=f"results file stem (default {reporting.DEFAULT_RESULTS_DIR}/postprocess-<device>, or "
+                             "the next free -2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results files if they exist")
     parser.add_argument("--compare", type=Path, default=None, help="a previous results JSON to compare with")
     parser.add_argument("--fail-if-regression", action="store_true",
                         help="exit 1 when an implementation is > 1.25x slower than in --compare")
@@ -393,13 +362,16 @@ def main(argv=None):
     if args.memory_probe:
         print(json.dumps(memory_probe(args.memory_probe, args.device)))
         return 0
-    stem = args.out or RESULTS / f"postprocess-{args.device}"
-    # Read the baseline before this run overwrites the file it may live in.
+    # Claimed before measuring: a taken --out is refused now, not after the run.
+    try:
+        stem = reporting.results_stem(args.out, f"postprocess-{args.device}", overwrite=args.overwrite)
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     args.baseline = json.loads(Path(args.compare).read_text()) if args.compare else None
     report = run(args)
     if args.dry_run:
         report["dry_run"] = True
-    return write_report(stem, report, write_markdown, args.fail_if_regression)
+    return write_report(stem, report, markdown, args.fail_if_regression, args.overwrite)
 
 
 def _size_arg(text: str) -> tuple:
@@ -410,13 +382,12 @@ def _size_arg(text: str) -> tuple:
     return (h, w)
 
 
-def write_report(stem: Path, report: dict, write_markdown, fail_if_regression: bool) -> int:
-    """Write ``stem``.json and .md; -> exit status: 1 when ``fail_if_regression`` and some row of
-    ``report["comparison"]`` (time / baseline time) is above 1.25, else 0."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    write_markdown(stem.with_suffix(".md"), report)
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.md')}")
+def write_report(stem: str, report: dict, markdown, fail_if_regression: bool, overwrite: bool = False) -> int:
+    """Write ``stem``.json and .md (``maskformer.reporting.write_report``; ``markdown(report)`` the
+    text); -> exit status: 1 when ``fail_if_regression`` and some row of ``report["comparison"]``
+    (time / baseline time) is above 1.25, else 0."""
+    paths = reporting.write_report(stem, report, markdown(report), overwrite=overwrite)
+    print("wrote " + " and ".join(paths))
     if fail_if_regression and report.get("comparison"):
         slow = {n: r for n, r in report["comparison"].items() if r > 1.25}
         if slow:

@@ -4,7 +4,9 @@ attention and SDPA with a materialised bias, at the Swin-L stage shapes of a 640
 
 Script mode verifies every implementation against the fp32 reference first, then times it
 (``triton.testing.do_bench``: median and 20/80% quantiles of CUDA-event times), and writes
-``benchmarks/results/window_attention-<device>.json`` with device, versions, commit and config:
+``out/benchmarks/window_attention-<device>.json`` (``--out FILE``; an existing file is replaced only
+with ``--overwrite``) with the environment of ``maskformer.reporting`` (device, versions, commit),
+the kernel source's hash and the config:
 
     python benchmarks/bench_window_attention.py                 # bf16 + fp16, both shifts, batch 1
     python benchmarks/bench_window_attention.py --sweep         # + the kernel's tile configurations
@@ -34,23 +36,19 @@ tokens take part, so that work is required), plus 6 * B * H * W * C^2 for the q/
 the real tokens in the whole-op rows.
 """
 import argparse
-import datetime
 import functools
 import hashlib
 import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
+from maskformer import reporting
 from maskformer.kernels import window_attention as wa
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 WINDOW = 12
 # (name, H, W, C, heads) at a 640x640 input: Swin-L embed_dim 192, heads (6, 12, 24, 48), patch 4.
 STAGES = [
@@ -203,43 +201,12 @@ def device_name():
 
 
 def environment():
-    def version(module):
-        try:
-            return __import__(module).__version__
-        except Exception as exc:
-            return f"unavailable ({type(exc).__name__})"
-
-    def git(*cmd):  # read-only queries
-        try:
-            return subprocess.run(["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True).stdout.strip()
-        except Exception:
-            return None
-
-    try:  # read-only: tracked files changed since HEAD, or untracked files present
-        changed = subprocess.run(["git", "diff-index", "--quiet", "HEAD", "--"], cwd=HERE, capture_output=True).returncode
-        dirty = changed == 1 or bool(git("ls-files", "--others", "--exclude-standard"))
-    except Exception:
-        dirty = None
-    with open(wa.__file__, "rb") as f:  # identifies the kernel that was timed, committed or not
-        kernel_sha = hashlib.sha256(f.read()).hexdigest()
-    return {
-        "device": device_name(),
-        "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "transformers": version("transformers"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": dirty,
-        "kernel_source_sha256": kernel_sha,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def results_path(device):
-    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-    return os.path.join(HERE, "results", f"window_attention-{slug}.json")
+    """``maskformer.reporting.environment`` plus the SHA-256 of the kernel's source file, which
+    identifies the kernel that was timed, committed or not."""
+    env = reporting.environment("cuda" if torch.cuda.is_available() else "cpu")
+    with open(wa.__file__, "rb") as f:
+        env["kernel_source_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +286,10 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="also time the kernel's tile configurations")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU under TRITON_INTERPRET=1, one tiny stage, one repetition: tests the plumbing")
-    parser.add_argument("--out", default=None, help="results file (default benchmarks/results/window_attention-<device>.json)")
+    parser.add_argument("--out", default=None,
+                        help=f"results file (default {reporting.DEFAULT_RESULTS_DIR}/window_attention-<device>.json, or "
+                             "the next free -2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results file if it exists")
     args = parser.parse_args(argv)
     args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     args.shifts = [int(s) for s in args.shifts.split(",")]
@@ -329,12 +299,21 @@ def main(argv=None):
     if interpreted and not args.dry_run:
         parser.error("unset TRITON_INTERPRET: the benchmark times the compiled kernel")
 
+    if args.out is not None and not args.out.endswith(".json"):
+        parser.error(f"--out {args.out!r}: the results file is JSON; name it FILE.json")
+    # Claimed before measuring: a taken --out is refused now, not after the run.
+    try:
+        path = reporting.results_stem(None if args.out is None else args.out[:-len(".json")],
+                                      f"window_attention-{reporting.slug(device_name())}", overwrite=args.overwrite,
+                                      suffixes=(".json",)) + ".json"
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     env = environment()
-    record = dict(env, op="window_attention", window=WINDOW, batch=args.batch, dtypes=args.dtypes, shifts=args.shifts,
-                  stages=[dict(zip(("name", "H", "W", "C", "heads"), s)) for s in STAGES],
+    record = dict(environment=env, op="window_attention", window=WINDOW, batch=args.batch, dtypes=args.dtypes,
+                  shifts=args.shifts, stages=[dict(zip(("name", "H", "W", "C", "heads"), s)) for s in STAGES],
                   verification=[], results=[], sweep=[])
-    print(f"device: {env['device']}; torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
-          f"{' (dirty)' if env['dirty'] else ''}")
+    print(f"device: {env['device_name']}; torch {env['versions']['torch']}, triton {env['versions']['triton']}, "
+          f"commit {reporting.commit_text(env)}")
     ok = True
     if args.dry_run:
         print("DRY RUN: CPU tensors under the Triton interpreter, one tiny stage; the times mean nothing")
@@ -356,10 +335,8 @@ def main(argv=None):
               "timing the reference on CPU at one small shape instead.")
         record["gpu_skipped"] = "no CUDA device"
         run_cpu(args, record)
-    path = args.out or results_path(env["device"])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=1)
+    record["loadavg_end"] = reporting.loadavg()
+    reporting.write_text(path, json.dumps(record, indent=1) + "\n", overwrite=args.overwrite)
     print(f"wrote {path}")
     return 0 if ok else 1
 

@@ -1,7 +1,7 @@
 """`python -m benchmarks.gpu_model`: what a GPU would spend on MaskFormer, computed without one.
 
-    python -m benchmarks.gpu_model                  # default set -> benchmarks/results/gpu-model.json and .md
-    python -m benchmarks.gpu_model --json out.json  # elsewhere (the Markdown beside it)
+    python -m benchmarks.gpu_model                  # default set -> out/benchmarks/gpu-model.json and .md
+    python -m benchmarks.gpu_model --json out.json  # elsewhere (the Markdown beside it; --overwrite replaces)
     python -m benchmarks.gpu_model --models toy --batches 1 --dtypes fp32 --host-us-per-op 40 --efficiency 0.5
 
 For each implementation (``transformers-eager``: transformers' MaskFormerForInstanceSegmentation
@@ -60,7 +60,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import warnings
@@ -72,16 +71,16 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
-from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor, dispatch
+from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor, dispatch, reporting
 from maskformer._ext import cpu_model, tf32_matmul_allowed
 from maskformer.bench import MODELS as BENCH_MODELS
 from maskformer.inputs import check_finite
+from maskformer.kernels import registry
 from maskformer.kernels.nan_inf_flags import reset_flag_words
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 MEASURED_DIR = os.path.join(HERE, "results", "gpu-report-2026-11-26-h200", "run1")
-DEFAULT_JSON = os.path.join(HERE, "results", "gpu-model.json")
 
 IMPLS = ("transformers-eager", "maskformer-reference", "maskformer-fast")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -672,7 +671,7 @@ def trace(impl: str, model: str, batch: int, dtype: str, height: int, width: int
             finally:
                 tracer.suspended -= 1
             tracer.phase = "input-check"
-            decided = {op: dispatch.last_dispatch(op) for op in dispatch.ops()}
+            decided = {op: dispatch.last_dispatch(op) for op in registry.names()}
             check_finite(x)
             # CUDAGraphRunner's input check: these kernels are captured with the forward and read
             # once after the replay; only the CUDA-graph simulation runs this phase (GRAPH_ONLY).
@@ -685,8 +684,8 @@ def trace(impl: str, model: str, batch: int, dtype: str, height: int, width: int
     if impl == "maskformer-fast":
         # auto falls back to the reference silently; a "fast" row that did would be a wrong result.
         # The decisions of this iteration (records are per thread, and older ones stay).
-        latest = [dispatch.last_dispatch(op) for op in dispatch.ops()]
-        fell_back = [str(r) for op, r in zip(dispatch.ops(), latest)
+        latest = [dispatch.last_dispatch(op) for op in registry.names()]
+        fell_back = [str(r) for op, r in zip(registry.names(), latest)
                      if r is not None and r is not decided[op] and r.backend != "triton"]
         if fell_back:
             raise RuntimeError("gpu_model: maskformer-fast did not run the Triton ops on (fake) CUDA tensors: "
@@ -965,17 +964,6 @@ def targets(rows: Sequence[Dict]) -> Optional[Dict]:
     }
 
 
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return rev.stdout.strip() + ("-dirty" if dirty else "") if rev.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _loadavg() -> Optional[List[float]]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -1043,7 +1031,7 @@ def run(models: Sequence[Tuple[str, int, int]] = DEFAULT_MODELS, batches: Sequen
             str(floor): round(simulate(timeline, dataclasses.replace(constants, launch_floor_us=floor), graphs=True)["ms"]
                               / tr.batch, 3) for floor in FLOOR_SENSITIVITY_US}
     return {
-        "tool": "python -m benchmarks.gpu_model", "commit": _commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "tool": "python -m benchmarks.gpu_model", "commit": reporting.commit_text(reporting.git_commit()), "date": time.strftime("%Y-%m-%d %H:%M"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": _version("transformers"), "triton": _version("triton")},
         "host": {"cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": _loadavg(),
@@ -1169,18 +1157,13 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(report: Dict, json_path: str) -> Tuple[str, str]:
-    """``json_path`` and the Markdown beside it (same stem, .md), each written to a temporary
-    file first and renamed into place: a reader never sees half a file."""
-    md_path = os.path.splitext(json_path)[0] + ".md"
-    folder = os.path.dirname(os.path.abspath(json_path))
-    os.makedirs(folder, exist_ok=True)
-    for path, text in ((json_path, json.dumps(report, indent=1) + "\n"), (md_path, markdown(report))):
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    return json_path, md_path
+def write_report(report: Dict, json_path: str, *, overwrite: bool = False) -> Tuple[str, str]:
+    """``json_path`` and the Markdown beside it (same stem, .md), each written atomically under
+    ``maskformer.reporting``'s rule: an existing file is replaced only when this run claimed it or
+    with ``overwrite``."""
+    json_path_written, md_path = reporting.write_report(os.path.splitext(json_path)[0], report, markdown(report),
+                                                        overwrite=overwrite)
+    return json_path_written, md_path
 
 
 def _model_arg(text: str) -> Tuple[str, int, int]:
@@ -1214,7 +1197,10 @@ def _list(kind, choices=None):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", default=DEFAULT_JSON, help="output JSON (Markdown beside it; default %(default)s)")
+    parser.add_argument("--json", default=None, help="output JSON, Markdown beside it (default "
+                        "out/benchmarks/gpu-model.json, or the next free -2, -3 when taken; never over an existing "
+                        "file without --overwrite: the committed benchmarks/results/gpu-model.json included)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
     parser.add_argument("--models", type=lambda s: [_model_arg(v) for v in s.split(",") if v],
                         default=list(DEFAULT_MODELS), help="comma list of NAME or NAME:HxW (default swin-tiny, "
                         "swin-large:640x640; names: " + ", ".join(MODELS) + ")")
@@ -1231,11 +1217,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error("give both --host-us-per-op and --efficiency, or neither (then both are fitted)")
     if args.efficiency is not None and not 0 < args.efficiency <= 1:
         parser.error(f"--efficiency must be in (0, 1], got {args.efficiency}")
+    try:  # claimed before minutes of tracing: a taken name is refused now
+        stem = reporting.results_stem(None if args.json is None else os.path.splitext(args.json)[0], "gpu-model",
+                                      overwrite=args.overwrite, log=lambda line: print(line, file=sys.stderr))
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     constants = None if args.efficiency is None else Constants(args.host_us_per_op, args.efficiency,
                                                                args.launch_floor_us)
     report = run(args.models, args.batches, args.dtypes, args.devices, args.impls, constants, args.launch_floor_us,
                  log=lambda line: print(line, file=sys.stderr, flush=True))
-    json_path, md_path = write_report(report, args.json)
+    json_path, md_path = write_report(report, stem + ".json", overwrite=args.overwrite)
     for r in report["calibration"]:
         print(f"calibration {r['model']} batch {r['batch']}: measured {r['measured_ms']} ms, predicted "
               f"{r['predicted_ms']} ms ({r['error']:+.1%})")

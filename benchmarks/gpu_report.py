@@ -38,10 +38,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -49,6 +47,8 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 from typing import Callable, Dict, List, Optional
+
+from maskformer import reporting
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -129,7 +129,7 @@ def _summarise_kernel_tests(out: str, log: str, dry: bool) -> Dict:
 
 
 def _window_attention_cmd(out: str, dry: bool) -> List[str]:
-    cmd = _py("benchmarks/bench_window_attention.py", "--out", os.path.join(out, "window_attention.json"))
+    cmd = _py("benchmarks/bench_window_attention.py", "--out", os.path.join(out, "window_attention.json"), "--overwrite")
     if dry:
         return cmd + ["--dry-run", "--dtypes", "bf16", "--shifts", "6"]
     return cmd + ["--dtypes", "bf16,fp16,fp32", "--shifts", "0,6"]
@@ -138,9 +138,11 @@ def _window_attention_cmd(out: str, dry: bool) -> List[str]:
 def _summarise_window_attention(out: str, log: str, dry: bool) -> Dict:
     path = os.path.join(out, "window_attention.json")
     record = json.load(open(path))
+    env = record.get("environment", {})
     lines = ["# Window attention: Triton vs SDPA (bias materialised) vs eager", "",
-             f"device {record.get('device')}, torch {record.get('torch')}, triton {record.get('triton')}, "
-             f"commit {record.get('commit')}; verified: {record.get('verified')}", ""]
+             f"device {env.get('device_name')}, torch {env.get('versions', {}).get('torch')}, triton "
+             f"{env.get('versions', {}).get('triton')}, commit {reporting.commit_text(env)}; verified: "
+             f"{record.get('verified')}", ""]
     bad = [v for v in record.get("verification", []) if not all(x.get("ok", True) for x in v.values() if isinstance(x, dict))]
     lines += [f"- MISMATCH: {v['stage']} {v['dtype']} shift {v['shift']}" for v in bad]
     lines += ["", "| stage | dtype | shift | impl | ms (median) | p20-p80 | TFLOP/s |", "|---|---|---|---|---|---|---|"]
@@ -158,8 +160,8 @@ def _summarise_window_attention(out: str, log: str, dry: bool) -> Dict:
 def _postprocess_cmd(out: str, dry: bool) -> List[str]:
     stem = os.path.join(out, "postprocess")
     if dry:
-        return _py("-m", "benchmarks.bench_postprocess", "--device", "cpu", "--dry-run", "--out", stem)
-    return _py("-m", "benchmarks.bench_postprocess", "--device", "cuda", "--iters", "10", "--out", stem)
+        return _py("-m", "benchmarks.bench_postprocess", "--device", "cpu", "--dry-run", "--out", stem, "--overwrite")
+    return _py("-m", "benchmarks.bench_postprocess", "--device", "cuda", "--iters", "10", "--out", stem, "--overwrite")
 
 
 def _summarise_postprocess(out: str, log: str, dry: bool) -> Dict:
@@ -174,7 +176,7 @@ def _summarise_postprocess(out: str, log: str, dry: bool) -> Dict:
 def _e2e_cmd(name: str, batches: str, impls: str, dtypes: str, row_timeout: int = 100, models: str = "tiny,large",
              dry_models: str = "toy"):
     def cmd(out: str, dry: bool) -> Optional[List[str]]:
-        common = ["--out", out, "--name", name, "--batches", batches]
+        common = ["--out", out, "--name", name, "--batches", batches, "--overwrite"]
         if dry:
             if "transformers-compile" in impls:
                 return None  # minutes of compilation per row on a CPU
@@ -232,36 +234,30 @@ PARTS = [
 
 def _write(out: str, name: str, data: Dict, md_lines: List[str], dry: bool, md_name: Optional[str] = None) -> None:
     data = dict(data, dry_run=dry)
-    with open(os.path.join(out, f"{name}.json"), "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    with open(os.path.join(out, md_name or f"{name}.md"), "w") as f:
-        f.write("\n".join(([DRY_BANNER, ""] if dry else []) + md_lines) + "\n")
+    reporting.write_text(os.path.join(out, f"{name}.json"), json.dumps(data, indent=1, default=str) + "\n")
+    reporting.write_text(os.path.join(out, md_name or f"{name}.md"), "\n".join(([DRY_BANNER, ""] if dry else []) + md_lines) + "\n")
 
 
+# The parts' own files are rewritten in place (marked as a dry run): they lie in the report's
+# folder, which main() claimed (maskformer.reporting.claim_folder).
 def _mark_json(path: str, dry: bool) -> None:
     if dry and os.path.exists(path):
         data = json.load(open(path))
         data["dry_run"] = True
-        with open(path, "w") as f:
-            json.dump(data, f, indent=1, default=str)
+        reporting.write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _mark_md(path: str, dry: bool) -> None:
     if dry and os.path.exists(path):
         text = open(path).read()
         if DRY_BANNER not in text:
-            with open(path, "w") as f:
-                f.write(DRY_BANNER + "\n\n" + text)
+            reporting.write_text(path, DRY_BANNER + "\n\n" + text)
 
 
 def environment(dry: bool) -> Dict:
+    """``maskformer.reporting.environment`` of the GPU (the CPU in a dry run) with the GPU's
+    details, the TF32 policy and whether the C++ extension loads."""
     import torch
-
-    def version(module):
-        try:
-            return __import__(module).__version__
-        except Exception as exc:
-            return f"unavailable ({type(exc).__name__}: {exc})"
 
     def run(*cmd):
         try:
@@ -269,15 +265,9 @@ def environment(dry: bool) -> Dict:
         except Exception as exc:
             return f"unavailable ({type(exc).__name__})"
 
-    env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), dry_run=dry,
-               python=platform.python_version(), platform=platform.platform(), cpu_count=os.cpu_count(),
-               torch=torch.__version__, torch_cuda=torch.version.cuda, triton=version("triton"),
-               transformers=version("transformers"),
-               # a copied tree without .git (a lent GPU machine): the caller says which commit it is
-               commit=(lambda c: c if re.fullmatch(r"[0-9a-f]{40}", c) else os.environ.get("MASKFORMER_COMMIT", f"unknown ({c or 'no .git'})"))(
-                   run("git", "rev-parse", "HEAD")),
-               dirty=bool(run("git", "status", "--porcelain", "--untracked-files=no")),
-               cuda_available=torch.cuda.is_available())
+    env = reporting.environment("cuda" if torch.cuda.is_available() else "cpu")
+    env["dry_run"] = dry
+    env["cuda_available"] = torch.cuda.is_available()
     try:
         from maskformer import _ext
 
@@ -287,7 +277,7 @@ def environment(dry: bool) -> Dict:
         env["maskformer"] = f"import failed: {exc}"
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, capability=f"sm_{props.major}{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
+        env.update(capability=f"sm_{props.major}{props.minor}", gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    multiprocessors=props.multi_processor_count, device_count=torch.cuda.device_count(),
                    nvidia_smi=run("nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,power.limit",
                                   "--format=csv,noheader"))
@@ -295,14 +285,14 @@ def environment(dry: bool) -> Dict:
 
 
 def write_report(out: str, state: Dict) -> None:
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(state, f, indent=1, default=str)
+    reporting.write_text(os.path.join(out, "report.json"), json.dumps(state, indent=1, default=str) + "\n")
     env = state["environment"]
+    versions = env.get("versions", {})
     lines = ([DRY_BANNER, ""] if state["dry_run"] else []) + [
         "# GPU report" + (" (dry run)" if state["dry_run"] else ""), "",
-        f"{env.get('gpu', 'no GPU')} ({env.get('capability', '-')}), torch {env['torch']} (CUDA {env['torch_cuda']}), "
-        f"triton {env['triton']}, transformers {env['transformers']}, commit {env['commit']}"
-        f"{' (dirty)' if env['dirty'] else ''}, {env['date']}; budget {state['budget_s']:.0f} s, "
+        f"{env.get('gpu', 'no GPU')} ({env.get('capability', '-')}), torch {versions.get('torch')} (CUDA "
+        f"{env.get('cuda')}), triton {versions.get('triton')}, transformers {versions.get('transformers')}, commit "
+        f"{reporting.commit_text(env)}, {env.get('date')}; budget {state['budget_s']:.0f} s, "
         f"{state['elapsed_s']:.0f} s used.", "",
         "| part | status | seconds | limit s | files |", "|---|---|---|---|---|"]
     for p in state["parts"]:
@@ -320,8 +310,7 @@ def write_report(out: str, state: Dict) -> None:
         if p["status"] == "ok" and os.path.exists(md):
             body = open(md).read().replace(DRY_BANNER, "").strip()
             lines += ["", "---", "", re.sub(r"^# ", f"## {p['name']}: ", body, count=1)]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    reporting.write_text(os.path.join(out, "report.md"), "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +386,9 @@ def _kill_group(proc: subprocess.Popen) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", required=True, help="folder for the report (created; files in it are replaced)")
+    parser.add_argument("--out", required=True,
+                        help="folder for the report (created; a folder that holds files is refused unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write over the files of an earlier report in --out")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
                         help=f"seconds after which no part starts (default {DEFAULT_BUDGET_S:.0f})")
@@ -407,7 +398,11 @@ def main(argv=None) -> int:
     unknown = [w for w in wanted if w not in {p.name for p in PARTS}]
     if unknown:
         parser.error(f"unknown parts {unknown}")
-    out = os.path.abspath(args.out)
+    try:  # the report's folder is this run's: its parts write into it with --overwrite
+        out = reporting.claim_folder(args.out, overwrite=args.overwrite)
+    except reporting.ResultsExistError as exc:
+        print(f"gpu_report: {exc}", file=sys.stderr)
+        return 2
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     started = time.monotonic()
     import torch

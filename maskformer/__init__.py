@@ -44,7 +44,7 @@ from .modeling import (
 from .modeling_mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerModel, Mask2FormerPreTrainedModel
 from .outputs import Mask2FormerForUniversalSegmentationOutput, Mask2FormerModelOutput
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "CUDAGraphRunner",

@@ -1,7 +1,7 @@
 """End-to-end benchmark: ours against transformers and the CPU engines, post-processing included.
 
     maskformer bench [--models tiny,large] [--batches 1,2] [--dtypes float32,bfloat16] [--impls ...]
-                     [--rounds 9] [--threads N] [--weights lively|random]
+                     [--rounds 9] [--threads N] [--weights lively|random] [--out DIR] [--name NAME] [--overwrite]
     python -m benchmarks.e2e ...        (the same)
 
 For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640, Mask2Former Swin-T
@@ -33,9 +33,14 @@ Implementations: ``transformers-eager``, ``transformers-compile`` (torch.compile
 by ``torch.onnx.export`` at the benchmark's fixed input size, run by the engine's plain API, then
 transformers' post-processing: what a CPU user would assemble from the two), and the forward-only
 ``onnxruntime-raw`` / ``openvino-raw``. Threads: ``--threads`` (default torch's) for torch and
-every engine. Results: ``benchmarks/results/<name>.json`` (device, CPU model and flags, threads,
-load averages, versions, commit, rows, rounds, paired ratios) and a Markdown table beside it,
-rewritten after every (model, batch) group, so a run cut short keeps what it finished.
+every engine. Results: ``out/benchmarks/<name>.json`` in the current folder (``--out``, ``--name``;
+the environment from ``maskformer.reporting``: device, CPU model and flags, threads, load
+averages, versions, commit; then rows, rounds, paired ratios) and a Markdown table beside it,
+rewritten after every (model, batch) group, so a run cut short keeps what it finished. An
+existing file is never replaced without ``--overwrite`` (a default name that is taken becomes
+``<name>-2``, a ``--name`` that is taken is refused before anything runs), so the committed
+``benchmarks/results/`` files change only when asked: ``--out benchmarks/results --overwrite``.
+Rows are run by ``maskformer.measure`` (a process per row, interleaved rounds, paired ratios).
 ``maskformer-fast-cudagraph`` (backend "auto", the forward replayed as one CUDA graph by
 ``maskformer.CUDAGraphRunner``; CUDA only) is run only when named in ``--impls``. ``--row-timeout``
 bounds a row's loading and warm-up and each of its iterations (the row is then failed and its
@@ -47,17 +52,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
-import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+
+from . import reporting
+from .measure import RowProcess, interleave, paired_ratios, serve
 
 # ADE20K checkpoints' architectures (facebook/maskformer-swin-{tiny,large}-ade) and the input
 # sizes their processors produce for a 4:3 image at the ADE short side.
@@ -91,9 +94,23 @@ ENGINE_IMPLS = ("maskformer-onnxruntime", "maskformer-openvino", "transformers-o
 IMPLS = ("transformers-eager", "transformers-compile", "maskformer-reference", "maskformer-fast",
          "maskformer-compile") + ENGINE_IMPLS
 COMPILE_IMPLS = ("transformers-compile", "maskformer-compile")  # minutes of compilation per row on a CPU
+# torch.compile compiles in a row's first iteration, silently, so the row says so first. Measured
+# (first iteration, Swin-T at 512x683, fp32, batch 1; this project's 2-core AMD EPYC shared with
+# other jobs, load average 9-17; 2026-12-06; benchmarks/results/e2e-cpu-compile-swin-tiny.json):
+# transformers' model 749 s, ours 315 s.
+COMPILE_S_SWIN_T = {"transformers-compile": 749, "maskformer-compile": 315}
 FORWARD_ONLY = ("onnxruntime-raw", "openvino-raw")
 # Asked for by name only (--impls): not part of the default set.
 EXTRA_IMPLS = ("maskformer-fast-cudagraph",)
+
+
+def compile_note(impl: str, device: str) -> str:
+    """What a torch.compile row's warm-up costs, to say before it starts ("" for other rows)."""
+    if impl not in COMPILE_IMPLS:
+        return ""
+    where = "" if device.startswith("cuda") else (
+        f": about {COMPILE_S_SWIN_T[impl] / 60:.0f} minutes for Swin-T at 512x683 on 2 busy CPU cores")
+    return f" (torch.compile compiles during the first iteration{where}; --row-timeout bounds it)"
 
 
 def impl_engine(impl: str):
@@ -109,30 +126,6 @@ def model_name(model: str) -> str:
     if model.startswith("m2f-"):
         return f"mask2former-swin-{model[4:]}"
     return "default-model" if model == "default" else f"swin-{model}"
-
-
-def _device_name(device: str) -> str:
-    import torch
-
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(0)
-    from ._ext import cpu_model
-
-    return f"{cpu_model()} ({os.cpu_count()} cores)"
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def lively_weights_(model, seed: int = 0):
@@ -214,54 +207,6 @@ def speedups(rows: List[Dict]) -> List[Dict]:
                         vs_eager_same=ratio(ok.get((model, batch, "transformers-eager", dtype))),
                         vs_compile_same=ratio(ok.get((model, batch, "transformers-compile", dtype)))))
     return out
-
-
-def proc_status_kib(field: str) -> int:
-    """A KiB field (VmRSS, VmHWM, ...) of /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> int:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux: write 5 to clear_refs) and
-    return the current RSS in KiB; extra memory since then is ``peak_rss_kib() -`` this."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return proc_status_kib("VmRSS")
-    except OSError:  # not Linux, or not allowed: fall back to the lifetime peak (an upper bound)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def peak_rss_kib() -> int:
-    try:
-        return proc_status_kib("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def measure_peak_extra(fn, *args, device: str = "cpu"):
-    """Run ``fn(*args)`` once -> (result, peak extra MiB during the call, method).
-
-    CUDA: the allocator's peak over what was allocated before. CPU: peak resident memory during
-    the call over the resident memory just before it (VmHWM after clear_refs). Run it in a fresh
-    process after a warm-up call, so that lazy initialisation is not counted.
-    """
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        result = fn(*args)
-        torch.cuda.synchronize()
-        return result, (torch.cuda.max_memory_allocated() - base) / 2**20, "cuda allocator"
-    base = reset_peak_rss()
-    result = fn(*args)
-    return result, max(0, peak_rss_kib() - base) / 1024, "VmHWM - VmRSS (clear_refs)"
 
 
 def synthetic_pixel_values(batch: int, height: int, width: int):
@@ -422,8 +367,8 @@ def _plain_engine_forward(engine: str, path: str, threads: int):
 
 
 def worker(spec: Dict) -> int:
-    """A row's process: load and warm up, save the maps, say READY; then answer RUN (one timed
-    iteration), MEM (peak extra memory of one iteration) and EXIT on stdin, one line each."""
+    """A row's process: load and warm up, save the maps, then serve the parent
+    (``maskformer.measure.serve``: RUN, MEM, EXIT on stdin)."""
     import torch
 
     maps_out = spec.pop("maps_out")
@@ -439,112 +384,17 @@ def worker(spec: Dict) -> int:
         step()
     # load_s: loading (an engine's first-use export and build included); first_s: the first
     # iteration (torch.compile's compilation happens there)
-    _say({"ready": True, "threads": torch.get_num_threads(), "load_s": round(loaded - started, 2),
-          "first_s": round(first - loaded, 2)})
-    for line in sys.stdin:
-        command = line.strip()
-        if command == "RUN":
-            start = time.perf_counter()
-            _, forward = step()
-            _say({"total_ms": (time.perf_counter() - start) * 1e3, "forward_ms": forward * 1e3})
-        elif command == "MEM":
-            _, peak, _ = measure_peak_extra(step, device=spec["device"])
-            _say({"peak_mem_mb": peak})
-        elif command == "EXIT":
-            break
-    return 0
+    ready = {"threads": torch.get_num_threads(), "load_s": round(loaded - started, 2), "first_s": round(first - loaded, 2)}
+    return serve(lambda: step()[1], ready, device=spec["device"])
 
 
-def _say(message: Dict) -> None:
-    print("BENCH " + json.dumps(message), flush=True)
-
-
-class Worker:
-    """The parent's handle on one row's process. ``timeout``: seconds an answer may take (the
-    loading and warm-up, or one iteration); past it the process is killed and the row fails."""
-
-    def __init__(self, spec: Dict, log_path: str, timeout: Optional[float] = None):
-        self.spec = spec
-        self.timeout = timeout
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "maskformer.bench", "--worker", json.dumps(spec)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     cwd=REPO)
-        self.error = None
-        self.error_log = None
-        self._timed_out = False
-
-    def _kill_on_timeout(self):
-        self._timed_out = True
-        self.proc.kill()
-
-    def ask(self, command: Optional[str]) -> Dict:
-        if self.error:
-            raise RuntimeError(self.error)
-        timer = threading.Timer(self.timeout, self._kill_on_timeout) if self.timeout else None
-        try:
-            if timer:
-                timer.start()
-            if command:
-                self.proc.stdin.write(command + "\n")
-                self.proc.stdin.flush()
-            for line in self.proc.stdout:
-                if line.startswith("BENCH "):
-                    return json.loads(line[6:])
-        except OSError:  # the process died while we wrote to it
-            pass
-        finally:
-            if timer:
-                timer.cancel()
-        self.proc.wait()
-        self.log.flush()
-        with open(self.log.name) as f:
-            lines = [l for l in f.read().strip().splitlines() if l.strip()] or ["no output"]
-        # the log's end too: a row that fails on a lent GPU must say where (the next chance to look
-        # may be weeks away)
-        self.error_log = "\n".join(lines[-25:])
-        self.error = (f"timed out after {self.timeout:g} s (--row-timeout)" if self._timed_out
-                      else f"exit {self.proc.returncode}: {lines[-1]}")
-        raise RuntimeError(self.error)
-
-    def close(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write("EXIT\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-        self.log.close()
+def start_row(spec: Dict, log_path: str, timeout: Optional[float] = None) -> RowProcess:
+    """One row's process (this module's ``--worker``), loading and warming up."""
+    return RowProcess([sys.executable, "-m", "maskformer.bench", "--worker", json.dumps(spec)], log_path, timeout,
+                      cwd=REPO, spec=spec)
 
 
 # ---------------------------------------------------------------------------------------------
-def cpu_flags() -> Dict[str, bool]:
-    """The x86 features that decide CPU speed here (from /proc/cpuinfo)."""
-    from ._ext import cpu_flags as flags
-
-    return flags(("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8"))
-
-
-def _loadavg():
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _versions() -> Dict[str, Optional[str]]:
-    import importlib.metadata as md
-
-    found = {}
-    for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "openvino", "triton"):
-        try:
-            found[package] = md.version(package)
-        except md.PackageNotFoundError:
-            found[package] = None
-    return found
-
-
 def export_transformers_onnx(checkpoint: str, path: str, batch: int, height: int, width: int) -> str:
     """transformers' model to ONNX at one fixed input size (torch.onnx.export, its default dynamo
     exporter; the TorchScript one if that fails): the file a user makes of transformers' model."""
@@ -573,21 +423,6 @@ def export_transformers_onnx(checkpoint: str, path: str, batch: int, height: int
     return path
 
 
-def paired_ratios(times: Dict[str, List[float]], pairs) -> List[Dict]:
-    """Per pair (a, b): the per-round ratios times[b][r] / times[a][r] (> 1: a is faster), their
-    median, min and max."""
-    out = []
-    for a, b in pairs:
-        ta, tb = times.get(a), times.get(b)
-        if not ta or not tb:
-            continue
-        ratios = [y / x for x, y in zip(ta, tb) if x and y]
-        if ratios:
-            out.append({"faster": a, "slower": b, "median": round(float(np.median(ratios)), 3),
-                        "min": round(min(ratios), 3), "max": round(max(ratios), 3), "rounds": len(ratios)})
-    return out
-
-
 def comparison_pairs(impls: List[str]) -> Tuple[list, list]:
     """(end-to-end pairs, forward pairs): every maskformer engine/fast row against every
     transformers row; each maskformer engine row's forward against its raw engine."""
@@ -603,48 +438,36 @@ def comparison_pairs(impls: List[str]) -> Tuple[list, list]:
 def run_group(model: str, checkpoint: str, batch: int, height: int, width: int, plan, args, device: str, tmp: str,
               onnx_files: Dict[str, str], engine_cache: Optional[str]) -> Tuple[List[Dict], Dict]:
     """All rows of one (model, batch), interleaved. -> (rows, group report)."""
-    workers: Dict[str, Worker] = {}
+    workers: Dict[str, RowProcess] = {}
     rows: List[Dict] = []
     failed: Dict[str, str] = {}
-    threads = args.threads
+    # Each row's process starts when the previous one is ready: loading and warming up in parallel
+    # would time the warm-ups (and torch.compile's compilation) against each other.
+    ready: Dict[str, Dict] = {}
     for impl, dtype in [("maskformer-reference", "float32")] + [p for p in plan if p != ("maskformer-reference", "float32")]:
         key = f"{impl}/{dtype}"
         spec = dict(impl=impl, checkpoint=checkpoint, dtype_name=dtype, batch=batch, height=height, width=width,
-                    device=device, threads=threads, warmup=args.warmup, maps_out=os.path.join(tmp, _slug(key) + ".npy"),
-                    onnx_path=onnx_files.get(impl), engine_cache=engine_cache)
-        workers[key] = Worker(spec, os.path.join(tmp, _slug(key) + ".log"), timeout=args.row_timeout)
-    # Load and warm up one at a time (loading in parallel would time the warm-ups against each other).
-    ready: Dict[str, Dict] = {}
-    for key, w in workers.items():
+                    device=device, threads=args.threads, warmup=args.warmup,
+                    maps_out=os.path.join(tmp, reporting.slug(key) + ".npy"), onnx_path=onnx_files.get(impl),
+                    engine_cache=engine_cache)
+        print(f"  {model_name(model)} {key} b{batch}: loading and warming up" + compile_note(impl, device),
+              file=sys.stderr, flush=True)
+        workers[key] = start_row(spec, os.path.join(tmp, reporting.slug(key) + ".log"), timeout=args.row_timeout)
         try:
-            ready[key] = w.ask(None)
+            ready[key] = workers[key].ask(None)
         except RuntimeError as exc:
             failed[key] = str(exc)
             print(f"  {model_name(model)} {key} b{batch}: FAILED: {exc}", file=sys.stderr)
+            continue
+        if impl in COMPILE_IMPLS:
+            print(f"  {model_name(model)} {key} b{batch}: compiled in {ready[key]['first_s']:.0f} s", file=sys.stderr,
+                  flush=True)
     reference = np.load(workers["maskformer-reference/float32"].spec["maps_out"]) \
         if "maskformer-reference/float32" not in failed else None
     timed = [k for k in workers if k not in failed and (k.split("/")[0], k.split("/")[1]) in plan]
-    totals: Dict[str, List[float]] = {k: [] for k in timed}
-    forwards: Dict[str, List[float]] = {k: [] for k in timed}
-    rounds = []
-    for r in range(args.rounds):
-        if r and args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
-            print(f"  --max-seconds spent: {r} of {args.rounds} rounds", file=sys.stderr)
-            break
-        order = timed[r % len(timed):] + timed[:r % len(timed)] if timed else []
-        rounds.append({"round": r + 1, "loadavg": _loadavg(), "order": order})
-        for key in order:
-            if key in failed:
-                continue
-            time.sleep(args.pause)  # let the previous row's spinning threads go to sleep
-            try:
-                result = workers[key].ask("RUN")
-            except RuntimeError as exc:
-                failed[key] = str(exc)
-                continue
-            totals[key].append(result["total_ms"])
-            forwards[key].append(result["forward_ms"])
-        print(f"  round {r + 1}/{args.rounds} done (load average {rounds[-1]['loadavg']})", file=sys.stderr, flush=True)
+    deadline = None if args.max_seconds is None else args.started + args.max_seconds
+    totals, forwards, rounds = interleave(workers, timed, args.rounds, pause=args.pause, failed=failed,
+                                          deadline=deadline)
     for key, w in workers.items():
         impl, dtype = key.split("/")
         if key in failed or (impl, dtype) not in plan:
@@ -705,10 +528,15 @@ def main(argv: List[str] = None) -> int:
                              "or left as initialised")
     parser.add_argument("--pause", type=float, default=0.2, help="seconds between two rows' iterations (default 0.2)")
     parser.add_argument("--engine-cache", default=None, help="engine cache folder (default: maskformer's)")
-    parser.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    parser.add_argument("--out", default=None,
+                        help=f"folder for the results (default {reporting.DEFAULT_RESULTS_DIR} in the current folder)")
     parser.add_argument("--name", default=None,
-                        help="results file stem (default e2e-<device>-<device name>); for runs that must not "
-                             "replace another's file, e.g. a slow model measured separately")
+                        help="results file stem (default e2e-<device>-<device name>, or the next free "
+                             "e2e-...-2, -3 when taken)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results files if they exist (e.g. --out benchmarks/results to refresh the "
+                             "committed ones); without it an existing file is never replaced: a name you chose that "
+                             "is taken is refused before anything runs")
     parser.add_argument("--row-timeout", type=float, default=None,
                         help="seconds for a row's loading and warm-up, and for each of its iterations (default none)")
     parser.add_argument("--max-seconds", type=float, default=None,
@@ -741,28 +569,29 @@ def main(argv: List[str] = None) -> int:
             if engine and (device != "cpu" or engine_unavailable(engine)):
                 skipped_impls[impl] = engine_unavailable(engine) or "the engines run on the CPU"
             elif impl in COMPILE_IMPLS and not device.startswith("cuda"):
-                skipped_impls[impl] = "torch.compile takes minutes per row on a CPU; pass --impls to run it"
+                skipped_impls[impl] = ("torch.compile takes minutes per row on a CPU (Swin-T: 5-13 minutes on 2 busy "
+                                       "cores); pass --impls to run it")
             else:
                 impls.append(impl)
     unknown = [i for i in impls if i not in IMPLS + EXTRA_IMPLS] + [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown implementation or model: {unknown}")
-    triton_version = _versions()["triton"]
-    device_name = _device_name(device)
+    env = reporting.environment(device, threads=args.threads)
+    # Claimed before anything is measured: a taken name is refused now, not after an hour of rows.
+    folder = args.out or reporting.DEFAULT_RESULTS_DIR
+    try:
+        stem = reporting.results_stem(os.path.join(folder, args.name) if args.name else None,
+                                      reporting.slug(f"e2e-{device}-{env['device_name']}"), folder=folder,
+                                      overwrite=args.overwrite)
+    except reporting.ResultsExistError as exc:
+        parser.error(str(exc))
     rows, groups = [], []
-    load_start = _loadavg()
     args.started = time.monotonic()
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, _slug(args.name or f"e2e-{device}-{device_name}"))
 
     def report():
         return {
-            "device": device_name, "cpu_flags": cpu_flags() if device == "cpu" else None,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability() if device == "cpu" else None,
-            "torch": torch.__version__, "triton": triton_version, "versions": _versions(), "commit": _commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M"), "python": platform.python_version(), "threads": args.threads,
-            "loadavg_start": load_start, "loadavg_end": _loadavg(), "warmup": args.warmup, "rounds": args.rounds,
-            "repeats": args.rounds, "weights": args.weights, "rows": rows, "groups": groups,
+            "environment": env, "loadavg_end": reporting.loadavg(), "warmup": args.warmup, "rounds": args.rounds,
+            "weights": args.weights, "rows": rows, "groups": groups,
             "skipped_dtypes": skipped_dtypes, "skipped_impls": skipped_impls, "speedups": speedups(rows),
             "note": "swin-* rows: transformers' random init (no trained checkpoint can be downloaded here), "
                     + ("made lively (bench.lively_weights_) so maps hold several labels; " if args.weights == "lively"
@@ -771,6 +600,9 @@ def main(argv: List[str] = None) -> int:
                     "to maskformer-reference float32 at the same batch; inputs are synthetic images. Rows interleaved "
                     "round-robin; paired = median over rounds of the per-round time ratio",
         }
+
+    def save():
+        reporting.write_report(stem, report(), markdown(report()), overwrite=args.overwrite)
 
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
@@ -809,32 +641,20 @@ def main(argv: List[str] = None) -> int:
                                               onnx_files, args.engine_cache)
                 rows += group_rows
                 groups.append(group)
-                write_report(stem, report())  # after every group: a run cut short keeps what it finished
-    write_report(stem, report())
+                save()  # after every group: a run cut short keeps what it finished
+    save()
     print(f"wrote {stem}.json and {stem}.md")
     return 0
 
 
-def write_report(stem: str, report: Dict) -> None:
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-
-
 def markdown(report: Dict) -> str:
-    flags = report.get("cpu_flags") or {}
-    have = ", ".join(k for k, v in flags.items() if v) or "-"
-    lacks = ", ".join(k for k, v in flags.items() if not v) or "-"
-    versions = ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v)
+    env = report["environment"]
     loads = [tuple(r["loadavg"] or ()) for g in report["groups"] for r in g["rounds"]]
     one_min = [l[0] for l in loads if l]
-    lines = [f"# End-to-end benchmark: {report['device']}", "",
-             f"{versions}; commit {report['commit']}, {report['date']}, {report['threads']} threads, "
-             f"{report['rounds']} interleaved rounds after {report['warmup']} warm-up, weights: {report['weights']}.",
-             f"CPU flags: {have} (not: {lacks}); torch CPU capability {report.get('torch_cpu_capability')}.",
-             f"Load average (1, 5, 15 min): {report['loadavg_start']} at the start, {report['loadavg_end']} at the end"
-             + (f"; 1-min per round {min(one_min):.2f} to {max(one_min):.2f}" if one_min else "") + ".",
+    lines = [f"# End-to-end benchmark: {env['device_name']}", "",
+             *reporting.environment_markdown(env, loadavg_end=report["loadavg_end"]),
+             f"- {report['rounds']} interleaved rounds after {report['warmup']} warm-up, weights: {report['weights']}"
+             + (f"; 1-min load average per round {min(one_min):.2f} to {max(one_min):.2f}" if one_min else ""), "",
              "One iteration = forward + semantic post-processing to the input size, on synthetic images; `*-raw` rows "
              "are the forward alone, through the engine's own API on our engine's file. Medians over the rounds.", ""]
     for name, why in {**report["skipped_dtypes"], **report.get("skipped_impls", {})}.items():

@@ -73,6 +73,9 @@ def _read_index(index_path: str) -> Dict[str, str]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{index_path} is not a valid shard index ({exc}); re-download the checkpoint") from exc
+    except RecursionError:
+        raise CheckpointError(f"{index_path} nests its JSON deeper than the parser can follow; the shard index is "
+                              "corrupt or hostile: re-download the checkpoint") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(
@@ -132,6 +135,17 @@ def _read_safetensors(path: str, shapes_only: bool = False):
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); it may be truncated or corrupt: "
                               "re-download or re-save it") from exc
+    except (MemoryError, RuntimeError) as exc:
+        # safetensors maps the file: under an address-space or memory limit the map fails with ENOMEM
+        # (safe_open: MemoryError "Cannot allocate memory (os error 12)", naming no file; torch's reader:
+        # RuntimeError "unable to mmap"). Anything else is not ours to reword.
+        if isinstance(exc, RuntimeError) and "mmap" not in str(exc):
+            raise
+        size = os.path.getsize(path)
+        raise MemoryError(
+            f"{path} ({size / 1e6:.0f} MB) could not be mapped into memory ({exc}): the process's memory or address-space "
+            "limit (ulimit -v, a container limit) is below what reading it needs; raise the limit or free memory"
+        ) from exc
 
 
 def _read_torch_bin(path: str, shapes_only: bool = False) -> Dict[str, torch.Tensor]:
@@ -451,10 +465,15 @@ class LoadPlan:
 
 
 def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_sizes: bool = False,
-                 strict: bool = False, dropped: Optional[List[str]] = None) -> LoadPlan:
+                 strict: Optional[bool] = None, dropped: Optional[List[str]] = None) -> LoadPlan:
     """Match ``shapes`` (model names; meta tensors suffice) to ``model``'s tensors, or raise CheckpointError listing
-    every problem. Missing heads are initialised only when all of them are missing (a MaskFormerModel
-    checkpoint) and ``strict`` is off; missing backbone or decoder tensors are always an error."""
+    every problem.
+
+    ``strict``: None (the default) initialises the heads when all of them are missing (a MaskFormerModel
+    checkpoint) and refuses any other missing tensor and any unexpected one; True refuses missing heads
+    too; False follows transformers' loading: every missing tensor is initialised (and listed in
+    ``missing_keys``), unexpected ones are left out (and listed in ``unexpected_keys``). A wrongly
+    shaped tensor is an error unless ``ignore_mismatched_sizes``, as in transformers."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in shapes]
     # A stored relative_position_index where the model keeps it unsaved (Mask2Former's backbone, as
@@ -467,7 +486,10 @@ def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_si
     derived = [k for k in missing if any(p.search(k) for p in _OPTIONAL_KEYS)]
     head_keys = [k for k in expected if _HEAD_KEYS.match(k)]
     heads_absent = bool(head_keys) and all(k in missing for k in head_keys)
-    initialised = head_keys if heads_absent and not strict else []
+    if strict is False:
+        initialised = [k for k in missing if k not in derived]
+    else:
+        initialised = head_keys if heads_absent and not strict else []
     fatal_missing = [k for k in missing if k not in derived and k not in initialised]
     if ignore_mismatched_sizes:
         initialised = initialised + [k for k, _, _ in mismatched if k not in derived]
@@ -475,7 +497,7 @@ def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_si
     if fatal_missing:
         why = " (strict=True: the heads are not initialised)" if strict and heads_absent else ""
         problems.append(f"{len(fatal_missing)} missing{why}: {_format_keys(fatal_missing)}")
-    if unexpected:
+    if unexpected and strict is not False:
         problems.append(f"{len(unexpected)} unexpected: {_format_keys(unexpected)}")
     if mismatched and not ignore_mismatched_sizes:
         shown = [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in mismatched]
@@ -484,10 +506,12 @@ def plan_loading(model, shapes: Dict[str, torch.Tensor], *, ignore_mismatched_si
     if problems:
         implied = sum(t.numel() for k, t in expected.items() if k not in derived)
         held = sum(t.numel() for t in shapes.values())
+        loose = "" if strict is False else (" (strict=False initialises missing tensors and skips unexpected ones, as "
+                                            "transformers does)")
         raise CheckpointError(
             "the checkpoint does not match the model built from its config.json: " + "; ".join(problems)
             + f". The config implies {implied:,} values, the checkpoint holds {held:,}. Check that config.json and "
-            "the weights belong to the same MaskFormer checkpoint"
+            f"the weights belong to the same MaskFormer checkpoint{loose}"
         )
     return LoadPlan(missing, unexpected, mismatched, derived, initialised, dropped)
 
@@ -553,7 +577,7 @@ def assign_state(model, state: Dict[str, torch.Tensor], plan: LoadPlan) -> None:
 
 
 def load_model_state(model, state: Dict[str, torch.Tensor], *, ignore_mismatched_sizes: bool = False,
-                     strict: bool = False) -> LoadPlan:
+                     strict: Optional[bool] = None) -> LoadPlan:
     """Assign an in-memory state dict (file names or transformers' in-memory names) to ``model``
     (possibly on the meta device), with the rules of ``from_pretrained``; returns the plan."""
     state, dropped = _to_model_keys(_rename_for(type(model), state), _is_base_model(model))
@@ -616,9 +640,10 @@ IGNORED_KWARGS = {
     "_from_pipeline": "transformers' internal flag",
 }
 def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=None, device_map=None,
-                    ignore_mismatched_sizes: bool = False, output_loading_info: bool = False, strict: bool = False,
-                    use_safetensors: Optional[bool] = None, **kwargs):
-    """Build ``cls`` from a checkpoint folder or hub repo (see ``MaskFormerPreTrainedModel.from_pretrained``)."""
+                    ignore_mismatched_sizes: bool = False, output_loading_info: bool = False,
+                    strict: Optional[bool] = None, use_safetensors: Optional[bool] = None, state_dict=None, **kwargs):
+    """Build ``cls`` from a checkpoint folder or hub repo, or from ``config=`` and ``state_dict=`` with
+    ``path_or_repo_id=None`` (see ``MaskFormerPreTrainedModel.from_pretrained``)."""
     if "torch_dtype" in kwargs:  # transformers' older spelling
         alias = kwargs.pop("torch_dtype")
         if dtype is not None and _parse_dtype(alias) != _parse_dtype(dtype):
@@ -643,15 +668,30 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
         raise ValueError(f"device={device!r} and device_map={device_map!r} disagree; pass one of them")
     device = target if target is not None else device
 
+    if strict not in (None, True, False):
+        raise TypeError(f"strict must be None (the default), True or False, got {strict!r}")
     config_class = cls.config_class
+    if path_or_repo_id is None and (config is None or state_dict is None):
+        raise TypeError(
+            f"{cls.__name__}.from_pretrained(None, ...) builds the model from config= and state_dict= (both needed, as in "
+            "transformers); or pass a checkpoint folder or hub repo id"
+        )
+    if state_dict is not None and not (isinstance(state_dict, dict) and all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items())):
+        raise TypeError("state_dict must be a dict of tensor names to tensors (e.g. model.state_dict())")
     if config is None:
         config = config_class.from_pretrained(path_or_repo_id, **hub_kwargs)
     elif not isinstance(config, config_class):
         config = config_class.from_dict(config if isinstance(config, dict) else config.to_dict())
     config = config.with_overrides(**overrides)
-    files = find_checkpoint_files(path_or_repo_id, use_safetensors=use_safetensors, **hub_kwargs)
+    config.validate()  # every field, before any weight is read or any module built
     base_model = _is_base_model_class(cls)
-    shapes, dropped = _to_model_keys(_rename_for(cls, read_checkpoint(files, shapes_only=True)), base_model)
+    if state_dict is not None:  # transformers' state_dict=: these tensors instead of the checkpoint's files
+        files = None
+        shapes, dropped = _to_model_keys(_rename_for(cls, dict(state_dict)), base_model)
+    else:
+        files = find_checkpoint_files(path_or_repo_id, use_safetensors=use_safetensors, **hub_kwargs)
+        shapes, dropped = _to_model_keys(_rename_for(cls, read_checkpoint(files, shapes_only=True)), base_model)
     if isinstance(config, MaskFormerConfig):
         check_config_against_checkpoint(config, shapes, base_model, ignore_mismatched_sizes)
     else:
@@ -659,7 +699,10 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
     with torch.device("meta"):
         model = cls(config)
     plan = plan_loading(model, shapes, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, dropped=dropped)
-    state, _ = _to_model_keys(_rename_for(cls, read_checkpoint(files)), base_model)
+    if files is None:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in shapes.items()}  # the caller's tensors stay theirs
+    else:
+        state, _ = _to_model_keys(_rename_for(cls, read_checkpoint(files)), base_model)
     assign_state(model, state, plan)
     del state
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
@@ -675,9 +718,18 @@ def load_pretrained(cls, path_or_repo_id, *, dtype=None, device=None, config=Non
 
 
 def _warn_initialised(name: str, plan: LoadPlan) -> None:
-    heads = [k for k in plan.initialised if k in plan.missing]
+    missing = [k for k in plan.initialised if k in plan.missing]
+    heads = [k for k in missing if _HEAD_KEYS.match(k)]
+    others = [k for k in missing if not _HEAD_KEYS.match(k)]
     resized = [k for k in plan.initialised if k not in plan.missing]
-    if heads:
+    if others:
+        warnings.warn(
+            f"{name}: {len(missing)} tensors missing from the checkpoint were initialised at random (strict=False, as "
+            f"transformers loads): {_format_keys(missing)}. Train them before use; without strict=False such a "
+            "checkpoint is refused",
+            UserWarning, stacklevel=4,
+        )
+    elif heads:
         warnings.warn(
             f"{name}: the checkpoint has no heads (a MaskFormerModel checkpoint?); {len(heads)} tensors were initialised "
             f"at random: {_format_keys(heads)}. Train them before use, or pass strict=True to refuse such checkpoints",

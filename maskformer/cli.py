@@ -189,9 +189,14 @@ def info() -> dict:
         report["backends"] = dispatch.describe()
     else:
         report["backends"] = f"the op registry did not load: {registry_error}"
-    from .engines.registry import describe as describe_engines
+    # The engines package builds on the export, which runs the model with dispatch's reference
+    # backend; an op module that does not import breaks that import too, and info still reports.
+    try:
+        from .engines.registry import describe as describe_engines
 
-    report["engines"] = describe_engines()
+        report["engines"] = describe_engines()
+    except ImportError as exc:
+        report["engines"] = f"not listed: {exc}"
     report["model_families"] = {
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",
@@ -212,7 +217,8 @@ def set_threads(threads: int) -> None:
 
 
 def run_export(args) -> int:
-    """``maskformer export``: write, verify, print the verification table."""
+    """``maskformer export``: write (to a temporary file, renamed into place once verified), verify,
+    print the verification table; a line per phase on stderr."""
     from .export import export_onnx
     from .modeling import MaskFormerForInstanceSegmentation
 
@@ -222,6 +228,8 @@ def run_export(args) -> int:
     if existing and not args.overwrite:  # checked before the minute of exporting, not after
         raise ValueError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: "
                          "pass --overwrite to replace it, or choose another output path")
+    if os.path.isdir(args.out) and not os.path.islink(args.out):
+        raise ValueError(f"{args.out} is a folder: give the path of the .onnx file to write")
     sizes = None
     if args.verify_sizes:
         try:
@@ -231,14 +239,30 @@ def run_export(args) -> int:
         if any(len(s) != 3 or min(s) < 1 for s in sizes):
             raise ValueError(f"--verify-sizes must be BxHxW sizes such as 1x512x683,2x97x131,1x224x288, got "
                              f"{args.verify_sizes!r}")
+
+    def log(message: str) -> None:
+        print(f"maskformer export: {message}", file=sys.stderr, flush=True)
+
     if args.model == "default":
         from .loading import load_default_model
 
         model = load_default_model()
     else:
+        from .hub import resolve_file
+
+        try:  # what export supports today, before the generic "not a 'maskformer' model"
+            with open(resolve_file(args.model, "config.json"), encoding="utf-8") as f:
+                model_type = json.load(f).get("model_type")
+        except Exception:  # unreadable or absent: from_pretrained names the problem below
+            model_type = None
+        if model_type == "mask2former":
+            raise ValueError(f"{args.model} is a Mask2Former checkpoint; maskformer export supports MaskFormer "
+                             "checkpoints today (the Mask2Former export and its engines are being built next). "
+                             f"Mask2Former runs with the torch engine: maskformer segment IMAGES --model {args.model} "
+                             "--out OUT")
         model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype="float32", device="cpu")
     report = export_onnx(model, args.out, outputs=args.outputs, opset=args.opset, verify=not args.no_verify,
-                         verify_sizes=sizes, verify_engine=args.verify_engine, threads=args.threads)
+                         verify_sizes=sizes, verify_engine=args.verify_engine, threads=args.threads, log=log)
     print(report.table())
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:

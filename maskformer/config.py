@@ -29,9 +29,14 @@ class ConfigError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------
-# Field checks. Every field is checked for type and range before anything is built, so an absurd
-# or hostile config.json fails at once with the field's name instead of after minutes and
-# gigabytes (1e9 labels build a 6 GB id2label dict; 1e6 decoder layers never finish building).
+# Field checks. Every field is checked for type and range before anything is built (``validate``,
+# run when a model is built from the config and when a checkpoint is loaded), so an absurd or
+# hostile config.json fails at once with the field's name instead of after minutes and gigabytes
+# (1e6 decoder layers never finish building). Not when a config is constructed or a field assigned:
+# as in transformers, a config may pass through states no model can have while it is edited
+# (``Mask2FormerConfig(feature_size=16)``, then ``feature_size = 64``). The classes are the
+# exception: ``num_labels`` and ``id2label`` are checked at once, since 1e9 labels would build a
+# 6 GB id2label dict inside the config itself.
 # Limits sit far above any released checkpoint: MaskFormer's largest (Swin-L) has embed_dim 192,
 # depths [2, 2, 18, 2], 48 heads, windows of 12, 100 queries, 6 decoder layers, 171 classes.
 # ------------------------------------------------------------------------------------------------
@@ -102,11 +107,22 @@ def _as_pair(value, name, lo: int = 1, hi: int = 1 << 16):
     return value, value
 
 
+# The generic keys transformers' PreTrainedConfig writes into every config dict, nested sub-configs
+# included, with its defaults (transformers 5.23 and 5.25 alike). A config built here writes them
+# too, so its config.json has the keys transformers' would; values read from a file win.
+_GENERIC_DEFAULTS = dict(
+    _name_or_path="", architectures=None, chunk_size_feed_forward=0, dtype=None, is_encoder_decoder=False,
+    problem_type=None, output_attentions=False, output_hidden_states=False, return_dict=True,
+    id2label={"0": "LABEL_0", "1": "LABEL_1"}, label2id={"LABEL_0": 0, "LABEL_1": 1},
+)
+
+
 class _ConfigBase:
     """Shared (de)serialisation: known fields are attributes, everything else lives in ``extra``."""
 
     model_type = ""
     _fields: Dict[str, Any] = {}
+    _generic_overrides: Dict[str, Any] = {}  # a class's own defaults for _GENERIC_DEFAULTS keys
 
     def __init__(self, **kwargs):
         self.extra: Dict[str, Any] = {}
@@ -127,6 +143,8 @@ class _ConfigBase:
         for name in self._fields:
             value = getattr(self, name)
             out[name] = list(value) if isinstance(value, tuple) else copy.deepcopy(value)
+        for name, value in {**_GENERIC_DEFAULTS, **self._generic_overrides}.items():
+            out.setdefault(name, copy.deepcopy(value))
         out["model_type"] = self.model_type
         return dict(sorted(out.items()))
 
@@ -165,6 +183,7 @@ class MaskFormerSwinConfig(_ConfigBase):
     """
 
     model_type = "maskformer-swin"
+    _generic_overrides = {"encoder_stride": 32}  # a SwinConfig field MaskFormer does not use
     _fields = dict(
         image_size=224,
         patch_size=4,
@@ -186,15 +205,18 @@ class MaskFormerSwinConfig(_ConfigBase):
 
     def __init__(self, **kwargs):
         # Derived or bookkeeping keys that transformers writes; recomputed on save.
-        for derived in ("hidden_size", "num_layers", "stage_names", "out_features", "out_indices"):
+        for derived in ("num_layers", "stage_names", "out_features", "out_indices"):
             kwargs.pop(derived, None)
+        hidden_size = kwargs.pop("hidden_size", None)
         # transformers' attribute_map aliases.
         if "num_attention_heads" in kwargs:
             kwargs.setdefault("num_heads", kwargs.pop("num_attention_heads"))
         if "num_hidden_layers" in kwargs:
             kwargs.pop("num_hidden_layers")
         super().__init__(**kwargs)
-        self.validate()
+        self._hidden_size = None
+        if hidden_size is not None and hidden_size != self._last_stage_channels():
+            self.hidden_size = hidden_size
 
     def validate(self):
         """Check every field's type and range (normalising lists and numbers); ConfigError names the field."""
@@ -244,10 +266,22 @@ class MaskFormerSwinConfig(_ConfigBase):
             total += 8 * dim * dim if i < len(self.depths) - 1 else 0
         return int(total)
 
+    def _last_stage_channels(self):
+        try:
+            return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+        except (TypeError, ValueError, OverflowError):  # fields not validated yet
+            return None
+
     @property
     def hidden_size(self) -> int:
-        """Channels of the last stage."""
-        return int(self.embed_dim * 2 ** (len(self.depths) - 1))
+        """Channels of the last stage, unless set: as in transformers' SwinConfig, an assigned value
+        (``backbone_config.hidden_size = 16``) is kept and written to config.json but builds nothing
+        (the model reads ``embed_dim`` and ``depths``)."""
+        return self._hidden_size if self._hidden_size is not None else self._last_stage_channels()
+
+    @hidden_size.setter
+    def hidden_size(self, value):
+        self._hidden_size = value
 
     @property
     def stage_channels(self):
@@ -256,14 +290,15 @@ class MaskFormerSwinConfig(_ConfigBase):
 
     def to_dict(self):
         out = super().to_dict()
-        n = len(self.depths)
-        out.update(
-            hidden_size=self.hidden_size,
-            num_layers=n,
-            stage_names=["stem"] + [f"stage{i}" for i in range(1, n + 1)],
-            out_features=[f"stage{i}" for i in range(1, n + 1)],
-            out_indices=list(range(1, n + 1)),
-        )
+        out["hidden_size"] = self.hidden_size
+        if isinstance(self.depths, (list, tuple)):  # not before validation: a bad value is written as it is
+            n = len(self.depths)
+            out.update(
+                num_layers=n,
+                stage_names=["stem"] + [f"stage{i}" for i in range(1, n + 1)],
+                out_features=[f"stage{i}" for i in range(1, n + 1)],
+                out_indices=list(range(1, n + 1)),
+            )
         return dict(sorted(out.items()))
 
 
@@ -276,6 +311,7 @@ class MaskFormerDecoderConfig(_ConfigBase):
     """
 
     model_type = "detr"
+    _generic_overrides = {"is_encoder_decoder": True}
     _fields = dict(
         num_queries=100,
         d_model=256,
@@ -295,7 +331,6 @@ class MaskFormerDecoderConfig(_ConfigBase):
         if "hidden_size" in kwargs:
             kwargs.setdefault("d_model", kwargs.pop("hidden_size"))
         super().__init__(**kwargs)
-        self.validate()
 
     def validate(self):
         """Check every field's type and range; ConfigError names the field."""
@@ -325,7 +360,12 @@ class MaskFormerDecoderConfig(_ConfigBase):
 
     @property
     def hidden_size(self) -> int:
+        """transformers' alias of ``d_model``."""
         return self.d_model
+
+    @hidden_size.setter
+    def hidden_size(self, value):
+        self.d_model = value
 
 
 def _default_backbone_dict():
@@ -342,9 +382,14 @@ def _default_backbone_dict():
 
 def _build_swin_config(backbone_config, config_cls, default: dict, family: str):
     """``backbone_config`` (None for ``default``, a config of ``config_cls``, a transformers SwinConfig
-    or any object with ``to_dict``, or a dict) as a ``config_cls``; ConfigError for other backbones."""
+    or any object with ``to_dict``, or a dict) as a ``config_cls``; ConfigError for other backbones.
+
+    The result keeps the ``model_type`` it was given ("swin" or "maskformer-swin": both build the same
+    backbone) and writes it back; the default is transformers' default, a generic "swin" config."""
     if backbone_config is None:
-        return config_cls(**default)
+        config = config_cls(**default)
+        config.model_type = "swin"
+        return config
     if isinstance(backbone_config, config_cls):
         return copy.deepcopy(backbone_config)
     if hasattr(backbone_config, "to_dict") and not isinstance(backbone_config, dict):
@@ -360,8 +405,29 @@ def _build_swin_config(backbone_config, config_cls, default: dict, family: str):
             f"ResNet {name} use transformers"
         )
     data = dict(backbone_config)
-    data.pop("model_type", None)  # the config class writes its own
-    return config_cls.from_dict(data)
+    data.pop("model_type", None)
+    config = config_cls.from_dict(data)
+    config.model_type = model_type
+    return config
+
+
+def read_json_config(path) -> Dict[str, Any]:
+    """The JSON object in the file ``path``; ConfigError naming the file when it is not UTF-8 JSON, nests
+    deeper than Python's parser can follow (a hostile file of 100k brackets), or holds no object."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); a config.json is UTF-8 JSON: "
+                          "re-download or re-save the checkpoint") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests its JSON deeper than the parser can follow (a config.json nests 3 levels); "
+                          "the file is corrupt or hostile: re-download the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
 
 
 _CLASS_HINTS = {
@@ -375,6 +441,13 @@ class _SegmentationConfig(_ConfigBase):
     num_labels), config.json reading and writing, hub loading and keyword overrides."""
 
     _sub_configs: tuple = ()
+
+    def to_diff_dict(self) -> Dict[str, Any]:
+        out = super().to_diff_dict()
+        full = self.to_dict()
+        for name in self._sub_configs:  # written whole even when default, as transformers writes them
+            out[name] = full[name]
+        return dict(sorted(out.items()))
 
     def _refuse_named_backbone(self) -> None:
         if self.extra.get("backbone") is not None or self.extra.get("use_timm_backbone"):
@@ -433,9 +506,15 @@ class _SegmentationConfig(_ConfigBase):
     def num_labels(self, n: int):
         self._set_labels(None, None, n)
 
+    _hidden_size_field = "mask_feature_size"  # what transformers' attribute_map makes `hidden_size` stand for
+
     @property
     def hidden_size(self) -> int:
-        return self.mask_feature_size
+        return getattr(self, self._hidden_size_field)
+
+    @hidden_size.setter
+    def hidden_size(self, value):
+        setattr(self, self._hidden_size_field, value)
 
     def save_pretrained(self, save_directory: str):
         os.makedirs(save_directory, exist_ok=True)
@@ -447,13 +526,7 @@ class _SegmentationConfig(_ConfigBase):
 
     @classmethod
     def from_json_file(cls, path: str) -> "_SegmentationConfig":
-        try:
-            with open(path, "r", encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object")
+        data = read_json_config(path)
         model_type = data.get("model_type", cls.model_type)
         if model_type != cls.model_type:
             hint = f"; load it with {_CLASS_HINTS[model_type]}" if model_type in _CLASS_HINTS else ""
@@ -530,22 +603,24 @@ class MaskFormerConfig(_SegmentationConfig):
 
     def __init__(self, backbone_config=None, decoder_config=None, id2label=None, label2id=None, num_labels=None, **kwargs):
         # Derived keys transformers writes from the decoder; recomputed on save.
-        for derived in ("num_attention_heads", "num_hidden_layers", "hidden_size"):
+        for derived in ("num_attention_heads", "num_hidden_layers"):
             kwargs.pop(derived, None)
-        # Very old configs carry the query count at top level.
-        top_level_queries = kwargs.pop("num_queries", None)
+        if "hidden_size" in kwargs:  # transformers' attribute_map alias
+            kwargs.setdefault("mask_feature_size", kwargs.pop("hidden_size"))
+        # A top-level num_queries (MaskFormerConfig(num_queries=6), or an old config.json) is kept in
+        # `extra` and written back, and builds nothing: as in transformers, the model has
+        # decoder_config.num_queries queries (100 by default).
         super().__init__(**kwargs)
         self.backbone_config = self._build_backbone(backbone_config)
-        self.decoder_config = self._build_decoder(decoder_config, top_level_queries)
+        self.decoder_config = self._build_decoder(decoder_config)
         self._set_labels(id2label, label2id, num_labels)
-        self.validate()
 
     @staticmethod
     def _build_backbone(backbone_config):
         return _build_swin_config(backbone_config, MaskFormerSwinConfig, _default_backbone_dict(), "maskformer")
 
     @staticmethod
-    def _build_decoder(decoder_config, top_level_queries):
+    def _build_decoder(decoder_config):
         if decoder_config is None:
             decoder_config = {}
         if isinstance(decoder_config, MaskFormerDecoderConfig):
@@ -557,14 +632,7 @@ class MaskFormerConfig(_SegmentationConfig):
         model_type = decoder_config.get("model_type", "detr")
         if model_type != "detr":
             raise ConfigError(f"decoder model_type {model_type!r} is not supported; MaskFormer uses a 'detr' decoder")
-        decoder_config = dict(decoder_config)
-        if top_level_queries is not None:
-            decoder_config.setdefault("num_queries", top_level_queries)
         return MaskFormerDecoderConfig.from_dict(decoder_config)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.mask_feature_size
 
     def validate(self):
         """Check every field (the backbone's and the decoder's too) for type and range, and the model
@@ -632,17 +700,22 @@ class SwinBackboneConfig(MaskFormerSwinConfig):
     model_type = "swin"
 
     def __init__(self, **kwargs):
-        n = len(kwargs.get("depths", self._fields["depths"]))
+        # Checked by validate(), after depths: Mask2Former's pixel decoder reads every stage.
+        requested = (kwargs.get("out_features"), kwargs.get("out_indices"))
+        super().__init__(**kwargs)
+        self._requested_outputs = requested
+
+    def validate(self):
+        super().validate()
+        out_features, out_indices = self._requested_outputs
+        n = len(self.depths)
         wanted = [f"stage{i}" for i in range(1, n + 1)]
-        out_features = kwargs.get("out_features")
-        out_indices = kwargs.get("out_indices")
         if (out_features is not None and list(out_features) != wanted) or (
                 out_features is None and out_indices is not None and list(out_indices) != list(range(1, n + 1))):
             raise ConfigError(
                 f"backbone_config.out_features={out_features} / out_indices={out_indices}: Mask2Former's pixel decoder "
                 f"reads every Swin stage; maskformer builds the backbone with out_features={wanted}"
             )
-        super().__init__(**kwargs)
 
 
 def _default_mask2former_backbone_dict():
@@ -705,19 +778,20 @@ class Mask2FormerConfig(_SegmentationConfig):
         super().__init__(**kwargs)
         self.backbone_config = self._build_backbone(backbone_config)
         self._set_labels(id2label, label2id, num_labels)
-        self.validate()
 
     @staticmethod
     def _build_backbone(backbone_config):
         return _build_swin_config(backbone_config, SwinBackboneConfig, _default_mask2former_backbone_dict(), "mask2former")
 
-    @property
-    def hidden_size(self) -> int:
-        return self.hidden_dim
+    _hidden_size_field = "hidden_dim"
 
     @property
     def num_hidden_layers(self) -> int:
         return self.decoder_layers
+
+    @num_hidden_layers.setter
+    def num_hidden_layers(self, value):
+        self.decoder_layers = value
 
     @property
     def num_fpn_levels(self) -> int:

@@ -51,17 +51,11 @@ FAMILIES = {
 def checkpoint_family(path_or_repo_id, **hub_kwargs) -> str:
     """The model family ("maskformer" or "mask2former") of a checkpoint, from its config.json's
     ``model_type``; ConfigError for any other model type (naming the supported ones)."""
-    import json
-
-    from .config import ConfigError
+    from .config import ConfigError, read_json_config
 
     path = resolve_file(path_or_repo_id, "config.json", **hub_kwargs)
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON ({exc}); re-download or re-save the checkpoint") from exc
-    model_type = data.get("model_type", "maskformer") if isinstance(data, dict) else None
+    data = read_json_config(path)
+    model_type = data.get("model_type", "maskformer")
     if model_type not in FAMILIES:
         raise ConfigError(f"{path} describes a {model_type!r} model; maskformer runs {' and '.join(FAMILIES)} checkpoints")
     return model_type

@@ -53,10 +53,12 @@ class QueryAttention(nn.Module):
         q = heads(self.q_proj(with_pos) * self.scaling)
         k = heads(self.k_proj(with_pos))
         v = heads(self.v_proj(hidden))
-        weights = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1)
-        out = torch.bmm(F.dropout(weights, self.dropout, self.training), v)
+        # The (B, heads, Q, Q) view is returned *and* feeds the product, so the returned weights lie on
+        # the loss path: outputs.attentions[i].retain_grad() then backward() gives them a .grad.
+        weights = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1).view(b, h, q_len, q_len)
+        out = torch.bmm(F.dropout(weights.view(b * h, q_len, q_len), self.dropout, self.training), v)
         out = out.view(b, h, q_len, d).transpose(1, 2).reshape(b, q_len, c)
-        return self.out_proj(out).permute(1, 0, 2), weights.view(b, h, q_len, q_len)
+        return self.out_proj(out).permute(1, 0, 2), weights
 
 
 class MaskedAttentionDecoderLayer(nn.Module):

@@ -84,8 +84,14 @@ class MaskFormerPreTrainedModel(nn.Module):
           the re-initialised tensors); ``config=`` replaces config.json;
         - ``output_loading_info=True`` returns ``(model, {"missing_keys", "unexpected_keys",
           "mismatched_keys", "error_msgs"})`` as transformers does;
-        - ``strict=True`` refuses a checkpoint without the heads (by default a MaskFormerModel
-          checkpoint loads into MaskFormerForInstanceSegmentation with fresh heads and a warning);
+        - ``strict``: by default a MaskFormerModel checkpoint loads into MaskFormerForInstanceSegmentation
+          with fresh heads and a warning, and any other missing or unexpected tensor is an error;
+          ``strict=True`` refuses missing heads too; ``strict=False`` loads as transformers does:
+          every missing tensor is initialised (a warning lists them, and ``missing_keys``), unexpected
+          ones are skipped (``unexpected_keys``);
+        - ``from_pretrained(None, config=config, state_dict=state_dict)`` builds the model from
+          ``config`` with those tensors (copied), as transformers; ``state_dict=`` with a path
+          replaces the checkpoint's weight files;
         - ``use_safetensors`` True/False restricts the weight format; hub arguments ``revision``,
           ``cache_dir``, ``local_files_only``, ``token``, ``subfolder``, ``force_download``;
         - accepted and ignored: ``trust_remote_code``, ``low_cpu_mem_usage``, ``attn_implementation``.
@@ -110,30 +116,51 @@ class MaskFormerPreTrainedModel(nn.Module):
 
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
         """Recompute the Swin blocks' and the decoder layers' activations in the backward pass
         instead of keeping them (less memory in training, one more forward of compute), as
-        transformers' method of the same name. ``gradient_checkpointing_kwargs`` go to
-        ``torch.utils.checkpoint.checkpoint`` (default ``use_reentrant=False``)."""
+        transformers 5's method of the same name. ``activation_checkpointing_kwargs`` go to
+        ``torch.utils.checkpoint.checkpoint`` (default ``use_reentrant=False``); ``offload=True``
+        keeps what the recompute needs in (pinned, with CUDA) host memory
+        (``torch.autograd.graph.save_on_cpu``). ``every_n_layers`` other than 1 (transformers:
+        checkpoint one layer in n) is refused: every block and layer is checkpointed here."""
         import torch.utils.checkpoint
 
-        kwargs = dict(use_reentrant=False, **(gradient_checkpointing_kwargs or {}))
+        if every_n_layers != 1:
+            raise NotImplementedError(
+                f"every_n_layers={every_n_layers}: maskformer checkpoints every Swin block and decoder layer; use "
+                "every_n_layers=1 (the default), or activation_checkpointing_disable() to keep all activations"
+            )
+        kwargs = {"use_reentrant": False, **(activation_checkpointing_kwargs or {})}
+        checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+        if offload:
+            pin = torch.cuda.is_available()
+
+            def checkpoint(function, *args, _inner=checkpoint):
+                with torch.autograd.graph.save_on_cpu(pin_memory=pin):
+                    return _inner(function, *args)
+
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
-                module.gradient_checkpointing = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
+                module.gradient_checkpointing = checkpoint
 
-    def gradient_checkpointing_disable(self) -> None:
+    def activation_checkpointing_disable(self) -> None:
         for module in self.modules():
             if hasattr(module, "gradient_checkpointing"):
                 module.gradient_checkpointing = None
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on (transformers 5's name)."""
         return any(getattr(m, "gradient_checkpointing", None) is not None for m in self.modules())
 
-    # transformers 5's names for the same
-    activation_checkpointing_enable = gradient_checkpointing_enable
-    activation_checkpointing_disable = gradient_checkpointing_disable
+    # transformers 4's names for the same (5 keeps them as deprecated aliases)
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+    is_gradient_checkpointing = is_activation_checkpointing
 
     @property
     def device(self) -> torch.device:

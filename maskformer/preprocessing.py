@@ -18,6 +18,9 @@ import torch
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+# transformers 4.x's default `max_size`: what an int `size` without one meant when the hub configs that
+# carry one (facebook/mask2former-*: "size": 384) were written.
+LEGACY_MAX_SIZE = 1333
 _VALID_SIZE_KEY_SETS = (
     frozenset({"shortest_edge", "longest_edge"}),
     frozenset({"shortest_edge"}),
@@ -75,14 +78,15 @@ def _normalize_size(size: Any, max_size: int | None = None, param: str = "size")
     """Turn an int / (h, w) / dict / SizeDict-like `size` into one of the supported dicts.
 
     Returns a new dict with one of the key sets `{shortest_edge, longest_edge}`, `{shortest_edge}`,
-    `{height, width}`, `{max_height, max_width}`; values are positive ints.
+    `{height, width}`, `{max_height, max_width}`; values are positive ints. An int `n` is
+    `{shortest_edge: n, longest_edge: max_size}`, with transformers 4.x's `max_size` default of 1333
+    when none is given. A `{shortest_edge}` dict alone is kept as given (as transformers does); the
+    resize refuses it (`get_output_image_size`).
     """
     if isinstance(size, bool):
         raise TypeError(f"`{param}` must be an int, a (height, width) pair or a dict, got a bool.")
     if isinstance(size, int):
-        out = {"shortest_edge": size}
-        if max_size is not None:
-            out["longest_edge"] = max_size
+        out = {"shortest_edge": size, "longest_edge": LEGACY_MAX_SIZE if max_size is None else max_size}
     elif isinstance(size, (tuple, list)):
         if len(size) != 2:
             raise ValueError(f"`{param}` as a sequence must be (height, width), got {size!r}.")
@@ -143,13 +147,6 @@ def _shortest_longest_size(height: int, width: int, shortest: int, longest: int)
     return new_h, new_w
 
 
-def _shortest_only_size(height: int, width: int, shortest: int) -> tuple[int, int]:
-    # transformers' generic get_resize_output_image_size(default_to_square=False, max_size=None).
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = shortest, int(shortest * long / short)
-    return (new_long, new_short) if width <= height else (new_short, new_long)
-
-
 def get_output_image_size(height: int, width: int, size: Mapping[str, int], size_divisor: int = 0) -> tuple[int, int]:
     """Size `(new_height, new_width)` an `(height, width)` image is resized to.
 
@@ -163,7 +160,12 @@ def get_output_image_size(height: int, width: int, size: Mapping[str, int], size
     if keys == {"shortest_edge", "longest_edge"}:
         new_h, new_w = _shortest_longest_size(height, width, size["shortest_edge"], size["longest_edge"])
     elif keys == {"shortest_edge"}:
-        new_h, new_w = _shortest_only_size(height, width, size["shortest_edge"])
+        # As transformers (4.x and 5.x): MaskFormer's resize caps the long side, so it needs both.
+        raise ValueError(
+            f"Size must contain 'height' and 'width' keys or 'shortest_edge' and 'longest_edge' keys. Got {dict(size)}. "
+            f"Add a longest_edge (transformers' default is {LEGACY_MAX_SIZE}: size={{'shortest_edge': "
+            f"{size['shortest_edge']}, 'longest_edge': {LEGACY_MAX_SIZE}}}), or pass do_resize=False."
+        )
     elif keys == {"max_height", "max_width"}:
         scale = min(size["max_height"] / height, size["max_width"] / width)
         new_h, new_w = int(height * scale), int(width * scale)
@@ -299,7 +301,8 @@ def _infer_channel_axis(shape: tuple[int, ...], where: str) -> int:
     raise ValueError(
         f"{where} has shape {shape}: cannot find a channel axis of size 1, 3 or 4 first or last. "
         "Images must be RGB (3 channels), grayscale (1) or RGBA (4) in (C, H, W) or (H, W, C) layout; "
-        "convert other channel counts (e.g. 2 or 5) to RGB first."
+        "convert other channel counts (e.g. 2 or 5) to RGB first, or say where the channels are with "
+        "input_data_format='channels_first' or 'channels_last' (more than 4 channels also need do_resize=False)."
     )
 
 
@@ -307,7 +310,8 @@ def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: st
     """One input image -> `(C, H, W)` numpy array, dtype as given (bool becomes uint8).
 
     `do_convert_rgb`: True converts every image to RGB, None converts non-RGB images (C = 3 then),
-    False keeps the image's own channels (1 to 4; PIL images as `np.array` gives them).
+    False keeps the image's own channels (any number for arrays, as transformers: more than 4 cannot
+    be resized, see `_resize_image`; PIL images as `np.array` gives them).
     """
     if isinstance(image, PIL.Image.Image):
         if image.width < 1 or image.height < 1:
@@ -335,10 +339,13 @@ def _image_to_chw(image: Any, do_convert_rgb: bool | None, input_data_format: st
         raise ValueError(f"input_data_format must be 'channels_first' or 'channels_last', got {input_data_format!r}.")
     hwc = np.moveaxis(arr, axis, -1)
     channels = hwc.shape[-1]
-    if not 1 <= channels <= 4:
+    if channels < 1:
+        raise ValueError(f"{where} has no channel (shape {tuple(arr.shape)}).")
+    if channels > 4 and do_convert_rgb is not False:
         raise ValueError(
-            f"{where} has {channels} channels (shape {tuple(arr.shape)}); expected 1 to 4 (Pillow resizes L, LA, RGB "
-            "and RGBA images). Convert it first."
+            f"{where} has {channels} channels (shape {tuple(arr.shape)}): only 1 to 4 channels convert to RGB. Keep "
+            f"them with a {channels}-value (or scalar) image_mean/image_std, or do_normalize=False (and "
+            "do_convert_rgb=False), as transformers does."
         )
     if np.issubdtype(hwc.dtype, np.floating) and not np.isfinite(hwc).all():
         raise ValueError(f"{where} contains NaN or infinite values; clean the image before preprocessing.")
@@ -389,6 +396,11 @@ def _resize_image(chw: np.ndarray, size_hw: tuple[int, int], resample: int, wher
     the result is scaled back by 1/255 (float32). Returns `(C, h, w)` uint8 or float32.
     """
     new_h, new_w = size_hw
+    if chw.shape[0] > 4:
+        raise ValueError(
+            f"{where} has {chw.shape[0]} channels, and Pillow resizes images of 1 to 4 (L, LA, RGB, RGBA); pass "
+            "do_resize=False (resizing the images beforehand), as transformers needs for such images too."
+        )
     if new_h <= 0 or new_w <= 0:
         raise ValueError(
             f"{where} of size {tuple(chw.shape[1:])} would be resized to {size_hw}: a side is 0. The image's aspect "
@@ -453,7 +465,7 @@ def _check_resample(resample: Any) -> PIL.Image.Resampling:
 
 
 def _check_mean_std(value: Any, name: str) -> float | tuple[float, ...]:
-    """A number (kept as one float: it applies to every channel) or one value per channel (1 to 4)."""
+    """A number (kept as one float: it applies to every channel) or one value per channel."""
     if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
         checked: float | tuple[float, ...] = float(value)
         values: tuple[float, ...] = (checked,)
@@ -462,8 +474,8 @@ def _check_mean_std(value: Any, name: str) -> float | tuple[float, ...]:
             values = tuple(float(v) for v in value)
         except (TypeError, ValueError):
             raise ValueError(f"{name} must be a number or one number per channel, got {value!r}.") from None
-        if not 1 <= len(values) <= 4:
-            raise ValueError(f"{name} must have one value per channel (1 to 4 values), got {len(values)}: {values}.")
+        if not values:
+            raise ValueError(f"{name} must have one value per channel, got none.")
         checked = values
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"{name} must be finite, got {values}.")

@@ -77,10 +77,13 @@ Bug fixes: transformers returns a wrong or self-contradictory result.
 
 Inputs transformers rejects or crashes on, which we process:
 
-10. `size={"shortest_edge": n}` (also what `size=n` without `max_size` becomes): transformers'
-    MaskFormer resize lacks this branch and raises. We use the rule of transformers' generic
-    backend (`get_resize_output_image_size`: short side = n, long side = int(n * long / short)).
-    A dict size with only `shortest_edge` plus a legacy `max_size` gets `longest_edge = max_size`.
+10. `size=n` (an int) without `max_size`, as the facebook/mask2former-* hub configs give it
+    ("size": 384): transformers 5.23 makes it `{"shortest_edge": n}` and then cannot resize; we read
+    it as transformers 4.x did, which wrote those configs: `{"shortest_edge": n, "longest_edge":
+    1333}`. A dict size with only `shortest_edge` plus a legacy `max_size` gets `longest_edge =
+    max_size`. A dict `{"shortest_edge": n}` alone is refused at resize with transformers' message
+    (plus the fix), as transformers (4.x and 5.x) does: MaskFormer's resize caps the long side, and
+    a size transformers cannot use must not reach a saved preprocessor_config.json as if valid.
     [test_shortest_edge_only]
 11. Non-RGB images by default: transformers' default `do_convert_rgb=None` leaves grayscale, RGBA,
     palette ... images alone and then fails in `normalize` when `image_mean`/`image_std` have 3
@@ -100,8 +103,8 @@ Inputs transformers rejects or crashes on, which we process:
 Stricter validation: transformers silently gives a wrong result, or fails with an unrelated error.
 
 15. A segmentation map whose (H, W) differs from its image's is an error (transformers resizes it on
-    its own aspect ratio and returns misaligned masks). Also: empty batch, NaN/inf pixels, 2 or 5+
-    channels, wrong rank, bad `target_sizes` length (transformers' instance/panoptic silently use
+    its own aspect ratio and returns misaligned masks). Also: empty batch, NaN/inf pixels, 2 channels
+    or 5+ channels without a channel layout given, 5+ channels with do_resize, wrong rank, bad `target_sizes` length (transformers' instance/panoptic silently use
     the first B entries of a longer list), NaN logits, a resize to a zero-sized side, float
     segmentation maps with non-integer values, unknown `instance_id_to_semantic_id` ids.
     [test_bad_*]
@@ -232,9 +235,9 @@ class MaskFormerImageProcessor:
         do_resize (`bool`, default True): resize images (and segmentation maps).
         size (`int | (h, w) | dict`, default `{"shortest_edge": 800, "longest_edge": 1333}`): target size.
             Dict key sets: `shortest_edge` + `longest_edge` (keep aspect ratio, clamp the long side),
-            `shortest_edge` alone, `height` + `width`, `max_height` + `max_width`. An int means
-            `{"shortest_edge": n}` (plus `longest_edge=max_size` when `max_size` is given), a pair
-            means `(height, width)`.
+            `height` + `width`, `max_height` + `max_width`; `shortest_edge` alone is kept but cannot
+            resize (as in transformers). An int means `{"shortest_edge": n, "longest_edge": max_size}`
+            (1333 without `max_size`, transformers 4.x's default), a pair means `(height, width)`.
         size_divisor (`int`, default 32): each resized side is rounded up to a multiple of it
             (0 or 1: no rounding).
         resample (`PIL.Image.Resampling | int`, default BILINEAR): Pillow filter for images.
@@ -342,10 +345,10 @@ class MaskFormerImageProcessor:
             value = getattr(self, key)
             if value is None:
                 continue
+            # image_mean / image_std stay tuples, as transformers' to_dict gives them (JSON writes lists,
+            # read back as tuples): a save/load round trip compares equal, with transformers' dicts too.
             if isinstance(value, dict):
                 value = dict(value)
-            elif isinstance(value, tuple):
-                value = list(value)
             elif key == "resample":
                 value = int(value)
             out[key] = value
@@ -751,6 +754,9 @@ def _read_json_config(path: str) -> dict[str, Any]:
             text = f.read()
     except OSError as exc:
         raise OSError(f"Could not read the image processor config {path!r}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"The image processor config {path!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "re-download or re-save it.") from None
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -758,6 +764,9 @@ def _read_json_config(path: str) -> dict[str, Any]:
             f"The image processor config {path!r} is not valid JSON ({exc.msg} at line {exc.lineno}, "
             f"column {exc.colno}); re-download or re-save it."
         ) from exc
+    except RecursionError:
+        raise ValueError(f"The image processor config {path!r} nests its JSON deeper than the parser can follow; the "
+                         "file is corrupt or hostile: re-download or re-save it.") from None
     if not isinstance(config, dict):
         raise ValueError(f"The image processor config {path!r} holds a JSON {type(config).__name__}, not an object.")
     return config

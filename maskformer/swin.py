@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import MaskFormerSwinConfig, _as_pair
-from .layers import DropPath, cached_per_shape, get_activation
+from .layers import DropPath, cached_per_shape, fused_linear, get_activation, onednn_epilogue, tensor_version
+from .precision import use_fast_cpu_bf16
 from .windows import (  # noqa: F401  (importable from here as before)
     _contiguous_copy,
     relative_position_index,
@@ -30,7 +31,16 @@ from .windows import (  # noqa: F401  (importable from here as before)
     shift_region_ids,
     window_partition,
     window_reverse,
+    window_token_indices,
 )
+
+# (window, head) rows of attention per chunk on the bf16 CPU fast path: 192 rows hold 1.8 MB of fp32
+# scores, where the whole map's (stage 1 at 512x683) hold 13.7 MB. The arithmetic is the same
+# (benchmarks/results/bf16-cpu-swin-tiny.md, ablation in processes that keep freed memory: 1.01x);
+# what chunks save is memory and page faults: glibc hands whole-map temporaries back to the system
+# and the next forward faults them in again (1 thread, one process alternating: 15.0 against 25.2
+# thousand faults per forward, 444 against 469 ms of CPU; stage-1 attention alone 7.2 against 19 ms).
+_FAST_ATTENTION_ROWS = 192
 
 
 class SwinPatchEmbeddings(nn.Module):
@@ -99,7 +109,7 @@ class SwinSelfAttention(nn.Module):
         biases = [self.query.bias, self.key.bias, self.value.bias]
         dtype = dtype or params[0].dtype
         key = (dtype,) + tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device) for t in params + [b for b in biases if b is not None]
+            (t.data_ptr(), tensor_version(t), t.dtype, t.device) for t in params + [b for b in biases if b is not None]
         )
         cached = getattr(self, "_qkv_cache", None)
         if cached is None or cached[0] != key:
@@ -114,7 +124,7 @@ class SwinSelfAttention(nn.Module):
         coalesced instead of gathering from the table per score). Cached while the table is
         unchanged (same storage, same in-place version), like ``fused_qkv``."""
         table = self.relative_position_bias_table
-        key = (table.data_ptr(), table._version, table.dtype, table.device)
+        key = (table.data_ptr(), tensor_version(table), table.dtype, table.device)
         cached = getattr(self, "_dense_bias_cache", None)
         if cached is None or cached[0] != key:
             from .kernels.window_attention import dense_relative_position_bias
@@ -214,7 +224,8 @@ class SwinLayer(nn.Module):
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.intermediate = SwinIntermediate(config, dim)
         self.output = SwinOutput(config, dim)
-        # (padded H, padded W, device, dtype) -> (nW, N, N) shift mask; built once per shape.
+        # (padded H, padded W, device, dtype) -> (nW, N, N) shift mask, and the fast path's window
+        # tables (_fast_window_tables); built once per shape.
         self._mask_cache: Dict[tuple, torch.Tensor] = {}
 
     def shift_mask(self, height: int, width: int, device, dtype) -> Optional[torch.Tensor]:
@@ -316,6 +327,8 @@ class SwinLayer(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
         """hidden_states (B, H*W, C) -> (B, H*W, C)."""
+        if use_fast_cpu_bf16(hidden_states, self):
+            return self.forward_fast_cpu_bf16(hidden_states, dims)
         height, width = dims
         b, _, c = hidden_states.shape
         shortcut = hidden_states
@@ -330,6 +343,81 @@ class SwinLayer(nn.Module):
             x = self.window_attention_reference(x)
         hidden_states = shortcut + self.drop_path(x.reshape(b, height * width, c))
         return hidden_states + self.drop_path(self.output(self.intermediate(self.layernorm_after(hidden_states))))
+
+    def forward_fast_cpu_bf16(self, hidden_states: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
+        """The block on the bf16 CPU fast path (``maskformer.precision``): hidden_states (B, H*W, C)
+        bf16 -> (B, H*W, C) bf16, inference only.
+
+        The same block as ``forward``, arranged for oneDNN on a CPU with native bf16 (the tests hold
+        it to at least the reference bf16 path's accuracy against float64):
+        - tokens go to their (padded, rolled) windows and back by one ``index_select`` each way
+          (``window_token_indices``) instead of pad, roll, partition and reverse, roll, crop copies;
+        - q, k and v come from one GEMM on the concatenated (3C, C) weight, and every GEMM runs
+          through oneDNN's linear with the bias and the GELU in its epilogue (``layers.fused_linear``);
+        - scores are ``baddbmm(bias + mask, q, k^T, alpha=head_dim**-0.5)``: the scaled product plus
+          the relative position bias and the shift mask, accumulated in fp32 and rounded once; the
+          softmax runs in fp32 (PyTorch's bf16 softmax over rows of 49 took 0.81 ms per 192-row
+          chunk, the fp32 one with both casts 0.46 ms, 1 thread), in chunks of windows
+          (``_FAST_ATTENTION_ROWS``);
+        - the output projection runs on the un-windowed tokens (the padding already dropped).
+        """
+        height, width = dims
+        b, length, c = hidden_states.shape
+        attn = self.attention.self
+        heads, head_dim = attn.num_heads, attn.head_dim
+        n = self.window_size**2
+        gather, padding, scatter, bias = self._fast_window_tables(height, width, hidden_states.device)
+        windows = self.layernorm_before(hidden_states).index_select(1, gather)  # (B, nW*N, C)
+        if padding is not None:
+            windows.index_fill_(1, padding, 0.0)  # zeros after the layernorm, as the reference's F.pad
+        weight, qkv_bias = attn.fused_qkv()
+        qkv = fused_linear(windows, weight, qkv_bias).view(b, -1, n, 3, heads, head_dim)  # (B, nW, N, 3, heads, d)
+        n_windows = qkv.shape[1]
+        out = windows.new_empty(b, n_windows, n, heads, head_dim)  # window-major tokens
+        step = max(1, _FAST_ATTENTION_ROWS // heads)  # windows per chunk
+        for i in range(b):
+            for start in range(0, n_windows, step):
+                stop = min(start + step, n_windows)
+                # (3, windows*heads, N, d): q, k and v of the chunk, one copy for the three
+                q, k, v = qkv[i, start:stop].permute(2, 0, 3, 1, 4).reshape(3, -1, n, head_dim).unbind(0)
+                scores = torch.baddbmm(bias[start * heads : stop * heads], q, k.transpose(1, 2), alpha=head_dim**-0.5)
+                probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+                out[i, start:stop] = torch.bmm(probs, v).view(-1, heads, n, head_dim).transpose(1, 2)
+        out = out.view(b, -1, c).index_select(1, scatter)  # (B, H*W, C): rolled back, padding dropped
+        dense = self.attention.output.dense
+        hidden_states = fused_linear(out, dense.weight, dense.bias, residual=hidden_states)
+        act = self.intermediate.intermediate_act_fn
+        epilogue = onednn_epilogue(act)
+        fc1, fc2 = self.intermediate.dense, self.output.dense
+        mlp = fused_linear(self.layernorm_after(hidden_states), fc1.weight, fc1.bias, epilogue)
+        if epilogue is None:
+            mlp = act(mlp)
+        return fused_linear(mlp, fc2.weight, fc2.bias, residual=hidden_states)
+
+    def _fast_window_tables(self, height: int, width: int, device):
+        """(gather, padding, scatter, bias) of the fast path for an (H, W) map, cached per shape: the
+        window index maps (``window_token_indices``; padding positions gather token 0, ``padding``
+        lists them, or None), and the (nW*heads, N, N) relative position bias plus shift mask in the
+        table's dtype. Memory: at Swin-T 512x683 the 12 blocks' tables hold 35 MB in bf16 (and the
+        fused q/k/v weights of ``fused_qkv`` 12 MB), kept like the shift masks."""
+        table = self.attention.self.relative_position_bias_table
+        key = ("fast", height, width, device, table.dtype, table.data_ptr(), tensor_version(table))
+
+        def build():
+            w, heads = self.window_size, self.attention.self.num_heads
+            gather, scatter = window_token_indices(height, width, w, self.shift_size, device)
+            is_padding = gather == height * width
+            padding = is_padding.nonzero().flatten() if bool(is_padding.any()) else None
+            gather = gather.masked_fill(is_padding, 0)
+            bias = self.attention.self.relative_position_bias().detach().unsqueeze(0)  # (1, heads, N, N)
+            hp, wp = (height + w - 1) // w * w, (width + w - 1) // w * w
+            n_windows = (hp // w) * (wp // w)
+            if self.shift_size:
+                bias = bias + shift_attention_mask(hp, wp, w, self.shift_size, device, table.dtype).unsqueeze(1)
+            bias = bias.expand(n_windows, -1, -1, -1).reshape(n_windows * heads, w * w, w * w)
+            return gather, padding, scatter, bias
+
+        return cached_per_shape(self._mask_cache, key, build)
 
 
 class SwinPatchMerging(nn.Module):
@@ -394,7 +482,7 @@ class SwinModel(nn.Module):
         self.encoder = SwinEncoder(config)
         # Final norm of the classification Swin: MaskFormer never uses it (the per-stage norms
         # below replace it) but the hub files carry it, so it is kept for strict loading.
-        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layernorm = nn.LayerNorm(config.stage_channels[-1], eps=config.layer_norm_eps)
 
 
 class SwinBackbone(nn.Module):
@@ -471,7 +559,7 @@ class Mask2FormerSwinBackbone(SwinBackbone):
         self.embeddings = SwinEmbeddings(config)
         self.encoder = SwinEncoder(config)
         self.hidden_states_norms = nn.ModuleDict({f"stage{i + 1}": nn.LayerNorm(c) for i, c in enumerate(self.channels)})
-        self.swin = _FinalNorm(config.hidden_size, config.layer_norm_eps)
+        self.swin = _FinalNorm(config.stage_channels[-1], config.layer_norm_eps)
         self.gradient_checkpointing = None
         for module in self.modules():
             if isinstance(module, SwinSelfAttention):

@@ -72,3 +72,32 @@ def shift_attention_mask(height: int, width: int, window_size: int, shift_size: 
     ids = window_partition(ids[None, :, :, None], window_size).reshape(-1, window_size * window_size)
     different = ids[:, None, :] != ids[:, :, None]
     return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill(different, -100.0)
+
+
+def window_token_indices(height: int, width: int, window_size: int, shift_size: int, device=None):
+    """Index maps between a (B, H*W, C) token map and its padded, rolled window partition, so that the
+    bf16 CPU fast path moves each token once each way instead of pad + roll + partition (4 copies)
+    and reverse + roll + crop (4 more).
+
+    Returns (gather, scatter), int64:
+    - gather (nW * N,): for each window token, in ``window_partition(roll(pad(x), -shift))`` order,
+      the index of its source token in the flattened (H*W) map, or H*W for a padding position (the
+      caller writes zeros there);
+    - scatter (H*W,): for each token of the map, its position in that window order, which also
+      undoes the roll (``roll(window_reverse(...), +shift)[:, :H, :W]``).
+    """
+    w = window_size
+    hp, wp = (height + w - 1) // w * w, (width + w - 1) // w * w
+    r = torch.arange(hp, device=device)
+    s = torch.arange(wp, device=device)
+    # rolled[r, s] = padded[(r + shift) % hp, (s + shift) % wp]
+    src_r, src_s = (r + shift_size) % hp, (s + shift_size) % wp
+    src = src_r[:, None] * width + src_s[None, :]
+    src = src.masked_fill((src_r[:, None] >= height) | (src_s[None, :] >= width), height * width)
+    gather = window_partition(src[None, :, :, None], w).reshape(-1)
+    # token (i, j) sits at rolled (i - shift) % hp, (j - shift) % wp; its window-order position:
+    i = (torch.arange(height, device=device) - shift_size) % hp
+    j = (torch.arange(width, device=device) - shift_size) % wp
+    window = (i // w)[:, None] * (wp // w) + (j // w)[None, :]
+    scatter = window * (w * w) + (i % w)[:, None] * w + (j % w)[None, :]
+    return gather, scatter.reshape(-1)

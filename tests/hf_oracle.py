@@ -1,5 +1,14 @@
-"""Helpers for tests against transformers (the oracle): small configs, perturbed random weights,
-relative-error assertions. Imported as `hf_oracle` (not from conftest: tests/kernels has its own)."""
+"""The tests' one shared helpers module (imported as ``hf_oracle`` from tests/ and tests/kernels:
+pytest puts tests/ on sys.path through tests/conftest.py; helpers are not in a conftest because
+tests/kernels has its own).
+
+* transformers as the oracle: small MaskFormer and Mask2Former configs, random perturbed models
+  (``make_hf_model``, ``make_hf_mask2former``), ours on the same weights (``ours_from_hf``);
+* comparisons that say where and how much: ``assert_close_rel`` (one relative bar),
+  ``assert_within_budget`` (a fast path against a higher-precision reference, budgeted by the
+  reference's own low-precision error), ``assert_labels_equal`` (label maps, exactly);
+* inputs: ``realistic_scores`` (the scores of realistic MaskFormer outputs).
+"""
 import numpy as np
 
 import torch
@@ -59,3 +68,116 @@ def assert_close_rel(ours, ref, tol, name=""):
             f"ours {ours[idx].item():.8g} vs reference {ref[idx].item():.8g}; "
             f"{int((diff > tol * ref.abs().max()).sum())} of {diff.numel()} elements over"
         )
+
+
+def hf_mask2former_config(window_size=7, embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 3), num_queries=10,
+                          hidden_dim=32, feature_size=32, mask_feature_size=32, decoder_layers=4, encoder_layers=2,
+                          num_labels=5, heads=4, **top):
+    """A small transformers Mask2FormerConfig (Swin + deformable pixel decoder + masked attention)."""
+    from transformers import Mask2FormerConfig as HFConfig, SwinConfig
+
+    backbone = SwinConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads), window_size=window_size,
+                          out_features=["stage1", "stage2", "stage3", "stage4"], drop_path_rate=0.0)
+    id2label = {i: f"class_{i}" for i in range(num_labels)}
+    return HFConfig(backbone_config=backbone, feature_size=feature_size, mask_feature_size=mask_feature_size,
+                    hidden_dim=hidden_dim, encoder_feedforward_dim=2 * feature_size, dim_feedforward=2 * hidden_dim,
+                    encoder_layers=encoder_layers, decoder_layers=decoder_layers, num_attention_heads=heads,
+                    num_queries=num_queries, id2label=id2label, label2id={v: k for k, v in id2label.items()}, **top)
+
+
+def make_hf_mask2former(seed=0, scale=0.2, cls_name="Mask2FormerForUniversalSegmentation", **kwargs):
+    """A transformers Mask2Former model (``cls_name``) with random weights perturbed by N(0, scale),
+    eager attention, in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = hf_mask2former_config(**kwargs)
+    config._attn_implementation = "eager"
+    return perturb_(getattr(transformers, cls_name)(config), scale=scale, seed=seed).eval()
+
+
+def ours_from_hf(hf_model, cls=None):
+    """Our model on a transformers model's config and weights, in eval mode. ``cls``: our class
+    (default: the one of the same name, e.g. ``maskformer.Mask2FormerForUniversalSegmentation``)."""
+    import maskformer
+    from maskformer.loading import load_model_state
+
+    cls = cls or getattr(maskformer, type(hf_model).__name__)
+    ours = cls(cls.config_class.from_dict(hf_model.config.to_dict())).eval()
+    load_model_state(ours, dict(hf_model.state_dict()))
+    return ours
+
+
+def assert_within_budget(fast, gold, baseline, atol=None, name="", *, reduce="elementwise"):
+    """flash-attention's rule for a fast path: ``|fast - gold| <= 2 |baseline - gold| + atol``.
+
+    gold: the reference in higher precision (fp64, or fp32 for a low-precision fast path);
+    baseline: the reference (or the path it replaces) in the fast path's precision, whose own
+    error is the budget. atol: a float or a tensor broadcast to the output (default: one ulp of
+    ``fast``'s dtype at the largest ``|gold|``, so a nearly exact baseline cannot demand more than
+    the output dtype represents). reduce: ``"elementwise"`` (every element within its own budget)
+    or ``"max_and_mean"`` (the largest error within ``2 max|baseline - gold| + atol`` and the mean
+    error within ``2 mean|baseline - gold| + atol / 10``: for ops whose per-element error is noise
+    around a small mean, e.g. attention). ``fast`` must be NaN exactly where ``gold`` is: outputs
+    left at a NaN sentinel (never written) fail. A failure says how many elements are over, where
+    the worst one is and every value there.
+    """
+    fast64, gold, baseline = fast.double().cpu(), gold.double().cpu(), baseline.double().cpu()
+    assert fast64.shape == gold.shape, f"{name}: shape {tuple(fast64.shape)} != {tuple(gold.shape)}"
+    nan_gold, nan_fast = gold.isnan(), fast64.isnan()
+    if not torch.equal(nan_gold, nan_fast):
+        bad = (nan_gold != nan_fast).nonzero()
+        first = tuple(int(v) for v in bad[0])
+        what = "never written (NaN sentinel) or NaN" if nan_fast[first] else "not NaN where the reference is"
+        raise AssertionError(f"{name}: {len(bad)} of {gold.numel()} outputs {what}; first at {first}: "
+                             f"fast {fast64[first].item()}, reference {gold[first].item()}")
+    if atol is None:
+        atol = torch.finfo(fast.dtype).eps * max(gold.nan_to_num().abs().max().item(), 1e-30)
+    atol = torch.as_tensor(atol, dtype=torch.float64).cpu()
+    ok = ~nan_gold
+    err = torch.where(ok, (fast64 - gold).abs(), 0.0)
+    base = torch.where(ok, (baseline - gold).abs(), 0.0)
+    if reduce == "elementwise":
+        budget = torch.where(ok, 2 * base + atol, 1.0)
+        over = err > budget
+        if not over.any():
+            return
+        worst = int(torch.argmax((err - budget).flatten()))
+        summary = f"{int(over.sum())} of {err.numel()} elements over budget"
+    elif reduce == "max_and_mean":
+        atol = atol.max().item()
+        max_bound, mean_bound = 2 * base.max().item() + atol, 2 * base.mean().item() + atol / 10
+        if err.max().item() <= max_bound and err.mean().item() <= mean_bound:
+            return
+        budget = torch.full_like(err, max_bound)
+        worst = int(err.argmax())
+        summary = (f"max |fast - gold| {err.max().item():.3e} (bound {max_bound:.3e}), mean {err.mean().item():.3e} (bound "
+                   f"{mean_bound:.3e}); {int((err > max_bound).sum())} of {err.numel()} elements over the max bound")
+    else:
+        raise ValueError(f"reduce must be 'elementwise' or 'max_and_mean', got {reduce!r}")
+    idx = tuple(int(v) for v in np.unravel_index(worst, tuple(err.shape)))
+    atol_here = float(torch.broadcast_to(atol, err.shape)[idx]) if torch.is_tensor(atol) else atol
+    raise AssertionError(
+        f"{name}: {summary}; worst at {idx}: fast {fast64[idx].item():.9g}, gold {gold[idx].item():.9g}, baseline "
+        f"{baseline[idx].item():.9g}, err {err[idx].item():.3g} > budget {budget[idx].item():.3g} "
+        f"(atol {atol_here:.2e})")
+
+
+def assert_labels_equal(ours: torch.Tensor, ref: torch.Tensor, name: str = "") -> None:
+    """Label maps identical (shape, dtype, every pixel), or a message with the number of
+    mismatches and the first ones."""
+    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    assert ours.dtype == ref.dtype, f"{name}: dtype {ours.dtype} != reference {ref.dtype}"
+    bad = (ours.cpu().long() != ref.cpu().long()).nonzero()
+    if len(bad):
+        first = [tuple(int(i) for i in p) for p in bad[:5]]
+        shown = ", ".join(f"{p}: ours {int(ours[p])} vs ref {int(ref[p])}" for p in first)
+        raise AssertionError(f"{name}: {len(bad)} of {ref.numel()} labels differ; first {shown}")
+
+
+def realistic_scores(k: int, h: int, w: int, seed: int = 0, batch: int = 1, queries: int = 24) -> torch.Tensor:
+    """(batch, K, h, w) fp32 scores of realistic MaskFormer outputs (reference einsum)."""
+    from maskformer.kernels.mask_einsum import make_realistic_logits, mask_einsum_ref
+
+    cl, ml = make_realistic_logits(batch, queries, k, h, w, seed=seed)
+    return mask_einsum_ref(cl, ml)

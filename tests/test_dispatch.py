@@ -21,6 +21,8 @@ from maskformer import _ext, dispatch  # noqa: E402
 from maskformer.kernels.mask_einsum import make_realistic_logits, mask_einsum_ref  # noqa: E402
 from maskformer.kernels.upsample_argmax import upsample_argmax_ref  # noqa: E402
 
+from hf_oracle import assert_labels_equal  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _clean_backend(monkeypatch):
@@ -40,16 +42,6 @@ needs_cpp = pytest.mark.skipif(not _cpp_built(), reason=f"C++ extension not buil
 
 def _triton_usable():
     return _ext.triton_import_error() is None and _ext.triton_interpret_mode()
-
-
-def assert_labels_equal(ours, ref, name):
-    assert tuple(ours.shape) == tuple(ref.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
-    assert ours.dtype == ref.dtype, f"{name}: dtype {ours.dtype} != {ref.dtype}"
-    bad = (ours.cpu() != ref.cpu()).nonzero()
-    if len(bad):
-        p = tuple(int(i) for i in bad[0])
-        raise AssertionError(f"{name}: {len(bad)} of {ref.numel()} labels differ; first at {p}: "
-                             f"ours {int(ours[p])} vs transformers {int(ref[p])}")
 
 
 @pytest.fixture(scope="module")

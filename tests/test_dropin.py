@@ -482,3 +482,254 @@ def test_gradient_checkpointing():
         torch.testing.assert_close(grads[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
     ours.gradient_checkpointing_disable()
     assert not ours.is_gradient_checkpointing
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaps found by running transformers' own MaskFormer / Mask2Former tests against these classes
+# (scripts/run_transformers_tests.py; counts in docs/deviations.md)
+# ------------------------------------------------------------------------------------------------
+def _tiny_mask2former_config(cls):
+    """What transformers' Mask2Former model tester does: construct with a feature_size no model can have
+    (16: GroupNorm needs multiples of 32), then fix it and shrink the backbone by assignment."""
+    config = cls(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, encoder_feedforward_dim=16,
+                 dim_feedforward=32, num_queries=10, num_labels=4, decoder_layers=2, encoder_layers=2, feature_size=16)
+    config.backbone_config.embed_dim = 16
+    config.backbone_config.depths = [1, 1, 1, 1]
+    config.backbone_config.hidden_size = 16
+    config.backbone_config.num_heads = [1, 1, 2, 2]
+    config.hidden_dim = config.mask_feature_size = config.feature_size = 64
+    return config
+
+
+def test_configs_are_checked_when_a_model_is_built_not_when_edited():
+    """Item 20: as transformers, a config may pass through invalid states while it is edited; the model
+    refuses one at once (milliseconds, before any module is built), naming the field."""
+    import time
+
+    from transformers import Mask2FormerConfig as HFConfig
+
+    from maskformer import ConfigError, Mask2FormerConfig, Mask2FormerModel, MaskFormerModel
+
+    assert HFConfig(feature_size=16).feature_size == 16
+    config = Mask2FormerConfig(feature_size=16)
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="feature_size=16 must be a positive multiple of 32"):
+        Mask2FormerModel(config)
+    assert time.perf_counter() - start < 0.5
+    config.feature_size = 64
+    config.backbone_config.depths = [1, 1, 1, 1]  # a small model: only that it builds matters here
+    Mask2FormerModel(config)
+
+    config = MaskFormerConfig(fpn_feature_size=48)
+    with pytest.raises(ConfigError, match="fpn_feature_size=48 must be a positive multiple of 32"):
+        MaskFormerModel(config)
+    config.fpn_feature_size = 64
+    config.backbone_config.depths = [1, 1, 1, 1]
+    MaskFormerModel(config)
+
+
+def test_transformers_tester_config_builds_the_same_model():
+    """Items 20 and 26: transformers' own test config (feature_size=16 at first, backbone hidden_size
+    assigned) builds, and builds the model transformers builds: the same parameter names and shapes."""
+    from transformers import Mask2FormerConfig as HFConfig, Mask2FormerForUniversalSegmentation as HFModel
+
+    from maskformer import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    ours, theirs = _tiny_mask2former_config(Mask2FormerConfig), _tiny_mask2former_config(HFConfig)
+    assert ours.backbone_config.hidden_size == theirs.backbone_config.hidden_size == 16
+    assert ours.backbone_config.to_dict()["hidden_size"] == theirs.backbone_config.to_dict()["hidden_size"] == 16
+    ours_model = Mask2FormerForUniversalSegmentation(ours)
+    their_state = dict(HFModel(theirs).state_dict())
+    # transformers keeps the Swin's relative_position_index out of its state dict (ours too: derived)
+    ours_shapes = {k: tuple(v.shape) for k, v in ours_model.state_dict().items() if not k.endswith("empty_weight")}
+    their_shapes = {k: tuple(v.shape) for k, v in load_renamed(their_state).items() if not k.endswith("empty_weight")}
+    assert ours_shapes == their_shapes
+    assert ours_model.model.pixel_level_module.encoder.swin.layernorm.normalized_shape == (128,)  # not hidden_size
+
+
+def load_renamed(state):
+    from maskformer.checkpoint import normalize_keys
+
+    return normalize_keys(state)
+
+
+def test_backbone_hidden_size_is_settable_and_written_as_transformers(tmp_path):
+    """Item 26: transformers' SwinConfig keeps an assigned hidden_size and writes it; it builds nothing."""
+    from transformers import SwinConfig
+
+    theirs = SwinConfig(embed_dim=16, depths=[1, 1, 1, 1])
+    config = MaskFormerConfig()
+    for backbone in (theirs, config.backbone_config):
+        backbone.hidden_size = 7
+        assert backbone.hidden_size == 7 and backbone.to_dict()["hidden_size"] == 7
+    config.to_json_file(tmp_path / "c.json")
+    assert MaskFormerConfig.from_json_file(str(tmp_path / "c.json")).backbone_config.hidden_size == 7
+    assert MaskFormerConfig().backbone_config.hidden_size == 1024  # derived when never assigned (Swin-B: 128 * 8)
+
+
+def test_top_level_num_queries_is_kept_and_builds_what_transformers_builds(tmp_path):
+    """Item 28: transformers keeps and writes a top-level num_queries, and its model has the decoder
+    config's queries (100 by default); the same config and config.json give the same model here."""
+    from transformers import MaskFormerConfig as HFConfig, MaskFormerForInstanceSegmentation as HFModel
+
+    from maskformer import MaskFormerModel
+
+    theirs, ours = HFConfig(num_queries=6), MaskFormerConfig(num_queries=6)
+    assert json.loads(theirs.to_json_string())["num_queries"] == json.loads(ours.to_json_string())["num_queries"] == 6
+    assert ours.decoder_config.num_queries == theirs.decoder_config.num_queries == 100
+    # a config.json whose top-level and decoder values differ: the decoder's wins, on both sides
+    small = hf_maskformer_config(num_queries=9)
+    small.num_queries = 6
+    small.save_pretrained(tmp_path)
+    their_model = HFModel(HFConfig.from_pretrained(tmp_path))
+    our_config = MaskFormerConfig.from_pretrained(str(tmp_path))
+    ours_model = MaskFormerModel(our_config)
+    assert their_model.model.transformer_module.queries_embedder.weight.shape[0] == 9
+    assert ours_model.transformer_module.queries_embedder.weight.shape[0] == 9
+    assert our_config.to_dict()["num_queries"] == 6
+    # the keys round-trip: what ours writes, transformers reads back with the keys it wrote (less its version stamp)
+    written = set(HFConfig.from_pretrained(tmp_path).to_dict()) - {"transformers_version"}
+    our_config.save_pretrained(str(tmp_path / "ours"))
+    rewritten = HFConfig.from_pretrained(tmp_path / "ours").to_dict()
+    assert set(rewritten) - {"transformers_version"} == written == set(our_config.to_dict()) - {"transformers_version"}
+    theirs_written = HFConfig.from_pretrained(tmp_path).to_dict()
+    for name in ("backbone_config", "decoder_config"):
+        assert set(rewritten[name]) == set(theirs_written[name]) == set(our_config.to_dict()[name]), name
+    assert rewritten["num_queries"] == 6 and rewritten["decoder_config"]["num_queries"] == 9
+
+
+def test_nested_backbone_config_as_transformers_writes_it(tmp_path):
+    """Item 29: the default backbone is a generic "swin" config with transformers' generic keys; a
+    "maskformer-swin" one stays so; both load both ways."""
+    from transformers import MaskFormerConfig as HFConfig
+
+    theirs, ours = HFConfig().to_dict(), MaskFormerConfig().to_dict()
+    assert ours["backbone_config"]["model_type"] == theirs["backbone_config"]["model_type"] == "swin"
+    assert set(ours["backbone_config"]) == set(theirs["backbone_config"])
+    assert set(ours) == set(theirs) - {"transformers_version"}
+    for key in ("_name_or_path", "chunk_size_feed_forward", "dtype", "is_encoder_decoder", "problem_type", "return_dict"):
+        assert ours["backbone_config"][key] == theirs["backbone_config"][key], key
+        assert ours["decoder_config"][key] == theirs["decoder_config"][key], key
+    MaskFormerConfig().save_pretrained(str(tmp_path / "ours"))
+    assert type(HFConfig.from_pretrained(tmp_path / "ours").backbone_config).__name__ == "SwinConfig"
+    HFConfig().save_pretrained(tmp_path / "theirs")
+    assert MaskFormerConfig.from_pretrained(str(tmp_path / "theirs")).to_dict()["backbone_config"]["model_type"] == "swin"
+    legacy = MaskFormerConfig(backbone_config=dict(model_type="maskformer-swin", depths=[1, 1, 1, 1]))
+    assert legacy.to_dict()["backbone_config"]["model_type"] == "maskformer-swin"
+    legacy.save_pretrained(str(tmp_path / "legacy"))
+    assert type(HFConfig.from_pretrained(tmp_path / "legacy").backbone_config).__name__ == "MaskFormerSwinConfig"
+
+
+def test_from_pretrained_none_with_config_and_state_dict_as_transformers():
+    """Item 23: transformers builds the model from config= and state_dict= when the path is None."""
+    from maskformer import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    hf_model = make_hf_model(window_size=3)
+    theirs = type(hf_model).from_pretrained(None, config=hf_model.config, state_dict=hf_model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(hf_model.parameters(), theirs.parameters()))
+    model = ours_like(hf_model)
+    state = model.state_dict()
+    loaded = MaskFormerForInstanceSegmentation.from_pretrained(pretrained_model_name_or_path=None, config=model.config,
+                                                               state_dict=state)
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    next(loaded.parameters()).data.add_(1.0)  # the caller's tensors are copied, not shared
+    assert torch.equal(next(model.parameters()), state[next(iter(state))])
+    config = _tiny_mask2former_config(Mask2FormerConfig)
+    m2f = Mask2FormerForUniversalSegmentation(config)
+    again = Mask2FormerForUniversalSegmentation.from_pretrained(None, config=config, state_dict=m2f.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(m2f.parameters(), again.parameters()))
+    with pytest.raises(TypeError, match="config= and state_dict="):
+        MaskFormerForInstanceSegmentation.from_pretrained(None, config=model.config)
+
+
+def test_strict_false_initialises_missing_tensors_as_transformers(tmp_path, hf_base_checkpoint):
+    """Item 24: our default refuses a checkpoint that lacks backbone tensors (test_missing_backbone_weights_
+    still_raise); strict=False loads it as transformers does, listing the same missing keys."""
+    from safetensors.torch import load_file, save_file
+
+    folder = str(tmp_path / "ckpt")
+    shutil.copytree(hf_base_checkpoint[0], folder)
+    path = f"{folder}/model.safetensors"
+    state = load_file(path)
+    gone = ["pixel_level_module.encoder.model.encoder.layers.0.blocks.0.layernorm_before.weight",
+            "transformer_module.decoder.layers.1.fc1.weight"]
+    for key in gone:
+        del state[key]
+    state["some.unknown.tensor"] = torch.zeros(3)
+    save_file(state, path, metadata={"format": "pt"})
+    _, their_info = _hf_from_pretrained(folder, output_loading_info=True)
+    with pytest.warns(UserWarning, match=r"initialised at random \(strict=False"):
+        ours, info = MaskFormerForInstanceSegmentation.from_pretrained(folder, strict=False, output_loading_info=True)
+    # transformers lists its in-memory names (decoder layers' mlp.fc1); ours are the model's (and the files') names
+    assert info["missing_keys"] == set(load_renamed(dict.fromkeys(their_info["missing_keys"])))
+    assert {"model." + k for k in gone} <= info["missing_keys"]
+    assert "some.unknown.tensor" in info["unexpected_keys"]
+    norm = ours.model.pixel_level_module.encoder.model.encoder.layers[0].blocks[0].layernorm_before
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))  # a LayerNorm starts as the identity
+    fc1 = ours.model.transformer_module.decoder.layers[1].fc1.weight
+    assert 0.005 < fc1.std().item() < 0.05  # N(0, init_std=0.02)
+    with torch.no_grad():
+        assert torch.isfinite(ours(torch.randn(1, 3, 64, 48)).masks_queries_logits).all()
+    with pytest.raises(TypeError, match="strict must be"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder, strict="no")
+
+
+def test_activation_checkpointing_names_of_transformers_5():
+    """Item 25: transformers 5's names and keywords; the same loss and gradients as without."""
+    import inspect
+
+    from transformers import PreTrainedModel
+
+    theirs = inspect.signature(PreTrainedModel.activation_checkpointing_enable).parameters
+    ours_sig = inspect.signature(MaskFormerForInstanceSegmentation.activation_checkpointing_enable).parameters
+    assert list(theirs) == list(ours_sig)
+    assert isinstance(PreTrainedModel.is_activation_checkpointing, property)
+    model = ours_like(make_hf_model(window_size=3)).train()
+    x = torch.randn(2, 3, 64, 48)
+    masks, classes = stacked_labels()
+
+    def loss_and_grads():
+        model.zero_grad()
+        torch.manual_seed(1)
+        loss = model(x, mask_labels=masks, class_labels=classes).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = loss_and_grads()
+    assert not model.is_activation_checkpointing
+    for kwargs in (dict(activation_checkpointing_kwargs={"use_reentrant": False}), dict(offload=True)):
+        model.activation_checkpointing_enable(**kwargs)
+        assert model.is_activation_checkpointing and model.is_gradient_checkpointing
+        loss, grads = loss_and_grads()
+        assert torch.equal(loss, plain_loss) and grads.keys() == plain.keys()
+        for name in plain:
+            torch.testing.assert_close(grads[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        model.activation_checkpointing_disable()
+        assert not model.is_activation_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # 4.x's names
+    assert model.is_activation_checkpointing
+    with pytest.raises(NotImplementedError, match="every_n_layers=2"):
+        model.activation_checkpointing_enable(every_n_layers=2)
+
+
+def test_mask2former_attentions_are_on_the_loss_path_as_transformers():
+    """Item 27: outputs.attentions[i].retain_grad(), then backward(), gives a .grad (transformers: too)."""
+    from transformers import Mask2FormerForUniversalSegmentation as HFModel, Mask2FormerConfig as HFConfig
+
+    from maskformer import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    masks = (torch.rand(2, 3, 64, 64) > 0.5).float()
+    classes = torch.randint(0, 4, (2, 3))
+    hf_config = _tiny_mask2former_config(HFConfig)
+    hf_config._attn_implementation = "eager"
+    for model in (HFModel(hf_config), Mask2FormerForUniversalSegmentation(_tiny_mask2former_config(Mask2FormerConfig))):
+        model.train()
+        out = model(x, mask_labels=masks, class_labels=classes, output_attentions=True, output_hidden_states=True)
+        kept = [out.attentions[0], out.attentions[-1], out.encoder_hidden_states[0], out.pixel_decoder_hidden_states[0]]
+        for t in kept:
+            t.retain_grad()
+        out.loss.backward()
+        assert all(t.grad is not None for t in kept), type(model).__module__

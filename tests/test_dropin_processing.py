@@ -91,7 +91,8 @@ def test_default_still_converts_when_the_normalisation_needs_rgb():
          r"same number of channels, got \[4, 3\]"),
         (images(2), dict(do_convert_rgb=True), "2-channel arrays are not converted"),
         ([np.zeros((20, 30, 5), np.uint8)], dict(do_convert_rgb=False, image_mean=0.5, image_std=0.5),
-         r"5 channels .* expected 1 to 4"),
+         r"5 channels, and Pillow resizes images of 1 to 4 .* do_resize=False"),
+        ([np.zeros((20, 30, 5), np.uint8)], dict(do_resize=False), r"5 channels .* only 1 to 4 channels convert to RGB"),
     ],
 )
 def test_channel_errors_say_what_to_do(batch, settings, match):
@@ -169,3 +170,59 @@ def test_from_dict_legacy_overrides_win():
     assert theirs.size_divisor == 0 and theirs.size.longest_edge is None
     ours = MaskFormerImageProcessor.from_dict(SETTINGS, size=42, max_size=84, size_divisibility=8)
     assert ours.size == {"shortest_edge": 42, "longest_edge": 84} and ours.size_divisor == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaps found by running transformers' own image-processing tests against these classes
+# ------------------------------------------------------------------------------------------------
+def test_to_dict_gives_mean_and_std_as_transformers(tmp_path):
+    """Item 21: transformers' to_dict gives image_mean / image_std as tuples, whatever they were built
+    from; a save and load (AutoImageProcessor's included) compares equal to the original."""
+    from transformers import AutoImageProcessor
+
+    theirs, ours = hf_processor(**SETTINGS), MaskFormerImageProcessor(**SETTINGS)
+    for key in ("image_mean", "image_std"):
+        assert ours.to_dict()[key] == theirs.to_dict()[key] == (0.5, 0.5, 0.5)
+        assert type(ours.to_dict()[key]) is type(theirs.to_dict()[key]) is tuple
+    ours.save_pretrained(tmp_path)
+    assert MaskFormerImageProcessor.from_pretrained(tmp_path).to_dict() == ours.to_dict()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = AutoImageProcessor.from_pretrained(tmp_path)
+    assert {k: v for k, v in auto.to_dict().items() if k in ours.to_dict()} == ours.to_dict()
+
+
+@pytest.mark.parametrize("processor", ["MaskFormerImageProcessor", "Mask2FormerImageProcessor"])
+@pytest.mark.parametrize("settings", [dict(image_mean=[0.1, 0.2, 0.3, 0.4, 0.5], image_std=[0.5] * 5),
+                                      dict(image_mean=0.5, image_std=0.25), dict(do_normalize=False)])
+@pytest.mark.parametrize("layout", ["channels_first", "channels_last"])
+def test_five_channels_without_resize_as_transformers(processor, settings, layout):
+    """Item 22: transformers processes any number of channels when it need not resize them (Pillow
+    resizes 1 to 4) and is told where they are; so do we, with the same numbers."""
+    import maskformer
+    import transformers
+
+    batch = images(5, "first" if layout == "channels_first" else "last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = getattr(transformers, processor)(do_resize=False, **settings)(
+            batch, return_tensors="pt", input_data_format=layout)
+    ours = getattr(maskformer, processor)(do_resize=False, **settings)(batch, input_data_format=layout)
+    same_batch(ours, theirs)
+    assert ours["pixel_values"].shape[1] == 5
+    with pytest.raises(ValueError, match="5 channels, and Pillow resizes images of 1 to 4 .* do_resize=False"):
+        getattr(maskformer, processor)(**settings)(batch, input_data_format=layout)
+
+
+def test_shortest_edge_alone_is_refused_at_resize_as_transformers():
+    """Item 30 (decided: refuse, as transformers 4.x and 5.x do). A {"shortest_edge": n} size is kept
+    (transformers builds it too) and cannot resize: MaskFormer's resize caps the long side. A size
+    transformers cannot use would otherwise be saved in a preprocessor_config.json as if valid."""
+    image = images(3)[0]
+    theirs, ours = hf_processor(size={"shortest_edge": 64}), MaskFormerImageProcessor(size={"shortest_edge": 64})
+    with pytest.raises(ValueError, match="Size must contain 'height' and 'width' keys or 'shortest_edge' and "
+                                         "'longest_edge' keys"):
+        theirs(image, return_tensors="pt")
+    with pytest.raises(ValueError, match=r"Size must contain .* Add a longest_edge .*'longest_edge': 1333"):
+        ours(image)
+    same_batch(ours(image, do_resize=False), theirs(image, return_tensors="pt", do_resize=False))

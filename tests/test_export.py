@@ -5,18 +5,18 @@ against transformers bit for bit where they were exact before the export work.""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, dispatch
-from maskformer.checkpoint import load_model_state
+from maskformer import MaskFormerForInstanceSegmentation, dispatch
 from maskformer.export import (OUTPUT_FIELDS, REL_ERROR_BAR, default_verify_sizes, export_program, min_side,
                                padded_stages, tracing_context)
 
-from hf_oracle import make_hf_model
+from hf_oracle import make_hf_model, ours_from_hf
 
 HAVE_EXPORTER = all(importlib.util.find_spec(p) is not None for p in ("onnx", "onnxscript"))
 HAVE_ORT = HAVE_EXPORTER and importlib.util.find_spec("onnxruntime") is not None
@@ -25,12 +25,6 @@ needs_ort = pytest.mark.skipif(not HAVE_ORT, reason="onnx, onnxscript and onnxru
                                                     "pip install 'maskformer[onnx]'")
 needs_ov = pytest.mark.skipif(not HAVE_OV, reason="onnx, onnxscript and openvino not installed: "
                                                   "pip install 'maskformer[openvino]'")
-
-
-def ours_from_hf(hf_model):
-    ours = MaskFormerForInstanceSegmentation(MaskFormerConfig.from_dict(hf_model.config.to_dict())).eval()
-    load_model_state(ours, dict(hf_model.state_dict()))
-    return ours
 
 
 @pytest.mark.parametrize(
@@ -83,8 +77,9 @@ def test_default_verify_sizes_pad_every_stage_and_include_a_batch():
 
 @pytest.fixture(scope="module")
 def exported(engine_checkpoint, tmp_path_factory):
-    """(model, path, report dict, stdout): ``maskformer export`` of a small perturbed checkpoint,
-    verified with ONNX Runtime, in a subprocess (the command and export_onnx in one export)."""
+    """(model, path, report dict, stdout, stderr): ``maskformer export`` of a small perturbed
+    checkpoint, verified with ONNX Runtime, in a subprocess (the command and export_onnx in one
+    export)."""
     if not HAVE_ORT:
         pytest.skip("onnx, onnxscript and onnxruntime not installed: pip install 'maskformer[onnx]'")
     folder = tmp_path_factory.mktemp("onnx")
@@ -94,12 +89,12 @@ def exported(engine_checkpoint, tmp_path_factory):
                              "--json", report], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     model = MaskFormerForInstanceSegmentation.from_pretrained(engine_checkpoint)
-    return model, path, json.load(open(report)), result.stdout
+    return model, path, json.load(open(report)), result.stdout, result.stderr
 
 
 @needs_ort
 def test_onnx_export_is_verified_against_pytorch(exported):
-    model, path, report, stdout = exported
+    model, path, report, stdout, stderr = exported
     assert report["ok"] and report["verify_engine"] == "onnxruntime" and len(report["rows"]) == 3
     assert [row["size"] for row in report["rows"]] == [[1, 97, 131], [2, 64, 80], [1, 40, 300]]
     for row in report["rows"]:
@@ -111,13 +106,19 @@ def test_onnx_export_is_verified_against_pytorch(exported):
     lines = [l for l in stdout.splitlines() if "x3x" in l]
     assert [l.split()[0] for l in lines] == ["1x3x97x131", "2x3x64x80", "1x3x40x300"], stdout
     assert "max rel error" in stdout and stdout.rstrip().endswith("OK")
+    # each long step said on stderr as it runs: the export (with its expected time), then each size
+    lines = [l for l in stderr.splitlines() if l.startswith("maskformer export: ")]
+    assert "exporting to ONNX" in lines[0] and "roughly" in lines[0] and "exported in" in lines[1], stderr
+    assert "verifying with onnxruntime against PyTorch at 3 sizes" in lines[2], stderr
+    assert [l.split()[2] for l in lines[3:6]] == ["1x3x97x131:", "2x3x64x80:", "1x3x40x300:"], stderr
+    assert not [n for n in os.listdir(os.path.dirname(path)) if ".partial-" in n]  # its work folder went
 
 
 @needs_ort
 def test_onnx_graph_has_dynamic_batch_height_width(exported):
     import onnx
 
-    _, path, _, _ = exported
+    _, path, _, _, _ = exported
     proto = onnx.load(path, load_external_data=False)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", 3, "height", "width"], dims
@@ -129,7 +130,7 @@ def test_export_runs_in_both_engines_at_new_sizes(exported, engine):
     """Sizes the export was neither traced nor verified at, in each engine."""
     from maskformer.export import verify_onnx
 
-    model, path, _, _ = exported
+    model, path, _, _, _ = exported
     rows = verify_onnx(model, path, [(1, 57, 301), (2, 129, 129), (1, 230, 64)], engine=engine)
     for row in rows:
         assert row["max_rel_error"] <= REL_ERROR_BAR and row["maps_agree"] >= 0.999, row
@@ -140,7 +141,7 @@ def test_verification_fails_loudly_on_a_wrong_export(exported, tmp_path):
     """A graph whose weights differ from the model's (a stale or wrong file) is caught by the bar."""
     from maskformer.export import verify_onnx
 
-    model, path, _, _ = exported
+    model, path, _, _, _ = exported
     other = ours_from_hf(make_hf_model(window_size=7, depths=(1, 1, 1, 1), num_queries=6, seed=1))
     rows = verify_onnx(other, path, [(1, 64, 64)], engine="onnxruntime")
     assert rows[0]["max_rel_error"] > 100 * REL_ERROR_BAR
@@ -235,3 +236,91 @@ def test_torch_compile_one_graph_no_break_no_recompile():
         assert torch.equal(out.masks_queries_logits, eager.masks_queries_logits)
     # the dispatch record of eager calls still works
     assert dispatch.last_dispatch("window_attention") is not None
+
+
+# The export command with the export itself replaced by a copy of the module's verified file: what
+# is tested below is how the file reaches its destination (the export is the fixture's).
+_EXPORT_CHILD = r"""
+import os, shutil, sys, time
+from maskformer.engines import export
+source = os.environ["MF_ONNX"]
+def copy_export(model, path, fields, opset, log):
+    shutil.copyfile(source, path)
+    return export.ExportReport(path=path, fields=tuple(fields), opset=None, seconds=0.0)
+export._write_onnx = copy_export
+if os.environ.get("MF_HANG"):
+    real = export.verify_rows
+    def hang(*args, **kwargs):
+        open(os.environ["MF_HANG"], "w").close()
+        time.sleep(600)
+    export.verify_rows = hang
+from maskformer.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@needs_ort
+def test_export_overwrite_never_writes_through_a_link_or_leaves_an_unverified_file(exported, engine_checkpoint,
+                                                                                   tmp_path):
+    """Item 14: ``--overwrite`` onto a symbolic link replaces the link, never its target; a kill
+    during the verification leaves the old file (here the link) as it was, and the next export
+    removes the killed one's work folder; the published file is the verified one."""
+    import signal
+    import time
+
+    _, onnx_file, _, _, _ = exported
+    target = tmp_path / "someone.onnx"
+    target.write_bytes(b"someone's file")
+    out = tmp_path / "model.onnx"
+    out.symlink_to(target)
+    args = [sys.executable, "-c", _EXPORT_CHILD, "export", engine_checkpoint, str(out), "--overwrite",
+            "--verify-engine", "onnxruntime", "--threads", "1"]
+    hang = tmp_path / "verifying"
+    proc = subprocess.Popen(args, env=dict(os.environ, MF_ONNX=onnx_file, MF_HANG=str(hang)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not hang.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.1)
+    assert out.is_symlink() and target.read_bytes() == b"someone's file"  # nothing published mid-verification
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert out.is_symlink() and target.read_bytes() == b"someone's file"
+    [partial] = [n for n in os.listdir(tmp_path) if n.startswith(".model.onnx.partial-")]
+
+    done = subprocess.run(args, env=dict(os.environ, MF_ONNX=onnx_file), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not out.is_symlink() and out.read_bytes() == open(onnx_file, "rb").read()
+    assert target.read_bytes() == b"someone's file"
+    assert not [n for n in os.listdir(tmp_path) if ".partial-" in n]
+    assert done.stdout.rstrip().endswith("OK")
+
+
+@needs_ort
+def test_failed_verification_leaves_the_destination_as_it_was(exported, tmp_path, monkeypatch):
+    """A file that fails the verification is not published: the destination keeps what it had."""
+    from maskformer.engines import export as engine_export
+
+    model, onnx_file, _, _, _ = exported
+    monkeypatch.setattr(engine_export, "_write_onnx", lambda m, path, fields, opset, log: (
+        shutil.copyfile(onnx_file, path), engine_export.ExportReport(path, tuple(fields), None, 0.0))[1])
+    monkeypatch.setattr(engine_export, "runner_for_file", lambda engine, path, threads=None: _Runner(model, 0.5))
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(RuntimeError, match="does not match PyTorch, so .* was not written"):
+        engine_export.export_onnx(model, out, outputs="logits")
+    assert out.read_bytes() == b"the previous export"
+    assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_export_of_a_mask2former_checkpoint_says_what_export_supports(tmp_path, capsys):
+    """Item 16: a Mask2Former checkpoint is refused with what ``maskformer export`` supports today,
+    not with "describes a 'mask2former' model, not 'maskformer'"."""
+    from maskformer import Mask2FormerConfig
+    from maskformer.cli import main
+
+    Mask2FormerConfig().save_pretrained(str(tmp_path / "m2f"))
+    assert main(["export", str(tmp_path / "m2f"), str(tmp_path / "m2f.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "is a Mask2Former checkpoint; maskformer export supports MaskFormer checkpoints today" in err, err
+    assert "describes a" not in err and not (tmp_path / "m2f.onnx").exists()

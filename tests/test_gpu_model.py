@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import gpu_model as gm
-from maskformer import dispatch
+from maskformer import dispatch, reporting
 from maskformer.kernels import window_attention as wa
 
 
@@ -178,10 +178,22 @@ def test_fused_semantic_segmentation_counts_fewer_launches_and_bytes():
     assert _bytes(fused) < 0.5 * _bytes(unfused)  # no (K, H, W) scores at the target size
 
 
-def test_fast_trace_that_falls_back_to_the_reference_is_an_error(monkeypatch):
-    monkeypatch.setattr(wa, "not_supported_reasons", lambda *a, **k: ["refused for the test"])
-    with pytest.raises(RuntimeError, match="did not run the Triton ops.*refused for the test"):
-        gm.trace("maskformer-fast", "toy", 1, "fp32", 96, 128)
+def test_fast_trace_that_falls_back_to_the_reference_is_an_error():
+    # The op registry holds the Triton implementation's reasons function: refuse there.
+    import dataclasses
+
+    from maskformer.kernels import registry
+
+    op = registry.get("window_attention")
+    triton = op.impl("triton")
+    refusing = dataclasses.replace(triton, reasons=lambda *a, **k: ["refused for the test"])
+    registry.register(dataclasses.replace(op, impls=tuple(refusing if i is triton else i for i in op.impls)),
+                      replace=True)
+    try:
+        with pytest.raises(RuntimeError, match="did not run the Triton ops.*refused for the test"):
+            gm.trace("maskformer-fast", "toy", 1, "fp32", 96, 128)
+    finally:
+        registry.register(op, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +275,7 @@ def test_toy_report_plumbing(tmp_path):
     assert "| toy | 96x128 | 1 | 10.0 | 11.0 | +10.0% |" in gm.markdown(report)
 
 
-def test_command_line(tmp_path, capsys):
+def test_command_line(tmp_path, capsys, monkeypatch):
     out = tmp_path / "cli.json"
     assert gm.main(["--models", "toy:64x96", "--batches", "1", "--dtypes", "fp32", "--impls", "maskformer-fast",
                     "--devices", "h100", "--host-us-per-op", "20", "--efficiency", "0.5", "--json", str(out)]) == 0
@@ -275,3 +287,12 @@ def test_command_line(tmp_path, capsys):
         with pytest.raises(SystemExit):
             gm.main(bad + ["--json", str(tmp_path / "never.json")])
     assert not (tmp_path / "never.json").exists()
+    # A second run never replaces the first's files unless asked (maskformer.reporting's rule).
+    args = ["--models", "toy:64x96", "--batches", "1", "--dtypes", "fp32", "--impls", "maskformer-fast", "--devices",
+            "h100", "--host-us-per-op", "20", "--efficiency", "0.5", "--json", str(out)]
+    before = out.read_bytes()
+    monkeypatch.setattr(reporting, "_claimed_files", set())  # as a new process: the first run's claims are gone
+    with pytest.raises(SystemExit):
+        gm.main(args)
+    assert out.read_bytes() == before
+    assert gm.main(args + ["--overwrite"]) == 0

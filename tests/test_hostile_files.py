@@ -7,6 +7,7 @@ the checkpoint, so the tests pin our error and its speed instead of a transforme
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
@@ -195,3 +196,72 @@ def test_tampered_relative_position_index_is_refused(tmp_path, hf_tiny_checkpoin
     with pytest.raises(CheckpointError, match=r"layers\.1\.blocks\.0\.attention\.self\.relative_position_index differs "
                                               r"from .* window_size=3 defines \(first difference at \(0, 1\): stored -5"):
         MaskFormerForInstanceSegmentation.from_pretrained(folder)
+
+
+# ------------------------------------------------------------------------------------------------
+# 16. files that are not what they claim to be: the error names the file
+# ------------------------------------------------------------------------------------------------
+UNREADABLE_JSON = {
+    "invalid UTF-8": b'{"model_type": "maskformer", "id2label": {"0": "caf\xe9"}}',  # Latin-1, not UTF-8
+    "100k-deep nesting": b"[" * 100_000 + b"]" * 100_000,  # json.load: RecursionError
+}
+
+
+@pytest.mark.parametrize("case", list(UNREADABLE_JSON), ids=list(UNREADABLE_JSON))
+def test_unreadable_config_json_names_the_file(tmp_path, hf_tiny_checkpoint, case):
+    from maskformer import MaskFormerImageProcessor
+    from maskformer.loading import checkpoint_family
+
+    folder = copy_checkpoint(hf_tiny_checkpoint[0], tmp_path / "ckpt")
+    path = os.path.join(folder, "config.json")
+    with open(path, "wb") as f:
+        f.write(UNREADABLE_JSON[case])
+    for load in (MaskFormerForInstanceSegmentation.from_pretrained, MaskFormerConfig.from_pretrained, checkpoint_family):
+        with pytest.raises(ConfigError) as info:
+            load(folder)
+        assert path in str(info.value) and "re-download" in str(info.value)
+    processor_path = os.path.join(folder, "preprocessor_config.json")
+    with open(processor_path, "wb") as f:
+        f.write(UNREADABLE_JSON[case])
+    with pytest.raises(ValueError) as info:
+        MaskFormerImageProcessor.from_pretrained(folder)
+    assert processor_path in str(info.value)
+
+
+def test_safetensors_that_cannot_be_mapped_names_the_file(tmp_path, hf_tiny_checkpoint, monkeypatch):
+    """safetensors maps the file; under a memory limit that fails with "Cannot allocate memory (os error
+    12)", a MemoryError that names no file. Ours names it, its size and the fix (same exception type)."""
+    import safetensors
+
+    folder = copy_checkpoint(hf_tiny_checkpoint[0], tmp_path / "ckpt")
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_memory)
+    with pytest.raises(MemoryError, match=r"model\.safetensors \(\d+ MB\) could not be mapped into memory \(Cannot "
+                                          r"allocate memory \(os error 12\)\).*raise the limit"):
+        MaskFormerForInstanceSegmentation.from_pretrained(folder)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc/self/status are Linux's")
+def test_safetensors_under_an_address_space_limit_names_the_file(tmp_path):
+    """The same with a real limit: a child process whose address space has 32 MB left maps a 128 MB file."""
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(32 * 2**20)}, path)  # 128 MB of float32
+    code = (
+        "import re, resource\n"
+        "from maskformer.checkpoint import _read_safetensors\n"
+        "import safetensors.torch\n"
+        "vm = int(re.search(r'VmSize:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (vm + 32 * 2**20, resource.RLIM_INFINITY))\n"
+        f"try:\n    _read_safetensors({path!r})\n    print('LOADED')\n"
+        "except MemoryError as exc:\n    print('MEMORYERROR', exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.stdout.startswith("MEMORYERROR"), (out.stdout, out.stderr[-2000:])
+    assert path in out.stdout and "could not be mapped into memory" in out.stdout

@@ -312,3 +312,52 @@ def test_import_is_lean():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_hub_id_fails_fast_when_the_hub_certainly_cannot_be_reached(tmp_path, monkeypatch, hf_tiny_checkpoint):
+    """Item 17: with no network (the hub's name does not resolve, no proxy), huggingface_hub retried each
+    file five times (1+2+4+8+8 s; 41 s measured for one config.json) before failing. Now: the cache
+    answers at once (a cached repo loads), an uncached one fails at once, naming why."""
+    import socket
+    import time
+    import urllib.parse
+
+    import huggingface_hub.constants
+
+    from maskformer import hub
+
+    for name in hub._PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "_UNREACHABLE", {})
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    downloads = []
+    real_download = huggingface_hub.hf_hub_download
+
+    def spy(*args, **kwargs):
+        downloads.append(kwargs["local_files_only"])
+        return real_download(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", spy)
+    cache = str(tmp_path / "hub")
+    folder, hf_model = hf_tiny_checkpoint
+    _fake_hub_cache(cache, "someone/maskformer-tiny", [os.path.join(folder, f) for f in ("config.json", "model.safetensors")])
+    start = time.perf_counter()
+    ours = MaskFormerForInstanceSegmentation.from_pretrained("someone/maskformer-tiny", cache_dir=cache)
+    outputs_match(ours, hf_model, torch.randn(1, 3, 64, 64))
+    host = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT).hostname
+    with pytest.raises(FileNotFoundError, match=rf"config.json of 'someone/not-cached' is not in the local hub cache and "
+                                                rf"the hub cannot be reached \({host} does not resolve"):
+        MaskFormerConfig.from_pretrained("someone/not-cached", cache_dir=cache)
+    assert time.perf_counter() - start < 10.0  # the retries alone took 23 s per file
+    assert host in lookups and downloads and all(downloads)  # the cache only, never the network
+    assert "does not resolve" in hub._UNREACHABLE[host][1]  # remembered: looked up once a minute
+    with pytest.raises(FileNotFoundError, match="force_download=True needs the hub"):
+        MaskFormerConfig.from_pretrained("someone/maskformer-tiny", cache_dir=cache, force_download=True)

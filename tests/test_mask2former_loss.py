@@ -16,8 +16,7 @@ import torch
 
 from maskformer.loss_mask2former import mask2former_loss
 
-from hf_oracle import assert_close_rel
-from test_mask2former_parity import make_hf, ours_from_hf
+from hf_oracle import assert_close_rel, make_hf_mask2former, ours_from_hf
 
 TOL = 1e-5
 SAME_LOGITS = 1e-6
@@ -41,7 +40,7 @@ def labels_for(shapes, num_labels, seed=0):
 
 @pytest.fixture(scope="module")
 def models():
-    hf_model = make_hf(num_labels=5, num_queries=6, **SMALL)
+    hf_model = make_hf_mask2former(num_labels=5, num_queries=6, **SMALL)
     return hf_model, ours_from_hf(hf_model)
 
 
@@ -110,7 +109,7 @@ def grads(model):
 
 
 def test_gradients_match_transformers():
-    hf_model = make_hf(num_labels=4, num_queries=5, **SMALL).train()
+    hf_model = make_hf_mask2former(num_labels=4, num_queries=5, **SMALL).train()
     ours = ours_from_hf(hf_model).train()
     x = torch.randn(2, 3, 64, 48)
     mask_labels, class_labels = labels_for([(3, 64, 48), (0, 64, 48)], num_labels=4, seed=2)
@@ -145,7 +144,7 @@ def test_without_auxiliary_loss_only_the_last_prediction_counts():
     """use_auxiliary_loss=False: three terms, those of transformers' criterion without auxiliary
     predictions (transformers' forward adds the auxiliary terms whatever the flag says; we follow
     the flag's documentation, as our MaskFormer and transformers' MaskFormer do)."""
-    hf_model = make_hf(num_labels=5, num_queries=6, use_auxiliary_loss=False, **SMALL)
+    hf_model = make_hf_mask2former(num_labels=5, num_queries=6, use_auxiliary_loss=False, **SMALL)
     ours = ours_from_hf(hf_model)
     assert ours.config.use_auxiliary_loss is False
     x = torch.randn(2, 3, 64, 64)

@@ -25,7 +25,7 @@ from maskformer import (
 )
 from maskformer.loading import load_model_state
 
-from hf_oracle import assert_close_rel, perturb_
+from hf_oracle import assert_close_rel, make_hf_mask2former, ours_from_hf
 
 TOL = 1e-5
 FIELDS = (
@@ -35,35 +35,6 @@ FIELDS = (
     "pixel_decoder_last_hidden_state",
     "transformer_decoder_last_hidden_state",
 )
-
-
-def hf_mask2former_config(window_size=7, embed_dim=24, depths=(1, 1, 2, 1), num_heads=(1, 2, 3, 3), num_queries=10,
-                          hidden_dim=32, feature_size=32, mask_feature_size=32, decoder_layers=4, encoder_layers=2,
-                          num_labels=5, heads=4, **top):
-    from transformers import Mask2FormerConfig as HFConfig, SwinConfig
-
-    backbone = SwinConfig(embed_dim=embed_dim, depths=list(depths), num_heads=list(num_heads), window_size=window_size,
-                          out_features=["stage1", "stage2", "stage3", "stage4"], drop_path_rate=0.0)
-    id2label = {i: f"class_{i}" for i in range(num_labels)}
-    return HFConfig(backbone_config=backbone, feature_size=feature_size, mask_feature_size=mask_feature_size,
-                    hidden_dim=hidden_dim, encoder_feedforward_dim=2 * feature_size, dim_feedforward=2 * hidden_dim,
-                    encoder_layers=encoder_layers, decoder_layers=decoder_layers, num_attention_heads=heads,
-                    num_queries=num_queries, id2label=id2label, label2id={v: k for k, v in id2label.items()}, **top)
-
-
-def make_hf(seed=0, scale=0.2, cls_name="Mask2FormerForUniversalSegmentation", **kwargs):
-    import transformers
-
-    torch.manual_seed(seed)
-    config = hf_mask2former_config(**kwargs)
-    config._attn_implementation = "eager"
-    return perturb_(getattr(transformers, cls_name)(config), scale=scale, seed=seed).eval()
-
-
-def ours_from_hf(hf_model, cls=Mask2FormerForUniversalSegmentation):
-    ours = cls(Mask2FormerConfig.from_dict(hf_model.config.to_dict())).eval()
-    load_model_state(ours, dict(hf_model.state_dict()))
-    return ours
 
 
 def compare(hf_model, ours, pixel_values, fields=FIELDS, **kwargs):
@@ -85,13 +56,13 @@ def compare(hf_model, ours, pixel_values, fields=FIELDS, **kwargs):
     ],
 )
 def test_logits_match_transformers(window_size, height, width, batch):
-    hf_model = make_hf(window_size=window_size)
+    hf_model = make_hf_mask2former(window_size=window_size)
     ours = ours_from_hf(hf_model)
     compare(hf_model, ours, torch.randn(batch, 3, height, width))
 
 
 def test_every_prediction_hidden_state_and_attention_match_transformers():
-    hf_model = make_hf(window_size=3)
+    hf_model = make_hf_mask2former(window_size=3)
     ours = ours_from_hf(hf_model)
     kwargs = dict(output_hidden_states=True, output_attentions=True, output_auxiliary_logits=True)
     ref, out = compare(hf_model, ours, torch.randn(2, 3, 70, 90), **kwargs)
@@ -115,7 +86,7 @@ def test_every_prediction_hidden_state_and_attention_match_transformers():
 
 
 def test_base_model_matches_transformers():
-    hf_model = make_hf(cls_name="Mask2FormerModel")
+    hf_model = make_hf_mask2former(cls_name="Mask2FormerModel")
     ours = ours_from_hf(hf_model, Mask2FormerModel)
     kwargs = dict(output_hidden_states=True)
     x = torch.randn(2, 3, 80, 96)
@@ -137,7 +108,7 @@ def test_base_model_matches_transformers():
     dict(common_stride=8),  # no FPN level: mask features at stride 8
 ])
 def test_config_variants_match_transformers(variant):
-    hf_model = make_hf(window_size=3, **variant)
+    hf_model = make_hf_mask2former(window_size=3, **variant)
     ours = ours_from_hf(hf_model)
     compare(hf_model, ours, torch.randn(2, 3, 64, 80))
 
@@ -156,7 +127,7 @@ def test_real_size_configs_match_transformers(arch):
     saturates every softmax."""
     arch = dict(arch)
     size = arch.pop("size")
-    hf_model = make_hf(scale=0.02, hidden_dim=256, feature_size=256, mask_feature_size=256, decoder_layers=10,
+    hf_model = make_hf_mask2former(scale=0.02, hidden_dim=256, feature_size=256, mask_feature_size=256, decoder_layers=10,
                        encoder_layers=6, heads=8, **arch)
     ours = ours_from_hf(hf_model)
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf_model.parameters())
@@ -169,7 +140,7 @@ def test_real_size_configs_match_transformers(arch):
 def test_transformers_checkpoint_loads_strictly_and_ours_loads_back_into_transformers(tmp_path):
     import transformers
 
-    hf_model = make_hf(window_size=7)
+    hf_model = make_hf_mask2former(window_size=7)
     hf_model.save_pretrained(tmp_path / "hf")
     ours, info = Mask2FormerForUniversalSegmentation.from_pretrained(tmp_path / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -191,7 +162,7 @@ def test_transformers_checkpoint_loads_strictly_and_ours_loads_back_into_transfo
 
 
 def test_config_that_does_not_describe_the_weights_is_refused_naming_the_field(tmp_path):
-    make_hf(window_size=7).save_pretrained(tmp_path)
+    make_hf_mask2former(window_size=7).save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
     data["decoder_layers"] = 6
     data["encoder_layers"] = 3
@@ -214,14 +185,24 @@ def test_maskformer_checkpoint_is_refused_with_the_right_class(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     (dict(feature_size=48), "multiple of 32"),
     (dict(hidden_dim=30, num_attention_heads=8), "divisible by num_attention_heads"),
-    (dict(backbone_config=dict(model_type="resnet")), "not supported"),
     (dict(backbone_config=dict(model_type="swin", out_features=["stage2", "stage3", "stage4"])), "every Swin stage"),
     (dict(feature_strides=[4, 8, 16]), "feature_strides"),
     (dict(common_stride=2), "common_stride"),
+    # a hub config's out_features name 4 stages; the error names depths, the field that is wrong
+    (dict(backbone_config=dict(model_type="swin", depths="abc", out_features=["stage1", "stage2", "stage3", "stage4"])),
+     r"backbone_config\.depths must be a list of integers, got 'abc'"),
 ])
 def test_unsupported_configs_are_refused_clearly(bad, match):
+    """Refused when a model is built (as transformers, a config may be edited through such states first)."""
+    config = Mask2FormerConfig(**bad)
     with pytest.raises(ConfigError, match=match):
-        Mask2FormerConfig(**bad)
+        Mask2FormerModel(config)
+
+
+def test_unsupported_backbone_type_is_refused_at_construction():
+    """The one refusal at construction: there is no config class here to hold a ResNet backbone."""
+    with pytest.raises(ConfigError, match="not supported"):
+        Mask2FormerConfig(backbone_config=dict(model_type="resnet"))
 
 
 def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path):
@@ -237,7 +218,7 @@ def test_segment_command_runs_mask2former_checkpoints_like_transformers(tmp_path
 
     from maskformer.synthetic import make_sample
 
-    hf_model = make_hf(window_size=7)
+    hf_model = make_hf_mask2former(window_size=7)
     with torch.no_grad():
         # Every query of this small random decoder prefers the same class; a sharper class head gives the
         # panoptic map three segments (the semantic map stays one label: compared all the same).
@@ -286,7 +267,7 @@ def test_hub_repo_id_resolves_from_the_local_cache(tmp_path, monkeypatch):
 
     from maskformer import Mask2FormerImageProcessor
 
-    hf_model = make_hf(window_size=7)
+    hf_model = make_hf_mask2former(window_size=7)
     folder = tmp_path / "saved"
     hf_model.save_pretrained(folder)
     HFProcessor(size={"shortest_edge": 96, "longest_edge": 160}).save_pretrained(folder)
@@ -312,7 +293,7 @@ def test_backbone_in_the_maskformer_swin_layout_loads_too(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
-    hf_model = make_hf(window_size=7)
+    hf_model = make_hf_mask2former(window_size=7)
     hf_model.save_pretrained(tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     renamed = {}

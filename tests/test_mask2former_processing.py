@@ -234,7 +234,8 @@ def test_m2f_save_and_load_both_ways(tmp_path):
 def test_m2f_legacy_hub_config(tmp_path):
     """The shape of the facebook/mask2former-* hub configs: int size 384, size_divisibility,
     reduce_labels, feature_extractor_type. transformers 5.23 drops the legacy keys and cannot
-    resize with `{"shortest_edge": 384}` alone; we honour them (MaskFormer deviations 8 and 10)."""
+    resize with `{"shortest_edge": 384}` alone; we honour them as transformers 4.x, which wrote them, did
+    (MaskFormer deviations 8 and 10: longest_edge 1333)."""
     legacy = {
         "do_normalize": True, "do_resize": True, "feature_extractor_type": "Mask2FormerFeatureExtractor",
         "ignore_index": 255, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
@@ -243,7 +244,7 @@ def test_m2f_legacy_hub_config(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
     ours = Mask2FormerImageProcessor.from_pretrained(tmp_path)
     assert (ours.size, ours.size_divisor, ours.do_reduce_labels, ours.num_labels) == (
-        {"shortest_edge": 384}, 16, True, 80
+        {"shortest_edge": 384, "longest_edge": 1333}, 16, True, 80
     )
     theirs = HFProcessor.from_pretrained(tmp_path)
     assert (theirs.size_divisor, theirs.do_reduce_labels) == (32, False), "transformers now honours the legacy keys"

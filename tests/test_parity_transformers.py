@@ -10,10 +10,9 @@ bar leaves a 10x margin over that for other CPUs and thread counts.
 import pytest
 import torch
 
-from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerModel
-from maskformer.loading import load_model_state
+from maskformer import MaskFormerModel
 
-from hf_oracle import assert_close_rel, make_hf_model
+from hf_oracle import assert_close_rel, make_hf_model, ours_from_hf
 
 TOL = 1e-5
 FIELDS = (
@@ -23,12 +22,6 @@ FIELDS = (
     "pixel_decoder_last_hidden_state",
     "transformer_decoder_last_hidden_state",
 )
-
-
-def ours_from_hf(hf_model, cls=MaskFormerForInstanceSegmentation):
-    ours = cls(MaskFormerConfig.from_dict(hf_model.config.to_dict())).eval()
-    load_model_state(ours, dict(hf_model.state_dict()))
-    return ours
 
 
 def compare(hf_model, ours, pixel_values, **kwargs):

@@ -1,5 +1,7 @@
-"""Fine-tuning: the example script runs on a folder of images and label maps and saves a checkpoint."""
+"""Fine-tuning: the example script trains on a folder of images and label maps (its loss falls)
+and saves a checkpoint."""
 import os
+import re
 import subprocess
 import sys
 
@@ -28,7 +30,12 @@ def test_finetune_example_on_a_folder(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "class head re-initialised for 5 classes" in result.stderr
-    assert "epoch 1: mean loss" in result.stdout and "epoch 2: mean loss" in result.stdout
+    # The loss must fall, not just be printed. Measured (torch 2.13, 2-core EPYC): 0.6381 -> 0.6158
+    # (-3.5%) with the script's default seed 0, and -3.7% to -5.1% with seeds 1-3; with --lr 0
+    # (nothing learned) the second epoch's mean stays within 0.2% of the first (0.6399 -> 0.6410).
+    losses = [float(v) for v in re.findall(r"^epoch \d+: mean loss ([0-9.]+)$", result.stdout, re.M)]
+    assert len(losses) == 2, result.stdout
+    assert losses[1] < 0.99 * losses[0], f"the loss did not fall by 1%: epochs {losses}"
     model = MaskFormerForInstanceSegmentation.from_pretrained(out)
     assert model.config.num_labels == 5
     # refuses to overwrite the checkpoint it wrote

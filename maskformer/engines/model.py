@@ -9,6 +9,8 @@ import torch
 
 from ..inputs import InputError, check_pixel_values
 from ..outputs import MaskFormerForInstanceSegmentationOutput
+from . import cache
+from .export import min_side
 from .registry import default_threads, engine_module, require
 
 __all__ = ["EngineModel", "load_engine_model"]
@@ -83,8 +85,6 @@ class EngineModel:
         # The torch model's checks, then the export's smallest size.
         x = check_pixel_values(pixel_values, pixel_mask, config=cfg, device=self.device, dtype=self.dtype,
                                check_finite=self.check_finite).contiguous()
-        from ..export import min_side
-
         if min(x.shape[2], x.shape[3]) < min_side(cfg):
             raise InputError(f"pixel_values of {x.shape[2]}x{x.shape[3]} is smaller than the {min_side(cfg)}x"
                              f"{min_side(cfg)} pixels the exported graph serves (every stage's map at least 2 wide); "
@@ -98,8 +98,6 @@ class EngineModel:
 def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[int] = None,
                       engine_cache_dir: Optional[str] = None, dtype=None, device=None, **kwargs) -> EngineModel:
     """``from_pretrained(path, engine=...)`` for engines other than torch (see the module docstring)."""
-    from . import cache
-
     require(engine)
     if getattr(cls, "checkpoint_prefix", None) != "model.":  # MaskFormerModel: no heads, no logits
         raise ValueError(f"engine={engine!r} serves MaskFormerForInstanceSegmentation (the model with heads); "
@@ -123,5 +121,6 @@ def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[in
 
 
 def _stderr(message: str) -> None:
-    # A first-use build takes a minute or more (Swin-T: ~80 s on a 2-core CPU): say so.
-    print(message, file=sys.stderr, flush=True)
+    # A first-use build takes a minute or more (Swin-T: ~80 s on a 2-core CPU): each phase says so,
+    # on stderr with the package's prefix, as the command line's other notes.
+    print(f"maskformer: {message}", file=sys.stderr, flush=True)

@@ -70,7 +70,8 @@ class Runner:
         return cls(path, threads)
 
     @classmethod
-    def from_entry(cls, entry: str, threads: int) -> "Runner":
+    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True) -> "Runner":
+        """``keep_compiled``: nothing to keep (ONNX Runtime plans the graph in memory at each load)."""
         return cls(os.path.join(entry, ONNX_FILE), threads)
 
     def run(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:

@@ -4,9 +4,18 @@
 default fp16 compression of ``save_model`` is turned off) so that later loads skip the ONNX
 import. The runner compiles the model for each input shape it meets (``reshape`` to that shape,
 then ``compile_model``): OpenVINO plans a static shape faster than a dynamic one (Swin-T at
-512x683 on this project's 2-core EPYC: 1.80 s against 1.87 s per forward), and the compiled
-blob is also cached on disk (``CACHE_DIR`` = ``compiled/`` in the cache entry: a cold compile
-took 1.3 s, a warm one 0.6 s). Up to 8 shapes stay compiled in memory.
+512x683 on this project's 2-core EPYC: 1.80 s against 1.87 s per forward). Up to 8 shapes stay
+compiled in memory.
+
+Compiled shapes are also kept on disk, in ``compiled/`` of the cache entry, by this module rather
+than by OpenVINO's ``CACHE_DIR``, which keeps every shape it meets (issue #24 measured 119 MB,
+about 8 MB per shape, for the 7 MB default model): each blob is
+``CompiledModel.export_model()``'s bytes, named by the shape, the compile settings and the blob's
+own SHA-256, which is checked before ``import_model`` (a damaged blob is deleted and the shape
+compiled again). Reading a blob back saves most of a compile: Swin-T at 512x683, 2.7 s against
+6.6 s (2.4x, paired; load 14 on this project's 2-core EPYC; benchmarks/results/engine-cache-cpu.md).
+A blob is the model compiled for one shape, weights included: 175 MB for Swin-T's 168 MB of
+weights.
 
 Inference precision is pinned to f32: on CPUs with avx512_bf16/AMX, OpenVINO would otherwise run
 in bf16 by default. Threads: ``INFERENCE_NUM_THREADS`` = the model's ``threads``, one stream,
@@ -18,8 +27,13 @@ are fresh torch tensors set as the request's output tensors, which OpenVINO writ
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
+import json
 import os
 import threading
+import uuid
 from collections import OrderedDict
 from typing import Dict, List, Optional
 
@@ -30,8 +44,17 @@ NAME = "openvino"
 EXTRA = "openvino"
 PACKAGES = ("openvino",)
 IR_FILE = "model.xml"
+WEIGHTS_FILE = "model.bin"
 COMPILED_DIR = "compiled"
 MAX_SHAPES = 8
+# The compiled/ folder's bound, in bytes: 4x the model's weights (a blob is about the weights'
+# size, see above), at least 64 MB: the four shapes used last, so the entry stays within about 5x
+# its model on disk (0.85 GB for Swin-T) while a run over photos of a few sizes reads its shapes
+# back; the least recently used blob goes first.
+COMPILED_MODELS_KEPT = 4
+COMPILED_MIN_BYTES = 64 << 20
+# What the build says it is doing between the export and the verification.
+PREPARE_STEP = "converting the ONNX file to OpenVINO IR (float32 weights)"
 
 
 def versions() -> Dict[str, str]:
@@ -57,18 +80,24 @@ def compile_config(threads: int) -> Dict[str, object]:
 
 
 class Runner:
-    """``run(pixel_values)`` -> output tensors (in ``output_names`` order)."""
+    """``run(pixel_values)`` -> output tensors (in ``output_names`` order).
 
-    def __init__(self, model_path: str, threads: int, cache_dir: Optional[str] = None, static_shapes: bool = True):
+    ``compiled_dir``: where compiled shapes are kept on disk (see the module docstring); None
+    keeps them in memory only."""
+
+    def __init__(self, model_path: str, threads: int, compiled_dir: Optional[str] = None, static_shapes: bool = True):
         import openvino as ov
 
         self.core = ov.Core()
-        if cache_dir:
-            self.core.set_property({"CACHE_DIR": cache_dir})
         self.model = self.core.read_model(model_path)
         self.threads = threads
         self.config = compile_config(threads)
         self.static_shapes = static_shapes
+        self.compiled_dir = compiled_dir
+        weights = os.path.join(os.path.dirname(model_path), WEIGHTS_FILE)
+        model_bytes = os.path.getsize(weights) if os.path.exists(weights) else 0
+        self.compiled_bytes_bound = max(COMPILED_MODELS_KEPT * model_bytes, COMPILED_MIN_BYTES)
+        self._settings = hashlib.sha256(json.dumps(self.config, sort_keys=True, default=str).encode()).hexdigest()[:12]
         self.output_names: List[str] = [o.get_any_name() for o in self.model.outputs]
         self._compiled: "OrderedDict[tuple, object]" = OrderedDict()
         self._lock = threading.Lock()
@@ -78,31 +107,89 @@ class Runner:
         return cls(path, threads)
 
     @classmethod
-    def from_entry(cls, entry: str, threads: int) -> "Runner":
-        return cls(os.path.join(entry, IR_FILE), threads, cache_dir=os.path.join(entry, COMPILED_DIR))
+    def from_entry(cls, entry: str, threads: int, keep_compiled: bool = True) -> "Runner":
+        return cls(os.path.join(entry, IR_FILE), threads,
+                   compiled_dir=os.path.join(entry, COMPILED_DIR) if keep_compiled else None)
 
     def compiled_for(self, shape: tuple):
-        """The model compiled for input ``shape`` (compiled on first use; 8 shapes kept)."""
+        """The model compiled for input ``shape`` (compiled on first use, or read back from
+        ``compiled_dir``; 8 shapes kept in memory)."""
         key = shape if self.static_shapes else None
         with self._lock:
             compiled = self._compiled.get(key)
             if compiled is not None:
                 self._compiled.move_to_end(key)
                 return compiled
-            model = self.model
-            if self.static_shapes:
-                model = self.model.clone()
-                model.reshape({self.model.inputs[0].get_any_name(): list(shape)})
-            compiled = self.core.compile_model(model, "CPU", self.config)
+            compiled = self._read_compiled(shape) if self.compiled_dir and self.static_shapes else None
+            if compiled is None:
+                model = self.model
+                if self.static_shapes:
+                    model = self.model.clone()
+                    model.reshape({self.model.inputs[0].get_any_name(): list(shape)})
+                compiled = self.core.compile_model(model, "CPU", self.config)
+                if self.compiled_dir and self.static_shapes:
+                    self._keep_compiled(shape, compiled)
             self._compiled[key] = compiled
             while len(self._compiled) > MAX_SHAPES:
                 self._compiled.popitem(last=False)
             return compiled
 
+    def _blob_prefix(self, shape: tuple) -> str:
+        return f"{'x'.join(str(int(d)) for d in shape)}-{self._settings}-"
+
+    def _read_compiled(self, shape: tuple):
+        """The model compiled for ``shape`` from a blob in ``compiled_dir`` whose bytes match the
+        SHA-256 in its name, or None. Blobs that do not match, or that OpenVINO refuses, are deleted."""
+        prefix = self._blob_prefix(shape)
+        try:
+            names = [n for n in os.listdir(self.compiled_dir) if n.startswith(prefix) and n.endswith(".blob")]
+        except OSError:
+            return None
+        paths = sorted((os.path.join(self.compiled_dir, n) for n in names), key=_mtime, reverse=True)
+        for path in paths:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            compiled = None
+            if hashlib.sha256(data).hexdigest() == os.path.basename(path)[len(prefix):-len(".blob")]:
+                try:
+                    compiled = self.core.import_model(data, "CPU", self.config)
+                except Exception:  # a blob OpenVINO cannot read back: compiled again below
+                    compiled = None
+            if compiled is None:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+                continue
+            with contextlib.suppress(OSError):
+                os.utime(path)  # most recently used: the last to go when the folder is trimmed
+            return compiled
+        return None
+
+    def _keep_compiled(self, shape: tuple, compiled) -> None:
+        """Write ``compiled`` to ``compiled_dir`` (complete, by rename) and trim the folder to its
+        bound, least recently used first. Best effort: a cache that cannot be written to only
+        loses the time a later compile of this shape saves."""
+        with contextlib.suppress(OSError):
+            stream = io.BytesIO()
+            compiled.export_model(stream)
+            data = stream.getvalue()
+            os.makedirs(self.compiled_dir, exist_ok=True)
+            name = f"{self._blob_prefix(shape)}{hashlib.sha256(data).hexdigest()}.blob"
+            tmp = os.path.join(self.compiled_dir, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, os.path.join(self.compiled_dir, name))
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            trim_compiled(self.compiled_dir, self.compiled_bytes_bound, keep=name)
+
     def run(self, pixel_values: torch.Tensor) -> List[torch.Tensor]:
         """pixel_values: contiguous float32 CPU (B, C, H, W); shared with OpenVINO, not copied."""
-        import openvino as ov
-
         x = pixel_values
         if x.dtype != torch.float32 or not x.is_contiguous() or x.device.type != "cpu":
             x = x.to(device="cpu", dtype=torch.float32).contiguous()
@@ -123,3 +210,35 @@ class Runner:
         if outs is None:  # dynamic shapes: the request's buffers (kept alive by the arrays)
             outs = [torch.from_numpy(np.asarray(request.get_output_tensor(i).data)) for i in range(len(self.output_names))]
         return outs
+
+
+def trim_compiled(folder: str, max_bytes: int, keep: Optional[str] = None) -> List[str]:
+    """Delete the least recently used blobs of ``folder`` until they total at most ``max_bytes``
+    (``keep``, the blob just written, stays); returns the deleted names."""
+    blobs = []
+    for name in os.listdir(folder):
+        if not name.endswith(".blob"):  # another process's .tmp-* being written
+            continue
+        path = os.path.join(folder, name)
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            blobs.append((st.st_mtime_ns, st.st_size, name))
+    total = sum(size for _, size, _ in blobs)
+    removed = []
+    for _, size, name in sorted(blobs):
+        if total <= max_bytes:
+            break
+        if name == keep:
+            continue
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(folder, name))
+            total -= size
+            removed.append(name)
+    return removed
+
+
+def _mtime(path: str) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return 0

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from maskformer.kernels import mask_einsum as me
 from maskformer.kernels import upsample_argmax as ua
-from semantic_helpers import assert_labels_equal, assert_within_budget, realistic_scores
+from hf_oracle import assert_labels_equal, assert_within_budget, realistic_scores
 
 U32 = 2.0**-24
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from maskformer.kernels import mask_einsum as me
-from semantic_helpers import assert_within_budget
+from hf_oracle import assert_within_budget
 
 U32 = 2.0**-24  # fp32 unit roundoff
 

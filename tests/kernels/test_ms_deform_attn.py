@@ -16,12 +16,13 @@ exact; it is derived from the kernel's arithmetic, not fitted:
 - fp16/bf16: that, twice (the inputs are exact in fp32), plus the final rounding to the output
   dtype, half an ulp: u_lowp * |ref64| (and fp16's smallest subnormal).
 """
-import numpy as np
 import pytest
 import torch
 
 from maskformer import _ext, dispatch
 from maskformer.kernels import ms_deform_attn as msda
+
+from hf_oracle import assert_within_budget
 
 U32 = 2.0**-24
 U_LOWP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -65,29 +66,6 @@ def _atol32(value, shapes, loc, weights):
     absref = msda.ms_deform_attn_ref(value.double().abs(), shapes, loc.double(), weights.double().abs())
     levels, points = weights.shape[-2:]
     return U32 * (4 * levels * points + 2 * max(max(hw) for hw in shapes) + 8) * absref
-
-
-def assert_within_budget(fast, ref64, ref_lowp, atol, name):
-    """|fast - ref64| <= 2 |ref_lowp - ref64| + atol elementwise (NaN where and only where the
-    reference has NaN), or a message with the count and the worst element."""
-    fast, ref64, ref_lowp = fast.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
-    assert fast.shape == ref64.shape, f"{name}: shape {tuple(fast.shape)} != {tuple(ref64.shape)}"
-    nan_ref, nan_fast = ref64.isnan(), fast.isnan()
-    if not torch.equal(nan_ref, nan_fast):
-        bad = (nan_ref != nan_fast).nonzero()
-        raise AssertionError(f"{name}: NaN pattern differs at {len(bad)} elements, first {tuple(bad[0].tolist())}: "
-                             f"fast {fast[tuple(bad[0])].item()}, ref {ref64[tuple(bad[0])].item()}")
-    ok = ~nan_ref
-    err = torch.where(ok, (fast - ref64).abs(), 0.0)
-    budget = torch.where(ok, 2 * (ref_lowp - ref64).abs() + atol, 1.0)
-    over = err > budget
-    if over.any():
-        i = int(torch.argmax((err - budget).flatten()))
-        idx = tuple(int(v) for v in np.unravel_index(i, tuple(err.shape)))
-        raise AssertionError(
-            f"{name}: {int(over.sum())} of {err.numel()} elements over budget; worst at {idx}: fast "
-            f"{fast[idx].item():.9g}, ref64 {ref64[idx].item():.9g}, ref_lowp {ref_lowp[idx].item():.9g}, err "
-            f"{err[idx].item():.3g} > budget {budget[idx].item():.3g} (atol {float(atol[idx]):.2e})")
 
 
 def check_fp32(fast, value, shapes, loc, weights, name):

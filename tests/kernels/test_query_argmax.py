@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from maskformer.kernels import query_argmax as qa
 from maskformer.kernels import upsample_argmax as ua
 from maskformer.kernels.mask_einsum import make_realistic_logits
-from semantic_helpers import assert_labels_equal
+from hf_oracle import assert_labels_equal
 
 U32 = 2.0**-24
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from maskformer.kernels import query_argmax as qa
 from maskformer.kernels import upsample_argmax as ua
-from semantic_helpers import assert_labels_equal, realistic_scores
+from hf_oracle import assert_labels_equal, realistic_scores
 
 U32 = 2.0**-24
 

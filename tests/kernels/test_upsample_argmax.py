@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from maskformer.kernels import upsample_argmax as ua
-from semantic_helpers import assert_labels_equal, realistic_scores
+from hf_oracle import assert_labels_equal, realistic_scores
 
 
 def transformers_labels(scores, target_sizes):
