@@ -271,15 +271,20 @@ def nan_inf_flags(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[in
 # ---------------------------------------------------------------------------------------------
 
 
+# The launch configs' dtype names: the registry's, and fp64 (pixel values may be double; no other
+# kernel takes it).
+_LABELS = {**DTYPE_LABELS, "float64": "fp64"}
+
+
 def _aot_launch(x_shape, x_dtype: str, y_shape=None, y_dtype: Optional[str] = None) -> AOTLaunch:
     def compile_():
         x = torch.empty(x_shape, device="meta", dtype=getattr(torch, x_dtype))
         y = None if y_shape is None else torch.empty(y_shape, device="meta", dtype=getattr(torch, y_dtype))
         return launch(x, y, torch.empty(1, device="meta", dtype=torch.int32), compile_only=True)
 
-    config = dict(x="x".join(map(str, x_shape)), dtype=DTYPE_LABELS[x_dtype])
+    config = dict(x="x".join(map(str, x_shape)), dtype=_LABELS[x_dtype])
     if y_shape is not None:
-        config.update(y="x".join(map(str, y_shape)), y_dtype=DTYPE_LABELS[y_dtype])
+        config.update(y="x".join(map(str, y_shape)), y_dtype=_LABELS[y_dtype])
     return AOTLaunch("nan_inf_flags", config, compile_, tensor_cores=False)
 
 
