@@ -24,6 +24,7 @@ from .swin import SwinBackbone
 from .transformer_decoder import TransformerModule
 
 
+from .layers import MaskFormerMLPPredictionHead  # noqa: E402,F401  (public name, as before)
 from .inputs import InputError, check_finite, check_pixel_values  # noqa: E402,F401  (public names, as before)
 from .outputs import (  # noqa: E402,F401  (public names, as before)
     MaskFormerForInstanceSegmentationOutput,
@@ -226,19 +227,6 @@ class MaskFormerModel(MaskFormerPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self._run(pixel_values, bool(output_hidden_states), bool(output_attentions))
         return out if return_dict else out.to_tuple()
-
-
-class MaskFormerMLPPredictionHead(nn.Sequential):
-    """Three Linear layers, ReLU between them; children ``i.0`` named as in the checkpoints."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
-        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
-        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        blocks = []
-        for i, (a, b) in enumerate(zip(dims_in, dims_out)):
-            act = nn.ReLU() if i < num_layers - 1 else nn.Identity()
-            blocks.append(nn.Sequential(nn.Linear(a, b), act))
-        super().__init__(*blocks)
 
 
 class _CriterionState(nn.Module):
