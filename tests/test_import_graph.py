@@ -151,12 +151,13 @@ def test_checkout_on_pythonpath_works_without_installing():
 # imports included), so each layer can be read, tested and replaced without the ones above it.
 LAYERS = [
     # 0: leaves: version, devices, the optional extension's loader and CPU flags, files from the
-    # hub, input checks, output classes, window geometry, small modules, synthetic data, reports
-    ["_version", "_devices", "_ext", "hub", "inputs", "outputs", "windows", "layers", "synthetic", "reporting"],
+    # hub, output classes, window geometry, small modules, synthetic data, reports
+    ["_version", "_devices", "_ext", "hub", "outputs", "windows", "layers", "synthetic", "reporting"],
     # 1: the ops (each beside its reference) and their registry
     ["kernels"],
-    # 2: the backend choice over the registry; which precisions this CPU runs natively
-    ["dispatch", "precision"],
+    # 2: the backend choice over the registry; which precisions this CPU runs natively; the input
+    # checks (their NaN/inf check is the nan_inf_flags op, chosen through dispatch)
+    ["dispatch", "precision", "inputs"],
     # 3: configs and weights
     ["config", "checkpoint"],
     # 4: engines: run an exported file (they build on the export and dispatch, never on the models)
