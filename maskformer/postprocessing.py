@@ -378,6 +378,7 @@ def _check_target_sizes(target_sizes: Any, batch_size: int, fn: str = "post_proc
 
 def _semantic_scores(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) class scores, transformers' ops (``maskformer.kernels.mask_einsum.mask_einsum_ref``)."""
+    # op modules load on first use, as dispatch does: `import maskformer` loads no op
     from .kernels.mask_einsum import mask_einsum_ref
 
     return mask_einsum_ref(class_queries_logits, masks_queries_logits)
@@ -403,6 +404,7 @@ def semantic_segmentation_ref(
     Returns:
         list of B `(H_b, W_b)` int64 tensors of class ids in `[0, K)` (first index on ties).
     """
+    # op modules load on first use, as dispatch does: `import maskformer` loads no op
     from .kernels.upsample_argmax import upsample_argmax_ref
 
     if class_queries_logits.ndim != 3 or masks_queries_logits.ndim != 4:

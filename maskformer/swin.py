@@ -127,6 +127,7 @@ class SwinSelfAttention(nn.Module):
         key = (table.data_ptr(), tensor_version(table), table.dtype, table.device)
         cached = getattr(self, "_dense_bias_cache", None)
         if cached is None or cached[0] != key:
+            # op modules load on first use, as dispatch does: `import maskformer` loads no op
             from .kernels.window_attention import dense_relative_position_bias
 
             cached = (key, dense_relative_position_bias(table.detach(), self.window_size))
@@ -248,6 +249,7 @@ class SwinLayer(nn.Module):
     def _window_attention_kernel(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """The fused kernel's (B, H, W, C) output before the output projection, or None where the
         reference code is to run (``window_attention``)."""
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
         from . import dispatch
 
         fast = dispatch.candidate(x.device)
@@ -269,6 +271,7 @@ class SwinLayer(nn.Module):
         args = (x, weight, bias, table, self.window_size, self.shift_size, attn.num_heads)
         if dispatch.select("window_attention", x.device, *args) == "reference":
             return None
+        # op modules load on first use, as dispatch does: `import maskformer` loads no op
         from .kernels.window_attention import window_attention
 
         return window_attention(*args)
@@ -281,6 +284,7 @@ class SwinLayer(nn.Module):
         ``gelu(fc1(layernorm_after(h)))`` with the GELU in it, ``h + fc2(...)`` likewise. Only in
         inference (no dropout, no drop path), for the exact GELU, and without autocast (the
         modules' weights would need casting; the kernel takes one dtype)."""
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
         from . import dispatch
 
         act = self.intermediate.intermediate_act_fn
@@ -290,6 +294,7 @@ class SwinLayer(nn.Module):
             return None
         if dispatch.select("fused_linear", attn.device, attn, dense.weight, dense.bias, "none", shortcut) != "triton":
             return None
+        # op modules load on first use, as dispatch does: `import maskformer` loads no op
         from .kernels.fused_linear import fused_linear
 
         hidden = fused_linear(attn, dense.weight, dense.bias, "none", shortcut)
@@ -515,6 +520,7 @@ class SwinBackbone(nn.Module):
         oneDNN computes faster (2-core EPYC, the 256->256 3x3 conv at 128x171: 143 -> 119 ms fp32,
         65 -> 59 ms bf16) and cuDNN prefers for half precision.
         """
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
         from . import dispatch
 
         channels_last = dispatch.candidate(pixel_values.device) is not None

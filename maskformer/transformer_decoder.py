@@ -74,6 +74,7 @@ class DetrAttention(nn.Module):
         k = self.k_proj(key_input).view(b, s_len, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value_input).view(b, s_len, self.num_heads, self.head_dim).transpose(1, 2)
         if not need_weights and not self.training:
+            # dispatch loads every op module when imported: on first use, not by `import maskformer`
             from . import dispatch
 
             if dispatch.candidate(q.device) == "triton":
