@@ -17,7 +17,7 @@ STAMP := $(VENV)/.maskformer-installed
 PIP_PROGRESS ?= --progress-bar on
 STEP = @echo "make setup [$(1)/4]: $(2)"; t0=$$(date +%s); $(3) && echo "make setup [$(1)/4]: done in $$(( $$(date +%s) - t0 )) s"
 
-.PHONY: setup demo test test-oracle-latest bench bench-e2e aot gpu-report gpu-report-dry-run clean
+.PHONY: setup demo test test-oracle-latest bench bench-e2e aot gpu-model gpu-report gpu-report-dry-run clean
 
 $(STAMP): setup.py
 	$(call STEP,1,creating $(VENV) (12 s on a busy 2-core machine),test -x $(BIN)/python || $(PYTHON) -m venv $(VENV))
@@ -78,6 +78,17 @@ bench-e2e: setup
 # real launch configuration (~15-20 minutes on 2 cores; the CI set, run by tests/test_aot.py, ~1).
 aot: setup
 	$(BIN)/python -m benchmarks.aot $(AOT_FLAGS)
+
+# The GPU cost model (benchmarks/gpu_model.py), no GPU needed: the default set (Swin-T 512x683,
+# Swin-L 640x640 and 640x853, batch 1 and 8, fp32 and bf16, H100 and H200) traced on fake CUDA
+# tensors, its two constants fitted on the measured H200 rows; 66 s on the busy 2-core EPYC
+# (2026-12-06). Writes $(GPU_MODEL_JSON) and the Markdown beside it (a new name when one is taken);
+# GPU_MODEL_JSON=benchmarks/results/gpu-model.json GPU_MODEL_FLAGS=--overwrite replaces the
+# committed results, which the GPU report prints its measured rows beside.
+GPU_MODEL_JSON ?= out/benchmarks/gpu-model.json
+GPU_MODEL_FLAGS ?=
+gpu-model: setup
+	$(BIN)/python -m benchmarks.gpu_model --json $(GPU_MODEL_JSON) $(GPU_MODEL_FLAGS)
 
 # The GPU report (benchmarks/gpu_report.py), for a CUDA machine where torch, triton, transformers and
 # pytest are installed: no .venv, no network; under 9 minutes. It installs this checkout offline

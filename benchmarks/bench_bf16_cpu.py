@@ -54,7 +54,6 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
 HEIGHT, WIDTH = 512, 683
 ROWS = ("torch-bf16-reference", "torch-bf16-fast", "openvino-bf16")
 AGREE_BAR = 0.995  # issue 22: bf16 maps vs fp32 transformers' maps, lively weights
@@ -88,14 +87,14 @@ def apply_ablation(row: str) -> None:
 def environment(threads: List[int]) -> Dict:
     from maskformer import precision
     from maskformer._ext import cpu_flags, cpu_model
-    from maskformer.bench import _commit, _versions
+    from maskformer import reporting
 
     flags = cpu_flags(("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8"))
     return {
         "cpu": cpu_model(), "cores": os.cpu_count(), "flags": flags, "threads": threads,
         "native_precisions": precision.native_precisions(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "versions": _versions(), "commit": _commit(),
+        "versions": reporting.versions(), "commit": reporting.git_commit(),
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "model": "MaskFormer Swin-T ADE architecture (150 labels, 100 queries), lively random weights",
@@ -470,14 +469,12 @@ def markdown(report: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(report: Dict, name: str) -> str:
-    os.makedirs(RESULTS, exist_ok=True)
-    stem = os.path.join(RESULTS, f"bf16-cpu-{name}")
-    for ext, text in ((".json", json.dumps(report, indent=1)), (".md", markdown(report))):
-        tmp = stem + ext + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, stem + ext)  # complete files only
+def write(report: Dict, stem: str) -> str:
+    """The report so far, as stem.json and stem.md (claimed by ``reporting.results_stem`` before
+    the run: an earlier result is never replaced without --overwrite)."""
+    from maskformer import reporting
+
+    reporting.write_report(stem, report, markdown(report))
     return stem
 
 
@@ -487,7 +484,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ablation-rounds", type=int, default=7)
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--name", default="swin-tiny")
+    parser.add_argument("--name", default="swin-tiny", help="the default results stem is bf16-cpu-NAME")
+    parser.add_argument("--out", default=None,
+                        help="results stem (STEM.json, STEM.md); default out/benchmarks/bf16-cpu-NAME")
+    parser.add_argument("--overwrite", action="store_true", help="replace the files at --out")
     parser.add_argument("--work-dir", default=None, help="keeps the checkpoint and the export between runs")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: agreement,profile,ablation,timing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -502,6 +502,9 @@ def main(argv=None) -> int:
         print("this CPU has no native bf16 (avx512_bf16 or amx_bf16): the fast path does not run here; "
               f"{precision.native_precisions()['bfloat16']}", file=sys.stderr)
         return 2
+    from maskformer import reporting
+
+    stem = reporting.results_stem(args.out, f"bf16-cpu-{args.name}", overwrite=args.overwrite)
     threads = [int(t) for t in args.threads.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     work = args.work_dir or tempfile.mkdtemp(prefix="bench-bf16-")
@@ -518,14 +521,14 @@ def main(argv=None) -> int:
     if "agreement" not in skip:
         report["agreement"] = agreement(checkpoint, onnx_path, args.images)
         report["agreement_default_model"] = agreement_default_model(args.images)
-        write(report, args.name)
+        write(report, stem)
     if "profile" not in skip:
         report["profile"] = {"torch": profile_torch(checkpoint), "openvino": profile_openvino(onnx_path)}
-        write(report, args.name)
+        write(report, stem)
     if "ablation" not in skip:
         rows = tuple(r + "@kept-memory" for r in ("torch-bf16-reference", "torch-bf16-fast") + tuple(ABLATIONS))
         report["ablation"] = [dict(time_rows(rows, checkpoint, onnx_path, 1, args.ablation_rounds, work), ablation=True)]
-        write(report, args.name)
+        write(report, stem)
     if "timing" not in skip:
         report["timing"] = []
         for t in threads:
@@ -533,8 +536,8 @@ def main(argv=None) -> int:
             if t > 1:
                 rows += tuple(f"torch-bf16-{p}@omp-passive" for p in ("reference", "fast"))
             report["timing"].append(time_rows(rows, checkpoint, onnx_path, t, args.rounds, work))
-            write(report, args.name)
-    stem = write(report, args.name)
+            write(report, stem)
+    stem = write(report, stem)
     print(open(stem + ".md").read())
     return 0
 

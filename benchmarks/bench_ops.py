@@ -45,6 +45,15 @@ Ops, shapes (CPU-sized but realistic: ADE20k at its 512 short side, MaskFormer-l
   ``triton`` on CUDA. The interleaved CPU comparison at the 512x683 shape (reference and C++
   alternating, paired ratios) is ``bench_ms_deform_attn.py``.
 
+* ``fused_linear``: the Swin-T block's fc1 with its GELU at 512x683, stage 1 (x (1, 21888, 96),
+  weight (384, 96), bias, exact GELU; fp32), and fc2 with the residual (x (1, 21888, 384), weight
+  (96, 384), bias, residual (1, 21888, 96)). ``ref`` (``fused_linear_ref``: for fp32 exactly the
+  modules' ``F.linear`` + ``F.gelu`` + add) on CPU and CUDA, ``triton`` on CUDA.
+* ``nan_inf_flags``: the post-processing's output check of both logits (the ``SEMANTIC`` class and
+  mask logits, fp32, all finite: the common case, where the kernel makes no atomic). ``ref``
+  (``nan_inf_flags_ref``: one sum per tensor, the exact tests only when a sum is not finite) on CPU
+  and CUDA, ``triton`` on CUDA (one launch, one read).
+
 Every semantic/panoptic op also has a ``ref-cuda`` entry (the reference on CUDA tensors), the
 baseline its ``triton`` entry should be read against.
 
@@ -57,6 +66,10 @@ Verification (before timing; a failure names the op, implementation, device, err
 * ``window_attention`` (fp32): ``max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold|`` and
   the same on the mean with a tenth of the atol, gold the reference in fp64, as
   ``tests/kernels/test_window_attention.py``.
+* ``fused_linear`` (fp32): ``max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold|`` and the
+  same on the mean with a tenth of the atol, gold the reference in fp64, as
+  ``tests/kernels/test_fused_linear.py``.
+* ``nan_inf_flags``: the flags equal the reference's (``(0, 0)``).
 * ``ms_deform_attn`` (fp32): elementwise ``|out - ref64| <= 2 |ref32 - ref64| + atol``, atol =
   u * (4*L*P + 2*max side + 8) * sum |terms| as ``tests/kernels/test_ms_deform_attn.py`` (the
   kernel's coordinate and summation rounding); ``transformers`` must equal ``ref`` bit for bit.
@@ -82,7 +95,9 @@ from benchmarks import bench_panoptic as bpan
 from benchmarks import bench_postprocess as bpost
 from benchmarks import bench_window_attention as bwa
 from maskformer import _ext, dispatch
+from maskformer.kernels import fused_linear as fl
 from maskformer.kernels import mask_einsum as me
+from maskformer.kernels import nan_inf_flags as nif
 from maskformer.kernels import ms_deform_attn as msda
 from maskformer.kernels import query_argmax as qa
 from maskformer.kernels import upsample_argmax as ua
@@ -104,6 +119,8 @@ WINDOW_SHIFT = bwa.WINDOW // 2
 # resolution first, as transformers orders them), 8 heads x 32 dims, 4 points per level.
 MSDA_LEVELS = [(16, 16), (32, 32), (64, 64)]
 MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS = 8, 32, 4
+# Swin-T at 512x683, stage 1: 128x171 tokens of 96 channels, MLP 384 wide.
+FUSED_LINEAR_TOKENS, FUSED_LINEAR_C = 128 * 171, 96
 
 FAST_ROUNDS, SLOW_ROUNDS = 10, 5
 
@@ -158,6 +175,11 @@ def _cases() -> List[Case]:
         Case("ms_deform_attn", "ref", "cuda"),
         Case("ms_deform_attn", "triton", "cuda"),
     ]
+    for variant in ("fc1-gelu", "fc2-residual"):
+        cases += [Case("fused_linear", "ref", "cpu", variant), Case("fused_linear", "ref", "cuda", variant),
+                  Case("fused_linear", "triton", "cuda", variant)]
+    cases += [Case("nan_inf_flags", "ref", "cpu"), Case("nan_inf_flags", "ref", "cuda"),
+              Case("nan_inf_flags", "triton", "cuda")]
     return cases
 
 
@@ -206,6 +228,10 @@ def implementation(case: Case) -> Callable:
 
             return multi_scale_deformable_attention
         return {"ref": msda.ms_deform_attn_ref, "cpp": msda.ms_deform_attn_cpp, "triton": msda.ms_deform_attn}[impl]
+    if op == "fused_linear":
+        return {"ref": fl.fused_linear_ref, "triton": fl.fused_linear}[impl]
+    if op == "nan_inf_flags":
+        return {"ref": nif.nan_inf_flags_ref, "triton": nif.nan_inf_flags}[impl]
     raise ValueError(f"unknown op {op!r}")
 
 
@@ -279,6 +305,17 @@ class Data:
             args = bwa.make_inputs(1, h, w, c, heads, torch.float32, "cpu") + (bwa.WINDOW, WINDOW_SHIFT, heads)
         elif op == "ms_deform_attn":
             args = make_msda_inputs(1, MSDA_LEVELS, MSDA_HEADS, MSDA_HEAD_DIM, MSDA_POINTS)
+        elif op == "fused_linear":
+            gen = torch.Generator().manual_seed(3)
+            t, c = FUSED_LINEAR_TOKENS, FUSED_LINEAR_C
+            k, n = (c, 4 * c) if variant == "fc1-gelu" else (4 * c, c)
+            x = torch.randn(1, t, k, generator=gen)
+            weight, bias = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen) * 0.5
+            residual = torch.randn(1, t, n, generator=gen) if variant == "fc2-residual" else None
+            args = (x, weight, bias, "gelu" if variant == "fc1-gelu" else "none", residual)
+        elif op == "nan_inf_flags":
+            cl, ml, _ = bpost.make_inputs("cpu", SEMANTIC)
+            args = (cl, ml)
         else:
             raise ValueError(op)
         self._inputs[key] = args
@@ -329,6 +366,15 @@ def work(case: Case, args: tuple) -> Dict[str, float]:
         b, h, w, c = x.shape
         return {"shape": f"B={b} {h}x{w}x{c} heads={heads} window={window} shift={shift} fp32",
                 "flops": bwa.flops(b, h, w, c, heads)}
+    if case.op == "fused_linear":
+        x, weight, _, activation, residual = args
+        n, k = weight.shape
+        m = x.numel() // k
+        return {"shape": f"M={m} K={k} N={n} {activation}{' + residual' if residual is not None else ''} fp32",
+                "flops": 2 * m * n * k, "bytes": 4 * (x.numel() + weight.numel() + n + m * n * (2 if residual is not None else 1))}
+    if case.op == "nan_inf_flags":
+        return {"shape": " + ".join("x".join(map(str, t.shape)) for t in args) + " fp32",
+                "bytes": sum(4 * t.numel() for t in args)}
     if case.op == "ms_deform_attn":
         value, shapes, loc, weights = args
         b, s, heads, d = value.shape
@@ -420,6 +466,24 @@ def check_window_attention(case: Case, out: torch.Tensor, ref32: torch.Tensor, a
     return f"max |out - gold| {max_err:.2e} (bound {max_bound:.2e}), mean {mean_err:.2e} (bound {mean_bound:.2e})"
 
 
+def check_fused_linear(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
+    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold| and the same on the mean with
+    atol / 10, gold the reference in fp64 (tests/kernels/test_fused_linear.py's budget)."""
+    x, weight, bias, activation, residual = args
+    dbl = [None if t is None else t.double().cpu() for t in (x, weight, bias, residual)]
+    gold = fl.fused_linear_ref(dbl[0], dbl[1], dbl[2], activation, dbl[3])
+    out64, base = out.double().cpu(), ref32.double().cpu()
+    assert out64.shape == gold.shape, f"{case.label}: shape {tuple(out64.shape)} != {tuple(gold.shape)}"
+    atol = torch.finfo(torch.float32).eps * gold.abs().max().item()
+    err, base_err = (out64 - gold).abs(), (base - gold).abs()
+    max_bound, mean_bound = 2 * base_err.max().item() + atol, 2 * base_err.mean().item() + atol / 10
+    max_err, mean_err = err.max().item(), err.mean().item()
+    if not (max_err <= max_bound and mean_err <= mean_bound):  # also catches NaN
+        raise AssertionError(f"{case.label}: max |out - gold| {max_err:.3e} (bound {max_bound:.3e}), mean "
+                             f"{mean_err:.3e} (bound {mean_bound:.3e})")
+    return f"max |out - gold| {max_err:.2e} (bound {max_bound:.2e}), mean {mean_err:.2e} (bound {mean_bound:.2e})"
+
+
 def check_ms_deform_attn(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
     """|out - ref64| <= 2 |ref32 - ref64| + atol elementwise, atol = u * (4*L*P + 2*max side + 8) *
     sum |terms| (the kernel's coordinate and summation rounding; tests/kernels/test_ms_deform_attn.py)."""
@@ -443,9 +507,13 @@ def check_ms_deform_attn(case: Case, out: torch.Tensor, ref32: torch.Tensor, arg
 
 def verify(case: Case, got, expected, args: tuple) -> str:
     """Raise AssertionError (op, impl, device, error, bound) unless ``got`` passes; else say how it passed."""
+    if case.op == "nan_inf_flags":  # a tuple of ints, whatever the implementation
+        if got != expected:
+            raise AssertionError(f"{case.label}: flags {got}, the reference gives {expected}")
+        return f"flags {got}, as the reference"
     if case.impl == "ref":
         # The reference itself: a second call must give the first call's output bit for bit.
-        if case.op in ("mask_einsum", "window_attention", "ms_deform_attn"):
+        if case.op in ("mask_einsum", "window_attention", "ms_deform_attn", "fused_linear"):
             if not torch.equal(got, expected):
                 diff = (got.double() - expected.double()).abs().max().item()
                 raise AssertionError(f"{case.label}: not deterministic, two calls differ by up to {diff:.3e}")
@@ -456,6 +524,8 @@ def verify(case: Case, got, expected, args: tuple) -> str:
         return check_mask_einsum(case, got, expected, args)
     if case.op == "window_attention":
         return check_window_attention(case, got, expected, args)
+    if case.op == "fused_linear":
+        return check_fused_linear(case, got, expected, args)
     if case.op == "ms_deform_attn":
         if case.impl == "transformers":  # the reference is transformers' function, bit for bit
             if not torch.equal(got, expected):

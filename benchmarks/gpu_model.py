@@ -74,8 +74,9 @@ from torch.utils._pytree import tree_leaves, tree_map
 from maskformer import MaskFormerConfig, MaskFormerForInstanceSegmentation, MaskFormerImageProcessor, dispatch, reporting
 from maskformer._ext import cpu_model, tf32_matmul_allowed
 from maskformer.bench import MODELS as BENCH_MODELS
-from maskformer.kernels import registry
 from maskformer.inputs import check_finite
+from maskformer.kernels import registry
+from maskformer.kernels.nan_inf_flags import reset_flag_words
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -299,6 +300,25 @@ def _upsample_argmax_cost(args, kwargs, out) -> List[Kernel]:
     return kernels
 
 
+def _fused_linear_cost(args, kwargs, out) -> List[Kernel]:
+    """kernels/fused_linear.py ``_fused_linear_op``: one Triton GEMM launch, ``act(x @ W^T + b) +
+    residual``: 2 M N K FLOPs on the matmul unit of x's dtype; x, W, the bias and the residual read
+    once, the (M, N) output written once (the GELU and the add cost no traffic of their own)."""
+    x, weight, bias, activation, residual = args[:5]
+    n, k = weight.shape
+    m = x.numel() // max(k, 1)
+    nbytes = _nbytes(x) + _nbytes(weight) + _nbytes(out) + sum(_nbytes(t) for t in (bias, residual) if t is not None)
+    return [Kernel("maskformer::fused_linear", "matmul/conv", 2.0 * m * n * k, nbytes, _math(x.dtype, "matmul"))]
+
+
+def _nan_inf_flags_cost(args, kwargs, out) -> List[Kernel]:
+    """kernels/nan_inf_flags.py ``_nan_inf_flags_triton_op``: one Triton launch reading x (and y)
+    once, ORing into a 4-byte flag word (the caller's one read is the ``.item()`` after it)."""
+    x, y, flags = args[:3]
+    return [Kernel("maskformer::nan_inf_flags_triton", "elementwise", 0.0,
+                   _nbytes(x) + (_nbytes(y) if y is not None else 0) + _nbytes(flags))]
+
+
 def _sdpa_cost(args, kwargs, out) -> List[Kernel]:
     """``F.scaled_dot_product_attention`` as one fused kernel (flash or memory-efficient attention,
     what torch picks on an H100/H200 for these shapes and dtypes, with or without a mask; not
@@ -319,6 +339,8 @@ _FUSED_COSTS: Dict[str, Callable[..., List[Kernel]]] = {
     "maskformer::window_attention": _window_attention_cost,
     "maskformer::mask_einsum_triton": _mask_einsum_cost,
     "maskformer::upsample_argmax_triton": _upsample_argmax_cost,
+    "maskformer::fused_linear": _fused_linear_cost,
+    "maskformer::nan_inf_flags_triton": _nan_inf_flags_cost,
 }
 
 
@@ -361,6 +383,8 @@ class OpTracer(TorchDispatchMode):
         out = func(*args, **kwargs)
         if name == "aten::convolution":
             out = self._cudnn_layout(args, out)
+        elif name == "aten::scaled_dot_product_attention":
+            out = self._sdpa_layout(out)
         if not self.suspended:
             self._record(func, args, kwargs, out)
         return out
@@ -381,11 +405,26 @@ class OpTracer(TorchDispatchMode):
                 self.suspended -= 1
         return out
 
+    def _sdpa_layout(self, out: torch.Tensor) -> torch.Tensor:
+        """A CPU-only torch answers SDPA on fake CUDA tensors with its math fallback's contiguous
+        (B, H, L, D) output; CUDA's flash, memory-efficient and cuDNN attention write (B, L, H, D)
+        and return its transposed view, so the usual ``out.transpose(1, 2).reshape(B, L, H * D)``
+        after it is a view, not a copy."""
+        if out.device.type != "cuda" or out.dim() != 4:
+            return out
+        self.suspended += 1
+        try:
+            b, h, length, d = out.shape
+            return torch.empty(b, length, h, d, dtype=out.dtype, device=out.device).transpose(1, 2)
+        finally:
+            self.suspended -= 1
+
     def _scalar(self, t: torch.Tensor):
         """``.item()`` / ``bool()`` of a fake tensor: a device-to-host copy the host waits for, with
-        a made-up value. Only a boolean is answered (True: what a finite-input check expects);
-        any other value would steer the traced code by data that does not exist."""
-        if t.dtype != torch.bool:
+        a made-up value: what the checks of a valid input read. A boolean is answered True (a
+        finite-input check's ``all()``), an integer 0 (``nan_inf_flags``: no flag set); a float
+        would steer the traced code by data that does not exist, and is refused."""
+        if t.dtype != torch.bool and t.is_floating_point():
             raise NotImplementedError(
                 f"gpu_model: the traced code reads a {t.dtype} tensor's value on the host (.item()); a fake "
                 "tensor has none, so the trace cannot follow data-dependent control flow")
@@ -393,7 +432,7 @@ class OpTracer(TorchDispatchMode):
             on_gpu = bool(self.twins) or t.device.type == "cuda"  # a CPU tensor's value is host work
             kernels = [Kernel("aten::_local_scalar_dense", "elementwise", 0.0, 1.0)] if on_gpu else []
             self._append(Op("aten::_local_scalar_dense", self.phase, kernels, sync=on_gpu))
-        return True
+        return True if t.dtype == torch.bool else 0
 
     def _class(self, name: str) -> str:
         if name in _ATTENTION_OPS:
@@ -542,6 +581,9 @@ def fake_cuda_module(module: torch.nn.Module, fake_mode: FakeTensorMode, dtype: 
 # ---------------------------------------------------------------------------------------------
 # The models and one traced iteration
 # ---------------------------------------------------------------------------------------------
+# Phases only a CUDA graph runs (``maskformer.CUDAGraphRunner``'s captured input check), instead of
+# the eager "input-check": left out of the counts, which describe the eager iteration.
+GRAPH_ONLY = ("graph-input-check",)
 # name -> (maskformer.bench architecture, default input (H, W)): the ADE20K Swin-T / Swin-L of the
 # end-to-end benchmark (150 labels, 100 queries); "toy" is its seconds-long test model.
 MODELS = {"swin-tiny": ("tiny", (512, 683)), "swin-large": ("large", (640, 640)), "toy": ("toy", (96, 128))}
@@ -562,7 +604,8 @@ class Trace:
     input_bytes: int
 
     def kernels(self) -> List[Kernel]:
-        return [k for op in self.ops for k in op.kernels]
+        """The eager iteration's kernels (``GRAPH_ONLY`` phases left out)."""
+        return [k for op in self.ops if op.phase not in GRAPH_ONLY for k in op.kernels]
 
 
 def hf_config(model: str):
@@ -617,6 +660,7 @@ def trace(impl: str, model: str, batch: int, dtype: str, height: int, width: int
         backend = contextlib.nullcontext()
     fake_mode = FakeTensorMode()
     fake_cuda_module(net, fake_mode, DTYPES[dtype])
+    reset_flag_words()  # the check's cached flag word of an earlier trace is another mode's fake tensor
     sizes = [(height, width)] * batch
     with tracing(fake_mode) as tracer, backend:
         x = torch.empty(batch, 3, height, width, dtype=DTYPES[dtype], device="cuda")
@@ -629,6 +673,10 @@ def trace(impl: str, model: str, batch: int, dtype: str, height: int, width: int
             tracer.phase = "input-check"
             decided = {op: dispatch.last_dispatch(op) for op in registry.names()}
             check_finite(x)
+            # CUDAGraphRunner's input check: these kernels are captured with the forward and read
+            # once after the replay; only the CUDA-graph simulation runs this phase (GRAPH_ONLY).
+            tracer.phase = "graph-input-check"
+            bool(torch.isfinite(x).all())
         tracer.phase = "forward"
         out = net(pixel_values=x)
         tracer.phase = "postprocess"
@@ -719,22 +767,37 @@ class Timeline:
 def simulate(timeline: Timeline, c: Constants, graphs: bool = False) -> Dict[str, float]:
     """Predicted milliseconds of one iteration, as the end-to-end benchmark times it: forward, a
     sync, post-processing, a sync. Eager: the host issues each op (``host_us_per_op`` per issue);
-    a kernel starts once issued and the GPU is free; a device-to-host read makes the host wait.
-    ``graphs``: the forward is one CUDA graph (``maskformer.CUDAGraphRunner``: the input check
-    stays eager, then one issue for the input copy and one for the replay, the kernels back to
-    back); the post-processing stays eager. -> ``ms`` (total), ``gpu_ms`` (kernels' time),
-    ``host_ms`` (the host's issuing time)."""
+    a kernel starts once issued and the GPU is free; a device-to-host read makes the host wait;
+    the eager "input-check" phase runs, the graph's ("graph-input-check") does not. ``graphs``:
+    the forward is one CUDA graph (``maskformer.CUDAGraphRunner``: one issue for the input copy
+    and one for the replay, then the captured input check's kernels and the forward's back to back;
+    the check's read is issued after the replay and waits with the benchmark's sync); the eager
+    input check does not run; the post-processing stays eager. -> ``ms`` (total), ``gpu_ms``
+    (kernels' time), ``host_ms`` (the host's issuing time)."""
     h, e, floor = c.host_us_per_op, c.efficiency, c.launch_floor_us
     host = gpu = busy = issue = 0.0
     previous = None
     replayed = False
+    skipped = "input-check" if graphs else "graph-input-check"
+    forward_phases = ("graph-input-check", "forward")
+    read_issues, read_us = 0, 0.0  # the graph runner's read of its check, after the replay
+
+    def leave_forward():
+        nonlocal host, gpu, issue
+        gpu += read_us
+        host += read_issues * h
+        issue += read_issues * h
+        host = max(host, gpu)  # the benchmark's sync after the forward
+
     for phase, issues, sync, roofs in timeline.steps:
-        if previous == "forward" and phase != "forward":
-            host = max(host, gpu)  # the benchmark's sync after the forward
+        if phase == skipped:
+            continue
+        if previous in forward_phases and phase not in forward_phases:
+            leave_forward()
         previous = phase
         durations = [max(r / e, floor) for r in roofs]
         busy += sum(durations)
-        if graphs and phase == "forward":
+        if graphs and phase in forward_phases:
             if not replayed:
                 replayed = True
                 copy = max(timeline.input_us / e, floor)
@@ -742,7 +805,11 @@ def simulate(timeline: Timeline, c: Constants, graphs: bool = False) -> Dict[str
                 gpu = max(gpu, host + h) + copy  # static_input.copy_(pixel_values)
                 host += 2 * h  # ... and graph.replay()
                 issue += 2 * h
-            gpu = max(gpu, host) + sum(durations)
+            if sync:  # not captured: the read after the replay
+                read_issues += issues
+                read_us += sum(durations)
+            else:
+                gpu = max(gpu, host) + sum(durations)
             continue
         host += issues * h
         issue += issues * h
@@ -750,6 +817,8 @@ def simulate(timeline: Timeline, c: Constants, graphs: bool = False) -> Dict[str
             gpu = max(gpu, host) + d
         if sync:
             host = max(host, gpu)
+    if previous in forward_phases:
+        leave_forward()
     return {"ms": max(host, gpu) / 1e3, "gpu_ms": busy / 1e3, "host_ms": issue / 1e3}
 
 
@@ -804,7 +873,10 @@ def fit_constants(timelines: Sequence[Timeline], measured_ms: Sequence[float],
 # ---------------------------------------------------------------------------------------------
 # Rows, the report
 # ---------------------------------------------------------------------------------------------
-DEFAULT_MODELS = (("swin-tiny", 512, 683), ("swin-large", 640, 640))
+# Swin-T at 512x683 and Swin-L at 640x640 (the issue's targets), and Swin-L at 640x853: the size
+# the end-to-end benchmark (maskformer.bench) and so the GPU report measure, whose rows
+# benchmarks/gpu_report.py prints beside these predictions (Swin-T's size is the same in both).
+DEFAULT_MODELS = (("swin-tiny", 512, 683), ("swin-large", 640, 640), ("swin-large", 640, 853))
 # The issue's targets (#23), predicted: maskformer-fast against transformers-eager on this row.
 TARGET_ROW = {"model": "swin-large", "input": [640, 640], "batch": 1, "dtype": "bf16", "device": "h100"}
 TARGETS = {"launches_ratio": 0.5, "bytes_ratio": 0.7, "graphs_ms_per_image": 4.0}
@@ -838,24 +910,27 @@ def summarize(tr: Trace, device_key: str, c: Constants) -> Dict:
         entry["bytes"] += k.bytes
         entry["gpu_ms"] += kernel_us(k, device, c) / 1e3
     phases: Dict[str, Dict[str, float]] = {}
+    graph_only: Dict[str, Dict[str, float]] = {}
     for op in tr.ops:
-        entry = phases.setdefault(op.phase, {"launches": 0, "host_issues": 0, "syncs": 0, "gpu_ms": 0.0})
+        table = graph_only if op.phase in GRAPH_ONLY else phases
+        entry = table.setdefault(op.phase, {"launches": 0, "host_issues": 0, "syncs": 0, "gpu_ms": 0.0})
         entry["launches"] += len(op.kernels)
         entry["host_issues"] += op.issues
         entry["syncs"] += int(op.sync)
         entry["gpu_ms"] += sum(kernel_us(k, device, c) for k in op.kernels) / 1e3
-    for entry in list(classes.values()) + list(phases.values()):
+    for entry in list(classes.values()) + list(phases.values()) + list(graph_only.values()):
         entry["gpu_ms"] = round(entry["gpu_ms"], 4)
     kernels = tr.kernels()
+    eager_ops = [op for op in tr.ops if op.phase not in GRAPH_ONLY]
     return {
         "model": tr.model, "impl": tr.impl, "batch": tr.batch, "dtype": tr.dtype, "device": device_key,
         "input": [tr.height, tr.width], "launches": len(kernels), "flops": sum(k.flops for k in kernels),
-        "bytes": sum(k.bytes for k in kernels), "host_issues": sum(op.issues for op in tr.ops),
-        "syncs": sum(op.sync for op in tr.ops),
+        "bytes": sum(k.bytes for k in kernels), "host_issues": sum(op.issues for op in eager_ops),
+        "syncs": sum(op.sync for op in eager_ops),
         "predicted_ms_eager": round(eager["ms"], 3), "predicted_ms_graphs": round(graphs["ms"], 3),
         "per_image_ms_eager": round(eager["ms"] / tr.batch, 3), "per_image_ms_graphs": round(graphs["ms"] / tr.batch, 3),
         "gpu_ms": round(eager["gpu_ms"], 3), "host_ms_eager": round(eager["host_ms"], 3), "classes": classes,
-        "phases": phases,
+        "phases": phases, "graph_only_phases": graph_only,
     }
 
 
@@ -1051,7 +1126,9 @@ def markdown(report: Dict) -> str:
                   "| impl | phase | launches | host issues | syncs | GPU ms |", "|---|---|---|---|---|---|"]
         for impl in ("maskformer-fast", "transformers-eager"):
             r = next(r for r in report["rows"] if r["impl"] == impl and all(r[k] == v for k, v in row.items()))
-            for phase, v in r["phases"].items():
+            shown = list(r["phases"].items()) + [(f"{p} (CUDA graphs only)", v)
+                                                 for p, v in r.get("graph_only_phases", {}).items()]
+            for phase, v in shown:
                 lines.append(f"| {impl} | {phase} | {v['launches']} | {v['host_issues']} | {v['syncs']} | "
                              f"{v['gpu_ms']:.3f} |")
     lines += ["", "## Rows", "",
@@ -1129,7 +1206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the output files if they exist")
     parser.add_argument("--models", type=lambda s: [_model_arg(v) for v in s.split(",") if v],
                         default=list(DEFAULT_MODELS), help="comma list of NAME or NAME:HxW (default swin-tiny, "
-                        "swin-large:640x640; names: " + ", ".join(MODELS) + ")")
+                        "swin-large:640x640, swin-large:640x853; names: " + ", ".join(MODELS) + ")")
     parser.add_argument("--batches", type=_list(int), default=[1, 8])
     parser.add_argument("--dtypes", type=_list(str, DTYPES), default=list(DTYPES))
     parser.add_argument("--devices", type=_list(str, DEVICES), default=list(DEVICES))

@@ -5,21 +5,23 @@
     python -m benchmarks.gpu_report --dry-run --out /tmp/r   # CPU: the plumbing on tiny shapes (CI)
 
 On a bare GPU machine with torch, triton, transformers and pytest (``pip install --no-deps
---no-build-isolation -e .``, no network needed), it runs these parts in order, each in its own
-process with its own time limit, and writes ``<part>.json`` and ``<part>.md`` under ``--out`` as
-soon as the part ends, then ``report.json`` / ``report.md`` (every part's status, time, files and,
-for a part that failed, the tail of its log; logs in ``logs/``). A part that fails or runs out of
-time is recorded and the report goes on; the e2e parts also save after every row.
+--no-build-isolation -e .``, no network needed), it runs these parts in order, the decisive rows
+first, each in its own process with its own time limit, and writes ``<part>.json`` and
+``<part>.md`` under ``--out`` as soon as the part ends, then ``report.json`` / ``report.md`` (every
+part's status, time, files and, for a part that failed, the tail of its log; logs in ``logs/``).
+A part that fails or runs out of time is recorded and the report goes on; the e2e parts also
+save after every row.
 
 | part | what (GPU run) | time limit |
 |---|---|---|
 | environment | GPU, driver, versions, commit, TF32 policy | 30 s |
-| kernel_tests | ``pytest tests/kernels`` with ``TRITON_INTERPRET=0``: every kernel test compiled on CUDA | 170 s |
-| window_attention | ``bench_window_attention.py``: Triton vs SDPA with the bias materialised vs transformers-style eager, Swin-L stages at 640x640, bf16/fp16/fp32, shifts 0 and 6, batch 1; verified first | 110 s |
-| postprocess | ``bench_postprocess``: semantic post-processing vs transformers, 150 classes, 100 queries, 160x213 -> 640x853, batch 2 | 90 s |
-| e2e | ``maskformer bench``: Swin-T and Swin-L (random weights), fp32 and bf16, batch 1: transformers eager, maskformer fast, fast + CUDA graphs (fp32 reference rows for agreement); 100 s per row | 150 s |
-| e2e-mask2former | the same for Mask2Former Swin-T (``m2f-tiny``): transformers eager, maskformer fast (Triton MSDA and window attention), fp32 and bf16 | 90 s |
-| e2e-throughput | the same at batch 8 | what is left |
+| e2e-smoke | ``maskformer bench``: Swin-L (640x853) then Swin-T (512x683), random weights, bf16, batch 1: transformers eager, maskformer fast, fast + CUDA graphs (and the fp32 reference row the benchmark loads for agreement); each row beside the cost model's prediction (``benchmarks/results/gpu-model.json``) and the ratio measured / predicted; 60 s per row | 200 s |
+| kernel_tests | ``pytest tests/kernels`` with ``TRITON_INTERPRET=0``: every kernel test compiled on CUDA | 120 s |
+| e2e | the same models in fp32, batch 1: maskformer reference, transformers eager, maskformer fast, fast + CUDA graphs (the reference rows give the agreement); beside the predictions | 120 s |
+| window_attention | ``bench_window_attention.py``: Triton vs SDPA with the bias materialised vs transformers-style eager, Swin-L stages at 640x640, bf16/fp16/fp32, shifts 0 and 6, batch 1; verified first | 90 s |
+| postprocess | ``bench_postprocess``: semantic post-processing vs transformers, 150 classes, 100 queries, 160x213 -> 640x853, batch 2 | 60 s |
+| e2e-mask2former | Mask2Former Swin-T (``m2f-tiny``): transformers eager, maskformer fast (Triton MSDA and window attention), fp32 and bf16 | 90 s |
+| e2e-throughput | Swin-T and Swin-L at batch 8, fp32 and bf16 | what is left |
 | e2e-compile | transformers + ``torch.compile``, bf16, batch 1; 240 s per row | what is left |
 
 The whole run stops starting parts at ``--budget`` seconds (default 510, under 9 minutes with
@@ -27,12 +29,21 @@ process start-up): a part's limit is the smaller of its own and what is left, an
 less than 20 s left is listed as not run. Exit status 0 when every part succeeded, 1 otherwise
 (the files are written either way).
 
+Every part runs with its working directory in a fresh temporary folder outside the checkout, its
+paths absolute and the checkout on ``PYTHONPATH`` (for ``benchmarks``; an installed maskformer
+is the same code): nothing in the directory a part starts in can shadow a package it imports.
+The GPU paths use only APIs of torch >= 2.4 and triton >= 3.0 (``torch.library.custom_op``,
+``tl.dot(..., input_precision=)``, ``F.scaled_dot_product_attention(scale=)``): the last lent
+machine had torch 2.11 and triton 3.6.
+
 ``--dry-run`` runs every part that does not need CUDA, on the CPU and on tiny shapes, and writes
 the same files, marked as a dry run (``"dry_run": true`` in every JSON, a banner in every
-Markdown file); its times mean nothing. There ``kernel_tests`` runs a few kernel tests under
-``TRITON_INTERPRET=1``, ``window_attention`` one 11x12 stage through the interpreter,
-``postprocess`` a batch of 10 queries x 6 classes, and the e2e parts the toy model (e2e-compile
-is not run: compiling takes minutes on a CPU). ``tests/test_gpu_report.py`` runs it in CI.
+Markdown file); its times mean nothing, and its limits and default budget are ``DRY_LIMIT_SCALE``
+times the GPU run's (a loaded 2-core CI machine took 78-90 s of e2e-mask2former's 90 s). There
+``kernel_tests`` runs a few kernel tests under ``TRITON_INTERPRET=1``, ``window_attention`` one
+11x12 stage through the interpreter, ``postprocess`` a batch of 10 queries x 6 classes, and the e2e
+parts the toy model without CUDA graphs (e2e-compile is not run: compiling takes minutes on a
+CPU); no row has a prediction (no GPU). ``tests/test_gpu_report.py`` runs it in CI.
 """
 from __future__ import annotations
 
@@ -42,8 +53,10 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from typing import Callable, Dict, List, Optional
@@ -54,6 +67,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DEFAULT_BUDGET_S = 510.0
 MIN_PART_S = 20.0
+# Dry runs: every part's limit and the default budget times this. The dry shapes are tiny, but a
+# part's processes import torch and transformers, which on a loaded 2-core machine took most of a
+# GPU-sized limit (e2e-mask2former: 78-90 s of 90 s in other engineers' runs).
+DRY_LIMIT_SCALE = 4.0
+# The cost model's predictions the e2e rows are printed beside (``make gpu-model``: its default set
+# includes the e2e benchmark's input sizes).
+PREDICTION_FILES = (os.path.join(ROOT, "benchmarks", "results", "gpu-model.json"),)
 DRY_BANNER = "**DRY RUN (CPU, tiny shapes): checks the report's plumbing; no number here is a GPU measurement.**"
 
 
@@ -77,11 +97,12 @@ def _py(*args: str) -> List[str]:
 
 
 def _kernel_tests_cmd(out: str, dry: bool) -> List[str]:
-    cmd = _py("-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "--junitxml",
+    # --rootdir: the checkout's conftest files and settings, whatever the working directory
+    cmd = _py("-m", "pytest", "-v", "-p", "no:cacheprovider", "-o", "addopts=", "--rootdir", ROOT, "--junitxml",
               os.path.join(out, "kernel_tests.xml"))
     if dry:  # a few interpreter tests of the Triton kernels: the junit/summary plumbing, not the kernels
         return cmd + _triton_kernel_test_files() + ["-k", "writes_every_element or dense_bias_table or opcheck"]
-    return cmd + ["tests/kernels"]
+    return cmd + [os.path.join(ROOT, "tests", "kernels")]
 
 
 def _triton_kernel_test_files() -> List[str]:
@@ -89,8 +110,8 @@ def _triton_kernel_test_files() -> List[str]:
     op registry, ``maskformer.kernels.registry``), where that file exists."""
     from maskformer.kernels import registry
 
-    files = [os.path.join("tests", "kernels", f"test_{op.name}.py") for op in registry.ops() if op.impl("triton")]
-    return [f for f in files if os.path.isfile(os.path.join(ROOT, f))]
+    files = [os.path.join(ROOT, "tests", "kernels", f"test_{op.name}.py") for op in registry.ops() if op.impl("triton")]
+    return [f for f in files if os.path.isfile(f)]
 
 
 def _summarise_kernel_tests(out: str, log: str, dry: bool) -> Dict:
@@ -129,7 +150,7 @@ def _summarise_kernel_tests(out: str, log: str, dry: bool) -> Dict:
 
 
 def _window_attention_cmd(out: str, dry: bool) -> List[str]:
-    cmd = _py("benchmarks/bench_window_attention.py", "--out", os.path.join(out, "window_attention.json"), "--overwrite")
+    cmd = _py(os.path.join(ROOT, "benchmarks", "bench_window_attention.py"), "--out", os.path.join(out, "window_attention.json"), "--overwrite")
     if dry:
         return cmd + ["--dry-run", "--dtypes", "bf16", "--shifts", "6"]
     return cmd + ["--dtypes", "bf16,fp16,fp32", "--shifts", "0,6"]
@@ -188,16 +209,81 @@ def _e2e_cmd(name: str, batches: str, impls: str, dtypes: str, row_timeout: int 
     return cmd
 
 
+def gpu_key(name: Optional[str]) -> Optional[str]:
+    """The cost model's device key ("h100", "h200") of a CUDA device name, None for any other."""
+    for key in ("h100", "h200"):
+        if name and key in name.lower():
+            return key
+    return None
+
+
+_DTYPE_KEYS = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def load_predictions(files=PREDICTION_FILES) -> List[Dict]:
+    """The cost model's rows (``benchmarks/gpu_model.py`` JSON ``rows``) of every file that exists."""
+    rows = []
+    for path in files:
+        if os.path.exists(path):
+            rows += json.load(open(path)).get("rows", [])
+    return rows
+
+
+def compare_with_predictions(rows: List[Dict], device: Optional[str], predictions: List[Dict]) -> List[Dict]:
+    """Each measured e2e row (``maskformer.bench`` JSON rows: model, impl, dtype, batch, input,
+    latency_ms per batch) beside the cost model's prediction for the same model, input size, batch
+    and dtype on ``device`` ("h100"/"h200"; None: no prediction): transformers eager and maskformer
+    fast against ``predicted_ms_eager``, maskformer fast + CUDA graphs against
+    ``predicted_ms_graphs``. -> one dict per row: the row's keys, measured_ms, predicted_ms and
+    ratio (measured / predicted), None where there is no prediction."""
+    out = []
+    for r in rows:
+        if "error" in r:
+            continue
+        impl, column = r["impl"], "predicted_ms_eager"
+        if impl == "maskformer-fast-cudagraph":
+            impl, column = "maskformer-fast", "predicted_ms_graphs"
+        match = [p for p in predictions if device is not None and p.get("device") == device
+                 and p.get("model") == r["model"] and p.get("impl") == impl and p.get("batch") == r["batch"]
+                 and p.get("dtype") == _DTYPE_KEYS.get(r["dtype"]) and list(p.get("input", [])) == list(r.get("input", []))]
+        predicted = match[0][column] if match else None
+        out.append(dict(model=r["model"], impl=r["impl"], dtype=r["dtype"], batch=r["batch"], input=r.get("input"),
+                        device=device, measured_ms=r["latency_ms"], predicted_ms=predicted,
+                        ratio=round(r["latency_ms"] / predicted, 3) if predicted else None))
+    return out
+
+
+def _comparison_lines(compared: List[Dict]) -> List[str]:
+    lines = ["## Measured beside the cost model", "",
+             "Predictions: `python -m benchmarks.gpu_model` (`benchmarks/results/gpu-model.json`), calibrated on "
+             "the H200 transformers fp32 rows; ratio = measured / predicted (per batch, forward + post-processing).",
+             "", "| model | input | impl | dtype | batch | measured ms | predicted ms | device | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in compared:
+        size = "x".join(map(str, c["input"])) if c["input"] else "-"
+        predicted = f"{c['predicted_ms']:.3f}" if c["predicted_ms"] is not None else "-"
+        ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
+        lines.append(f"| {c['model']} | {size} | {c['impl']} | {c['dtype']} | {c['batch']} | {c['measured_ms']:.2f} | "
+                     f"{predicted} | {c['device'] or '-'} | {ratio} |")
+    return lines
+
+
 def _summarise_e2e(name: str):
     def summarise(out: str, log: str, dry: bool) -> Dict:
         path = os.path.join(out, f"{name}.json")
         report = json.load(open(path))
         _mark_json(path, dry)
-        _mark_md(os.path.join(out, f"{name}.md"), dry)
+        md = os.path.join(out, f"{name}.md")
+        env_path = os.path.join(out, "environment.json")
+        env = json.load(open(env_path)) if os.path.exists(env_path) else {}
         rows = report["rows"]
+        compared = compare_with_predictions(rows, gpu_key(env.get("gpu")), load_predictions())
+        if os.path.exists(md):  # the rows beside the predictions, after the benchmark's own tables
+            reporting.write_text(md, open(md).read().rstrip("\n") + "\n\n" + "\n".join(_comparison_lines(compared)) + "\n")
+        _mark_md(md, dry)
         return dict(part=name, rows=len(rows), failed=[f"{r['model']} {r['impl']} {r['dtype']} b{r['batch']}: {r['error']}"
                                                      for r in rows if "error" in r],
-                    speedups=report.get("speedups"), dry_run=dry)
+                    speedups=report.get("speedups"), predictions=compared, dry_run=dry)
     return summarise
 
 
@@ -206,15 +292,24 @@ def _interpreter_env(dry: bool) -> Dict[str, str]:
 
 
 E2E_IMPLS = "maskformer-reference,transformers-eager,maskformer-fast,maskformer-fast-cudagraph"
+SMOKE_IMPLS = "transformers-eager,maskformer-fast,maskformer-fast-cudagraph"
 PARTS = [
-    Part("kernel_tests", "every kernel test compiled on CUDA (TRITON_INTERPRET=0)", 170, _kernel_tests_cmd,
+    Part("e2e-smoke", "the decisive rows: Swin-T and Swin-L, batch 1, bf16, fast with and without CUDA graphs vs "
+         "transformers eager, beside the cost model", 200,
+         # Swin-L first: the issue's target row. maskformer.bench also loads an fp32 reference row per
+         # model (agreement), so a model is 4 row loads; the H200 run's e2e rows loaded in ~10-20 s each.
+         _e2e_cmd("e2e-smoke", "1", SMOKE_IMPLS, "bfloat16", row_timeout=60, models="large,tiny"),
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e-smoke")),
+    # 69 s on the H200 (run2 of gpu-report-2026-11-26-h200), before the fused ops' tests were added
+    Part("kernel_tests", "every kernel test compiled on CUDA (TRITON_INTERPRET=0)", 120, _kernel_tests_cmd,
          _interpreter_env, _summarise_kernel_tests),
-    Part("window_attention", "Triton vs SDPA vs eager at Swin-L stage shapes", 110, _window_attention_cmd,
-         _interpreter_env, _summarise_window_attention),
-    Part("postprocess", "semantic post-processing vs transformers", 90, _postprocess_cmd,
-         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_postprocess),
-    Part("e2e", "end to end, batch 1", 150, _e2e_cmd("e2e", "1", E2E_IMPLS, "float32,bfloat16"),
+    Part("e2e", "end to end, batch 1, fp32 (with the reference rows: agreement)", 120,
+         _e2e_cmd("e2e", "1", E2E_IMPLS, "float32"),
          lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_e2e("e2e")),
+    Part("window_attention", "Triton vs SDPA vs eager at Swin-L stage shapes", 90, _window_attention_cmd,
+         _interpreter_env, _summarise_window_attention),
+    Part("postprocess", "semantic post-processing vs transformers", 60, _postprocess_cmd,
+         lambda dry: {"TRITON_INTERPRET": "0"}, _summarise_postprocess),
     Part("e2e-mask2former", "Mask2Former Swin-T end to end, batch 1 (MSDA and window-attention kernels)", 90,
          _e2e_cmd("e2e-mask2former", "1", "maskformer-reference,transformers-eager,maskformer-fast", "float32,bfloat16",
                   models="m2f-tiny", dry_models="m2f-toy"),
@@ -334,22 +429,30 @@ def run_part(part: Part, out: str, dry: bool, limit_s: float) -> Dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", **part.env(dry))
     env.pop("MASKFORMER_BACKEND", None)
     env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    # A fresh, empty working directory outside the checkout: nothing in it can shadow an import
+    # (Python puts the working directory first on sys.path for -m and -c).
+    cwd = tempfile.mkdtemp(prefix=f"gpu-report-{part.name}-")
+    entry["cwd"] = cwd
     t0 = time.monotonic()
     status, reason = "ok", None
-    with open(log, "w") as f:
-        f.write(f"$ {entry['command']}\n")
-        f.flush()
-        try:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-        except OSError as exc:
-            return dict(entry, status="failed", reason=f"could not start: {exc}")
-        try:
-            rc = proc.wait(timeout=limit_s)
-            if rc != 0:
-                status, reason = "failed", f"exit status {rc}"
-        except subprocess.TimeoutExpired:
-            status, reason = "timed out", f"killed after {limit_s:.0f} s"
-            _kill_group(proc)
+    try:
+        with open(log, "w") as f:
+            f.write(f"$ cd {cwd} && {entry['command']}\n")
+            f.flush()
+            try:
+                proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            except OSError as exc:
+                return dict(entry, status="failed", reason=f"could not start: {exc}")
+            try:
+                rc = proc.wait(timeout=limit_s)
+                if rc != 0:
+                    status, reason = "failed", f"exit status {rc}"
+            except subprocess.TimeoutExpired:
+                status, reason = "timed out", f"killed after {limit_s:.0f} s"
+                _kill_group(proc)
+    finally:
+        shutil.rmtree(cwd, ignore_errors=True)
     entry["seconds"] = round(time.monotonic() - t0, 1)
     if part.summarise is not None:
         try:
@@ -390,10 +493,14 @@ def main(argv=None) -> int:
                         help="folder for the report (created; a folder that holds files is refused unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="write over the files of an earlier report in --out")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes: test the plumbing")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S,
-                        help=f"seconds after which no part starts (default {DEFAULT_BUDGET_S:.0f})")
+    parser.add_argument("--budget", type=float, default=None,
+                        help=f"seconds after which no part starts (default {DEFAULT_BUDGET_S:.0f}; "
+                        f"{DRY_LIMIT_SCALE:g}x that in a dry run)")
     parser.add_argument("--parts", default=None, help="comma list, a subset of: " + ", ".join(p.name for p in PARTS))
     args = parser.parse_args(argv)
+    scale = DRY_LIMIT_SCALE if args.dry_run else 1.0
+    if args.budget is None:
+        args.budget = DEFAULT_BUDGET_S * scale
     wanted = [p.strip() for p in args.parts.split(",")] if args.parts else [p.name for p in PARTS]
     unknown = [w for w in wanted if w not in {p.name for p in PARTS}]
     if unknown:
@@ -441,7 +548,7 @@ def main(argv=None) -> int:
             entry = dict(name=part.name, what=part.what, status="not run",
                          reason=f"the {args.budget:.0f} s budget was spent ({left:.0f} s left)")
         else:
-            limit = min(part.limit_s, left)
+            limit = min(part.limit_s * scale, left)
             print(f"[gpu_report] {part.name}: {part.what} (limit {limit:.0f} s)", flush=True)
             if part.name.startswith("e2e"):
                 # the benchmark stops starting rows itself, leaving time to write its files
@@ -449,6 +556,11 @@ def main(argv=None) -> int:
             entry = run_part(part, out, args.dry_run, limit)
             print(f"[gpu_report] {part.name}: {entry['status']} in {entry.get('seconds', 0):.0f} s"
                   + (f" ({entry['reason']})" if entry.get("reason") else ""), flush=True)
+            for c in (entry.get("summary") or {}).get("predictions") or []:
+                predicted = (f"predicted {c['predicted_ms']:.2f} ms ({c['device']}), ratio {c['ratio']:.2f}"
+                             if c["predicted_ms"] is not None else "no prediction")
+                print(f"[gpu_report]   {c['model']} {c['impl']} {c['dtype']} b{c['batch']}: measured "
+                      f"{c['measured_ms']:.2f} ms, {predicted}", flush=True)
         state["parts"].append(entry)
         state["elapsed_s"] = round(time.monotonic() - started, 1)
         write_report(out, state)

@@ -47,11 +47,13 @@ __all__ = ["Op", "Impl", "AOTLaunch", "OP_MODULES", "ENV_VAR", "FAST_BACKENDS", 
 # The project's op modules, in the order readers list them. Adding an op: one line here.
 OP_MODULES = (
     "maskformer.kernels.window_attention",
+    "maskformer.kernels.fused_linear",
     "maskformer.kernels.ms_deform_attn",
     "maskformer.kernels.mask_einsum",
     "maskformer.kernels.upsample_argmax",
     "maskformer.kernels.semantic_segmentation",
     "maskformer.kernels.query_argmax",
+    "maskformer.kernels.nan_inf_flags",
 )
 ENV_VAR = "MASKFORMER_OP_MODULES"
 

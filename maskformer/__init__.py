@@ -5,6 +5,7 @@
 Importing the package loads torch but never triton, never the C++ extension, and never
 initialises CUDA; those happen on first use of a fast path (see ``maskformer.dispatch``).
 """
+import importlib as _importlib
 import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
@@ -73,23 +74,17 @@ __all__ = [
 ]
 
 
+# The processors pull in Pillow and SciPy, the export torch.onnx, segment_folder the loading and
+# post-processing stack: each is imported on first use (PEP 562), not by `import maskformer`.
+_LAZY_ATTRIBUTES = {
+    "MaskFormerImageProcessor": ".processing",
+    "Mask2FormerImageProcessor": ".processing_mask2former",
+    "export_onnx": ".export",
+    "segment_folder": ".segment",
+}
+
+
 def __getattr__(name):
-    # The processor pulls in Pillow and SciPy, the export torch.onnx, segment_folder the loading and
-    # post-processing stack; load them on first use only.
-    if name == "MaskFormerImageProcessor":
-        from .processing import MaskFormerImageProcessor
-
-        return MaskFormerImageProcessor
-    if name == "Mask2FormerImageProcessor":
-        from .processing_mask2former import Mask2FormerImageProcessor
-
-        return Mask2FormerImageProcessor
-    if name == "export_onnx":
-        from .export import export_onnx
-
-        return export_onnx
-    if name == "segment_folder":
-        from .segment import segment_folder
-
-        return segment_folder
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(_importlib.import_module(_LAZY_ATTRIBUTES[name], __name__), name)
     raise AttributeError(f"module 'maskformer' has no attribute {name!r}")

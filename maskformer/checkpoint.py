@@ -27,6 +27,8 @@ import warnings
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import MaskFormerConfig
@@ -116,9 +118,6 @@ def find_checkpoint_files(path_or_repo_id, *, use_safetensors: Optional[bool] = 
 
 
 def _read_safetensors(path: str, shapes_only: bool = False):
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
     try:
         if not shapes_only:
             return load_file(path)
@@ -812,8 +811,6 @@ def _split(state: Dict[str, torch.Tensor], limit: Optional[int]) -> List[Dict[st
 
 def _write(state: Dict[str, torch.Tensor], path: str, safe: bool):
     if safe:
-        from safetensors.torch import save_file
-
         save_file(state, path, metadata={"format": "pt"})
     else:
         torch.save(state, path)

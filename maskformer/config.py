@@ -9,8 +9,9 @@ unchanged, and transformers can read what we save.
 from __future__ import annotations
 
 import copy
-import math
 import json
+import math
+import numbers
 import os
 from typing import Any, Dict, Optional
 
@@ -50,8 +51,6 @@ def _kind(value) -> str:
 
 
 def _is_int(value) -> bool:
-    import numbers
-
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -65,8 +64,6 @@ def check_int(value, name: str, lo: int, hi: int) -> int:
 
 
 def check_float(value, name: str, lo: float, hi: float = float("inf"), lo_open: bool = False) -> float:
-    import numbers
-
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise ConfigError(f"{name} must be a number, got {_kind(value)}")
     value = float(value)

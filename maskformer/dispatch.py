@@ -55,6 +55,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
+from maskformer import _ext
 from maskformer.kernels import registry
 
 __all__ = [
@@ -340,8 +341,6 @@ def _install(op: registry.Op) -> Callable:
 def describe() -> Dict[str, Union[str, Dict]]:
     """The requested backend, the availability of each fast one and the registered ops (with
     their implementations, role and tasks), for reports and ``maskformer info``."""
-    from maskformer import _ext
-
     requested, source = _requested()
     cpp_err = _ext.cpp_import_error()
     triton_err = _ext.triton_import_error()

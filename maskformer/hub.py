@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import time
+import urllib.parse
 from typing import Dict, Optional, Tuple
 
 
@@ -52,10 +54,7 @@ def hub_unreachable_reason() -> Optional[str]:
     the load fails. One lookup per host, remembered for a minute."""
     if any(os.environ.get(name) for name in _PROXY_VARIABLES):
         return None
-    import socket
-    import urllib.parse
-
-    from huggingface_hub import constants
+    from huggingface_hub import constants  # optional (maskformer[hub]); only a hub id gets here
 
     host = urllib.parse.urlsplit(constants.ENDPOINT).hostname
     if not host:

@@ -2,22 +2,52 @@
 ``pixel_mask`` raises ``InputError`` naming the problem and the fix, before any computation."""
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
-__all__ = ["InputError", "check_finite", "check_pixel_values"]
+__all__ = ["InputError", "check_finite", "check_pixel_values", "nan_inf_flags", "describe_flags", "NAN", "INF"]
+
+NAN, INF = 1, 2  # the bits of nan_inf_flags' result (maskformer.kernels.nan_inf_flags)
 
 
 class InputError(ValueError):
     """Model input that cannot give a meaningful result, with the reason and the fix."""
 
 
+def nan_inf_flags(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> Tuple[int, ...]:
+    """Which of x (and y) hold a NaN (bit ``NAN``) and which an infinity (bit ``INF``): one int per
+    tensor given (``maskformer.kernels.nan_inf_flags.nan_inf_flags_ref``).
+
+    Where Triton is the fast backend for x's device (CUDA under ``auto``, or forced), the fused
+    kernel: one launch for both tensors and one read (a sync), instead of five to twelve torch
+    kernels and up to two reads. Elsewhere its reference (one sum per tensor, the exact tests only
+    when a sum is not finite). A check is not a computation a forced backend is about: forcing
+    ``cpp``, which has no such kernel, runs the reference rather than refusing every forward;
+    forcing ``triton`` where it cannot run raises, as for every op."""
+    from . import dispatch  # loads the op registry (never triton): only once a check runs
+    from .kernels import nan_inf_flags as op
+
+    if dispatch.candidate(x.device) == "triton" and dispatch.select("nan_inf_flags", x.device, x, y) == "triton":
+        return op.nan_inf_flags(x, y)
+    return op.nan_inf_flags_ref(x, y)
+
+
+def describe_flags(flags: int) -> str:
+    """"NaN values", "infinite values" or "NaN and infinite values" for a ``nan_inf_flags`` entry."""
+    return " and ".join(name for bit, name in ((NAN, "NaN"), (INF, "infinite")) if flags & bit) + " values"
+
+
 def check_finite(pixel_values: torch.Tensor) -> None:
-    """Raise on NaN/inf (one reduction and, on CUDA, a sync).
+    """Raise InputError on NaN/inf (``nan_inf_flags``: on CUDA one fused launch and a sync).
 
     Skipped inside ``torch.compile`` / ``torch.export``: a branch on tensor data cannot be
     traced into one graph (check the inputs before calling a compiled or exported model)."""
-    if not torch.compiler.is_compiling() and not bool(torch.isfinite(pixel_values).all()):
-        raise InputError("pixel_values contains NaN or infinite values; check the image loading and normalisation")
+    if torch.compiler.is_compiling():
+        return
+    flags = nan_inf_flags(pixel_values)[0]
+    if flags:
+        raise InputError(f"pixel_values contains {describe_flags(flags)}; check the image loading and normalisation")
 
 
 def check_pixel_values(pixel_values, pixel_mask=None, *, config, device, dtype, check_finite: bool = True) -> torch.Tensor:

@@ -7,7 +7,6 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 
 class GELUTanhNew(nn.Module):
@@ -107,3 +106,19 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     attr, scalars, algorithm = epilogue or ("none", [], "")
     out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, scalars, algorithm)
     return out if residual is None else out.add_(residual)
+
+
+class MaskFormerMLPPredictionHead(nn.Sequential):
+    """Three Linear layers, ReLU between them; children ``i.0`` named as in the checkpoints.
+
+    MaskFormer's and Mask2Former's mask embedders both use it, so it lives below both models.
+    (B, ..., input_dim) -> (B, ..., output_dim)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int = 3):
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        blocks = []
+        for i, (a, b) in enumerate(zip(dims_in, dims_out)):
+            act = nn.ReLU() if i < num_layers - 1 else nn.Identity()
+            blocks.append(nn.Sequential(nn.Linear(a, b), act))
+        super().__init__(*blocks)

@@ -21,6 +21,8 @@ from .checkpoint import (  # noqa: F401  (public names, importable from here as 
     save_pretrained,
 )
 from .hub import CheckpointError, resolve_file  # noqa: F401
+from . import modeling, modeling_mask2former
+from .config import ConfigError, read_json_config
 from .modeling import MaskFormerForInstanceSegmentation
 
 # The small default model shipped inside the package (scripts/train_default.py trains it).
@@ -51,8 +53,6 @@ FAMILIES = {
 def checkpoint_family(path_or_repo_id, **hub_kwargs) -> str:
     """The model family ("maskformer" or "mask2former") of a checkpoint, from its config.json's
     ``model_type``; ConfigError for any other model type (naming the supported ones)."""
-    from .config import ConfigError, read_json_config
-
     path = resolve_file(path_or_repo_id, "config.json", **hub_kwargs)
     data = read_json_config(path)
     model_type = data.get("model_type", "maskformer")
@@ -63,11 +63,11 @@ def checkpoint_family(path_or_repo_id, **hub_kwargs) -> str:
 
 def family_classes(family: str):
     """(model class, processor class) of a family ("maskformer" or "mask2former")."""
-    import importlib
-
-    from . import modeling, modeling_mask2former
+    # The processors pull in Pillow and SciPy: imported when a family's classes are asked for,
+    # not by the loaders of this module.
+    from . import processing, processing_mask2former
 
     model_name, module_name, processor_name = FAMILIES[family]
     model_cls = getattr(modeling, model_name, None) or getattr(modeling_mask2former, model_name)
-    processor_cls = getattr(importlib.import_module(f"{__package__}.{module_name}"), processor_name)
-    return model_cls, processor_cls
+    processor_module = {"processing": processing, "processing_mask2former": processing_mask2former}[module_name]
+    return model_cls, getattr(processor_module, processor_name)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Mask2FormerConfig
-from .layers import get_activation
+from .layers import MaskFormerMLPPredictionHead, get_activation
 from .transformer_decoder import sine_position_embedding
 
 NUM_LEVELS = 3
@@ -104,8 +104,6 @@ class MaskedAttentionDecoderLayer(nn.Module):
 class MaskPredictor(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, mask_feature_size: int):
         super().__init__()
-        from .modeling import MaskFormerMLPPredictionHead
-
         self.num_heads = num_heads
         self.mask_embedder = MaskFormerMLPPredictionHead(hidden_dim, hidden_dim, mask_feature_size)
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .inputs import NAN, nan_inf_flags
 from .preprocessing import BatchFeature
 
 
@@ -334,10 +335,14 @@ def _check_outputs(outputs: Any, fn: str) -> tuple[torch.Tensor, torch.Tensor]:
             f"{fn}: logits must be floating point, got {class_logits.dtype} and {mask_logits.dtype}; pass the "
             "model's raw logits (cast with .float())."
         )
-    # A sum is one pass with no (B, Q, h, w) bool temporary; only a non-finite sum needs the exact test
-    # (a sum can also overflow to inf, or be inf - inf, without any NaN in the logits).
-    for name, t in (("class_queries_logits", class_logits), ("masks_queries_logits", mask_logits)):
-        if not torch.isfinite(t.sum()) and torch.isnan(t).any():
+    # Both tensors in one check and one read (nan_inf_flags: a fused launch on CUDA; on the CPU one
+    # sum per tensor, the exact test only when a sum is not finite). Infinities pass, as before.
+    if class_logits.device == mask_logits.device:
+        flags = nan_inf_flags(class_logits, mask_logits)
+    else:  # checked one by one; where they meet, the kernels refuse the mix with a clear message
+        flags = nan_inf_flags(class_logits) + nan_inf_flags(mask_logits)
+    for name, found in zip(("class_queries_logits", "masks_queries_logits"), flags):
+        if found & NAN:
             raise ValueError(f"{fn}: {name} contains NaN; the model output is invalid (check the inputs/weights).")
     return class_logits, mask_logits
 
@@ -373,6 +378,7 @@ def _check_target_sizes(target_sizes: Any, batch_size: int, fn: str = "post_proc
 
 def _semantic_scores(class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor) -> torch.Tensor:
     """(B, K, h, w) class scores, transformers' ops (``maskformer.kernels.mask_einsum.mask_einsum_ref``)."""
+    # op modules load on first use, as dispatch does: `import maskformer` loads no op
     from .kernels.mask_einsum import mask_einsum_ref
 
     return mask_einsum_ref(class_queries_logits, masks_queries_logits)
@@ -398,6 +404,7 @@ def semantic_segmentation_ref(
     Returns:
         list of B `(H_b, W_b)` int64 tensors of class ids in `[0, K)` (first index on ties).
     """
+    # op modules load on first use, as dispatch does: `import maskformer` loads no op
     from .kernels.upsample_argmax import upsample_argmax_ref
 
     if class_queries_logits.ndim != 3 or masks_queries_logits.ndim != 4:

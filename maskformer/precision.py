@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import dispatch
 from ._ext import cpu_flags
 
 __all__ = ["PrecisionSupport", "cpu_precisions", "native_precisions", "cpu_bf16_native", "set_fast_cpu_bf16",
@@ -140,4 +139,8 @@ def use_fast_cpu_bf16(x: torch.Tensor, module: Optional[torch.nn.Module] = None)
         # the reference), none requiring grad when grad mode is on
         if any(p.dtype != torch.bfloat16 or (grad and p.requires_grad) for p in module.parameters()):
             return False
+    # dispatch loads every op module when imported (and refuses a bad MASKFORMER_OP_MODULES):
+    # kept out of `import maskformer`, which imports this module through swin.py.
+    from . import dispatch
+
     return dispatch.get_backend() == "auto" and _fast_cpu_bf16_available()

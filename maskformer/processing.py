@@ -162,6 +162,7 @@ import PIL.Image
 import torch
 
 from . import postprocessing
+from .hub import resolve_file
 from .postprocessing import (  # noqa: F401  (public names, importable from here as before)
     SemanticSegmentationResult,
     binary_mask_to_rle,
@@ -791,8 +792,6 @@ def _hub_config(
 ) -> dict[str, Any]:
     """preprocessor_config.json (or processor_config.json's nested entry) of a hub repo, via
     ``maskformer.hub.resolve_file`` (its errors name the fix: install huggingface_hub, go online...)."""
-    from .hub import resolve_file
-
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                force_download=force_download)
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""

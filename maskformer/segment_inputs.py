@@ -220,6 +220,7 @@ class LoadedImage:
 
 def model_input_size(processor, height: int, width: int) -> Tuple[int, int]:
     """(H, W) the processor resizes an (height, width) image to (before padding)."""
+    # preprocessing imports Pillow: only when images are read (`maskformer info` imports this module)
     from .preprocessing import get_output_image_size
 
     if not processor.do_resize:
@@ -269,6 +270,7 @@ def _decode(f, processor, max_pixels: int) -> LoadedImage:
     import PIL.Image
     from PIL import ImageOps
 
+    # as above: Pillow (through preprocessing too) only when images are decoded
     from .preprocessing import _pil_to_rgb, to_8bit
 
     saved = PIL.Image.MAX_IMAGE_PIXELS

@@ -127,6 +127,7 @@ class SwinSelfAttention(nn.Module):
         key = (table.data_ptr(), tensor_version(table), table.dtype, table.device)
         cached = getattr(self, "_dense_bias_cache", None)
         if cached is None or cached[0] != key:
+            # op modules load on first use, as dispatch does: `import maskformer` loads no op
             from .kernels.window_attention import dense_relative_position_bias
 
             cached = (key, dense_relative_position_bias(table.detach(), self.window_size))
@@ -242,11 +243,18 @@ class SwinLayer(nn.Module):
         addressing, no partition copies) or this module's reference code below. The kernel has
         no backward, so ``auto`` uses the reference whenever gradients are needed.
         """
+        out = self._window_attention_kernel(x)
+        return self.window_attention_reference(x) if out is None else self.attention.output(out)
+
+    def _window_attention_kernel(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The fused kernel's (B, H, W, C) output before the output projection, or None where the
+        reference code is to run (``window_attention``)."""
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
         from . import dispatch
 
         fast = dispatch.candidate(x.device)
         if fast is None or self._needs_grad(x):
-            return self.window_attention_reference(x)
+            return None
         attn = self.attention.self
         # Autocast does not reach inside a custom op, and on CUDA it hands us x in fp32 (layer_norm
         # runs in fp32 under autocast): cast x and the q/k/v weights to autocast's half type here,
@@ -262,10 +270,36 @@ class SwinLayer(nn.Module):
         table = attn.dense_relative_position_bias() if fast == "triton" else attn.relative_position_bias_table
         args = (x, weight, bias, table, self.window_size, self.shift_size, attn.num_heads)
         if dispatch.select("window_attention", x.device, *args) == "reference":
-            return self.window_attention_reference(x)
+            return None
+        # op modules load on first use, as dispatch does: `import maskformer` loads no op
         from .kernels.window_attention import window_attention
 
-        return self.attention.output(window_attention(*args))
+        return window_attention(*args)
+
+    def _fused_tail(self, attn: torch.Tensor, shortcut: torch.Tensor) -> Optional[torch.Tensor]:
+        """The block after the window attention kernel, on the Triton path: attn (B, H*W, C) before
+        the output projection, shortcut (B, H*W, C) -> the block's output, or None where the
+        modules are to run it. Three ``fused_linear`` launches instead of five kernels and a
+        (B, H*W, 4C) round trip: ``shortcut + dense(attn)`` with the add in the GEMM's epilogue,
+        ``gelu(fc1(layernorm_after(h)))`` with the GELU in it, ``h + fc2(...)`` likewise. Only in
+        inference (no dropout, no drop path), for the exact GELU, and without autocast (the
+        modules' weights would need casting; the kernel takes one dtype)."""
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
+        from . import dispatch
+
+        act = self.intermediate.intermediate_act_fn
+        dense, fc1, fc2 = self.attention.output.dense, self.intermediate.dense, self.output.dense
+        if (self.training or not (type(act) is nn.GELU and act.approximate == "none")
+                or torch.is_autocast_enabled(attn.device.type) or attn.dtype != dense.weight.dtype):
+            return None
+        if dispatch.select("fused_linear", attn.device, attn, dense.weight, dense.bias, "none", shortcut) != "triton":
+            return None
+        # op modules load on first use, as dispatch does: `import maskformer` loads no op
+        from .kernels.fused_linear import fused_linear
+
+        hidden = fused_linear(attn, dense.weight, dense.bias, "none", shortcut)
+        mid = fused_linear(self.layernorm_after(hidden), fc1.weight, fc1.bias, "gelu")
+        return fused_linear(mid, fc2.weight, fc2.bias, "none", hidden)
 
     def _needs_grad(self, x: torch.Tensor) -> bool:
         # Checked before dispatch so that `auto` quietly uses the reference in training; a forced
@@ -304,8 +338,15 @@ class SwinLayer(nn.Module):
         b, _, c = hidden_states.shape
         shortcut = hidden_states
         x = self.layernorm_before(hidden_states).view(b, height, width, c)
-        x = self.window_attention(x).reshape(b, height * width, c)
-        hidden_states = shortcut + self.drop_path(x)
+        attn = self._window_attention_kernel(x)  # None: the reference code runs the block
+        if attn is not None:
+            out = self._fused_tail(attn.reshape(b, height * width, c), shortcut)
+            if out is not None:
+                return out
+            x = self.attention.output(attn)
+        else:
+            x = self.window_attention_reference(x)
+        hidden_states = shortcut + self.drop_path(x.reshape(b, height * width, c))
         return hidden_states + self.drop_path(self.output(self.intermediate(self.layernorm_after(hidden_states))))
 
     def forward_fast_cpu_bf16(self, hidden_states: torch.Tensor, dims: Tuple[int, int]) -> torch.Tensor:
@@ -479,6 +520,7 @@ class SwinBackbone(nn.Module):
         oneDNN computes faster (2-core EPYC, the 256->256 3x3 conv at 128x171: 143 -> 119 ms fp32,
         65 -> 59 ms bf16) and cuDNN prefers for half precision.
         """
+        # dispatch loads every op module when imported: on first use, not by `import maskformer`
         from . import dispatch
 
         channels_last = dispatch.candidate(pixel_values.device) is not None

@@ -57,13 +57,29 @@ class DetrAttention(nn.Module):
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.out_proj = nn.Linear(hidden_size, hidden_size)
 
-    def forward(self, query_input, key_input, value_input) -> Tuple[torch.Tensor, torch.Tensor]:
-        """query_input (B, Q, D), key_input/value_input (B, S, D) -> output (B, Q, D), weights (B, heads, Q, S)."""
+    def forward(self, query_input, key_input, value_input,
+                need_weights: bool = True) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """query_input (B, Q, D), key_input/value_input (B, S, D) -> output (B, Q, D), weights
+        (B, heads, Q, S), or None when not ``need_weights`` and the fused path ran.
+
+        On the Triton path (``maskformer.dispatch.candidate`` is "triton": CUDA under ``auto``), in
+        inference and without ``need_weights``, the attention is one
+        ``F.scaled_dot_product_attention`` (flash / memory-efficient kernel) instead of five
+        written-out ops and their copies: 60 of the decoder's launches become 12 (six layers,
+        self and cross; ``benchmarks/gpu_model.py``). Elsewhere the written-out ops, as
+        transformers' eager path."""
         b, q_len, d = query_input.shape
         s_len = key_input.shape[1]
         q = self.q_proj(query_input).view(b, q_len, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key_input).view(b, s_len, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value_input).view(b, s_len, self.num_heads, self.head_dim).transpose(1, 2)
+        if not need_weights and not self.training:
+            # dispatch loads every op module when imported: on first use, not by `import maskformer`
+            from . import dispatch
+
+            if dispatch.candidate(q.device) == "triton":
+                out = F.scaled_dot_product_attention(q, k, v, scale=self.scaling)
+                return self.out_proj(out.transpose(1, 2).reshape(b, q_len, d)), None
         weights = F.softmax(torch.matmul(q, k.transpose(2, 3)) * self.scaling, dim=-1)
         out = torch.matmul(F.dropout(weights, p=self.dropout, training=self.training), v)
         out = out.transpose(1, 2).reshape(b, q_len, d)
@@ -85,13 +101,14 @@ class DetrDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.decoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, hidden, image_features, image_keys, query_pos):
+    def forward(self, hidden, image_features, image_keys, query_pos, need_weights: bool = True):
         """hidden (B, Q, D), image_features (B, S, D), image_keys = image_features + position embedding
-        (B, S, D), query_pos (B, Q, D) -> (B, Q, D), self-attn weights."""
+        (B, S, D), query_pos (B, Q, D) -> (B, Q, D), self-attn weights (None when not
+        ``need_weights`` and the fused attention ran)."""
         qk = hidden + query_pos
-        attn, self_weights = self.self_attn(qk, qk, hidden)
+        attn, self_weights = self.self_attn(qk, qk, hidden, need_weights=need_weights)
         hidden = self.self_attn_layer_norm(hidden + F.dropout(attn, p=self.dropout, training=self.training))
-        attn, _ = self.encoder_attn(hidden + query_pos, image_keys, image_features)
+        attn, _ = self.encoder_attn(hidden + query_pos, image_keys, image_features, need_weights=False)
         hidden = self.encoder_attn_layer_norm(hidden + F.dropout(attn, p=self.dropout, training=self.training))
         mlp = F.dropout(self.activation_fn(self.fc1(hidden)), p=self.activation_dropout, training=self.training)
         mlp = F.dropout(self.fc2(mlp), p=self.dropout, training=self.training)
@@ -154,7 +171,7 @@ class TransformerModule(nn.Module):
         attentions: List[torch.Tensor] = []
         checkpoint = self.gradient_checkpointing if self.training and torch.is_grad_enabled() else None
         for layer in decoder.layers:
-            args = (hidden, image_features, image_keys, query_pos)
+            args = (hidden, image_features, image_keys, query_pos, output_attentions)
             hidden, weights = layer(*args) if checkpoint is None else checkpoint(layer, *args)
             hidden_states.append(hidden)
             attentions.append(weights)

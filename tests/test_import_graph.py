@@ -145,3 +145,50 @@ def test_checkout_on_pythonpath_works_without_installing():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == os.path.join(root, "kernels", "__init__.py")
+
+
+# The layers, bottom up. A module imports only modules of its own layer or below (function-level
+# imports included), so each layer can be read, tested and replaced without the ones above it.
+LAYERS = [
+    # 0: leaves: version, devices, the optional extension's loader and CPU flags, files from the
+    # hub, output classes, window geometry, small modules, synthetic data, reports
+    ["_version", "_devices", "_ext", "hub", "outputs", "windows", "layers", "synthetic", "reporting"],
+    # 1: the ops (each beside its reference) and their registry
+    ["kernels"],
+    # 2: the backend choice over the registry; which precisions this CPU runs natively; the input
+    # checks (their NaN/inf check is the nan_inf_flags op, chosen through dispatch)
+    ["dispatch", "precision", "inputs"],
+    # 3: configs and weights
+    ["config", "checkpoint"],
+    # 4: engines: run an exported file (they build on the export and dispatch, never on the models)
+    ["engines"],
+    # 5: the models' parts, the losses, and the processors (which never import a model)
+    ["swin", "pixel_decoder", "transformer_decoder", "msda_pixel_decoder", "masked_attention_decoder", "loss",
+     "loss_mask2former", "preprocessing", "targets", "postprocessing", "processing", "processing_mask2former"],
+    # 6: the models, and the public path of the export
+    ["modeling", "modeling_mask2former", "export"],
+    # 7: loading by checkpoint family (model + processor classes), the default model
+    ["loading"],
+    # 8: what users run: the segment run and its files, pictures, benchmarks, the command line
+    ["overlay", "segment_inputs", "segment_outputs", "segment", "measure", "bench", "cli", "__main__"],
+]
+
+def _layer(module):
+    short = module[len("maskformer."):]
+    for i, names in enumerate(LAYERS):
+        if any(short == n or short.startswith(n + ".") for n in names):
+            return i
+    return None
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(m for m in _modules() if m != "maskformer" and _layer(m) is None)
+    assert not missing, f"modules with no layer in LAYERS (add them where they belong): {missing}"
+
+
+def test_no_import_runs_upward():
+    """No module imports one of a higher layer, at module level or inside a function."""
+    upward = sorted(f"{m} (layer {_layer(m)}) imports {t} (layer {_layer(t)}){' in a function' if lazy else ''}"
+                    for m, e in _import_edges(_modules()).items() if m != "maskformer"
+                    for t, lazy in e if t != "maskformer" and _layer(t) > _layer(m))
+    assert not upward, "imports that run upward:\n" + "\n".join(upward)

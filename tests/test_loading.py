@@ -303,12 +303,14 @@ def test_bad_pixel_mask_raises(tiny_model):
 
 
 def test_import_is_lean():
-    """Importing maskformer must not initialise CUDA nor import triton or the C++ extension."""
+    """Importing maskformer must not initialise CUDA nor import triton, the C++ extension or
+    dispatch (which loads every op module named in MASKFORMER_OP_MODULES: a bad name there must
+    not break ``import maskformer``)."""
     code = (
         "import sys, torch, maskformer\n"
         "from maskformer import MaskFormerForInstanceSegmentation, MaskFormerConfig\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised'\n"
-        "bad = [m for m in ('triton', 'maskformer._C', 'transformers') if m in sys.modules]\n"
+        "bad = [m for m in ('triton', 'maskformer._C', 'transformers', 'maskformer.dispatch') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

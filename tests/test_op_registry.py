@@ -229,13 +229,16 @@ def test_project_ops_and_their_implementations():
     table = {op.name: (op.role, op.backends, op.tasks) for op in registry.ops()}
     assert table == {
         "window_attention": ("network", ("triton",), ("semantic", "instance", "panoptic")),
+        "fused_linear": ("network", ("triton",), ()),
         "ms_deform_attn": ("network", ("triton", "cpp"), ("semantic", "instance", "panoptic")),
         "mask_einsum": ("semantic post-processing", ("triton", "cpp"), ()),
         "upsample_argmax": ("semantic post-processing", ("triton", "cpp"), ()),
         "semantic_segmentation": ("semantic post-processing", ("triton", "cpp"), ("semantic",)),
         "query_argmax": ("panoptic post-processing", ("cpp",), ("panoptic",)),
+        "nan_inf_flags": ("network", ("triton",), ()),
     }
-    assert registry.aot_kernels() == ["window_attention", "ms_deform_attn", "mask_einsum", "upsample_argmax"]
+    assert registry.aot_kernels() == ["window_attention", "fused_linear", "ms_deform_attn", "mask_einsum",
+                                      "upsample_argmax", "nan_inf_flags"]
     for op in registry.ops():  # every public op is a dispatch function with the reference's arguments
         import inspect
 
