@@ -169,8 +169,9 @@ LAYERS = [
     ["modeling", "modeling_mask2former", "export"],
     # 7: loading by checkpoint family (model + processor classes), the default model
     ["loading"],
-    # 8: what users run: the segment run and its files, pictures, benchmarks, the command line
-    ["overlay", "segment_inputs", "segment_outputs", "segment", "measure", "bench", "cli", "__main__"],
+    # 8: what users run: the segment run and its files, pictures, benchmarks, int8 quantization, the
+    # command line
+    ["overlay", "segment_inputs", "segment_outputs", "segment", "measure", "bench", "quantize", "cli", "__main__"],
 ]
 
 def _layer(module):
