@@ -121,7 +121,7 @@ def test_openvino_float16_is_refused_where_the_cpu_lists_no_fp16(engine_checkpoi
     if "FP16" in cpu_capabilities():
         assert precision_plan("openvino", torch.float16).runs == "float16"
         return
-    with pytest.raises(ValueError, match=r"cannot compute float16 here.*lists no FP16.*dtype=torch.float32"):
+    with pytest.raises(ValueError, match=r"cannot compute dtype='float16' here.*lists no FP16.*dtype='float32'"):
         load(engine_checkpoint, "openvino", str(tmp_path), dtype=torch.float16)
     assert os.listdir(tmp_path) == []  # refused before the cache was touched
 
@@ -129,7 +129,7 @@ def test_openvino_float16_is_refused_where_the_cpu_lists_no_fp16(engine_checkpoi
 @needs_onnxruntime
 def test_onnxruntime_refuses_reduced_precision_naming_the_alternative(engine_checkpoint, tmp_path):
     for dtype, why in ((torch.bfloat16, "no bfloat16 kernels"), (torch.float16, "float16 copy")):
-        with pytest.raises(ValueError, match=rf"computes in float32 only.*{why}.*engine='(openvino|torch)'"):
+        with pytest.raises(ValueError, match=rf"computes in float32 only, not dtype='{str(dtype)[6:]}'.*{why}.*engine='(openvino|torch)'"):
             load(engine_checkpoint, "onnxruntime", str(tmp_path), dtype=dtype)
     assert os.listdir(tmp_path) == []  # refused before the export
     from maskformer.engines import onnxruntime_engine

@@ -310,7 +310,8 @@ def test_segment_command_with_an_engine(checkpoint, engine_cache, engine, tmp_pa
     assert agree >= 0.999, agree
     # what the engine cannot compute in is refused before anything loads, naming the alternative
     # (--dtype bfloat16 with openvino: tests/test_engine_precision.py)
-    refused, why = ("bfloat16", "computes in float32 only") if engine == "onnxruntime" else ("float16", "cannot compute float16")
+    refused, why = (("bfloat16", "--engine onnxruntime computes in float32 only, not --dtype bfloat16")
+                   if engine == "onnxruntime" else ("float16", "--engine openvino cannot compute --dtype float16"))
     if engine == "openvino":
         from maskformer.engines.openvino_engine import cpu_capabilities
 

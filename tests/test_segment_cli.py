@@ -84,8 +84,8 @@ def test_the_command_is_segment_folder_with_a_printed_summary(tmp_path, mixed_fo
 
 @pytest.mark.parametrize("args, message", [
     (("--engine", "onnxruntime", "--dtype", "bfloat16"),
-     "--engine onnxruntime runs in float32, not --dtype bfloat16: pass --dtype float32, or --engine torch for other "
-     "dtypes"),
+     "--engine onnxruntime computes in float32 only, not --dtype bfloat16: its CPU execution provider has no "
+     "bfloat16 kernels for MatMul, Gemm or Add."),
     (("--engine", "openvino", "--device", "cuda:1"), "--engine openvino runs on the CPU, not --device cuda:1"),
     (("--batch-size", "0"), "--batch-size 0: must be a whole number >= 1"),
     (("--threads", "-2"), "--threads -2: must be a whole number >= 1"),

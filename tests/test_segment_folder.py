@@ -94,7 +94,7 @@ def test_segment_folder_writes_then_skips_what_is_complete(tmp_path, mixed_folde
     (dict(threads=0), "threads=0"),
     (dict(dtype="float64"), "dtype='float64' is not one of"),
     (dict(engine="tensorrt"), "engine='tensorrt' is not one of torch, onnxruntime, openvino"),
-    (dict(engine="onnxruntime", dtype="bfloat16"), "engine='onnxruntime' runs in float32, not dtype='bfloat16'"),
+    (dict(engine="onnxruntime", dtype="bfloat16"), "engine='onnxruntime' computes in float32 only, not dtype='bfloat16'"),
     (dict(engine="openvino", device="cuda"), "engine='openvino' runs on the CPU"),
     (dict(backend="fast"), "backend='fast' is not one of"),
 ])

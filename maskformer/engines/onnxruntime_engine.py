@@ -48,15 +48,16 @@ def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optio
     if precision == "float32":
         return precision, None
     if precision == "bfloat16":
-        where = ("dtype=torch.bfloat16 with engine='openvino', which computes bf16 natively on this CPU, or "
-                 if cpu_lacks is None else f"dtype=torch.float32 (this CPU is not native in bf16 anyway: it {cpu_lacks}), or ")
-        raise ValueError("engine 'onnxruntime' computes in float32 only: its CPU execution provider has no bfloat16 "
-                         "kernels for MatMul, Gemm or Add. Use " + where + "engine='torch' with bfloat16")
-    raise ValueError("engine 'onnxruntime' computes in float32 only: float16 would need a second, float16 copy of the "
-                     "exported graph, which maskformer does not make"
-                     + (f", and this CPU is not native in it ({cpu_lacks})" if cpu_lacks else "")
-                     + ". Use dtype=torch.float32, or engine='openvino' with dtype=torch.bfloat16 where `maskformer "
-                       "info` says bf16 is native")
+        # keyword spelling (engine='openvino'): segment's command line rewrites it as --engine openvino
+        where = ("engine='openvino', which computes bf16 natively on this CPU, or "
+                 if cpu_lacks is None else f"dtype='float32' (this CPU is not native in bf16 anyway: it {cpu_lacks}), or ")
+        raise ValueError("engine='onnxruntime' computes in float32 only, not dtype='bfloat16': its CPU execution provider "
+                         "has no bfloat16 kernels for MatMul, Gemm or Add. Use " + where + "engine='torch'")
+    raise ValueError("engine='onnxruntime' computes in float32 only, not dtype='float16': it would need a second, "
+                     "float16 copy of the exported graph, which maskformer does not make"
+                     + (f", and this CPU is not native in float16 ({cpu_lacks})" if cpu_lacks else "")
+                     + ". Use dtype='float32', or engine='openvino' with dtype='bfloat16' where `maskformer info` says "
+                       "bf16 is native")
 
 
 def precision_facts() -> Dict[str, str]:

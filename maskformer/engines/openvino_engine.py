@@ -122,12 +122,13 @@ def precision_plan(precision: str, cpu_lacks: Optional[str]) -> Tuple[str, Optio
         f"OpenVINO {versions()['openvino'].split('-')[0]}'s CPU device lists no {_CAPABILITY[precision]} "
         f"({', '.join(caps)})")
     if precision == "bfloat16":
-        return "float32", (f"dtype=bfloat16 asked of engine 'openvino', but {why}, so bf16 would not be computed "
-                           "natively: running float32 instead (pass dtype=torch.float32 to say so; `maskformer info` "
+        # keyword spelling (dtype='float32'): segment's command line rewrites it as --dtype float32
+        return "float32", (f"dtype='bfloat16' asked of engine='openvino', but {why}, so bf16 would not be computed "
+                           "natively: running float32 instead (pass dtype='float32' to say so; `maskformer info` "
                            "lists what this CPU runs natively)")
-    raise ValueError(f"engine 'openvino' cannot compute float16 here: {why}; asked for f16 it would silently compute "
-                     "bf16 or f32. Use dtype=torch.bfloat16" + (" (native here)" if _CAPABILITY["bfloat16"] in caps else "")
-                     + " or dtype=torch.float32")
+    raise ValueError(f"engine='openvino' cannot compute dtype='float16' here: {why}; asked for f16 it would silently "
+                     "compute bf16 or f32. Use dtype='bfloat16'" + (" (native here)" if _CAPABILITY["bfloat16"] in caps
+                                                                    else "") + " or dtype='float32'")
 
 
 def precision_facts() -> Dict[str, str]:
