@@ -81,6 +81,8 @@ _TEST_TOOLS = [
     "onnxscript==0.7.2",
     "onnxruntime==1.32.0",
     "openvino==2026.4.1",
+    # maskformer quantize (int8 by NNCF; it pulls scikit-learn, no torch: checked with --dry-run)
+    "nncf==3.4.0",
 ]
 
 setup(
@@ -114,6 +116,8 @@ setup(
         # `pip install --dry-run`: they cannot replace the CPU torch installed first).
         "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
         "openvino": ["onnx>=1.17", "onnxscript>=0.5", "openvino>=2025.0"],
+        # `maskformer quantize`: int8 OpenVINO models by NNCF's static quantization
+        "quantize": ["onnx>=1.17", "onnxscript>=0.5", "openvino>=2025.0", "nncf>=3.0"],
         # The oracle is pinned twice: the release the suite was written against, and the newest
         # release at the time of the last check (transformers 5.25 also brings Hugging Face's
         # `kernels` package, which a checkout must not shadow). Moving a pin is a change of its own,

@@ -468,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "float32 and bf16 (where native), interleaved. OUT (a new folder: the int8 IR and quantize.json) "
                     "is written only when int8 keeps at least 99%% of the pixels and is faster than every other "
                     "precision; otherwise the command prints what it measured, writes nothing and exits 1. Needs "
-                    "maskformer[openvino] and NNCF (pip install nncf; it installs no torch).")
+                    "maskformer[openvino] and NNCF (pip install --no-build-isolation 'maskformer[quantize]'; it installs no torch).")
     qua.add_argument("model", help="MaskFormer checkpoint folder or hub id ('default': the shipped toy model)")
     qua.add_argument("out", help="the folder to write (must not exist)")
     qua.add_argument("--calibration", required=True, help="folder of images to calibrate on (and hold out from)")

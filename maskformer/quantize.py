@@ -14,7 +14,7 @@ faster than every other precision measured (paired median ratio > 1): then ``out
 quantized IR (``model.xml``/``model.bin``, run it with
 ``maskformer.engines.openvino_engine.Runner(out/model.xml, threads)`` or OpenVINO's own API) and ``quantize.json`` (the measurement). Otherwise nothing is
 written and the result says what was measured. ``out`` must not exist (nothing is replaced).
-NNCF is optional (``pip install nncf``; it pulls no torch); the rest needs ``maskformer[openvino]``.
+NNCF is optional (``pip install 'maskformer[quantize]'``: NNCF and OpenVINO; no torch among them).
 """
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def quantize_openvino(model: Optional[str], calibration: str, out: str, *, held_
     try:
         import nncf
     except ImportError as exc:  # optional: only this command needs it
-        raise ImportError(f"maskformer quantize needs NNCF: pip install nncf (it installs no torch) ({exc})") from None
+        raise ImportError(f"maskformer quantize needs NNCF: pip install --no-build-isolation 'maskformer[quantize]' (or pip install nncf; it installs no torch) ({exc})") from None
     # here, not at the top: OpenVINO, NNCF and Pillow (processing) load only when quantizing
     import openvino as ov
     from PIL import Image
