@@ -196,7 +196,7 @@ def info() -> dict:
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",
         "mask2former": "Mask2FormerForUniversalSegmentation + Mask2FormerImageProcessor (config model_type "
-                       "'mask2former'; engine torch)",
+                       "'mask2former'; engines torch, onnxruntime, openvino)",
     }
     report["threads"] = torch.get_num_threads()
     return report
@@ -215,7 +215,6 @@ def run_export(args) -> int:
     """``maskformer export``: write (to a temporary file, renamed into place once verified), verify,
     print the verification table; a line per phase on stderr."""
     from .export import export_onnx
-    from .modeling import MaskFormerForInstanceSegmentation
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -243,19 +242,11 @@ def run_export(args) -> int:
 
         model = load_default_model()
     else:
-        from .hub import resolve_file
+        from .loading import checkpoint_family, family_classes
 
-        try:  # what export supports today, before the generic "not a 'maskformer' model"
-            with open(resolve_file(args.model, "config.json"), encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
-        except Exception:  # unreadable or absent: from_pretrained names the problem below
-            model_type = None
-        if model_type == "mask2former":
-            raise ValueError(f"{args.model} is a Mask2Former checkpoint; maskformer export supports MaskFormer "
-                             "checkpoints today (the Mask2Former export and its engines are being built next). "
-                             f"Mask2Former runs with the torch engine: maskformer segment IMAGES --model {args.model} "
-                             "--out OUT")
-        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype="float32", device="cpu")
+        # config.json's model_type picks the class: MaskFormer or Mask2Former, both exported
+        model_cls, _ = family_classes(checkpoint_family(args.model))
+        model = model_cls.from_pretrained(args.model, dtype="float32", device="cpu")
     report = export_onnx(model, args.out, outputs=args.outputs, opset=args.opset, verify=not args.no_verify,
                          verify_sizes=sizes, verify_engine=args.verify_engine, threads=args.threads, log=log)
     print(report.table())

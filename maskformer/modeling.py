@@ -68,7 +68,8 @@ class MaskFormerPreTrainedModel(nn.Module):
         """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
 
         ``engine``: who runs the network. "torch" (default): this model. "onnxruntime" or
-        "openvino" (``MaskFormerForInstanceSegmentation`` only; CPU, float32): an ``EngineModel``
+        "openvino" (the models with heads, ``MaskFormerForInstanceSegmentation`` and
+        ``Mask2FormerForUniversalSegmentation``; CPU, float32): an ``EngineModel``
         with the same call signature and output fields, running the model's ONNX export, built
         on first use and cached (``maskformer.engines``); ``threads`` (default
         ``torch.get_num_threads()``) and ``engine_cache_dir`` apply to these engines only.

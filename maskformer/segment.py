@@ -386,9 +386,6 @@ def _load_model(model: Optional[str], engine: str, dtype: str, device: str, anno
                 MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR), "default", "maskformer")
     # config.json's model_type picks the family: MaskFormer or Mask2Former (model and processor)
     family = checkpoint_family(model)
-    if family != "maskformer" and engine != "torch":
-        raise ValueError(f"engine={engine!r} runs MaskFormer checkpoints only, and model={model!r} is a {family} "
-                         "checkpoint: pass engine='torch'")
     model_cls, processor_cls = family_classes(family)
     loaded = model_cls.from_pretrained(model, dtype=torch_dtype, device=device, engine=engine)
     try:
@@ -583,7 +580,7 @@ def segment_folder(
         model: checkpoint folder or hub id, MaskFormer or Mask2Former (config.json's model_type
             decides); None: the shipped default model, trained only on generated shapes.
         task: "semantic", "panoptic" or "instance".
-        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer on the CPU in float32).
+        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer or Mask2Former on the CPU in float32).
         device: "cpu" or "cuda[:N]" (a ``torch.device`` works too).
         dtype: "float32", "float16" or "bfloat16" (or the torch dtype): the model's precision.
         batch_size: images per forward pass on CUDA, batched only with images of the same input

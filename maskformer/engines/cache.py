@@ -173,17 +173,20 @@ def graph_config(config) -> Dict:
     return data
 
 
-def compute_key(path_or_repo_id, engine: str, engine_module, root: str, **kwargs) -> Tuple[str, Dict, object]:
+def compute_key(path_or_repo_id, engine: str, engine_module, root: str, config_class=MaskFormerConfig,
+                **kwargs) -> Tuple[str, Dict, object]:
     """(key, what went into it, the effective config), reading only config.json, the file headers
-    the config check needs, and the weight files' bytes (or their remembered hashes)."""
+    the config check needs, and the weight files' bytes (or their remembered hashes).
+    ``config_class``: the model family's (``MaskFormerConfig`` or ``Mask2FormerConfig``; the
+    config's ``model_type`` is part of the hashed config, so the families never share a key)."""
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     given = kwargs.get("config")
     config = given
     if config is None:
-        config = MaskFormerConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
-    elif not isinstance(config, MaskFormerConfig):
-        config = MaskFormerConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
-    overrides = {k: v for k, v in kwargs.items() if k in MaskFormerConfig.override_names()}
+        config = config_class.from_pretrained(path_or_repo_id, **hub_kwargs)
+    elif not isinstance(config, config_class):
+        config = config_class.from_dict(config if isinstance(config, dict) else config.to_dict())
+    overrides = {k: v for k, v in kwargs.items() if k in config_class.override_names()}
     config = config.with_overrides(**overrides)
     files = find_checkpoint_files(path_or_repo_id, use_safetensors=kwargs.get("use_safetensors"), **hub_kwargs)
     parts = {
@@ -248,7 +251,8 @@ def get_or_build(cls, path_or_repo_id, engine: str, engine_module, *, engine_cac
     the effective config (with the labels asked for)."""
     log = log or (lambda message: None)
     root = cache_root(engine_cache_dir)
-    key, parts, config = compute_key(path_or_repo_id, engine, engine_module, root, **kwargs)
+    key, parts, config = compute_key(path_or_repo_id, engine, engine_module, root,
+                                     config_class=getattr(cls, "config_class", MaskFormerConfig), **kwargs)
     entry = entry_path(root, engine, key)
     problem = check_entry(entry, key)
     if problem is None:

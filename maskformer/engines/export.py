@@ -60,7 +60,7 @@ from .registry import engine_unavailable, runner_for_file
 
 __all__ = ["export_onnx", "verify_onnx", "verify_rows", "ExportReport", "OUTPUT_FIELDS", "LOGIT_FIELDS", "REL_ERROR_BAR",
            "FP64_FACTOR", "EXPORT_FORMAT", "default_verify_sizes", "padded_stages", "min_side", "estimate_export_seconds",
-           "export_program", "tracing_context", "report_json"]
+           "export_program", "tracing_context", "report_json", "semantic_maps", "check_exportable"]
 
 LOGIT_FIELDS = ("class_queries_logits", "masks_queries_logits")
 OUTPUT_FIELDS = LOGIT_FIELDS + ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
@@ -224,7 +224,8 @@ class ExportReport:
 def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = None, verify: bool = True,
                 verify_sizes: Optional[Sequence[Tuple[int, int, int]]] = None, verify_engine: Optional[str] = None,
                 threads: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> ExportReport:
-    """Export ``model`` (a ``MaskFormerForInstanceSegmentation``) to ONNX at ``path``.
+    """Export ``model`` (a ``MaskFormerForInstanceSegmentation`` or a
+    ``Mask2FormerForUniversalSegmentation``) to ONNX at ``path``.
 
     Args:
         model: the torch model (fp32 weights on the CPU are exported; other dtypes/devices are
@@ -252,6 +253,7 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     fields = {"all": OUTPUT_FIELDS, "logits": LOGIT_FIELDS}.get(outputs)
     if fields is None:
         raise ValueError(f"outputs must be 'all' or 'logits', got {outputs!r}")
+    check_exportable(model)
     _require_exporter()
     log = log or (lambda message: None)
     path = os.fspath(path)
@@ -316,7 +318,7 @@ def estimate_export_seconds(config, loadavg: Optional[float] = None) -> float:
     one Python thread whose time grows with the layers traced (Swin blocks + decoder layers), not
     with the weights, and a busy machine gives it a share of a core (``loadavg``: the 1-minute
     load, default the current one)."""
-    layers = sum(config.backbone_config.depths) + config.decoder_config.decoder_layers
+    layers = sum(config.backbone_config.depths) + _decoder_layers(config)
     if loadavg is None:
         loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return _EXPORT_SECONDS_PER_LAYER * layers * max(1.0, loadavg / (os.cpu_count() or 1))
@@ -329,6 +331,36 @@ def estimate_export_seconds(config, loadavg: Optional[float] = None) -> float:
 # at load 14 -> 4.2 and 515 s at load 10 -> 5.8. The median, 4.0: an estimate to within a factor
 # of 2, not a promise.
 _EXPORT_SECONDS_PER_LAYER = 4.0
+
+
+def _decoder_layers(config) -> int:
+    """The layers traced after the backbone: MaskFormer's transformer decoder, or Mask2Former's
+    deformable encoder layers and masked-attention decoder layers."""
+    if getattr(config, "model_type", "maskformer") == "mask2former":
+        return config.encoder_layers + config.decoder_layers
+    return config.decoder_config.decoder_layers
+
+
+def semantic_maps(config, class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor,
+                  target_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The family's semantic post-processing (what ``maskformer segment`` computes): class
+    logits (B, Q, K+1) and mask logits (B, Q, h, w) float -> B maps (H_i, W_i) int64. Mask2Former's
+    processor first resizes the mask logits to 384x384, as transformers'."""
+    if getattr(config, "model_type", "maskformer") == "mask2former":
+        from ..processing_mask2former import resize_mask_logits  # a higher layer's helper, needed only here
+
+        masks_queries_logits = resize_mask_logits(masks_queries_logits)
+    return dispatch.semantic_segmentation(class_queries_logits, masks_queries_logits, target_sizes)
+
+
+def check_exportable(model) -> None:
+    """Refuse, naming the fix, a model the export does not serve: only the models with heads
+    (``MaskFormerForInstanceSegmentation``, ``Mask2FormerForUniversalSegmentation``) return the
+    class and mask logits the export writes."""
+    if getattr(type(model), "checkpoint_prefix", None) != "model.":
+        raise TypeError(f"the ONNX export serves MaskFormerForInstanceSegmentation and "
+                        f"Mask2FormerForUniversalSegmentation (the models with heads), got {type(model).__name__}: "
+                        "load the checkpoint with the class that has heads")
 
 
 def _busy_note() -> str:
@@ -413,8 +445,8 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
             torch_fp32_errors = {name: rel(ref[name], ref64[name]) for name in fields}
             bars = {name: max(REL_ERROR_BAR, FP64_FACTOR * torch_fp32_errors[name]) for name in fields}
         target = [(height, width)] * batch
-        maps_ref = dispatch.semantic_segmentation(ref.class_queries_logits, ref.masks_queries_logits, target)
-        maps_got = dispatch.semantic_segmentation(got["class_queries_logits"], got["masks_queries_logits"], target)
+        maps_ref = semantic_maps(model.config, ref.class_queries_logits, ref.masks_queries_logits, target)
+        maps_got = semantic_maps(model.config, got["class_queries_logits"], got["masks_queries_logits"], target)
         agree = sum(int((a == b).sum()) for a, b in zip(maps_got, maps_ref)) / sum(m.numel() for m in maps_ref)
         worst = max(errors, key=lambda n: errors[n] / bars[n])
         row = {"size": [batch, height, width], "padded_stages": padded_stages(model.config, height, width),
