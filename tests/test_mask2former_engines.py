@@ -30,10 +30,10 @@ needs_an_engine = pytest.mark.skipif(not any(HAVE.values()), reason="neither onn
 @pytest.fixture(scope="session")
 def m2f_checkpoint(tmp_path_factory):
     """A small perturbed Mask2Former: window 7 (the default verification sizes pad every stage),
-    one Swin block per stage, 2 deformable encoder layers, 3 masked-attention layers (every scale
-    once), 6 queries, 5 classes."""
+    one Swin block per stage but two in stage 2 (the second one shifted, with its window mask), 2
+    deformable encoder layers, 3 masked-attention layers (every scale once), 6 queries, 5 classes."""
     folder = tmp_path_factory.mktemp("m2f_engine_ckpt")
-    make_hf_mask2former(window_size=7, depths=(1, 1, 1, 1), num_queries=6).save_pretrained(folder)
+    make_hf_mask2former(window_size=7, depths=(1, 2, 1, 1), num_queries=6).save_pretrained(folder)
     return str(folder)
 
 
