@@ -5,7 +5,7 @@
     python -m benchmarks.e2e ...        (the same)
 
 For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640, Mask2Former Swin-T
-``m2f-tiny`` with the torch rows only; transformers'
+``m2f-tiny``; transformers'
 random initialisation saved by transformers, since no trained checkpoint can be downloaded here,
 by default made "lively" (``lively_weights_``: many labels per map, so that ``agree`` measures
 something); ``default``: the trained default model shipped in the package) and each batch, every
@@ -77,13 +77,11 @@ MODELS = {
 # The only trained weights available offline: the package's default model (synthetic shapes).
 MODELS["default"] = dict(checkpoint="default", image=(512, 683))
 # Mask2Former (facebook/mask2former-swin-tiny-ade-semantic's architecture: Swin-T, 150 classes, 100
-# queries, 6 deformable layers, 9 masked-attention layers): the torch rows only (no engine export yet).
+# queries, 6 deformable layers, 9 masked-attention layers): every row, the engines' included.
 MODELS["m2f-tiny"] = dict(family="mask2former", backbone=MODELS["tiny"]["backbone"], image=(512, 683))
 MODELS["m2f-toy"] = dict(family="mask2former", backbone=MODELS["toy"]["backbone"], image=(96, 128),
                          m2f=dict(feature_size=64, mask_feature_size=64, hidden_dim=64, encoder_layers=1, decoder_layers=3,
                                   num_queries=10, encoder_feedforward_dim=128, dim_feedforward=128))
-MASK2FORMER_IMPLS = ("transformers-eager", "maskformer-reference", "maskformer-fast", "transformers-compile",
-                     "maskformer-compile")
 
 
 def model_family(model: str) -> str:
@@ -137,15 +135,24 @@ def lively_weights_(model, seed: int = 0):
     (PyTorch fp32 vs float64: 2.0-2.8e-5 relative on the logits and decoder state). An earlier recipe also scaled the decoder
     attention's q/k projections x4 (7 labels) but made the model chaotic: its fp32 logits differed
     from float64 by 0.34-0.61 relative, so no two engines (nor fp32 PyTorch and the exact result)
-    could agree on its maps. Deterministic (seeded); returns the model."""
+    could agree on its maps. Deterministic (seeded); returns the model.
+
+    Mask2Former (a model with ``queries_features``): its ``queries_embedder`` is the query position
+    added to the queries of both attentions, and x8 made the masked-attention decoder chaotic at
+    512x683 (Swin-T m2f-tiny, fp32 vs float64 through our model: 0.30 relative on the class logits,
+    0.24 on the mask logits, semantic maps equal on 90.1% of pixels), although it looked tame at
+    256x341 (1.9e-5). x2 instead: at 512x683 5 labels, the largest on 85.5% of the pixels, fp32 vs
+    float64 3.0e-6 / 4.6e-6 relative, maps equal on 99.999% (x1: 2 labels; x4: 5 labels but one on
+    99.7%). Measured on this project's 2-core AMD EPYC (our model, auto backend), 2026-12-06."""
     import torch
 
+    query_scale = 2.0 if any(n.endswith("queries_features.weight") for n, _ in model.named_parameters()) else 8.0
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
             if name.endswith("queries_embedder.weight"):
-                p.mul_(8.0)
+                p.mul_(query_scale)
             elif name == "class_predictor.weight":
                 p.mul_(3.0)
     return model
@@ -267,6 +274,11 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
         processor = HFProcessor()
         if impl.startswith("transformers-onnx-"):
             forward = _plain_engine_forward(impl_engine(impl), onnx_path, threads)
+
+            if family == "mask2former":
+                from transformers.models.mask2former.modeling_mask2former import (
+                    Mask2FormerForUniversalSegmentationOutput as HFOut,
+                )
 
             def run():
                 class_logits, mask_logits = forward(pixel_values)
@@ -396,10 +408,16 @@ def start_row(spec: Dict, log_path: str, timeout: Optional[float] = None) -> Row
 
 # ---------------------------------------------------------------------------------------------
 def export_transformers_onnx(checkpoint: str, path: str, batch: int, height: int, width: int) -> str:
-    """transformers' model to ONNX at one fixed input size (torch.onnx.export, its default dynamo
-    exporter; the TorchScript one if that fails): the file a user makes of transformers' model."""
+    """transformers' model (MaskFormer or Mask2Former, by the checkpoint's model_type) to ONNX at one
+    fixed input size (torch.onnx.export, its default dynamo exporter; the TorchScript one if that
+    fails): the file a user makes of transformers' model."""
     import torch
-    from transformers import MaskFormerForInstanceSegmentation as HF
+    from transformers import Mask2FormerForUniversalSegmentation, MaskFormerForInstanceSegmentation
+
+    from .loading import checkpoint_family
+
+    HF = Mask2FormerForUniversalSegmentation if checkpoint_family(checkpoint) == "mask2former" \
+        else MaskFormerForInstanceSegmentation
 
     class Logits(torch.nn.Module):
         def __init__(self, model):
@@ -609,10 +627,8 @@ def main(argv: List[str] = None) -> int:
             height, width = MODELS[model]["image"]
             checkpoint = None
             for batch in [int(b) for b in args.batches.split(",")]:
-                # engine rows run float32; the plan pairs every implementation with its dtypes. Mask2Former
-                # has the torch rows only (its ONNX export is not verified yet).
-                plan = [(i, d) for i in impls for d in dtypes if not (impl_engine(i) and d != "float32")
-                        and (model_family(model) == "maskformer" or i in MASK2FORMER_IMPLS)]
+                # engine rows run float32; the plan pairs every implementation with its dtypes
+                plan = [(i, d) for i in impls for d in dtypes if not (impl_engine(i) and d != "float32")]
                 if args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
                     rows += [dict(model=model_name(model), impl=i, dtype=d, batch=batch,
                                   error=f"not run: the {args.max_seconds:g} s budget (--max-seconds) was spent")
@@ -631,9 +647,9 @@ def main(argv: List[str] = None) -> int:
                             export_transformers_onnx(checkpoint, path, batch, height, width)
                         onnx_files[impl] = path
                     elif impl in FORWARD_ONLY or impl.startswith("maskformer-") and engine:
-                        from . import MaskFormerForInstanceSegmentation
+                        from .loading import family_classes
 
-                        built = MaskFormerForInstanceSegmentation.from_pretrained(
+                        built = family_classes(model_family(model))[0].from_pretrained(
                             checkpoint, engine=engine, threads=args.threads, engine_cache_dir=args.engine_cache)
                         onnx_files[impl] = os.path.join(built.cache_entry, "model.onnx" if engine == "onnxruntime"
                                                         else "model.xml")

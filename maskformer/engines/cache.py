@@ -480,7 +480,7 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
             raise RuntimeError(f"the {engine} export of {parts['source']} differs from PyTorch: "
                                + "; ".join(f"{r['worst_output']} by {r['max_rel_error']:.2e} (relative; bar "
                                            f"{r['bar']:.1e}) at {tuple(r['size'])}" for r in bad) + "; not cached")
-        raised = [r for r in rows if r["bar"] > export.REL_ERROR_BAR]
+        raised = [r for r in rows if r["bar"] > export.rel_error_bar(model.config)]
         if raised:
             log(f"this model amplifies rounding (PyTorch fp32 vs float64: up to "
                 f"{max(max(r['torch_fp32_vs_fp64'].values()) for r in raised):.1e} relative), so the {engine} "
@@ -495,7 +495,7 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
         manifest = {"key": key, **parts, "files": files, "opset": opset,
                     "export_reused_from": os.path.dirname(reusable[0]) if reusable else None,
                     "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_seconds": round(time.perf_counter() - start, 1),
-                    "verification": rows, "rel_error_bar": export.REL_ERROR_BAR}
+                    "verification": rows, "rel_error_bar": export.rel_error_bar(model.config)}
         _write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
         os.rename(tmp, entry)  # the caller holds the lock and removed any old entry
         log(f"the {engine} engine is ready (built in {time.perf_counter() - start:.0f} s); later loads reuse it")
