@@ -167,3 +167,31 @@ def test_info_lists_the_engines_for_both_families():
     families = info()["model_families"]
     for family in ("maskformer", "mask2former"):
         assert "engines torch, onnxruntime, openvino" in families[family], families[family]
+
+
+@pytest.mark.skipif(not HAVE["onnxruntime"], reason=str(engine_unavailable("onnxruntime")))
+def test_bench_runs_mask2former_engine_rows_and_the_peer(tmp_path, engine_cache):
+    """``maskformer bench --models m2f-toy``: our ONNX Runtime engine row, the peer (transformers'
+    Mask2Former exported by torch.onnx, run by ONNX Runtime, transformers' post-processing) and the
+    raw engine row, interleaved, maps compared with our fp32 reference, paired ratios."""
+    import subprocess
+    import sys
+
+    impls = "maskformer-reference,maskformer-onnxruntime,transformers-onnx-onnxruntime,onnxruntime-raw"
+    result = subprocess.run(
+        [sys.executable, "-m", "maskformer", "bench", "--models", "m2f-toy", "--batches", "1", "--rounds", "2",
+         "--dtypes", "float32", "--impls", impls, "--threads", "1", "--pause", "0", "--out", str(tmp_path),
+         "--engine-cache", engine_cache],
+        capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [json_name] = [f for f in os.listdir(tmp_path) if f.endswith(".json")]
+    report = json.load(open(tmp_path / json_name))
+    rows = {r["impl"]: r for r in report["rows"]}
+    assert set(rows) == set(impls.split(",")), report["rows"]
+    assert all(r["model"] == "mask2former-swin-toy" for r in rows.values())
+    for impl in ("maskformer-onnxruntime", "transformers-onnx-onnxruntime"):
+        assert rows[impl]["agree"] >= 0.999, rows[impl]
+    assert rows["onnxruntime-raw"]["forward_only"]
+    [group] = report["groups"]
+    assert ("maskformer-onnxruntime", "transformers-onnx-onnxruntime") in {
+        (p["faster"], p["slower"]) for p in group["paired_end_to_end"]}
