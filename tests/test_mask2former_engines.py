@@ -195,3 +195,23 @@ def test_bench_runs_mask2former_engine_rows_and_the_peer(tmp_path, engine_cache)
     [group] = report["groups"]
     assert ("maskformer-onnxruntime", "transformers-onnx-onnxruntime") in {
         (p["faster"], p["slower"]) for p in group["paired_end_to_end"]}
+
+
+def test_exported_sampling_formulation_equals_the_reference():
+    """``ms_deform_attn_for_engines`` (what the export writes: each level weighted and summed on
+    its own) computes the reference's sums in another order: equal in float64 to rounding, on odd
+    level sizes, a batch of 2, points outside every map (zero padding) and unnormalised weights."""
+    from maskformer.kernels.ms_deform_attn import ms_deform_attn_ref
+    from maskformer.msda_pixel_decoder import ms_deform_attn_for_engines
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (9, 13), (17, 25)]
+    s = sum(h * w for h, w in shapes)
+    value = torch.randn(2, s, 4, 8, generator=gen, dtype=torch.float64)
+    locations = torch.rand(2, 11, 4, 3, 4, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(2, 11, 4, 3, 4, generator=gen, dtype=torch.float64)
+    got, want = ms_deform_attn_for_engines(value, shapes, locations, weights), ms_deform_attn_ref(value, shapes, locations,
+                                                                                                   weights)
+    assert got.shape == want.shape == (2, 11, 32)
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+    assert float(want.abs().max()) > 0.1  # not a trivially zero output
