@@ -12,6 +12,7 @@ import contextlib
 import functools
 import importlib
 import os
+import platform
 import threading
 from typing import Callable, Dict, Iterator, List, Optional
 
@@ -184,8 +185,6 @@ def _cpuinfo_field(prefix: str) -> Optional[str]:
 
 def cpu_model() -> str:
     """The CPU's model name ("AMD EPYC ..."), or platform.processor(), or "unknown"."""
-    import platform
-
     return _cpuinfo_field("model name") or platform.processor() or "unknown"
 
 

@@ -5,7 +5,7 @@
     python -m benchmarks.e2e ...        (the same)
 
 For each model architecture (Swin-T at ADE20K's 512 short side, Swin-L at 640, Mask2Former Swin-T
-``m2f-tiny`` with the torch rows only; transformers'
+``m2f-tiny``; transformers'
 random initialisation saved by transformers, since no trained checkpoint can be downloaded here,
 by default made "lively" (``lively_weights_``: many labels per map, so that ``agree`` measures
 something); ``default``: the trained default model shipped in the package) and each batch, every
@@ -64,9 +64,14 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
-from . import reporting
+from . import dispatch, reporting
+from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes
 from .measure import RowProcess, interleave, paired_ratios, serve
+from .modeling import CUDAGraphRunner
+from .processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .synthetic import make_sample
 
 # ADE20K checkpoints' architectures (facebook/maskformer-swin-{tiny,large}-ade) and the input
 # sizes their processors produce for a 4:3 image at the ADE short side.
@@ -83,13 +88,11 @@ MODELS = {
 # The only trained weights available offline: the package's default model (synthetic shapes).
 MODELS["default"] = dict(checkpoint="default", image=(512, 683))
 # Mask2Former (facebook/mask2former-swin-tiny-ade-semantic's architecture: Swin-T, 150 classes, 100
-# queries, 6 deformable layers, 9 masked-attention layers): the torch rows only (no engine export yet).
+# queries, 6 deformable layers, 9 masked-attention layers): every row, the engines' included.
 MODELS["m2f-tiny"] = dict(family="mask2former", backbone=MODELS["tiny"]["backbone"], image=(512, 683))
 MODELS["m2f-toy"] = dict(family="mask2former", backbone=MODELS["toy"]["backbone"], image=(96, 128),
                          m2f=dict(feature_size=64, mask_feature_size=64, hidden_dim=64, encoder_layers=1, decoder_layers=3,
                                   num_queries=10, encoder_feedforward_dim=128, dim_feedforward=128))
-MASK2FORMER_IMPLS = ("transformers-eager", "maskformer-reference", "maskformer-fast", "transformers-compile",
-                     "maskformer-compile")
 
 
 def model_family(model: str) -> str:
@@ -143,6 +146,7 @@ def row_dtypes(impl: str, dtypes: List[str], device: str) -> Tuple[List[str], Di
         return ["default"], {}
     if not engine:
         return list(dtypes), {}
+    # the engines package imports the export (torch.onnx) and the engines' optional packages
     from .engines.precision import precision_plan
 
     runs, skipped = [], {}
@@ -184,15 +188,22 @@ def lively_weights_(model, seed: int = 0):
     (PyTorch fp32 vs float64: 2.0-2.8e-5 relative on the logits and decoder state). An earlier recipe also scaled the decoder
     attention's q/k projections x4 (7 labels) but made the model chaotic: its fp32 logits differed
     from float64 by 0.34-0.61 relative, so no two engines (nor fp32 PyTorch and the exact result)
-    could agree on its maps. Deterministic (seeded); returns the model."""
-    import torch
+    could agree on its maps. Deterministic (seeded); returns the model.
 
+    Mask2Former (a model with ``queries_features``): its ``queries_embedder`` is the query position
+    added to the queries of both attentions, and x8 made the masked-attention decoder chaotic at
+    512x683 (Swin-T m2f-tiny, fp32 vs float64 through our model: 0.30 relative on the class logits,
+    0.24 on the mask logits, semantic maps equal on 90.1% of pixels), although it looked tame at
+    256x341 (1.9e-5). x2 instead: at 512x683 5 labels, the largest on 85.5% of the pixels, fp32 vs
+    float64 3.0e-6 / 4.6e-6 relative, maps equal on 99.999% (x1: 2 labels; x4: 5 labels but one on
+    99.7%). Measured on this project's 2-core AMD EPYC (our model, auto backend), 2026-12-06."""
+    query_scale = 2.0 if any(n.endswith("queries_features.weight") for n, _ in model.named_parameters()) else 8.0
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.1)
             if name.endswith("queries_embedder.weight"):
-                p.mul_(8.0)
+                p.mul_(query_scale)
             elif name == "class_predictor.weight":
                 p.mul_(3.0)
     return model
@@ -202,12 +213,9 @@ def make_checkpoint(model: str, folder: str, weights: str = "lively") -> str:
     """Save a transformers MaskFormer of the given architecture (random weights, seed 0; made
     lively unless ``weights="random"``) to ``folder``."""
     from transformers import DetrConfig, MaskFormerConfig, MaskFormerForInstanceSegmentation, SwinConfig
-    import torch
 
     spec = MODELS[model]
     if spec.get("checkpoint") == "default":
-        from .loading import DEFAULT_MODEL_DIR
-
         return DEFAULT_MODEL_DIR  # read-only use: every row loads it, nothing writes there
     if model_family(model) == "mask2former":
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
@@ -259,11 +267,6 @@ def speedups(rows: List[Dict]) -> List[Dict]:
 def synthetic_pixel_values(batch: int, height: int, width: int):
     """(batch, 3, height, width) float32: synthetic images (seeds 5e7 + i), rescaled and
     normalised with the processor's ImageNet mean/std, not resized (the size is the benchmark's)."""
-    import torch
-
-    from .processing import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from .synthetic import make_sample
-
     images = np.stack([np.asarray(make_sample(5 * 10**7 + i, height, width)[0]) for i in range(batch)])
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN).view(1, 3, 1, 1)
@@ -276,8 +279,6 @@ def default_dtypes(device: str):
     type oneDNN computes natively (bf16 needs avx512_bf16 or AMX; without it, and for fp16 on
     most x86 CPUs, PyTorch emulates: measured 33 s per Swin-T image in fp16 on a 2-core EPYC
     where fp32 takes 1.0 s, so such a row says nothing about a half-precision path)."""
-    import torch
-
     if device.startswith("cuda"):
         return ["float32", "bfloat16", "float16"], {}
     dtypes, skipped = ["float32"], {}
@@ -295,14 +296,10 @@ def default_dtypes(device: str):
 def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height: int, width: int, device: str,
                 threads: int, onnx_path: Optional[str] = None, engine_cache: Optional[str] = None):
     """-> step(): one iteration, returning (maps or None, forward seconds). Loads everything first."""
-    import torch
-
     torch.set_num_threads(threads)
     dtype = torch.float32 if dtype_name == "default" else getattr(torch, dtype_name)
     pixel_values = synthetic_pixel_values(batch, height, width)
     target_sizes = [(height, width)] * batch
-
-    from .loading import checkpoint_family, family_classes
 
     family = checkpoint_family(checkpoint)
     computes_in = lambda: dtype_name  # noqa: E731  (torch rows; the engine rows say their own below)
@@ -317,6 +314,11 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
             forward = _plain_engine_forward(impl_engine(impl), onnx_path, threads,
                                             None if impl == PEER_DEFAULT else dtype_name)
             computes_in = forward.computes_in
+
+            if family == "mask2former":
+                from transformers.models.mask2former.modeling_mask2former import (
+                    Mask2FormerForUniversalSegmentationOutput as HFOut,
+                )
 
             def run():
                 class_logits, mask_logits = forward(pixel_values)
@@ -346,8 +348,6 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
         def run():
             return forward(pixel_values)
     else:
-        from . import dispatch
-
         model_cls, processor_cls = family_classes(family)
         processor = processor_cls()
         engine = impl_engine(impl)
@@ -364,8 +364,6 @@ def prepare_row(impl: str, checkpoint: str, dtype_name: str, batch: int, height:
                 model = torch.compile(model)
         pixel_values = pixel_values.to(device=device, dtype=dtype)
         if impl == "maskformer-fast-cudagraph":
-            from .modeling import CUDAGraphRunner
-
             runner = CUDAGraphRunner(model, pixel_values)  # warm-up and capture (raises off CUDA)
 
             def run():
@@ -401,7 +399,7 @@ def _plain_engine_forward(engine: str, path: str, threads: int, precision: Optio
             raise ValueError(f"onnxruntime computes float32 only, not {precision}")
         import onnxruntime as ort
 
-        from .engines.onnxruntime_engine import session_options
+        from .engines.onnxruntime_engine import session_options  # the engines: see row_dtypes
 
         session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
 
@@ -412,7 +410,7 @@ def _plain_engine_forward(engine: str, path: str, threads: int, precision: Optio
         return run
     import openvino as ov
 
-    from .engines.openvino_engine import check_compiled_precision, compile_config, precision_of
+    from .engines.openvino_engine import check_compiled_precision, compile_config, precision_of  # see row_dtypes
 
     config = compile_config(threads, precision) if precision else {"INFERENCE_NUM_THREADS": threads}
     core = ov.Core()
@@ -438,8 +436,6 @@ def _plain_engine_forward(engine: str, path: str, threads: int, precision: Optio
 def worker(spec: Dict) -> int:
     """A row's process: load and warm up, save the maps, then serve the parent
     (``maskformer.measure.serve``: RUN, MEM, EXIT on stdin)."""
-    import torch
-
     maps_out = spec.pop("maps_out")
     warmup = spec.pop("warmup")
     started = time.perf_counter()
@@ -466,10 +462,13 @@ def start_row(spec: Dict, log_path: str, timeout: Optional[float] = None) -> Row
 
 # ---------------------------------------------------------------------------------------------
 def export_transformers_onnx(checkpoint: str, path: str, batch: int, height: int, width: int) -> str:
-    """transformers' model to ONNX at one fixed input size (torch.onnx.export, its default dynamo
-    exporter; the TorchScript one if that fails): the file a user makes of transformers' model."""
-    import torch
-    from transformers import MaskFormerForInstanceSegmentation as HF
+    """transformers' model (MaskFormer or Mask2Former, by the checkpoint's model_type) to ONNX at one
+    fixed input size (torch.onnx.export, its default dynamo exporter; the TorchScript one if that
+    fails): the file a user makes of transformers' model."""
+    from transformers import Mask2FormerForUniversalSegmentation, MaskFormerForInstanceSegmentation
+
+    HF = Mask2FormerForUniversalSegmentation if checkpoint_family(checkpoint) == "mask2former" \
+        else MaskFormerForInstanceSegmentation
 
     class Logits(torch.nn.Module):
         def __init__(self, model):
@@ -626,8 +625,6 @@ def main(argv: List[str] = None) -> int:
     if args.worker:
         return worker(json.loads(args.worker))
 
-    import torch
-
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.threads = args.threads or torch.get_num_threads()
     if args.dtypes:
@@ -636,7 +633,7 @@ def main(argv: List[str] = None) -> int:
         dtypes, skipped_dtypes = default_dtypes(device)
         for name, why in skipped_dtypes.items():
             print(f"  skipping {name}: {why}", file=sys.stderr)
-    from .engines.registry import engine_unavailable
+    from .engines.registry import engine_unavailable  # the engines: see row_dtypes
 
     skipped_impls = {}
     if args.impls:
@@ -694,10 +691,9 @@ def main(argv: List[str] = None) -> int:
             height, width = MODELS[model]["image"]
             checkpoint = None
             for batch in [int(b) for b in args.batches.split(",")]:
-                # the plan pairs every implementation with the dtypes it runs (row_dtypes). Mask2Former
-                # has the torch rows only (its ONNX export is not verified yet).
-                plan = [(i, d) for i in impls for d in row_dtypes(i, dtypes, device)[0]
-                        if model_family(model) == "maskformer" or i in MASK2FORMER_IMPLS]
+                # the plan pairs every implementation with the dtypes it runs (row_dtypes); both
+                # families have every row (Mask2Former's engines and peers since its export is verified)
+                plan = [(i, d) for i in impls for d in row_dtypes(i, dtypes, device)[0]]
                 if args.max_seconds is not None and time.monotonic() - args.started > args.max_seconds:
                     rows += [dict(model=model_name(model), impl=i, dtype=d, batch=batch,
                                   error=f"not run: the {args.max_seconds:g} s budget (--max-seconds) was spent")
@@ -716,9 +712,7 @@ def main(argv: List[str] = None) -> int:
                             export_transformers_onnx(checkpoint, path, batch, height, width)
                         onnx_files[impl] = path
                     elif impl in FORWARD_ONLY or impl.startswith("maskformer-") and engine:
-                        from . import MaskFormerForInstanceSegmentation
-
-                        built = MaskFormerForInstanceSegmentation.from_pretrained(
+                        built = family_classes(model_family(model))[0].from_pretrained(
                             checkpoint, engine=engine, threads=args.threads, engine_cache_dir=args.engine_cache)
                         onnx_files[impl] = os.path.join(built.cache_entry, "model.onnx" if engine == "onnxruntime"
                                                         else "model.xml")

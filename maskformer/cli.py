@@ -22,18 +22,29 @@ but only for that toy domain: for natural images pass ``--model`` with a hub che
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import logging
 import os
 import platform
 import re
+import shlex
 import sys
 import time
 from typing import List, Optional
 
 import numpy as np
+import torch
 
-from .synthetic import SYNTHETIC_LABELS
+from . import __version__, _ext
+from .config import MaskFormerConfig
+from .loading import DEFAULT_MODEL_DIR, checkpoint_family, family_classes, load_default_model
+from .modeling import MaskFormerForInstanceSegmentation
+from .overlay import color_map_image, colour_table, render_overlay
+from .precision import native_precisions
+from .segment_inputs import DEFAULT_MAX_PIXELS
+from .segment_outputs import save_label_map
+from .synthetic import SYNTHETIC_LABELS, make_sample, mean_iou
 
 SHIPPED_MODEL = ("the shipped default model: a small MaskFormer trained on generated images of four classes "
                  "(background, disc, box, stripe); it knows nothing else, so for photos pass --model with a "
@@ -43,8 +54,6 @@ SHIPPED_MODEL = ("the shipped default model: a small MaskFormer trained on gener
 def demo_config():
     """The default model's architecture: Swin 32-d, depths 1-1-2-1, window 7, 8 queries, 64-d
     decoder, 4 classes (the synthetic dataset's)."""
-    from .config import MaskFormerConfig
-
     return MaskFormerConfig(
         backbone_config=dict(embed_dim=32, depths=[1, 1, 2, 1], num_heads=[1, 2, 4, 8], window_size=7, drop_path_rate=0.0),
         decoder_config=dict(d_model=64, decoder_layers=2, decoder_ffn_dim=128, decoder_attention_heads=4, num_queries=8,
@@ -57,10 +66,6 @@ def demo_config():
 
 def random_model(seed: int = 0):
     """``demo_config()`` with weights drawn from ``seed``: untrained, for tests and benchmarks."""
-    import torch
-
-    from .modeling import MaskFormerForInstanceSegmentation
-
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = MaskFormerForInstanceSegmentation(demo_config())
@@ -78,20 +83,13 @@ def _check_outputs_free(paths: List[str], overwrite: bool):
 
 def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
     """Segment a synthetic image with the embedded default model; write image, label map, overlay and JSON."""
-    import torch
-
+    # the processor pulls in SciPy: imported by the commands that process images, not by `info`
     from .processing import MaskFormerImageProcessor
-
-    from .overlay import color_map_image, colour_table, render_overlay
-    from .segment_outputs import save_label_map
 
     names = ("image.png", "semantic.png", "semantic.color.png", "overlay.png", "segments.json")
     paths = {n: os.path.join(out_dir, n) for n in names}
     _check_outputs_free(list(paths.values()), overwrite)
     os.makedirs(out_dir, exist_ok=True)
-
-    from .loading import DEFAULT_MODEL_DIR, load_default_model
-    from .synthetic import make_sample
 
     model = load_default_model()
     processor = MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR)
@@ -111,7 +109,6 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
     render_overlay(image, label_map, label_names, table).save(paths["overlay.png"])
     color_map_image(label_map, table).save(paths["semantic.color.png"])
     ids, counts = np.unique(label_map, return_counts=True)
-    from .synthetic import mean_iou
 
     miou, _ = mean_iou(label_map.astype(np.int64), truth, len(SYNTHETIC_LABELS))
     summary = {
@@ -132,11 +129,6 @@ def run_demo(out_dir: str, overwrite: bool = False, seed: int = 0) -> dict:
 
 def info() -> dict:
     """Versions, devices, CPU features and which fast paths can run here (with the reason when one cannot)."""
-    import torch
-
-    from . import __version__, _ext
-    from .precision import native_precisions
-
     cuda = torch.cuda.is_available()
     report = {
         "maskformer": __version__,
@@ -191,6 +183,7 @@ def info() -> dict:
     # dispatch.describe(): the requested backend and every registered op (description, role,
     # tasks, implementations with devices and dtypes, what has no kernel and why).
     if registry_error is None:
+        # dispatch loads every op module when imported: only once the registry loaded
         from . import dispatch
 
         report["backends"] = dispatch.describe()
@@ -199,6 +192,7 @@ def info() -> dict:
     # The engines package builds on the export, which runs the model with dispatch's reference
     # backend; an op module that does not import breaks that import too, and info still reports.
     try:
+        # see above: the engines import the export and dispatch
         from .engines.precision import describe_precisions
         from .engines.registry import describe as describe_engines
 
@@ -211,7 +205,7 @@ def info() -> dict:
         "maskformer": "MaskFormerForInstanceSegmentation + MaskFormerImageProcessor (config model_type 'maskformer'; "
                       "engines torch, onnxruntime, openvino)",
         "mask2former": "Mask2FormerForUniversalSegmentation + Mask2FormerImageProcessor (config model_type "
-                       "'mask2former'; engine torch)",
+                       "'mask2former'; engines torch, onnxruntime, openvino)",
     }
     report["threads"] = torch.get_num_threads()
     return report
@@ -219,8 +213,6 @@ def info() -> dict:
 
 def set_threads(threads: int) -> None:
     """``--threads``: torch's intra-op threads, which the engines also take by default."""
-    import torch
-
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
@@ -229,8 +221,8 @@ def set_threads(threads: int) -> None:
 def run_export(args) -> int:
     """``maskformer export``: write (to a temporary file, renamed into place once verified), verify,
     print the verification table; a line per phase on stderr."""
+    # the export (torch.onnx, the engines) only for the command that exports
     from .export import export_onnx
-    from .modeling import MaskFormerForInstanceSegmentation
 
     if args.threads is not None:
         set_threads(args.threads)
@@ -254,23 +246,11 @@ def run_export(args) -> int:
         print(f"maskformer export: {message}", file=sys.stderr, flush=True)
 
     if args.model == "default":
-        from .loading import load_default_model
-
         model = load_default_model()
     else:
-        from .hub import resolve_file
-
-        try:  # what export supports today, before the generic "not a 'maskformer' model"
-            with open(resolve_file(args.model, "config.json"), encoding="utf-8") as f:
-                model_type = json.load(f).get("model_type")
-        except Exception:  # unreadable or absent: from_pretrained names the problem below
-            model_type = None
-        if model_type == "mask2former":
-            raise ValueError(f"{args.model} is a Mask2Former checkpoint; maskformer export supports MaskFormer "
-                             "checkpoints today (the Mask2Former export and its engines are being built next). "
-                             f"Mask2Former runs with the torch engine: maskformer segment IMAGES --model {args.model} "
-                             "--out OUT")
-        model = MaskFormerForInstanceSegmentation.from_pretrained(args.model, dtype="float32", device="cpu")
+        # config.json's model_type picks the class: MaskFormer or Mask2Former, both exported
+        model_cls, _ = family_classes(checkpoint_family(args.model))
+        model = model_cls.from_pretrained(args.model, dtype="float32", device="cpu")
     report = export_onnx(model, args.out, outputs=args.outputs, opset=args.opset, verify=not args.no_verify,
                          verify_sizes=sizes, verify_engine=args.verify_engine, threads=args.threads, log=log)
     print(report.table())
@@ -299,9 +279,6 @@ def cli_spelling(text: str) -> str:
     """``engine='torch'`` -> ``--engine torch``, ``overwrite=True`` -> ``--overwrite``,
     ``color_map=False`` -> ``--no-color-map``, ``max_pixels`` -> ``--max-pixels``: a message of
     ``segment_folder`` as the command line's user types the options."""
-    import ast
-    import shlex
-
     def keyword(match):
         name, value = match.group(1), match.group(2)
         flag = SEGMENT_FLAGS[name]
@@ -330,6 +307,7 @@ def run_segment(args) -> int:
     """``maskformer segment``: parse -> ``segment_folder`` -> print -> exit status (0: nothing
     failed; 1: an input failed; 130: interrupted). Under torchrun only rank 0 prints; the other
     ranks exit 0 so that torchrun does not tear rank 0 down before it has printed."""
+    # the segment run imports dispatch, which loads every op module: only for this command
     from .segment import SegmentInterrupted, segment_folder
 
     logger = logging.getLogger("maskformer.segment")
@@ -397,8 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder (default: out/demo)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     demo.add_argument("--seed", type=int, default=0, help="which generated image (default: 0)")
-    from .segment_inputs import DEFAULT_MAX_PIXELS
-
     seg = sub.add_parser(
         "segment", parents=[common], formatter_class=fmt, epilog=SEGMENT_EPILOG,
         help="segment images, folders and globs",
@@ -442,9 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", parents=[common], help="versions, devices, CPU features, fast paths and engines")
     exp = sub.add_parser(
         "export", parents=[common], formatter_class=fmt, help="export a model to ONNX, verified against PyTorch",
-        description="Export a checkpoint (folder or hub id) to ONNX with dynamic batch, height and width, then run "
-                    "the file with an engine at three or more input sizes (padding at every stage) and compare with "
-                    "PyTorch: max relative error per size (must be <= 1e-4) and semantic-map agreement.")
+        description="Export a MaskFormer or Mask2Former checkpoint (folder or hub id) to ONNX with dynamic batch, "
+                    "height and width, then run the file with an engine at three or more input sizes (padding at "
+                    "every stage) and compare with PyTorch: max relative error per size (must be <= 1e-4; 1e-2 for "
+                    "Mask2Former, whose thresholded attention can flip on rounding) and semantic-map agreement.")
     exp.add_argument("model", help="checkpoint folder or hub id ('default': the shipped toy model)")
     exp.add_argument("out", help="the .onnx file to write")
     exp.add_argument("--outputs", choices=("all", "logits"), default="all",
@@ -481,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_quantize(args) -> int:
+    # NNCF and OpenVINO (optional) come with the quantize module
     from .quantize import quantize_openvino
 
     if args.json and os.path.lexists(args.json):
@@ -498,7 +476,7 @@ def run_quantize(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # its own argument parser (maskformer.bench)
-        from .bench import main as bench_main
+        from .bench import main as bench_main  # the benchmark harness: only for `maskformer bench`
 
         return bench_main(argv[1:])
     args = build_parser().parse_args(argv)

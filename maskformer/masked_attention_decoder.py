@@ -14,6 +14,7 @@ transformers. Module and parameter names follow the checkpoints.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -44,11 +45,12 @@ class QueryAttention(nn.Module):
         """hidden, position (Q, B, C) -> (output (Q, B, C), weights (B, heads, Q, Q))."""
         q_len, b, c = hidden.shape
         h, d = self.num_heads, self.head_dim
-        hidden = hidden.permute(1, 0, 2)
-        with_pos = hidden + position.permute(1, 0, 2)
+        with_pos = hidden + position
 
-        def heads(x):  # (B, Q, C) -> (B*H, Q, D)
-            return x.view(b, -1, h, d).transpose(1, 2).reshape(b * h, -1, d)
+        # The projections run on the (Q, B, C) rows as they lie (contiguous): a linear on a permuted
+        # view asks whether the batch is 1, and torch.export then cannot keep the batch dynamic.
+        def heads(x):  # (Q, B, C) -> (B*H, Q, D), a view
+            return x.view(q_len, b, h, d).permute(1, 2, 0, 3).reshape(b * h, q_len, d)
 
         q = heads(self.q_proj(with_pos) * self.scaling)
         k = heads(self.k_proj(with_pos))
@@ -57,8 +59,8 @@ class QueryAttention(nn.Module):
         # the loss path: outputs.attentions[i].retain_grad() then backward() gives them a .grad.
         weights = F.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1).view(b, h, q_len, q_len)
         out = torch.bmm(F.dropout(weights.view(b * h, q_len, q_len), self.dropout, self.training), v)
-        out = out.view(b, h, q_len, d).transpose(1, 2).reshape(b, q_len, c)
-        return self.out_proj(out).permute(1, 0, 2), weights
+        out = out.view(b, h, q_len, d).permute(2, 0, 1, 3).reshape(q_len, b, c)
+        return self.out_proj(out), weights
 
 
 class MaskedAttentionDecoderLayer(nn.Module):
@@ -80,15 +82,14 @@ class MaskedAttentionDecoderLayer(nn.Module):
         return F.dropout(x, self.dropout, self.training)
 
     def _cross(self, hidden, query_position, features, position, mask):
-        out, _ = self.cross_attn(query=hidden + query_position, key=features + position, value=features, attn_mask=mask,
-                                 key_padding_mask=None)
-        return self._drop(out)
+        return self._drop(masked_cross_attention(self.cross_attn, hidden + query_position, features + position, features,
+                                                 mask, self.training))
 
     def _mlp(self, hidden):
         return self._drop(self.fc2(self._drop(self.activation_fn(self.fc1(hidden)))))
 
     def forward(self, hidden, query_position, features, position, mask) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hidden, query_position (Q, B, C); features, position (h*w, B, C); mask (B*heads, Q, h*w) bool,
+        """hidden, query_position (Q, B, C); features, position (B, h*w, C); mask (B, Q, h*w) bool,
         True = masked out -> (hidden (Q, B, C), self-attention weights (B, heads, Q, Q))."""
         if not self.pre_norm:
             hidden = self.cross_attn_layer_norm(hidden + self._cross(hidden, query_position, features, position, mask))
@@ -101,6 +102,41 @@ class MaskedAttentionDecoderLayer(nn.Module):
         return hidden + self._mlp(self.final_layer_norm(hidden)), weights
 
 
+def masked_cross_attention(attn: nn.MultiheadAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           mask: torch.Tensor, training: bool = False) -> torch.Tensor:
+    """``attn(query, key, value, attn_mask=mask)[0]`` of an ``nn.MultiheadAttention`` (its weights,
+    its arithmetic: q scaled by head_dim**-0.5, -inf where masked, softmax, dropout in training),
+    written for the export.
+
+    query (Q, B, C) sequence-first as the decoder's states; key, value (B, N, C) batch-first;
+    mask (B, Q, N) bool, True = masked out, shared by the heads -> (Q, B, C) in query's dtype.
+
+    Why not the module: ``F.multi_head_attention_forward`` reshapes the sequence-first key and a
+    (B*heads, Q, N) mask in ways that ask whether the batch is 1, so ``torch.export`` cannot keep
+    the batch dynamic, and the engines then ran a (B*heads, Q, N) float mask copied per head. Here
+    the keys and values are projected batch-first (contiguous rows) and the (B, 1, Q, N) additive
+    mask broadcasts over the heads. Same sums as the module (the parity tests compare with
+    transformers, which calls it).
+    """
+    q_len, b, c = query.shape
+    n = key.shape[1]
+    h = attn.num_heads
+    d = c // h
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3) if attn.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, w_q, b_q) * math.sqrt(1.0 / d)                   # (Q, B, C), scaled as the module
+    k = F.linear(key, w_k, b_k)                                          # (B, N, C)
+    v = F.linear(value, w_v, b_v)
+    q = q.view(q_len, b, h, d).permute(1, 2, 0, 3)                       # (B, H, Q, D)
+    k = k.view(b, n, h, d).transpose(1, 2)                               # (B, H, N, D)
+    v = v.view(b, n, h, d).transpose(1, 2)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(mask, float("-inf"))
+    scores = torch.matmul(q, k.transpose(-1, -2)) + bias[:, None]        # (B, H, Q, N)
+    weights = F.dropout(F.softmax(scores, dim=-1), attn.dropout, training)
+    out = torch.matmul(weights, v).permute(2, 0, 1, 3).reshape(q_len, b, c)  # (Q, B, C), contiguous
+    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+
 class MaskPredictor(nn.Module):
     def __init__(self, hidden_dim: int, num_heads: int, mask_feature_size: int):
         super().__init__()
@@ -109,12 +145,15 @@ class MaskPredictor(nn.Module):
 
     def forward(self, normed: torch.Tensor, mask_features: torch.Tensor, size: Tuple[int, int]):
         """normed (Q, B, C), mask_features (B, M, H, W) -> (mask logits (B, Q, H, W),
-        attention mask (B*heads, Q, h*w) bool at ``size`` = (h, w), True where the mask is below 0.5)."""
-        logits = torch.einsum("bqc, bchw -> bqhw", self.mask_embedder(normed.transpose(0, 1)), mask_features)
+        attention mask (B, Q, h*w) bool at ``size`` = (h, w), True where the mask is below 0.5)."""
+        # The MLP on the (Q*B, C) rows as they lie and a bmm on the (B, Q, M) view: a linear on a 3-D
+        # view, or einsum's reshapes, ask whether the batch is 1 (torch.export then cannot keep it
+        # dynamic). The same sums as transformers' einsum("bqc, bchw -> bqhw").
+        b, m, height, width = mask_features.shape
+        embedded = self.mask_embedder(normed.flatten(0, 1)).view(normed.shape[0], b, m).transpose(0, 1)  # (B, Q, M)
+        logits = torch.bmm(embedded, mask_features.flatten(2)).view(b, -1, height, width)
         small = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-        masked = small.sigmoid().flatten(2) < 0.5  # (B, Q, h*w)
-        b, q, n = masked.shape
-        masked = masked[:, None].expand(b, self.num_heads, q, n).reshape(b * self.num_heads, q, n)
+        masked = small.sigmoid().flatten(2) < 0.5  # (B, Q, h*w), shared by the heads
         return logits, masked.detach()
 
 
@@ -153,11 +192,12 @@ class MaskedAttentionTransformerModule(nn.Module):
         for i, x in enumerate(multi_scale_features[:NUM_LEVELS]):
             b, _, h, w = x.shape
             sizes.append((int(h), int(w)))
+            # batch-first (B, h*w, C): what masked_cross_attention projects row by row
             positions.append(sine_position_embedding(b, h, w, self.hidden_dim // 2, x.device, x.dtype)
-                              .flatten(2).permute(2, 0, 1))
+                              .flatten(2).transpose(1, 2))
             features.append((self.input_projections[i](x).flatten(2) + self.level_embed.weight[i][None, :, None])
-                            .permute(2, 0, 1))
-        batch = features[0].shape[1]
+                            .transpose(1, 2))
+        batch = features[0].shape[0]
         query_position = self.queries_embedder.weight.unsqueeze(1).repeat(1, batch, 1)
         hidden = self.queries_features.weight.unsqueeze(1).repeat(1, batch, 1)
 

@@ -15,10 +15,12 @@ import functools
 from typing import Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import checkpoint
 from .config import MaskFormerConfig
+from .loss import maskformer_loss
 from .pixel_decoder import PixelDecoder
 from .swin import SwinBackbone
 from .transformer_decoder import TransformerModule
@@ -69,9 +71,11 @@ class MaskFormerPreTrainedModel(nn.Module):
         """Load a checkpoint from a local folder or a hub repo id, as transformers' ``from_pretrained``.
 
         ``engine``: who runs the network. "torch" (default): this model. "onnxruntime" or
-        "openvino" (``MaskFormerForInstanceSegmentation`` only; CPU, float32): an ``EngineModel``
-        with the same call signature and output fields, running the model's ONNX export, built
-        on first use and cached (``maskformer.engines``); ``threads`` (default
+        "openvino" (the models with heads, ``MaskFormerForInstanceSegmentation`` and
+        ``Mask2FormerForUniversalSegmentation``; on the CPU): an ``EngineModel`` with the same
+        call signature and output fields, running the model's ONNX export, built on first use and
+        cached (``maskformer.engines``); ``dtype`` is what the engine computes in (float32;
+        bfloat16 on OpenVINO where the CPU has native bf16, see docs/engines.md); ``threads`` (default
         ``torch.get_num_threads()``) and ``engine_cache_dir`` apply to these engines only.
 
         Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or either
@@ -102,6 +106,7 @@ class MaskFormerPreTrainedModel(nn.Module):
         ``CheckpointError`` / ``ConfigError`` naming them, before the weights are read.
         """
         if engine not in (None, "torch"):
+            # the engines import the export (torch.onnx) and optional packages: only when asked for
             from .engines.model import load_engine_model
 
             return load_engine_model(cls, pretrained_model_name_or_path, engine, threads=threads,
@@ -126,8 +131,6 @@ class MaskFormerPreTrainedModel(nn.Module):
         keeps what the recompute needs in (pinned, with CUDA) host memory
         (``torch.autograd.graph.save_on_cpu``). ``every_n_layers`` other than 1 (transformers:
         checkpoint one layer in n) is refused: every block and layer is checkpointed here."""
-        import torch.utils.checkpoint
-
         if every_n_layers != 1:
             raise NotImplementedError(
                 f"every_n_layers={every_n_layers}: maskformer checkpoints every Swin block and decoder layer; use "
@@ -294,8 +297,6 @@ class MaskFormerForInstanceSegmentation(MaskFormerPreTrainedModel):
 
         loss = None
         if mask_labels is not None:
-            from .loss import maskformer_loss
-
             loss, _ = maskformer_loss(
                 mask_logits, class_logits, mask_labels, class_labels, num_labels=cfg.num_labels,
                 empty_weight=self.criterion.empty_weight, mask_weight=cfg.mask_weight, dice_weight=cfg.dice_weight,

@@ -47,14 +47,8 @@ class Mask2FormerPreTrainedModel(MaskFormerPreTrainedModel):
         (r"(pixel_level_module\.encoder\.hidden_states_norms)\.([0-9])\.", lambda m: f"{m.group(1)}.stage{int(m.group(2)) + 1}."),
     )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, engine: str = "torch", **kwargs):
-        """As ``MaskFormerPreTrainedModel.from_pretrained`` (``engine="torch"`` only: the ONNX
-        Runtime / OpenVINO engines serve MaskFormer; Mask2Former's export is not verified yet)."""
-        if engine not in (None, "torch"):
-            raise ValueError(f"engine={engine!r} serves MaskFormer checkpoints only; load Mask2Former with "
-                             "engine='torch' (the default)")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+    # from_pretrained is MaskFormerPreTrainedModel's: engine="onnxruntime" / "openvino" serve
+    # Mask2FormerForUniversalSegmentation through the same verified export and engine cache.
 
 
 class Mask2FormerModel(Mask2FormerPreTrainedModel):
@@ -171,14 +165,15 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
         masks_logits = base.masks_queries_logits
         aux_loss = mask_labels is not None and cfg.use_auxiliary_loss
         if output_auxiliary_logits or aux_loss:
-            class_logits = [self.class_predictor(state.transpose(0, 1)) for state in intermediate]
+            class_logits = [self.class_predictor(state).transpose(0, 1) for state in intermediate]
             auxiliary_logits = [{"masks_queries_logits": m, "class_queries_logits": c}
                                 for m, c in zip(masks_logits[:-1], class_logits[:-1])]
             class_last = class_logits[-1]
         else:
             # Only the last prediction is needed: the class head on the earlier states is not run.
             auxiliary_logits = None
-            class_last = self.class_predictor(intermediate[-1].transpose(0, 1))
+            # the head on the (Q, B, C) rows, then the (B, Q, K + 1) view: export keeps the batch dynamic
+            class_last = self.class_predictor(intermediate[-1]).transpose(0, 1)
         loss = None
         if mask_labels is not None:
             loss_dict = self.get_loss_dict(masks_logits[-1], class_last, mask_labels, class_labels,

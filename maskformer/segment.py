@@ -48,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from . import dispatch
 from ._ext import cpu_features, native_cpu_bf16  # noqa: F401  (importable from here, as before)
@@ -351,8 +352,6 @@ class Progress:
         self.bar = None
         self.enabled = enabled
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
             self.bar = tqdm(total=total, desc=desc, unit="img")
 
     def update(self, n: int, summary: SegmentSummary):
@@ -389,9 +388,6 @@ def _load_model(model: Optional[str], engine: str, dtype: str, device: str, anno
                 MaskFormerImageProcessor.from_pretrained(DEFAULT_MODEL_DIR), "default", "maskformer")
     # config.json's model_type picks the family: MaskFormer or Mask2Former (model and processor)
     family = checkpoint_family(model)
-    if family != "maskformer" and engine != "torch":
-        raise ValueError(f"engine={engine!r} runs MaskFormer checkpoints only, and model={model!r} is a {family} "
-                         "checkpoint: pass engine='torch'")
     model_cls, processor_cls = family_classes(family)
     loaded = model_cls.from_pretrained(model, dtype=torch_dtype, device=device, engine=engine)
     try:
@@ -586,8 +582,8 @@ def segment_folder(
         model: checkpoint folder or hub id, MaskFormer or Mask2Former (config.json's model_type
             decides); None: the shipped default model, trained only on generated shapes.
         task: "semantic", "panoptic" or "instance".
-        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer on the CPU; float32, or bfloat16
-            on OpenVINO where the CPU has native bf16: see ``dtype``).
+        engine: "torch", or "onnxruntime" / "openvino" (MaskFormer or Mask2Former on the CPU;
+            float32, or bfloat16 on OpenVINO where the CPU has native bf16: see ``dtype``).
         device: "cpu" or "cuda[:N]" (a ``torch.device`` works too).
         dtype: "float32", "float16" or "bfloat16" (or the torch dtype): the model's precision. With
             an engine, the precision it computes in: "bfloat16" runs on OpenVINO where its CPU
@@ -674,6 +670,7 @@ def segment_folder(
             torch.set_num_threads(options["threads"])  # the engines take torch's count when built
         with warnings.catch_warnings():
             if options["engine"] != "torch":  # its precision note is given below, once, as a note of the run
+                # the engines import the export (torch.onnx): only for a run on an engine
                 from .engines.precision import PrecisionWarning
 
                 warnings.simplefilter("ignore", PrecisionWarning)

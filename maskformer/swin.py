@@ -166,10 +166,15 @@ class SwinSelfAttention(nn.Module):
         layer on perturbed weights, within the parity bar."""
         bw, heads, n, d = q.shape
         bias = self.relative_position_bias().unsqueeze(0)  # (1, heads, N, N)
-        if mask is not None:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5
+        if mask is None:
+            scores = scores + bias
+        else:
+            # (bias + mask) per window, broadcast over the images by a view of the scores: the same
+            # sums as transformers' per-image copy of the mask, without reshaping an expanded tensor
+            # (which asks whether the batch is 1, so torch.export could not keep it dynamic).
             nw = mask.shape[0]
-            bias = bias + mask.unsqueeze(1).unsqueeze(0).expand(bw // nw, nw, 1, n, n).reshape(bw, 1, n, n)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.head_dim**-0.5 + bias
+            scores = (scores.view(bw // nw, nw, heads, n, n) + (bias + mask.unsqueeze(1)).unsqueeze(0)).view(bw, heads, n, n)
         probs = self.dropout(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         out = torch.matmul(probs, v)
         return out.transpose(1, 2).reshape(bw, n, heads * d)

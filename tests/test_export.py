@@ -311,16 +311,3 @@ def test_failed_verification_leaves_the_destination_as_it_was(exported, tmp_path
         engine_export.export_onnx(model, out, outputs="logits")
     assert out.read_bytes() == b"the previous export"
     assert os.listdir(tmp_path) == ["model.onnx"]
-
-
-def test_export_of_a_mask2former_checkpoint_says_what_export_supports(tmp_path, capsys):
-    """Item 16: a Mask2Former checkpoint is refused with what ``maskformer export`` supports today,
-    not with "describes a 'mask2former' model, not 'maskformer'"."""
-    from maskformer import Mask2FormerConfig
-    from maskformer.cli import main
-
-    Mask2FormerConfig().save_pretrained(str(tmp_path / "m2f"))
-    assert main(["export", str(tmp_path / "m2f"), str(tmp_path / "m2f.onnx")]) == 1
-    err = capsys.readouterr().err
-    assert "is a Mask2Former checkpoint; maskformer export supports MaskFormer checkpoints today" in err, err
-    assert "describes a" not in err and not (tmp_path / "m2f.onnx").exists()

@@ -160,11 +160,12 @@ LAYERS = [
     ["dispatch", "precision", "inputs"],
     # 3: configs and weights
     ["config", "checkpoint"],
-    # 4: engines: run an exported file (they build on the export and dispatch, never on the models)
-    ["engines"],
-    # 5: the models' parts, the losses, and the processors (which never import a model)
+    # 4: the models' parts, the losses, and the processors (which never import a model)
     ["swin", "pixel_decoder", "transformer_decoder", "msda_pixel_decoder", "masked_attention_decoder", "loss",
      "loss_mask2former", "preprocessing", "targets", "postprocessing", "processing", "processing_mask2former"],
+    # 5: engines: run an exported file; they build on the export, dispatch and the family's
+    # post-processing (to verify an export), never on the models
+    ["engines"],
     # 6: the models, and the public path of the export
     ["modeling", "modeling_mask2former", "export"],
     # 7: loading by checkpoint family (model + processor classes), the default model
@@ -173,6 +174,22 @@ LAYERS = [
     # command line
     ["overlay", "segment_inputs", "segment_outputs", "segment", "measure", "bench", "quantize", "cli", "__main__"],
 ]
+
+# Third-party or platform modules that a function may import where it needs them, and why.
+LAZY_OK = {
+    "triton": "optional (maskformer[triton]); importing it costs seconds and never happens on `import maskformer`",
+    "transformers": "the test oracle and the benchmark's peer: never a runtime dependency",
+    "onnxruntime": "optional engine (maskformer[onnx])",
+    "openvino": "optional engine (maskformer[openvino])",
+    "onnx": "comes with the engines' extras",
+    "onnxscript": "comes with the engines' extras",
+    "nncf": "optional (int8 quantization)",
+    "huggingface_hub": "optional (maskformer[hub]); only hub ids need it",
+    "PIL": "Pillow is imported where images are read or drawn, not by `import maskformer`",
+    "scipy": "SciPy (the Hungarian matching) only on the training loss path",
+    "fcntl": "POSIX only: file locks where a run takes one",
+}
+
 
 def _layer(module):
     short = module[len("maskformer."):]
@@ -193,3 +210,49 @@ def test_no_import_runs_upward():
                     for m, e in _import_edges(_modules()).items() if m != "maskformer"
                     for t, lazy in e if t != "maskformer" and _layer(t) > _layer(m))
     assert not upward, "imports that run upward:\n" + "\n".join(upward)
+
+
+def _function_level_imports(path):
+    """[(line number, source line, imported top-level names)] of the imports inside functions."""
+    lines = open(path, encoding="utf-8").read().splitlines()
+    tree = ast.parse("\n".join(lines))
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = ["." * node.level + (node.module or "")]
+            else:
+                continue
+            found.append((node.lineno, lines, names))
+    return found
+
+
+def _says_why(lines, lineno):
+    """A comment on the import's line, or on the line above it (blank lines and the other imports
+    of the same group skipped)."""
+    if "#" in lines[lineno - 1]:
+        return True
+    i = lineno - 2
+    while i >= 0 and (not lines[i].strip() or lines[i].lstrip().startswith(("import ", "from "))):
+        if "#" in lines[i]:
+            return True
+        i -= 1
+    return i >= 0 and lines[i].lstrip().startswith("#")
+
+
+def test_function_level_imports_are_optional_heavy_or_say_why():
+    """An import inside a function is either of an optional or heavy third-party module (LAZY_OK,
+    with the reason written there) or carries a comment saying why it is not at the top."""
+    unexplained = []
+    for name, path in _modules().items():
+        for lineno, lines, names in _function_level_imports(path):
+            if all(n.split(".")[0] in LAZY_OK for n in names):
+                continue
+            if not _says_why(lines, lineno):
+                unexplained.append(f"{os.path.relpath(path)}:{lineno}: {lines[lineno - 1].strip()}")
+    assert not unexplained, ("imports inside functions with no reason given (move them to the top, or say "
+                             "why in a comment):\n" + "\n".join(unexplained))

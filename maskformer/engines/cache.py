@@ -173,17 +173,20 @@ def graph_config(config) -> Dict:
     return data
 
 
-def compute_key(path_or_repo_id, engine: str, engine_module, root: str, **kwargs) -> Tuple[str, Dict, object]:
+def compute_key(path_or_repo_id, engine: str, engine_module, root: str, config_class=MaskFormerConfig,
+                **kwargs) -> Tuple[str, Dict, object]:
     """(key, what went into it, the effective config), reading only config.json, the file headers
-    the config check needs, and the weight files' bytes (or their remembered hashes)."""
+    the config check needs, and the weight files' bytes (or their remembered hashes).
+    ``config_class``: the model family's (``MaskFormerConfig`` or ``Mask2FormerConfig``; the
+    config's ``model_type`` is part of the hashed config, so the families never share a key)."""
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
     given = kwargs.get("config")
     config = given
     if config is None:
-        config = MaskFormerConfig.from_pretrained(path_or_repo_id, **hub_kwargs)
-    elif not isinstance(config, MaskFormerConfig):
-        config = MaskFormerConfig.from_dict(config if isinstance(config, dict) else config.to_dict())
-    overrides = {k: v for k, v in kwargs.items() if k in MaskFormerConfig.override_names()}
+        config = config_class.from_pretrained(path_or_repo_id, **hub_kwargs)
+    elif not isinstance(config, config_class):
+        config = config_class.from_dict(config if isinstance(config, dict) else config.to_dict())
+    overrides = {k: v for k, v in kwargs.items() if k in config_class.override_names()}
     config = config.with_overrides(**overrides)
     files = find_checkpoint_files(path_or_repo_id, use_safetensors=kwargs.get("use_safetensors"), **hub_kwargs)
     parts = {
@@ -248,7 +251,8 @@ def get_or_build(cls, path_or_repo_id, engine: str, engine_module, *, engine_cac
     the effective config (with the labels asked for)."""
     log = log or (lambda message: None)
     root = cache_root(engine_cache_dir)
-    key, parts, config = compute_key(path_or_repo_id, engine, engine_module, root, **kwargs)
+    key, parts, config = compute_key(path_or_repo_id, engine, engine_module, root,
+                                     config_class=getattr(cls, "config_class", MaskFormerConfig), **kwargs)
     entry = entry_path(root, engine, key)
     problem = check_entry(entry, key)
     if problem is None:
@@ -476,7 +480,7 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
             raise RuntimeError(f"the {engine} export of {parts['source']} differs from PyTorch: "
                                + "; ".join(f"{r['worst_output']} by {r['max_rel_error']:.2e} (relative; bar "
                                            f"{r['bar']:.1e}) at {tuple(r['size'])}" for r in bad) + "; not cached")
-        raised = [r for r in rows if r["bar"] > export.REL_ERROR_BAR]
+        raised = [r for r in rows if r["bar"] > export.rel_error_bar(model.config)]
         if raised:
             log(f"this model amplifies rounding (PyTorch fp32 vs float64: up to "
                 f"{max(max(r['torch_fp32_vs_fp64'].values()) for r in raised):.1e} relative), so the {engine} "
@@ -491,7 +495,7 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
         manifest = {"key": key, **parts, "files": files, "opset": opset,
                     "export_reused_from": os.path.dirname(reusable[0]) if reusable else None,
                     "built": time.strftime("%Y-%m-%d %H:%M:%S"), "build_seconds": round(time.perf_counter() - start, 1),
-                    "verification": rows, "rel_error_bar": export.REL_ERROR_BAR}
+                    "verification": rows, "rel_error_bar": export.rel_error_bar(model.config)}
         _write_json_atomic(os.path.join(tmp, MANIFEST), manifest)
         os.rename(tmp, entry)  # the caller holds the lock and removed any old entry
         log(f"the {engine} engine is ready (built in {time.perf_counter() - start:.0f} s); later loads reuse it")

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import dataclasses
 import json
 import logging
@@ -60,7 +61,8 @@ from .registry import engine_unavailable, runner_for_file
 
 __all__ = ["export_onnx", "verify_onnx", "verify_rows", "ExportReport", "OUTPUT_FIELDS", "LOGIT_FIELDS", "REL_ERROR_BAR",
            "FP64_FACTOR", "EXPORT_FORMAT", "default_verify_sizes", "padded_stages", "min_side", "estimate_export_seconds",
-           "export_program", "tracing_context", "report_json"]
+           "export_program", "tracing_context", "report_json", "semantic_maps", "check_exportable",
+           "MASK2FORMER_REL_ERROR_BAR", "rel_error_bar"]
 
 LOGIT_FIELDS = ("class_queries_logits", "masks_queries_logits")
 OUTPUT_FIELDS = LOGIT_FIELDS + ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
@@ -81,6 +83,32 @@ REL_ERROR_BAR = 1e-4
 # fp32 PyTorch than fp32 PyTorch is to the exact result, so a row's bar per output is
 # max(REL_ERROR_BAR, FP64_FACTOR x that output's fp32-vs-fp64 error), and the row says so.
 FP64_FACTOR = 4.0
+# Mask2Former: the bar is MASK2FORMER_REL_ERROR_BAR. Its masked attention thresholds sigmoid(mask
+# logit) at 0.5 in every decoder layer: where a logit lies within rounding of 0, two fp32
+# computations can disagree on an attention-mask bit, and the decoder's self-attention then spreads
+# that bit's effect into every query. The float64 reference cannot see such a flip where PyTorch
+# fp32 happens to round like float64, and re-running PyTorch on the input changed by one ulp per
+# pixel did not reproduce the engine's flips either (3 tries: 4e-5). Measured: the Swin-T
+# m2f-tiny benchmark model (bench.lively_weights_; PyTorch fp32 vs float64 2.8e-5 to 3.8e-5) at
+# 1x3x98x73 on a noise input: ONNX Runtime 3.3e-5 to 5.2e-5 from PyTorch, OpenVINO 1.8e-3 to
+# 2.4e-3 on the same file (per query: median 3.9e-4, max 2.4e-3); transformers' default
+# initialisation at 1x3x512x683: errors that come in equal steps, as flips do (7.3e-5 / 1.6e-4 on
+# the class / mask logits for both our export on ONNX Runtime and transformers' own export on
+# OpenVINO, 6.3e-4 / 1.0e-3 for ours on OpenVINO; maps equal;
+# benchmarks/results/mask2former-export-drift-cpu.md). 1e-2 keeps a 4x margin over the worst
+# measured, and an export error (a wrong pad, a frozen size) still gives errors of order 1. Raised
+# further by FP64_FACTOR x PyTorch's own error, as for MaskFormer.
+MASK2FORMER_REL_ERROR_BAR = 1e-2
+
+
+def rel_error_bar(config) -> float:
+    """The verification's base bar for a model of ``config`` (REL_ERROR_BAR, or
+    MASK2FORMER_REL_ERROR_BAR for Mask2Former)."""
+    return MASK2FORMER_REL_ERROR_BAR if _thresholds_attention(config) else REL_ERROR_BAR
+
+
+def _thresholds_attention(config) -> bool:
+    return getattr(config, "model_type", "maskformer") == "mask2former"
 
 
 def padded_stages(config, height: int, width: int) -> List[int]:
@@ -130,6 +158,8 @@ class _ExportWrapper(nn.Module):
 def tracing_context():
     """What every trace of the reference path runs under: the reference backend (no custom op is
     traced), no autograd, and size-oblivious answers for the view algorithm's size-1 questions."""
+    # torch's private fx config: imported only where a trace runs, so that a torch that moved it
+    # breaks the export alone, not `import maskformer.engines`
     import torch.fx.experimental._config as fx_config
 
     with dispatch.backend("reference"), torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
@@ -224,7 +254,8 @@ class ExportReport:
 def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = None, verify: bool = True,
                 verify_sizes: Optional[Sequence[Tuple[int, int, int]]] = None, verify_engine: Optional[str] = None,
                 threads: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> ExportReport:
-    """Export ``model`` (a ``MaskFormerForInstanceSegmentation``) to ONNX at ``path``.
+    """Export ``model`` (a ``MaskFormerForInstanceSegmentation`` or a
+    ``Mask2FormerForUniversalSegmentation``) to ONNX at ``path``.
 
     Args:
         model: the torch model (fp32 weights on the CPU are exported; other dtypes/devices are
@@ -252,6 +283,7 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     fields = {"all": OUTPUT_FIELDS, "logits": LOGIT_FIELDS}.get(outputs)
     if fields is None:
         raise ValueError(f"outputs must be 'all' or 'logits', got {outputs!r}")
+    check_exportable(model)
     _require_exporter()
     log = log or (lambda message: None)
     path = os.fspath(path)
@@ -276,6 +308,7 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
         report.path = path
         if verify:
             report.verify_engine = engine
+            report.bar = rel_error_bar(model.config)
             report.rows = verify_onnx(model, staged, sizes, engine=engine, threads=threads, fields=fields, log=log)
             if not report.ok:
                 raise RuntimeError(f"the ONNX export does not match PyTorch, so {path} was not written:\n"
@@ -316,7 +349,7 @@ def estimate_export_seconds(config, loadavg: Optional[float] = None) -> float:
     one Python thread whose time grows with the layers traced (Swin blocks + decoder layers), not
     with the weights, and a busy machine gives it a share of a core (``loadavg``: the 1-minute
     load, default the current one)."""
-    layers = sum(config.backbone_config.depths) + config.decoder_config.decoder_layers
+    layers = sum(config.backbone_config.depths) + _decoder_layers(config)
     if loadavg is None:
         loadavg = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return _EXPORT_SECONDS_PER_LAYER * layers * max(1.0, loadavg / (os.cpu_count() or 1))
@@ -329,6 +362,37 @@ def estimate_export_seconds(config, loadavg: Optional[float] = None) -> float:
 # at load 14 -> 4.2 and 515 s at load 10 -> 5.8. The median, 4.0: an estimate to within a factor
 # of 2, not a promise.
 _EXPORT_SECONDS_PER_LAYER = 4.0
+
+
+def _decoder_layers(config) -> int:
+    """The layers traced after the backbone: MaskFormer's transformer decoder, or Mask2Former's
+    deformable encoder layers and masked-attention decoder layers."""
+    if getattr(config, "model_type", "maskformer") == "mask2former":
+        return config.encoder_layers + config.decoder_layers
+    return config.decoder_config.decoder_layers
+
+
+def semantic_maps(config, class_queries_logits: torch.Tensor, masks_queries_logits: torch.Tensor,
+                  target_sizes: Sequence[Tuple[int, int]]) -> List[torch.Tensor]:
+    """The family's semantic post-processing (what ``maskformer segment`` computes): class
+    logits (B, Q, K+1) and mask logits (B, Q, h, w) float -> B maps (H_i, W_i) int64. Mask2Former's
+    processor first resizes the mask logits to 384x384, as transformers'."""
+    if getattr(config, "model_type", "maskformer") == "mask2former":
+        # the processors import Pillow and SciPy: only to verify a Mask2Former export
+        from ..processing_mask2former import resize_mask_logits
+
+        masks_queries_logits = resize_mask_logits(masks_queries_logits)
+    return dispatch.semantic_segmentation(class_queries_logits, masks_queries_logits, target_sizes)
+
+
+def check_exportable(model) -> None:
+    """Refuse, naming the fix, a model the export does not serve: only the models with heads
+    (``MaskFormerForInstanceSegmentation``, ``Mask2FormerForUniversalSegmentation``) return the
+    class and mask logits the export writes."""
+    if getattr(type(model), "checkpoint_prefix", None) != "model.":
+        raise TypeError(f"the ONNX export serves MaskFormerForInstanceSegmentation and "
+                        f"Mask2FormerForUniversalSegmentation (the models with heads), got {type(model).__name__}: "
+                        "load the checkpoint with the class that has heads")
 
 
 def _busy_note() -> str:
@@ -380,7 +444,8 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
     """``verify_onnx`` with an engine ``Runner`` already made (``runner.run(x)`` -> tensors in
     ``runner.output_names`` order). ``log``: a line per size as it is checked."""
     model = _cpu_fp32(model)
-    model64 = None  # made on the first row whose error passes REL_ERROR_BAR (see FP64_FACTOR)
+    model64 = None  # made on the first row whose error passes the bar (see FP64_FACTOR)
+    base_bar = rel_error_bar(model.config)
     fields = tuple(fields or runner.output_names)
     rows = []
     gen = torch.Generator().manual_seed(seed)
@@ -403,18 +468,18 @@ def verify_rows(model, runner, sizes: Sequence[Tuple[int, int, int]], *, fields:
                 raise RuntimeError(f"engine output {name} has shape {tuple(a.shape)} at input {tuple(x.shape)}, "
                                    f"PyTorch {tuple(b.shape)}: the export froze a size")
             errors[name] = rel(a, b)
-        bars = {name: REL_ERROR_BAR for name in fields}
+        bars = {name: base_bar for name in fields}
         torch_fp32_errors = None
-        if max(errors.values()) > REL_ERROR_BAR:
+        if max(errors.values()) > base_bar:
             if model64 is None:
                 model64 = copy.deepcopy(model).to(torch.float64).eval()
             with torch.no_grad():
                 ref64 = model64(x.double())
             torch_fp32_errors = {name: rel(ref[name], ref64[name]) for name in fields}
-            bars = {name: max(REL_ERROR_BAR, FP64_FACTOR * torch_fp32_errors[name]) for name in fields}
+            bars = {name: max(base_bar, FP64_FACTOR * torch_fp32_errors[name]) for name in fields}
         target = [(height, width)] * batch
-        maps_ref = dispatch.semantic_segmentation(ref.class_queries_logits, ref.masks_queries_logits, target)
-        maps_got = dispatch.semantic_segmentation(got["class_queries_logits"], got["masks_queries_logits"], target)
+        maps_ref = semantic_maps(model.config, ref.class_queries_logits, ref.masks_queries_logits, target)
+        maps_got = semantic_maps(model.config, got["class_queries_logits"], got["masks_queries_logits"], target)
         agree = sum(int((a == b).sum()) for a, b in zip(maps_got, maps_ref)) / sum(m.numel() for m in maps_ref)
         worst = max(errors, key=lambda n: errors[n] / bars[n])
         row = {"size": [batch, height, width], "padded_stages": padded_stages(model.config, height, width),
@@ -466,8 +531,6 @@ def _require_exporter() -> None:
 
 
 def _importable(name: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(name) is not None
 
 

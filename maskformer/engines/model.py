@@ -9,7 +9,7 @@ from typing import List, Optional
 import torch
 
 from ..inputs import InputError, check_pixel_values
-from ..outputs import MaskFormerForInstanceSegmentationOutput
+from ..outputs import Mask2FormerForUniversalSegmentationOutput, MaskFormerForInstanceSegmentationOutput
 from . import cache
 from .export import min_side
 from .precision import PrecisionWarning, precision_plan
@@ -23,8 +23,10 @@ class EngineModel:
     call signature and outputs, the network run by the engine on the CPU.
 
     ``model(pixel_values, pixel_mask=None, return_dict=None)`` checks the input as the torch
-    model does and returns ``MaskFormerForInstanceSegmentationOutput`` with ``class_queries_logits``,
-    ``masks_queries_logits`` and the ``*_last_hidden_state`` fields (those the export holds).
+    model does and returns the torch model's output class (``MaskFormerForInstanceSegmentationOutput``
+    or ``Mask2FormerForUniversalSegmentationOutput``, by ``config.model_type``) with
+    ``class_queries_logits`` (B, Q, K+1), ``masks_queries_logits`` (B, Q, ceil(H/4), ceil(W/4)) and
+    the ``*_last_hidden_state`` fields (those the export holds), float32.
     Training (``mask_labels``/``class_labels``), ``output_hidden_states`` and
     ``output_attentions`` need ``engine="torch"`` and raise ``ValueError``.
 
@@ -100,10 +102,16 @@ class EngineModel:
             raise InputError(f"pixel_values of {x.shape[2]}x{x.shape[3]} is smaller than the {min_side(cfg)}x"
                              f"{min_side(cfg)} pixels the exported graph serves (every stage's map at least 2 wide); "
                              "use engine='torch' for such images, or resize them")
-        out = MaskFormerForInstanceSegmentationOutput(**dict(zip(self.runner.output_names, self.runner.run(x))))
+        output_class = _OUTPUT_CLASSES[getattr(cfg, "model_type", "maskformer")]
+        out = output_class(**dict(zip(self.runner.output_names, self.runner.run(x))))
         return out if return_dict else out.to_tuple()
 
     forward = __call__
+
+
+# config.model_type -> what the torch model returns (the processors read the logits from either)
+_OUTPUT_CLASSES = {"maskformer": MaskFormerForInstanceSegmentationOutput,
+                   "mask2former": Mask2FormerForUniversalSegmentationOutput}
 
 
 def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[int] = None,
@@ -113,9 +121,9 @@ def load_engine_model(cls, path_or_repo_id, engine: str, *, threads: Optional[in
     alternative named where the engine cannot, float32 with a ``PrecisionWarning`` where the CPU
     has no native bf16); the cached export is float32 whatever it is."""
     require(engine)
-    if getattr(cls, "checkpoint_prefix", None) != "model.":  # MaskFormerModel: no heads, no logits
-        raise ValueError(f"engine={engine!r} serves MaskFormerForInstanceSegmentation (the model with heads); "
-                         f"load {cls.__name__} with engine='torch'")
+    if getattr(cls, "checkpoint_prefix", None) != "model.":  # MaskFormerModel / Mask2FormerModel: no heads, no logits
+        raise ValueError(f"engine={engine!r} serves the models with heads, MaskFormerForInstanceSegmentation and "
+                         f"Mask2FormerForUniversalSegmentation; load {cls.__name__} with engine='torch'")
     if dtype is None and "torch_dtype" in kwargs:
         dtype = kwargs.pop("torch_dtype")
     plan = precision_plan(engine, dtype)  # before the cache: a refusal costs no export
