@@ -392,13 +392,14 @@ def test_openvino_compiled_shapes_are_bounded_checked_and_reused(engine_checkpoi
 
 def test_engines_package_imports_one_way():
     """Issue #20 item 3: within maskformer/engines the layers are registry and the engine modules
-    (they import nothing of maskformer) < export < cache < model < the package __init__; nothing in
+    (they import nothing of maskformer) < export and precision (the dtype plan) < cache < model < the
+    package __init__; nothing in
     it imports maskformer.export (the public path, which imports it) or takes a name from the
     package __init__ (``from .. import __version__`` was one: it now comes from maskformer._version)."""
     import maskformer.engines
 
     folder = os.path.dirname(maskformer.engines.__file__)
-    layers = [{"registry", "onnxruntime_engine", "openvino_engine"}, {"export"}, {"cache"}, {"model"}, {"__init__"}]
+    layers = [{"registry", "onnxruntime_engine", "openvino_engine"}, {"export", "precision"}, {"cache"}, {"model"}, {"__init__"}]
     level = {name: i for i, group in enumerate(layers) for name in group}
     package_modules = {n[:-3] for n in os.listdir(os.path.dirname(folder)) if n.endswith(".py")}
     problems = []

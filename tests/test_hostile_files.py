@@ -231,14 +231,14 @@ def test_unreadable_config_json_names_the_file(tmp_path, hf_tiny_checkpoint, cas
 def test_safetensors_that_cannot_be_mapped_names_the_file(tmp_path, hf_tiny_checkpoint, monkeypatch):
     """safetensors maps the file; under a memory limit that fails with "Cannot allocate memory (os error
     12)", a MemoryError that names no file. Ours names it, its size and the fix (same exception type)."""
-    import safetensors
+    from maskformer import checkpoint
 
     folder = copy_checkpoint(hf_tiny_checkpoint[0], tmp_path / "ckpt")
 
     def no_memory(*args, **kwargs):
         raise MemoryError("Cannot allocate memory (os error 12)")
 
-    monkeypatch.setattr(safetensors, "safe_open", no_memory)
+    monkeypatch.setattr(checkpoint, "safe_open", no_memory)  # safetensors' safe_open, as checkpoint.py calls it
     with pytest.raises(MemoryError, match=r"model\.safetensors \(\d+ MB\) could not be mapped into memory \(Cannot "
                                           r"allocate memory \(os error 12\)\).*raise the limit"):
         MaskFormerForInstanceSegmentation.from_pretrained(folder)
