@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
-from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op, triton_reasons
 
 __all__ = ["OP", "fused_linear", "fused_linear_ref", "check_args", "not_supported_reasons", "launch",
            "default_blocks", "dot_precision", "aot_launches", "ACTIVATIONS", "SWIN_MLP"]
@@ -133,12 +133,7 @@ def not_supported_reasons(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
     except ValueError as exc:
         return [str(exc)]
     reasons = []
-    err = _ext.triton_import_error()
-    if err:
-        reasons.append(err)
-    elif not (x.device.type == "cuda" or (x.device.type == "cpu" and _ext.triton_interpret_mode())):
-        reasons.append(f"x is on {x.device.type}: the Triton kernel runs on CUDA "
-                       "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)")
+    reasons += triton_reasons(x, "x is")
     if x.dtype not in _DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (fp32, fp16, bf16)")
     if torch.is_grad_enabled():

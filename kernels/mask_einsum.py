@@ -51,7 +51,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from maskformer import _devices, _ext
-from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op, triton_reasons
 
 __all__ = [
     "OP",
@@ -152,14 +152,7 @@ def not_supported_reasons(class_queries_logits: torch.Tensor, masks_queries_logi
     reasons = _shape_reasons(cl, ml)
     if cl.device != ml.device:
         reasons.append(f"class logits on {cl.device}, mask logits on {ml.device}")
-    err = _ext.triton_import_error()
-    if err:
-        reasons.append(err)
-    elif not (ml.device.type == "cuda" or (ml.device.type == "cpu" and _ext.triton_interpret_mode())):
-        reasons.append(
-            f"tensors are on {ml.device.type}: the Triton kernel runs on CUDA "
-            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
-        )
+    reasons += triton_reasons(ml, "tensors are")
     for name, t in (("class_queries_logits", cl), ("masks_queries_logits", ml)):
         if t.dtype not in _KERNEL_DTYPES:
             reasons.append(f"{name} dtype {t.dtype} is not supported (fp32, fp16, bf16)")

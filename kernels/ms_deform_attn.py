@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
-from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op, triton_reasons
 
 __all__ = ["OP", "ms_deform_attn", "ms_deform_attn_cpp", "ms_deform_attn_ref", "check_args", "check_ms_deform_attn_args",
            "not_supported_reasons", "cpp_not_supported_reasons", "launch", "default_blocks", "levels_for_input",
@@ -199,14 +199,7 @@ def _grad_reasons(value, sampling_locations, attention_weights) -> List[str]:
 def _kernel_reasons(value, spatial_shapes, sampling_locations, attention_weights) -> List[str]:
     """Everything but autograd: what the Triton op's implementation checks before launching."""
     reasons = _common_reasons(value, spatial_shapes, sampling_locations, attention_weights)
-    err = _ext.triton_import_error()
-    if err:
-        reasons.append(err)
-    elif not (value.device.type == "cuda" or (value.device.type == "cpu" and _ext.triton_interpret_mode())):
-        reasons.append(
-            f"value is on {value.device.type}: the Triton kernel runs on CUDA "
-            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
-        )
+    reasons += triton_reasons(value, "value is")
     if reasons:
         return reasons
     b, s, nh, d = value.shape

@@ -32,8 +32,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from maskformer import _devices, _ext
-from maskformer.kernels.registry import DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
+from maskformer import _devices
+from maskformer.kernels.registry import DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op, triton_reasons
 
 __all__ = ["OP", "nan_inf_flags", "nan_inf_flags_ref", "check_args", "not_supported_reasons", "launch",
            "reset_flag_words", "flag_word", "aot_launches", "NAN", "INF"]
@@ -119,12 +119,7 @@ def not_supported_reasons(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> 
     except ValueError as exc:
         return [str(exc)]
     reasons = []
-    err = _ext.triton_import_error()
-    if err:
-        reasons.append(err)
-    elif not (x.device.type == "cuda" or (x.device.type == "cpu" and _ext.triton_interpret_mode())):
-        reasons.append(f"x is on {x.device.type}: the Triton kernel runs on CUDA "
-                       "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)")
+    reasons += triton_reasons(x, "x is")
     return reasons
 
 

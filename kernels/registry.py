@@ -194,6 +194,19 @@ class Op:
         }
 
 
+def triton_reasons(tensor: torch.Tensor, subject: str) -> List[str]:
+    """Why no Triton kernel can run on ``tensor`` here: triton does not import, or the tensor is
+    neither on CUDA nor on the CPU under TRITON_INTERPRET=1; [] when one can. ``subject`` names
+    the tensor in the message ("x is", "scores are")."""
+    err = _ext.triton_import_error()
+    if err:
+        return [err]
+    if not (tensor.device.type == "cuda" or (tensor.device.type == "cpu" and _ext.triton_interpret_mode())):
+        return [f"{subject} on {tensor.device.type}: the Triton kernel runs on CUDA "
+                "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"]
+    return []
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry
 # ---------------------------------------------------------------------------------------------

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from maskformer import _devices, _ext
-from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, POSTPROCESS_HEADS, AOTLaunch, Impl, Op, triton_reasons
 
 __all__ = [
     "OP",
@@ -491,14 +491,7 @@ def not_supported_reasons(
 ) -> List[str]:
     """Why the Triton ``upsample_argmax`` cannot serve these arguments; [] when it can."""
     reasons = _arg_reasons(scores, target_sizes, out_dtype, out, source_extents)
-    err = _ext.triton_import_error()
-    if err:
-        reasons.append(err)
-    elif not (scores.device.type == "cuda" or (scores.device.type == "cpu" and _ext.triton_interpret_mode())):
-        reasons.append(
-            f"scores are on {scores.device.type}: the Triton kernel runs on CUDA "
-            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
-        )
+    reasons += triton_reasons(scores, "scores are")
     if scores.dtype not in _SCORE_DTYPES:
         reasons.append(f"scores dtype {scores.dtype} is not supported (fp32, fp16, bf16)")
     if not reasons:

@@ -91,7 +91,6 @@ was no GPU.
 import contextlib
 import functools
 import math
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -99,9 +98,8 @@ import torch.nn.functional as F
 
 # One place for "is triton importable" and "is the interpreter on": maskformer._ext.
 from maskformer import _devices, _ext
-from maskformer._ext import triton_import_error as _triton_import_error
 from maskformer._ext import triton_interpret_mode as _interpret_mode
-from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op
+from maskformer.kernels.registry import AOT_DTYPES, DTYPE_LABELS, IMAGES, AOTLaunch, Impl, Op, triton_reasons
 from maskformer.windows import relative_position_index, shift_attention_mask, window_partition, window_reverse
 
 __all__ = ["OP", "window_attention", "window_attention_ref", "window_attention_eager", "window_attention_impl",
@@ -275,14 +273,7 @@ def _kernel_reasons(x, qkv_weight, qkv_bias, bias_table, window_size, shift_size
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         reasons.append(f"tensors are on different devices: {devices}")
-    import_error = _triton_import_error()
-    if import_error:
-        reasons.append(import_error)
-    elif not (x.device.type == "cuda" or (x.device.type == "cpu" and _interpret_mode())):
-        reasons.append(
-            f"x is on {x.device.type}: the Triton kernel runs on CUDA "
-            "(or on CPU tensors under TRITON_INTERPRET=1, which is for tests only)"
-        )
+    reasons += triton_reasons(x, "x is")
     if x.dtype not in _KERNEL_DTYPES:
         reasons.append(f"dtype {x.dtype} is not supported (fp32, fp16, bf16)")
     for name in ("qkv_weight", "qkv_bias"):
