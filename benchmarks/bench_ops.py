@@ -448,30 +448,9 @@ def check_mask_einsum(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: 
             f"(bound 2 |ref32 - ref64| + {atol:.2e})")
 
 
-def check_window_attention(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
-    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold| (one fp32 ulp of the largest
-    output, so a nearly exact reference cannot demand more than fp32 holds), and the same on the
-    mean with atol / 10; gold = the reference in fp64. As tests/kernels/test_window_attention.py."""
-    x, weight, bias, table, window, shift, heads = args
-    gold = wa.window_attention_ref(x.double(), weight.double(), bias.double(), table.double(), window, shift, heads)
-    gold, out64, base = gold.cpu(), out.double().cpu(), ref32.double().cpu()
-    assert out64.shape == gold.shape, f"{case.label}: shape {tuple(out64.shape)} != {tuple(gold.shape)}"
-    atol = torch.finfo(torch.float32).eps * gold.abs().max().item()
-    err, base_err = (out64 - gold).abs(), (base - gold).abs()
-    max_bound, mean_bound = 2 * base_err.max().item() + atol, 2 * base_err.mean().item() + atol / 10
-    max_err, mean_err = err.max().item(), err.mean().item()
-    if not (max_err <= max_bound and mean_err <= mean_bound):  # also catches NaN
-        raise AssertionError(f"{case.label}: max |out - gold| {max_err:.3e} (bound {max_bound:.3e}), mean "
-                             f"{mean_err:.3e} (bound {mean_bound:.3e})")
-    return f"max |out - gold| {max_err:.2e} (bound {max_bound:.2e}), mean {mean_err:.2e} (bound {mean_bound:.2e})"
-
-
-def check_fused_linear(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
-    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold| and the same on the mean with
-    atol / 10, gold the reference in fp64 (tests/kernels/test_fused_linear.py's budget)."""
-    x, weight, bias, activation, residual = args
-    dbl = [None if t is None else t.double().cpu() for t in (x, weight, bias, residual)]
-    gold = fl.fused_linear_ref(dbl[0], dbl[1], dbl[2], activation, dbl[3])
+def _within_twice_the_fp32_error(case: Case, out: torch.Tensor, ref32: torch.Tensor, gold: torch.Tensor) -> str:
+    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold|, and the same on the mean with
+    atol / 10 (gold: the reference in fp64, on the CPU) -> the line the benchmark prints."""
     out64, base = out.double().cpu(), ref32.double().cpu()
     assert out64.shape == gold.shape, f"{case.label}: shape {tuple(out64.shape)} != {tuple(gold.shape)}"
     atol = torch.finfo(torch.float32).eps * gold.abs().max().item()
@@ -482,6 +461,24 @@ def check_fused_linear(case: Case, out: torch.Tensor, ref32: torch.Tensor, args:
         raise AssertionError(f"{case.label}: max |out - gold| {max_err:.3e} (bound {max_bound:.3e}), mean "
                              f"{mean_err:.3e} (bound {mean_bound:.3e})")
     return f"max |out - gold| {max_err:.2e} (bound {max_bound:.2e}), mean {mean_err:.2e} (bound {mean_bound:.2e})"
+
+
+def check_window_attention(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
+    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold| (one fp32 ulp of the largest
+    output, so a nearly exact reference cannot demand more than fp32 holds), and the same on the
+    mean with atol / 10; gold = the reference in fp64. As tests/kernels/test_window_attention.py."""
+    x, weight, bias, table, window, shift, heads = args
+    gold = wa.window_attention_ref(x.double(), weight.double(), bias.double(), table.double(), window, shift, heads)
+    return _within_twice_the_fp32_error(case, out, ref32, gold.cpu())
+
+
+def check_fused_linear(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:
+    """max |out - gold| <= 2 max |ref32 - gold| + eps32 * max |gold| and the same on the mean with
+    atol / 10, gold the reference in fp64 (tests/kernels/test_fused_linear.py's budget)."""
+    x, weight, bias, activation, residual = args
+    dbl = [None if t is None else t.double().cpu() for t in (x, weight, bias, residual)]
+    gold = fl.fused_linear_ref(dbl[0], dbl[1], dbl[2], activation, dbl[3])
+    return _within_twice_the_fp32_error(case, out, ref32, gold)
 
 
 def check_ms_deform_attn(case: Case, out: torch.Tensor, ref32: torch.Tensor, args: tuple) -> str:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_oracle import make_hf_model
+from maskformer.synthetic import make_sample
 
 
 @pytest.fixture(autouse=True)
@@ -38,3 +39,16 @@ def engine_checkpoint(tmp_path_factory):
 def engine_cache(tmp_path_factory):
     """One engine cache for the session: each engine is built once per checkpoint."""
     return str(tmp_path_factory.mktemp("engine_cache"))
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Images of mixed sizes, some sharing a size (so groups of several images form), with truth."""
+    folder = tmp_path_factory.mktemp("mixed")
+    sizes = [(150, 200), (101, 333), (150, 200), (96, 96), (213, 160), (150, 200), (64, 300), (96, 96)]
+    truths = {}
+    for i, (h, w) in enumerate(sizes):
+        image, truth = make_sample(100 + i, height=h, width=w)
+        image.save(folder / f"img{i}.png")
+        truths[f"img{i}.png"] = truth
+    return folder, truths

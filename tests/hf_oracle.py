@@ -9,6 +9,8 @@ tests/kernels has its own).
   reference's own low-precision error), ``assert_labels_equal`` (label maps, exactly);
 * inputs: ``realistic_scores`` (the scores of realistic MaskFormer outputs).
 """
+import os
+
 import numpy as np
 
 import torch
@@ -181,3 +183,22 @@ def realistic_scores(k: int, h: int, w: int, seed: int = 0, batch: int = 1, quer
 
     cl, ml = make_realistic_logits(batch, queries, k, h, w, seed=seed)
     return mask_einsum_ref(cl, ml)
+
+
+# --- the segment command's outputs (tests/test_segment_cli.py, tests/test_segment_folder.py)
+def outputs_of(folder):
+    """{relative path: bytes} of every file under ``folder``."""
+    found = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                found[os.path.relpath(path, folder)] = fh.read()
+    return found
+
+
+def label(path):
+    """The label map saved at ``path``, as an array."""
+    from PIL import Image
+
+    return np.asarray(Image.open(path))

@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from maskformer.synthetic import make_sample, mean_iou
+from hf_oracle import outputs_of
+from maskformer.synthetic import make_sample
 
 TASKS = ("semantic", "panoptic", "instance")
 
@@ -25,34 +24,6 @@ TASKS = ("semantic", "panoptic", "instance")
 def run_cli(*args, env=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "maskformer", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def outputs_of(folder):
-    """{relative path: bytes} of every file under ``folder``."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, folder)] = fh.read()
-    return found
-
-
-def label(path):
-    return np.asarray(Image.open(path))
-
-
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory):
-    """Images of mixed sizes, some sharing a size (so groups of several images form), with truth."""
-    folder = tmp_path_factory.mktemp("mixed")
-    sizes = [(150, 200), (101, 333), (150, 200), (96, 96), (213, 160), (150, 200), (64, 300), (96, 96)]
-    truths = {}
-    for i, (h, w) in enumerate(sizes):
-        image, truth = make_sample(100 + i, height=h, width=w)
-        image.save(folder / f"img{i}.png")
-        truths[f"img{i}.png"] = truth
-    return folder, truths
 
 
 def test_the_command_is_segment_folder_with_a_printed_summary(tmp_path, mixed_folder):

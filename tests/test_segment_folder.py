@@ -15,6 +15,7 @@ from PIL import Image
 import maskformer
 from maskformer.segment import SegmentSummary
 from maskformer.segment_outputs import LOCK_NAME, OutputError, OutputLock, atomic_write
+from hf_oracle import label, outputs_of
 from maskformer.synthetic import make_sample, mean_iou
 
 TASKS = ("semantic", "panoptic", "instance")
@@ -39,34 +40,6 @@ def reasons(summary):
 def skip_reasons(summary):
     """{input's file name: reason} of the skips."""
     return {os.path.basename(o.input): o.reason for o in summary.skipped}
-
-
-def outputs_of(folder):
-    """{relative path: bytes} of every file under ``folder``."""
-    found = {}
-    for root, _, files in os.walk(folder):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                found[os.path.relpath(path, folder)] = fh.read()
-    return found
-
-
-def label(path):
-    return np.asarray(Image.open(path))
-
-
-@pytest.fixture(scope="module")
-def mixed_folder(tmp_path_factory):
-    """Images of mixed sizes, some sharing a size (so groups of several images form), with truth."""
-    folder = tmp_path_factory.mktemp("mixed")
-    sizes = [(150, 200), (101, 333), (150, 200), (96, 96), (213, 160), (150, 200), (64, 300), (96, 96)]
-    truths = {}
-    for i, (h, w) in enumerate(sizes):
-        image, truth = make_sample(100 + i, height=h, width=w)
-        image.save(folder / f"img{i}.png")
-        truths[f"img{i}.png"] = truth
-    return folder, truths
 
 
 # ---------------------------------------------------------------------------------------------
