@@ -59,7 +59,48 @@ def _cpp_extension():
         extra_compile_args={"cxx": extra},
         extra_link_args=["-fopenmp"],
     )
-    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+    return [ext] + _openvino_extension(), {"build_ext": OptionalBuildExtension.with_options(use_ninja=False)}
+
+
+def _openvino_extension():
+    """[the OpenVINO extension] (csrc/openvino/: our deformable attention as an OpenVINO operation),
+    or [] when OpenVINO's wheel is not importable at build time. Not a Python module: OpenVINO loads
+    the shared library (``Core.add_extension``); it links libopenvino and libtbb from that wheel
+    by their versioned names (the wheel ships no unversioned links), so it serves the OpenVINO it
+    was built against and is reported unusable by ``maskformer info`` after an OpenVINO upgrade
+    (reinstall maskformer to rebuild it)."""
+    import importlib.util
+
+    from setuptools import Extension
+
+    spec = importlib.util.find_spec("openvino")
+    if os.environ.get("MASKFORMER_BUILD_OPENVINO", "1") == "0" or spec is None or not spec.submodule_search_locations:
+        print("maskformer: OpenVINO is not installed at build time, so its extension (the deformable attention "
+              "of Mask2Former's OpenVINO engine) is skipped; install openvino first, then maskformer, to build it",
+              file=sys.stderr)
+        return []
+    root = list(spec.submodule_search_locations)[0]
+    libs = os.path.join(root, "libs")
+    found = {}
+    for stem in ("libopenvino.so.", "libtbb.so."):
+        names = sorted(n for n in os.listdir(libs) if n.startswith(stem) and n[len(stem):].isdigit()) \
+            if os.path.isdir(libs) else []
+        found[stem] = names[-1] if names else None
+    if not os.path.isdir(os.path.join(root, "include", "openvino")) or None in found.values():
+        print(f"maskformer: the OpenVINO wheel at {root} has no headers or libraries to build against; its "
+              "extension is skipped", file=sys.stderr)
+        return []
+    return [Extension(
+        "maskformer._openvino_msda",
+        ["csrc/openvino/msda_extension.cpp"],
+        depends=["csrc/ms_deform_attn_core.h", "csrc/bilinear.h"],
+        include_dirs=[os.path.join(root, "include")],
+        # OpenVINO's CMake target sets these (OpenVINOTargets.cmake): TBB threading, the C++11 ABI
+        define_macros=[("OV_THREAD", "OV_THREAD_TBB_ADAPTIVE"), ("_GLIBCXX_USE_CXX11_ABI", "1")],
+        extra_compile_args=["-O3", "-std=c++17"],
+        extra_link_args=[f"-L{libs}", f"-l:{found['libopenvino.so.']}", f"-l:{found['libtbb.so.']}",
+                         f"-Wl,-rpath,{libs}"],
+    )]
 
 
 ext_modules, cmdclass = _cpp_extension()

@@ -5,7 +5,11 @@
 // decides at runtime which variant (fma or not, channels-last SIMD width) torch uses.
 #pragma once
 
+// MASKFORMER_NO_ATEN: the torch-free parts only (the OpenVINO extension, csrc/openvino/, does not
+// link libtorch); parallel_tasks needs torch's thread pool.
+#ifndef MASKFORMER_NO_ATEN
 #include <ATen/Parallel.h>
+#endif
 
 #include <algorithm>
 #include <atomic>
@@ -35,6 +39,7 @@
 
 namespace maskformer_bilinear {
 
+#ifndef MASKFORMER_NO_ATEN
 // Tasks [0, n) shared between the calling thread and get_num_threads() - 1 helpers from torch's
 // inter-op pool, handed out one at a time; the caller waits only for tasks a helper has claimed,
 // never for a helper the OS has not scheduled yet. Why not at::parallel_for: on this 2-core EPYC
@@ -78,6 +83,7 @@ inline void parallel_tasks(int64_t n, Init init, Body body) {
   run(*counters, &job, n);
   while (counters->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
+#endif  // MASKFORMER_NO_ATEN
 
 // Whether the avx2+fma clones may run (checked once).
 inline bool cpu_has_avx2_fma() {

@@ -408,12 +408,10 @@ def _plain_engine_forward(engine: str, path: str, threads: int, precision: Optio
 
         run.computes_in = lambda: "float32"
         return run
-    import openvino as ov
-
-    from .engines.openvino_engine import check_compiled_precision, compile_config, precision_of  # see row_dtypes
+    from .engines.openvino_engine import check_compiled_precision, compile_config, new_core, precision_of  # see row_dtypes
 
     config = compile_config(threads, precision) if precision else {"INFERENCE_NUM_THREADS": threads}
-    core = ov.Core()
+    core = new_core()  # knows our deformable-attention operation, which our Mask2Former engine's file may hold
     model = core.read_model(path)
     compiled = {}
 

@@ -19,6 +19,7 @@ no padding mask is carried here. Module and parameter names follow the checkpoin
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Sequence, Tuple
 
 import torch
@@ -57,11 +58,55 @@ class MultiscaleDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(b, s, h, nl, p, 2)
         weights = F.softmax(self.attention_weights(query).view(b, s, h, nl * p), -1).view(b, s, h, nl, p)
         locations = reference_points[:, :, None, :, None, :] + offsets / offset_normalizer[None, None, None, :, None, :]
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() and _engine_op_in_export:
+            # one graph node, the engine's own operator (module docstring of engine_op_export)
+            out = torch.ops.maskformer.ms_deform_attn_engine(value, offset_normalizer, locations, weights)
+        elif torch.compiler.is_exporting():
             out = ms_deform_attn_for_engines(value, spatial_shapes, locations, weights)
         else:
             out = dispatch.ms_deform_attn(value, spatial_shapes, locations, weights)
         return self.output_proj(out), weights
+
+
+# Set by engine_op_export() while an engine that has our deformable-attention operator is exported.
+_engine_op_in_export = False
+
+
+@contextlib.contextmanager
+def engine_op_export():
+    """Export the deformable sampling as one node, ``maskformer::ms_deform_attn_engine(value (B, S, H,
+    D), spatial_wh (L, 2) float (each level's (w, h): the offset normaliser the graph already holds),
+    sampling_locations (B, Q, H, L, P, 2), attention_weights (B, Q, H, L, P)) -> (B, Q, H*D)``,
+    instead of the portable grid_sample formulation (``ms_deform_attn_for_engines``).
+
+    For an engine that runs our C++ kernel as its own operator (the OpenVINO extension,
+    csrc/openvino/msda_extension.cpp); the ONNX export writes the node as
+    ``com.maskformer::MultiScaleDeformableAttention`` (``maskformer.engines.export``). The torch
+    operator is defined on first use here, not at import (``import maskformer`` stays lean); its
+    eager body is the reference, so a program that keeps the node still computes the right thing."""
+    global _engine_op_in_export
+    _define_engine_op()
+    previous, _engine_op_in_export = _engine_op_in_export, True
+    try:
+        yield
+    finally:
+        _engine_op_in_export = previous
+
+
+def _define_engine_op() -> None:
+    if hasattr(torch.ops.maskformer, "ms_deform_attn_engine"):
+        return
+
+    @torch.library.custom_op("maskformer::ms_deform_attn_engine", mutates_args=())
+    def ms_deform_attn_engine(value: torch.Tensor, spatial_wh: torch.Tensor, sampling_locations: torch.Tensor,
+                              attention_weights: torch.Tensor) -> torch.Tensor:
+        shapes = [(int(h), int(w)) for w, h in spatial_wh.tolist()]
+        return ms_deform_attn_for_engines(value, shapes, sampling_locations, attention_weights)
+
+    @ms_deform_attn_engine.register_fake
+    def _(value, spatial_wh, sampling_locations, attention_weights):
+        b, _, h, d = value.shape
+        return value.new_empty(b, sampling_locations.shape[1], h * d)
 
 
 def ms_deform_attn_for_engines(value: torch.Tensor, spatial_shapes: Sequence[Tuple[int, int]],

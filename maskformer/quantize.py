@@ -148,7 +148,7 @@ def quantize_openvino(model: Optional[str], calibration: str, out: str, *, held_
     calib, held = inputs(calib_files), inputs(held_files)
     log(f"quantizing with NNCF on {len(calib)} calibration images")
     started = time.perf_counter()
-    quantized = nncf.quantize(ov.Core().read_model(os.path.join(fp32.cache_entry, openvino_engine.IR_FILE)),
+    quantized = nncf.quantize(openvino_engine.new_core().read_model(os.path.join(fp32.cache_entry, openvino_engine.IR_FILE)),
                               nncf.Dataset([x for x, _ in calib], lambda x: x.numpy()),
                               model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calib))
     quantize_s = time.perf_counter() - started

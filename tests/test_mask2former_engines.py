@@ -5,8 +5,9 @@ behind the torch model's call and outputs, through ``maskformer segment --engine
 processor's three post-processings; the refusals name the fix.
 
 One export per engine cache entry: the session's checkpoint is exported once by ``maskformer
-export`` (the verification test) and once by the engine cache (ONNX Runtime; OpenVINO reuses that
-file), each 1-3 minutes on a shared 2-core CPU."""
+export`` (the verification test) and once per engine by the engine cache (OpenVINO's export writes
+the deformable attention as its extension's operation, so it cannot reuse ONNX Runtime's file),
+each 1-3 minutes on a shared 2-core CPU."""
 import json
 import os
 import re
@@ -109,6 +110,18 @@ def test_engine_model_is_a_drop_in_for_the_torch_mask2former(m2f_checkpoint, eng
     for task in ("panoptic", "instance"):
         got = getattr(processor, f"post_process_{task}_segmentation")(out, target_sizes=sizes)
         assert len(got) == 2 and got[0]["segmentation"].shape == (90, 130)
+    if engine == "openvino":
+        from maskformer.engines import openvino_engine
+
+        # Where the extension loads (CI builds it), OpenVINO runs our deformable attention, and
+        # the entry says so; the portable formulation (GridSample) is gone from its graph.
+        path, why = openvino_engine.msda_extension()
+        assert path is not None, why
+        ops = {op.get_type_name() for op in model.runner.model.get_ops()}
+        assert model.runner.deformable_attention == "openvino-extension"
+        assert openvino_engine.MSDA_OP in ops and "GridSample" not in ops, sorted(ops)
+        manifest = json.loads(open(os.path.join(model.cache_entry, "manifest.json")).read())
+        assert manifest["export_options"]["deformable_attention"] == "openvino-extension"
     with pytest.raises(ValueError, match="output_auxiliary_logits=True needs engine='torch'"):
         model(inputs["pixel_values"], output_auxiliary_logits=True)
     with pytest.raises(ValueError, match="smaller than the 33x33"):
@@ -215,3 +228,68 @@ def test_exported_sampling_formulation_equals_the_reference():
     assert got.shape == want.shape == (2, 11, 32)
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
     assert float(want.abs().max()) > 0.1  # not a trivially zero output
+
+
+@pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
+def test_openvino_extension_choice_is_in_the_cache_key_and_can_be_switched_off(m2f_checkpoint, monkeypatch, tmp_path):
+    """The extension's export is another graph: another cache key than the portable one (which
+    MASKFORMER_OPENVINO_MSDA=0 asks for, and which ONNX Runtime always gets); MaskFormer has no
+    deformable attention, so its key does not depend on the extension."""
+    from maskformer.engines import cache, openvino_engine, onnxruntime_engine
+    from maskformer.config import Mask2FormerConfig
+
+    def key(module):
+        return cache.compute_key(m2f_checkpoint, module.NAME, module, str(tmp_path), config_class=Mask2FormerConfig)
+
+    with_ext, parts, config = key(openvino_engine)
+    assert parts["export_options"]["deformable_attention"] == "openvino-extension"
+    assert "export_options" not in key(onnxruntime_engine)[1]
+    monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
+    assert openvino_engine.msda_extension() == (None, "MASKFORMER_OPENVINO_MSDA=0")
+    without, parts_off, _ = key(openvino_engine)
+    assert without != with_ext and "export_options" not in parts_off
+    assert "the portable formulation" in openvino_engine.notes()
+
+
+@pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
+def test_export_with_the_extension_is_refused_where_it_cannot_run(m2f_checkpoint, monkeypatch, tmp_path):
+    from maskformer import MaskFormerForInstanceSegmentation
+    from maskformer.engines import openvino_engine
+
+    from hf_oracle import make_hf_model
+
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(m2f_checkpoint)
+    with pytest.raises(ValueError, match="deformable_attention must be one of 'portable', 'openvino-extension'"):
+        export_onnx(model, tmp_path / "a.onnx", deformable_attention="fast")
+    with pytest.raises(ValueError, match="cannot be verified with onnxruntime"):
+        export_onnx(model, tmp_path / "a.onnx", deformable_attention="openvino-extension", verify_engine="onnxruntime")
+    folder = tmp_path / "mf"
+    make_hf_model().save_pretrained(folder)
+    with pytest.raises(ValueError, match="for Mask2Former models"):
+        export_onnx(MaskFormerForInstanceSegmentation.from_pretrained(folder), tmp_path / "b.onnx",
+                    deformable_attention="openvino-extension")
+    monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
+    with pytest.raises(RuntimeError, match="needs maskformer's OpenVINO extension.*MASKFORMER_OPENVINO_MSDA=0.*"
+                                           "deformable_attention='portable'"):
+        export_onnx(model, tmp_path / "a.onnx", deformable_attention="openvino-extension")
+    assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
+def test_a_graph_with_our_operation_without_the_extension_names_the_fix(monkeypatch, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from maskformer.engines import openvino_engine
+
+    node = helper.make_node("MultiScaleDeformableAttention", ["v", "wh", "l", "a"], ["o"], domain="com.maskformer")
+    inputs = [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in
+              (("v", TensorProto.FLOAT, 4), ("wh", TensorProto.INT64, 2), ("l", TensorProto.FLOAT, 6),
+               ("a", TensorProto.FLOAT, 5))]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [None] * 3)])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                      helper.make_opsetid("com.maskformer", 1)]), str(path))
+    monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
+    with pytest.raises(RuntimeError, match="needs maskformer's OpenVINO extension.*MASKFORMER_OPENVINO_MSDA=0"):
+        openvino_engine.Runner.from_onnx(str(path), threads=1)

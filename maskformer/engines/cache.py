@@ -195,6 +195,11 @@ def compute_key(path_or_repo_id, engine: str, engine_module, root: str, config_c
         "config_sha256": _json_sha256(graph_config(config)),
         "versions": _versions(engine_module),
     }
+    # What the engine asks of the export beyond the portable default (OpenVINO: Mask2Former's
+    # deformable attention as its extension's operation): another graph, another key.
+    options = export_options(engine_module, config)
+    if options:
+        parts["export_options"] = options
     key = _json_sha256(parts)
     parts["source"] = _source(path_or_repo_id, hub_kwargs)
     # What the caller asked for, labels aside: entries of the same request under another key are stale.
@@ -204,6 +209,12 @@ def compute_key(path_or_repo_id, engine: str, engine_module, root: str, config_c
                                      else given})
     parts["weight_files"] = [os.path.basename(p) for p in files.paths]
     return key, parts, config
+
+
+def export_options(engine_module, config) -> Dict[str, str]:
+    """The engine module's ``export_options(config)`` ({} for an engine without the hook)."""
+    hook = getattr(engine_module, "export_options", None)
+    return dict(hook(config)) if hook is not None else {}
 
 
 def entry_path(root: str, engine: str, key: str) -> str:
@@ -465,7 +476,9 @@ def build(cls, path_or_repo_id, engine: str, engine_module, root: str, entry: st
                     shutil.copyfile(reusable[0] + suffix, onnx_path + suffix)
             opset = reusable[1]
         else:
-            opset = export.export_onnx(model, onnx_path, outputs="all", verify=False, log=log).opset
+            deformable = (parts.get("export_options") or {}).get("deformable_attention", "portable")
+            opset = export.export_onnx(model, onnx_path, outputs="all", verify=False, log=log,
+                                       deformable_attention=deformable).opset
         phase = time.perf_counter()
         if prepare_step:
             log(prepare_step)
@@ -518,6 +531,7 @@ def reusable_onnx(root: str, parts: Dict) -> Optional[Tuple[str, Optional[int]]]
         if (not manifest or "model.onnx" not in (manifest.get("files") or {})
                 or manifest.get("weights_sha256") != parts["weights_sha256"]
                 or manifest.get("config_sha256") != parts["config_sha256"]
+                or (manifest.get("export_options") or {}) != (parts.get("export_options") or {})
                 or {k: (manifest.get("versions") or {}).get(k) for k in _EXPORT_VERSIONS} != want
                 or check_entry(folder, manifest.get("key")) is not None):
             continue

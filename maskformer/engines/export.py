@@ -57,6 +57,7 @@ import torch
 from torch import nn
 
 from .. import dispatch
+from ..msda_pixel_decoder import engine_op_export
 from .registry import engine_unavailable, runner_for_file
 
 __all__ = ["export_onnx", "verify_onnx", "verify_rows", "ExportReport", "OUTPUT_FIELDS", "LOGIT_FIELDS", "REL_ERROR_BAR",
@@ -67,6 +68,10 @@ __all__ = ["export_onnx", "verify_onnx", "verify_rows", "ExportReport", "OUTPUT_
 LOGIT_FIELDS = ("class_queries_logits", "masks_queries_logits")
 OUTPUT_FIELDS = LOGIT_FIELDS + ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
                                 "transformer_decoder_last_hidden_state")
+# Mask2Former's deformable attention in an export: standard operators, or our operation for
+# OpenVINO's extension (export_onnx's deformable_attention).
+DEFORMABLE_ATTENTION = ("portable", "openvino-extension")
+MSDA_DOMAIN = "com.maskformer"
 # Bumped whenever the exported graph changes for the same weights: part of the engine cache key.
 EXPORT_FORMAT = 1
 # Engines sum fp32 products in their own order (MLAS / oneDNN GEMM blocking, fused LayerNorm,
@@ -253,7 +258,8 @@ class ExportReport:
 
 def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = None, verify: bool = True,
                 verify_sizes: Optional[Sequence[Tuple[int, int, int]]] = None, verify_engine: Optional[str] = None,
-                threads: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> ExportReport:
+                threads: Optional[int] = None, log: Optional[Callable[[str], None]] = None,
+                deformable_attention: str = "portable") -> ExportReport:
     """Export ``model`` (a ``MaskFormerForInstanceSegmentation`` or a
     ``Mask2FormerForUniversalSegmentation``) to ONNX at ``path``.
 
@@ -276,6 +282,11 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
         threads: engine threads for the verification (default ``torch.get_num_threads()``).
         log: called with a line per phase (the export with its expected duration, each
             verified size, the result); default silent. The command line prints them.
+        deformable_attention: Mask2Former only. "portable" (default: standard ONNX operators,
+            one grid_sample per level, any engine) or "openvino-extension" (the sampling as one
+            ``com.maskformer::MultiScaleDeformableAttention`` node, which only OpenVINO with
+            maskformer's extension runs: the OpenVINO engine's choice where the extension is built;
+            verified with OpenVINO).
 
     Returns:
         ``ExportReport`` (``.table()`` prints the verification).
@@ -284,6 +295,18 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     if fields is None:
         raise ValueError(f"outputs must be 'all' or 'logits', got {outputs!r}")
     check_exportable(model)
+    if deformable_attention not in DEFORMABLE_ATTENTION:
+        raise ValueError(f"deformable_attention must be one of {', '.join(map(repr, DEFORMABLE_ATTENTION))}, "
+                         f"got {deformable_attention!r}")
+    if deformable_attention == "openvino-extension":
+        if getattr(model.config, "model_type", None) != "mask2former":
+            raise ValueError("deformable_attention='openvino-extension' is for Mask2Former models (MaskFormer has no "
+                             "deformable attention)")
+        if verify_engine not in (None, "openvino"):
+            raise ValueError(f"an export with deformable_attention='openvino-extension' runs only on OpenVINO with "
+                             f"maskformer's extension, so it cannot be verified with {verify_engine}")
+        verify_engine = "openvino"
+        _require_openvino_extension()
     _require_exporter()
     log = log or (lambda message: None)
     path = os.fspath(path)
@@ -304,7 +327,7 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     os.mkdir(work)
     try:
         staged = os.path.join(work, name)  # the final name: an external .data file keeps its reference
-        report = _write_onnx(model, staged, fields, opset, log)
+        report = _write_onnx(model, staged, fields, opset, log, deformable_attention)
         report.path = path
         if verify:
             report.verify_engine = engine
@@ -325,18 +348,24 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _write_onnx(model, path: str, fields: Sequence[str], opset: Optional[int], log) -> ExportReport:
+def _write_onnx(model, path: str, fields: Sequence[str], opset: Optional[int], log,
+                deformable_attention: str = "portable") -> ExportReport:
     """Trace ``model`` and write its ONNX file at ``path`` (no verification)."""
     start = time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
     log(f"exporting to ONNX ({params / 1e6:.1f} M parameters): torch.export traces the model, torch.onnx writes "
         f"the file; roughly {estimate_export_seconds(model.config):.0f} s{_busy_note()}")
-    with _quiet_exporter():
+    extension = deformable_attention == "openvino-extension"
+    table = {}
+    with _quiet_exporter(), (engine_op_export() if extension else contextlib.nullcontext()):
+        if extension:
+            table = {torch.ops.maskformer.ms_deform_attn_engine.default: _msda_onnx_node()}
         program = export_program(model, fields)
         nbytes = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         with tracing_context():
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset, input_names=["pixel_values"],
-                                             output_names=list(fields), optimize=True, verbose=False)
+                                             output_names=list(fields), optimize=True, verbose=False,
+                                             custom_translation_table=table or None)
     onnx_program.save(path, external_data=nbytes > 1.5e9)
     _name_dynamic_dims(path, program)
     seconds = time.perf_counter() - start
@@ -521,6 +550,40 @@ def _cpu_fp32(model):
     if model.dtype != torch.float32 or model.device.type != "cpu":
         model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
     return model.eval()
+
+
+def _msda_onnx_node():
+    """The ONNX translation of ``maskformer::ms_deform_attn_engine``: one node of our domain,
+    ``com.maskformer::MultiScaleDeformableAttention(value, spatial_wh, sampling_locations,
+    attention_weights)`` (shapes: ``maskformer.msda_pixel_decoder.engine_op_export``), given a
+    schema so that onnxscript can type it; OpenVINO maps it to the extension's operation."""
+    import onnx  # the exporter's own dependency, present whenever an export runs
+    import onnxscript
+
+    param = onnx.defs.OpSchema.FormalParameter
+    schema = onnx.defs.OpSchema(
+        "MultiScaleDeformableAttention", MSDA_DOMAIN, 1,
+        inputs=[param("value", "T"), param("spatial_wh", "tensor(int64)"), param("sampling_locations", "T"),
+                param("attention_weights", "T")],
+        outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)"], "float32, as the extension computes")])
+    node = onnxscript.values.Op(onnxscript.values.Opset(MSDA_DOMAIN, 1), "MultiScaleDeformableAttention", schema)
+
+    def translate(value, spatial_wh, sampling_locations, attention_weights):
+        return node(value, spatial_wh, sampling_locations, attention_weights)
+
+    return translate
+
+
+def _require_openvino_extension() -> None:
+    from . import openvino_engine  # imports openvino only when called
+
+    if engine_unavailable("openvino"):
+        raise RuntimeError(engine_unavailable("openvino"))
+    path, why = openvino_engine.msda_extension()
+    if path is None:
+        raise RuntimeError(f"deformable_attention='openvino-extension' needs maskformer's OpenVINO extension, which "
+                           f"is not available here: {why}. Use deformable_attention='portable'")
 
 
 def _require_exporter() -> None:

@@ -64,6 +64,85 @@ COMPILED_MIN_BYTES = 64 << 20
 PREPARE_STEP = "converting the ONNX file to OpenVINO IR (float32 weights)"
 
 
+# Set to 0 to export Mask2Former's deformable attention in the portable formulation even where the
+# extension is built (benchmarks compare the two; a user can rule the extension out).
+MSDA_ENV = "MASKFORMER_OPENVINO_MSDA"
+MSDA_OP = "MultiScaleDeformableAttention"
+
+
+def msda_extension() -> Tuple[Optional[str], str]:
+    """(path, "") of the OpenVINO extension that runs Mask2Former's deformable attention with our C++
+    kernel (csrc/openvino/msda_extension.cpp, built by setup.py as maskformer/_openvino_msda*.so),
+    or (None, why it is not used): not built, switched off by MASKFORMER_OPENVINO_MSDA=0, or built
+    against another OpenVINO than the one installed (OpenVINO refuses to load it)."""
+    if os.environ.get(MSDA_ENV, "1") == "0":
+        return None, f"{MSDA_ENV}=0"
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    found = sorted(n for n in os.listdir(package) if n.startswith("_openvino_msda") and n.endswith(".so"))
+    if not found:
+        return None, ("not built (setup.py builds it when openvino is installed before maskformer: "
+                      "`pip install --no-build-isolation -e .` again after installing openvino)")
+    return _loadable(os.path.join(package, found[-1]))
+
+
+@functools.lru_cache(maxsize=None)
+def _loadable(path: str) -> Tuple[Optional[str], str]:
+    import openvino as ov
+
+    try:
+        ov.Core().add_extension(path)
+    except Exception as exc:  # built against another OpenVINO: undefined symbols, another soname
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, (f"{os.path.basename(path)} does not load into OpenVINO {versions()['openvino']} ({first}); "
+                      "reinstall maskformer to rebuild it against this OpenVINO")
+    return path, ""
+
+
+def notes() -> str:
+    """For ``maskformer info``: which deformable attention a Mask2Former engine will run."""
+    path, why = msda_extension()
+    if path is not None:
+        return f"Mask2Former's deformable attention: maskformer's extension ({os.path.basename(path)})"
+    return f"Mask2Former's deformable attention: the portable formulation (the extension: {why})"
+
+
+def export_options(config) -> Dict[str, str]:
+    """What this engine asks of the ONNX export beyond the portable default (part of the engine
+    cache key): Mask2Former's deformable attention as one ``com.maskformer::MultiScaleDeformableAttention``
+    node, run by the extension, where the extension loads; {} otherwise."""
+    if getattr(config, "model_type", None) != "mask2former":
+        return {}
+    path, _ = msda_extension()
+    if path is None:
+        return {}
+    with open(path, "rb") as f:  # a rebuilt extension is a new engine: verified again
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"deformable_attention": "openvino-extension", "extension_sha256": digest}
+
+
+def new_core():
+    """An ``ov.Core`` that knows our operation when the extension loads."""
+    import openvino as ov
+
+    core = ov.Core()
+    path, _ = msda_extension()
+    if path is not None:
+        core.add_extension(path)
+    return core
+
+
+def _read_model(core, path: str):
+    try:
+        return core.read_model(path)
+    except Exception as exc:
+        if MSDA_OP in str(exc):
+            raise RuntimeError(f"{path} uses maskformer's deformable-attention operation ({MSDA_OP}), which needs "
+                               f"maskformer's OpenVINO extension, and it is not available here: {msda_extension()[1]}. "
+                               "Rebuild the engine without it (delete the engine cache entry) or export with "
+                               "deformable_attention='portable'") from exc
+        raise
+
+
 def versions() -> Dict[str, str]:
     import openvino
 
@@ -74,7 +153,7 @@ def prepare(entry: str, onnx_path: str) -> None:
     """ONNX -> IR in ``entry`` (float32 weights); the ONNX file is removed."""
     import openvino as ov
 
-    model = ov.Core().read_model(onnx_path)
+    model = _read_model(new_core(), onnx_path)
     ov.save_model(model, os.path.join(entry, IR_FILE), compress_to_fp16=False)
     for path in (onnx_path, onnx_path + ".data"):
         if os.path.exists(path):
@@ -162,10 +241,13 @@ class Runner:
 
     def __init__(self, model_path: str, threads: int, compiled_dir: Optional[str] = None, static_shapes: bool = True,
                  precision: str = "float32"):
-        import openvino as ov
-
-        self.core = ov.Core()
-        self.model = self.core.read_model(model_path)
+        self.core = new_core()
+        self.model = _read_model(self.core, model_path)
+        # Which deformable attention the graph runs (Mask2Former): our extension's operation or
+        # the portable formulation; None for a graph without one (MaskFormer).
+        types = {op.get_type_name() for op in self.model.get_ops()}
+        self.deformable_attention = ("openvino-extension" if MSDA_OP in types
+                                     else "portable" if "GridSample" in types else None)
         self.threads = threads
         self.precision = precision
         self.config = compile_config(threads, precision)

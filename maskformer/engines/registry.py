@@ -66,6 +66,9 @@ def describe() -> Dict[str, str]:
             out[name] = f"not usable: {name} is installed but fails to import ({type(exc).__name__}: {exc})"
             continue
         out[name] = "usable (" + ", ".join(f"{k} {v}" for k, v in versions.items()) + ")"
+        notes = getattr(engine_module(name), "notes", None)  # what the engine adds of ours (OpenVINO's extension)
+        if notes is not None:
+            out[name] += "; " + notes()
     return out
 
 

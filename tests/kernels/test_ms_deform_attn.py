@@ -556,3 +556,98 @@ def test_dispatch_malformed_arguments_raise_whatever_the_backend(clean_backend):
             with pytest.raises(ValueError, match="different devices"):
                 dispatch.ms_deform_attn(value, shapes, loc.to("meta"), weights)
     assert _ext.triton_interpret_mode() in (True, False)  # the variable was never touched here
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenVINO extension (csrc/openvino/msda_extension.cpp): the same core as the C++ op, run by
+# OpenVINO as `com.maskformer::MultiScaleDeformableAttention` in an ONNX graph
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ov_msda():
+    """(openvino module, path of the extension). Skips only when OpenVINO is not installed; with
+    OpenVINO installed (CI installs it before building maskformer) a missing extension fails."""
+    ov = pytest.importorskip("openvino")
+    from maskformer.engines import openvino_engine
+
+    path, why = openvino_engine.msda_extension()
+    assert path is not None, f"OpenVINO is installed but maskformer's OpenVINO extension is not usable: {why}"
+    return ov, path
+
+
+def _ov_run(ov, path, value, shapes, loc, weights, spatial_dtype=torch.int64, threads=2):
+    """Run the operation alone: a one-node ONNX graph with dynamic dims, read by OpenVINO's ONNX
+    frontend through the extension's conversion, compiled for the CPU in f32."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("MultiScaleDeformableAttention", ["value", "wh", "loc", "attn"], ["out"],
+                            domain="com.maskformer")
+    wh_type = TensorProto.INT64 if spatial_dtype == torch.int64 else TensorProto.INT32
+
+    def dyn(name, rank, elem=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, elem, [None] * rank)
+
+    graph = helper.make_graph([node], "msda", [dyn("value", 4), dyn("wh", 2, wh_type), dyn("loc", 6), dyn("attn", 5)],
+                              [dyn("out", 3)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
+    core = ov.Core()
+    core.add_extension(path)
+    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                                  {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
+    wh = torch.tensor([[w, h] for h, w in shapes], dtype=spatial_dtype)
+    out = compiled([value.contiguous().numpy(), wh.numpy(), loc.contiguous().numpy(), weights.contiguous().numpy()])
+    return torch.from_numpy(out[0].copy())
+
+
+OV_SHAPES = [
+    (2, [(8, 11), (4, 6), (2, 3)], 150, 8, 32, 4),  # Mask2Former's layout, D = 32 (the vector path)
+    (1, [(5, 7), (3, 2)], 66, 2, 16, 3),
+    (2, [(3, 5), (2, 2)], 11, 3, 12, 2),            # D = 12: the any-D loop
+    (1, [(4, 3)], 9, 1, 64, 2),
+]
+
+
+@pytest.mark.parametrize("case", OV_SHAPES, ids=_shape_id)
+def test_openvino_extension_fp32(ov_msda, case):
+    ov, path = ov_msda
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q + d)
+    fast = _ov_run(ov, path, value, shapes, loc, weights)
+    assert tuple(fast.shape) == (b, q, h * d) and fast.dtype == torch.float32
+    check_fp32(fast, value, shapes, loc, weights, f"openvino extension fp32 {_shape_id(case)}")
+
+
+@pytest.mark.parametrize("case", OV_SHAPES[:3], ids=_shape_id)
+def test_openvino_extension_equals_the_cpp_op_bitwise(ov_msda, cpp_ops, case):
+    """One core (csrc/ms_deform_attn_core.h), one order of operations: an engine with the
+    extension computes the torch path's numbers bit for bit, whatever the thread count."""
+    ov, path = ov_msda
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q)
+    expected = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    for threads in (1, 2):
+        got = _ov_run(ov, path, value, shapes, loc, weights, threads=threads)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan()), (
+            f"{_shape_id(case)}, {threads} threads: max |diff| {(got - expected).abs().nan_to_num().max():.3e}")
+
+
+def test_openvino_extension_borders_nan_and_int32_sides(ov_msda):
+    """Border cases, far points, NaN/inf locations as the reference; the level sides may come as
+    i32 (OpenVINO's CPU plugin computes integer tensors in i32)."""
+    ov, path = ov_msda
+    value, shapes, loc, weights = border_inputs()
+    for dtype in (torch.int64, torch.int32):
+        check_borders(_ov_run(ov, path, value, shapes, loc, weights, spatial_dtype=dtype), value, shapes, loc,
+                      weights, f"openvino extension borders ({dtype})")
+
+
+def test_openvino_extension_refuses_sides_that_do_not_cover_value(ov_msda):
+    ov, path = ov_msda
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 5, 2, 8, 2, seed=1)
+    with pytest.raises(RuntimeError, match=r"the levels cover 19 tokens but value has 17"):
+        _ov_run(ov, path, value[:, :17], shapes, loc, weights)
+    with pytest.raises(RuntimeError, match=r"level 1 has sides \(w, h\) = \(0, 2\)"):
+        _ov_run(ov, path, value, [(3, 5), (2, 0)], loc, weights)
