@@ -1,7 +1,11 @@
 """python -m benchmarks.mask2former_msda_formulations THREADS OUT.json (run from the repository root)
 
 Which formulation of the deformable-attention sampling the engines run best: one pixel-decoder
-layer's op at Swin-T 512x683 (levels 16x22, 32x43, 64x86; Q = S = 7232; 8 heads x 32; 4 points)."""
+layer's op at Swin-T 512x683 (levels 16x22, 32x43, 64x86; Q = S = 7232; 8 heads x 32; 4 points).
+The portable formulations (standard ONNX operators) in each engine, and our C++ kernel: as
+OpenVINO's extension operation (one com.maskformer::MultiScaleDeformableAttention node) where the
+extension is built, and as the torch operator (maskformer._C). The environment (CPU, flags,
+versions, load) is recorded in OUT.json."""
 import json, os, sys, time, warnings
 import numpy as np, torch
 import torch.nn.functional as F
@@ -10,7 +14,7 @@ SHAPES = [(16, 22), (32, 43), (64, 86)]
 B, H, D, P = 1, 8, 32, 4
 S = sum(h * w for h, w in SHAPES)
 
-def stacked(value, loc, w):  # kernels/ms_deform_attn.py ms_deform_attn_ref, what is exported today
+def stacked(value, loc, w):  # kernels/ms_deform_attn.py ms_deform_attn_ref (transformers' order)
     b, _, nh, d = value.shape
     q = loc.shape[1]
     grids = loc * 2 - 1
@@ -24,7 +28,7 @@ def stacked(value, loc, w):  # kernels/ms_deform_attn.py ms_deform_attn_ref, wha
     ww = w.transpose(1, 2).reshape(b * nh, 1, q, len(SHAPES) * P)
     return (st * ww).sum(-1).view(b, nh * d, q).transpose(1, 2)
 
-def per_level(value, loc, w):  # each level weighted and summed over its points, then the levels added
+def per_level(value, loc, w):  # what the portable export writes: each level weighted and summed over its points, then added
     b, _, nh, d = value.shape
     q = loc.shape[1]
     grids = loc * 2 - 1
@@ -54,7 +58,40 @@ def per_level_matmul(value, loc, w):  # the point sum as a batched matmul (BH*Q,
         out = part if out is None else out + part
     return out.view(b, nh, q, d).permute(0, 2, 1, 3).reshape(b, q, nh * d)
 
-FORMS = {"stacked (exported today)": stacked, "per-level mul+sum": per_level, "per-level matmul": per_level_matmul}
+FORMS = {"stacked (transformers' order)": stacked, "per-level mul+sum (portable export)": per_level,
+         "per-level matmul": per_level_matmul}
+
+def _our_kernel_rows(runners, value, loc, w, threads):
+    """Our kernel as OpenVINO's extension operation and as the torch operator, when built."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    import openvino as ov
+
+    from maskformer import _ext
+    from maskformer.engines.openvino_engine import msda_extension
+
+    flat = [x for hw in SHAPES for x in hw]
+    if _ext.load_cpp() is not None:
+        runners[("our C++ kernel", "torch op")] = lambda: torch.ops.maskformer.ms_deform_attn_cpu(value, flat, loc, w).numpy()
+    path, why = msda_extension()
+    if path is None:
+        print(f"no OpenVINO extension row: {why}")
+        return
+    wh = numpy_helper.from_array(np.array([[x, y] for y, x in SHAPES], dtype=np.int64), "wh")
+    node = helper.make_node("MultiScaleDeformableAttention", ["value", "wh", "loc", "w"], ["out"], domain="com.maskformer")
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, list(t.shape)) for n, t in (("value", value), ("loc", loc), ("w", w))]
+    graph = helper.make_graph([node], "msda", ins, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              initializer=[wh])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
+    core = ov.Core()
+    core.add_extension(path)
+    c = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+                           {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY",
+                            "INFERENCE_PRECISION_HINT": "f32"})
+    req = c.create_infer_request()
+    feeds = [value.numpy(), loc.numpy(), w.numpy()]
+    runners[("our C++ kernel (extension op)", "openvino")] = lambda: req.infer(feeds)[0]
+
 
 class M(torch.nn.Module):
     def __init__(self, f): super().__init__(); self.f = f
@@ -82,6 +119,7 @@ def main():
         runners[(name, "onnxruntime")] = lambda s=sess, fd=feeds: s.run(None, fd)[0]
         runners[(name, "openvino")] = lambda r=req, fd=feeds: r.infer(list(fd.values()))[0]
         runners[(name, "torch eager")] = lambda f=f: f(value, loc, w).numpy()
+    _our_kernel_rows(runners, value, loc, w, threads)
     errs = {k: float(np.abs(r() - ref.numpy()).max() / np.abs(ref.numpy()).max()) for k, r in runners.items()}
     times = {k: [] for k in runners}
     loads = []
@@ -90,7 +128,9 @@ def main():
         keys = list(runners)[rnd % len(runners):] + list(runners)[:rnd % len(runners)]
         for k in keys:
             t = time.perf_counter(); runners[k](); times[k].append((time.perf_counter() - t) * 1e3)
-    res = {"shapes": SHAPES, "threads": threads, "loadavg_per_round": loads,
+    from maskformer.reporting import environment
+
+    res = {"environment": environment(threads=threads), "shapes": SHAPES, "threads": threads, "loadavg_per_round": loads,
            "rows": [{"formulation": k[0], "engine": k[1], "median_ms": float(np.median(v)), "times_ms": v,
                      "rel_err_vs_fp64": errs[k]} for k, v in times.items()]}
     for r in res["rows"]:
