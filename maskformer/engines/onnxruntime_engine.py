@@ -28,6 +28,10 @@ an array and copies it with one memcpy); and an exception raised inside a Python
 process (``std::terminate``; onnxruntime-extensions 0.15.2, onnxruntime 1.32), so the op never
 raises: it hands back an empty output, on which the next node (the output projection's MatMul)
 stops the run with an error, and ``Runner.run`` raises the op's own exception instead.
+The op runs on torch's threads (``torch.get_num_threads()``, the engines' default ``threads``),
+not the session's ``intra_op_num_threads``: the node carries no thread count, and setting torch's
+process-wide count per call would race between sessions. Python runs it under the GIL, so two
+sessions in two threads take turns through the op (their other nodes still run side by side).
 ``MASKFORMER_ONNXRUNTIME_MSDA=0`` keeps the portable formulation (grid_sample per level).
 """
 from __future__ import annotations
