@@ -121,6 +121,8 @@ _TEST_TOOLS = [
     "onnx==1.23.2",
     "onnxscript==0.7.2",
     "onnxruntime==1.32.0",
+    # runs Mask2Former's deformable attention in ONNX Runtime with our C++ kernel (a Python custom op)
+    "onnxruntime-extensions==0.15.2",
     "openvino==2026.4.1",
     # maskformer quantize (int8 by NNCF; it pulls scikit-learn, no torch: checked with --dry-run)
     "nncf==3.4.0",
@@ -155,7 +157,9 @@ setup(
         # Engines for the network on the CPU (maskformer.engines). onnx + onnxscript are what
         # torch.onnx needs to export; none of these packages depends on torch (checked with
         # `pip install --dry-run`: they cannot replace the CPU torch installed first).
-        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20"],
+        # onnxruntime-extensions: Mask2Former's deformable attention runs our C++ kernel in ONNX
+        # Runtime (maskformer/engines/onnxruntime_engine.py); without it, the portable formulation.
+        "onnx": ["onnx>=1.17", "onnxscript>=0.5", "onnxruntime>=1.20", "onnxruntime-extensions>=0.15"],
         "openvino": ["onnx>=1.17", "onnxscript>=0.5", "openvino>=2025.0"],
         # `maskformer quantize`: int8 OpenVINO models by NNCF's static quantization
         "quantize": ["onnx>=1.17", "onnxscript>=0.5", "openvino>=2025.0", "nncf>=3.0"],

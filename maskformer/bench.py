@@ -401,6 +401,8 @@ def _plain_engine_forward(engine: str, path: str, threads: int, precision: Optio
 
         from .engines.onnxruntime_engine import session_options  # the engines: see row_dtypes
 
+        # session_options registers onnxruntime-extensions' library where our deformable-attention op
+        # can run: our Mask2Former engine's file may hold that node, as OpenVINO's row reads it with new_core()
         session = ort.InferenceSession(path, session_options(threads), providers=["CPUExecutionProvider"])
 
         def run(x):

@@ -180,6 +180,7 @@ LAZY_OK = {
     "triton": "optional (maskformer[triton]); importing it costs seconds and never happens on `import maskformer`",
     "transformers": "the test oracle and the benchmark's peer: never a runtime dependency",
     "onnxruntime": "optional engine (maskformer[onnx])",
+    "onnxruntime_extensions": "optional (maskformer[onnx]): our deformable attention in ONNX Runtime",
     "openvino": "optional engine (maskformer[openvino])",
     "onnx": "comes with the engines' extras",
     "onnxscript": "comes with the engines' extras",

@@ -5,9 +5,10 @@ behind the torch model's call and outputs, through ``maskformer segment --engine
 processor's three post-processings; the refusals name the fix.
 
 One export per engine cache entry: the session's checkpoint is exported once by ``maskformer
-export`` (the verification test) and once per engine by the engine cache (OpenVINO's export writes
-the deformable attention as its extension's operation, so it cannot reuse ONNX Runtime's file),
-each 1-3 minutes on a shared 2-core CPU."""
+export`` (the verification test, portable) and once per engine by the engine cache (where the
+engine can run our deformable-attention operation, its export writes it, so the engines do not
+share a file), each 1-3 minutes on a shared 2-core CPU."""
+import importlib.util
 import json
 import os
 import re
@@ -122,6 +123,21 @@ def test_engine_model_is_a_drop_in_for_the_torch_mask2former(m2f_checkpoint, eng
         assert openvino_engine.MSDA_OP in ops and "GridSample" not in ops, sorted(ops)
         manifest = json.loads(open(os.path.join(model.cache_entry, "manifest.json")).read())
         assert manifest["export_options"]["deformable_attention"] == "openvino-extension"
+    if engine == "onnxruntime":
+        from maskformer.engines import onnxruntime_engine
+
+        # Where onnxruntime-extensions is installed (CI installs it), ONNX Runtime runs our C++
+        # kernel as the node, and the entry says so; no GridSample is left in its file.
+        path, why = onnxruntime_engine.msda_custom_op()
+        assert path is not None, why
+        assert model.runner.deformable_attention == "onnxruntime-extensions"
+        import onnx
+
+        proto = onnx.load(model.runner.path, load_external_data=False)
+        ops = {(n.domain, n.op_type) for n in proto.graph.node}
+        assert ("com.maskformer", "MultiScaleDeformableAttention") in ops and ("", "GridSample") not in ops, sorted(ops)
+        manifest = json.loads(open(os.path.join(model.cache_entry, "manifest.json")).read())
+        assert manifest["export_options"]["deformable_attention"] == "onnxruntime-extensions"
     with pytest.raises(ValueError, match="output_auxiliary_logits=True needs engine='torch'"):
         model(inputs["pixel_values"], output_auxiliary_logits=True)
     with pytest.raises(ValueError, match="smaller than the 33x33"):
@@ -233,7 +249,7 @@ def test_exported_sampling_formulation_equals_the_reference():
 @pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
 def test_openvino_extension_choice_is_in_the_cache_key_and_can_be_switched_off(m2f_checkpoint, monkeypatch, tmp_path):
     """The extension's export is another graph: another cache key than the portable one (which
-    MASKFORMER_OPENVINO_MSDA=0 asks for, and which ONNX Runtime always gets); MaskFormer has no
+    MASKFORMER_OPENVINO_MSDA=0 asks for); MaskFormer has no
     deformable attention, so its key does not depend on the extension."""
     from maskformer.engines import cache, openvino_engine, onnxruntime_engine
     from maskformer.config import Mask2FormerConfig
@@ -243,7 +259,6 @@ def test_openvino_extension_choice_is_in_the_cache_key_and_can_be_switched_off(m
 
     with_ext, parts, config = key(openvino_engine)
     assert parts["export_options"]["deformable_attention"] == "openvino-extension"
-    assert "export_options" not in key(onnxruntime_engine)[1]
     monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
     assert openvino_engine.msda_extension() == (None, "MASKFORMER_OPENVINO_MSDA=0")
     without, parts_off, _ = key(openvino_engine)
@@ -293,3 +308,64 @@ def test_a_graph_with_our_operation_without_the_extension_names_the_fix(monkeypa
     monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
     with pytest.raises(RuntimeError, match="needs maskformer's OpenVINO extension.*MASKFORMER_OPENVINO_MSDA=0"):
         openvino_engine.Runner.from_onnx(str(path), threads=1)
+
+
+needs_ort_op = pytest.mark.skipif(not HAVE["onnxruntime"] or importlib.util.find_spec("onnxruntime_extensions") is None,
+                                  reason="onnxruntime or onnxruntime-extensions is not installed")
+
+
+@needs_ort_op
+def test_onnxruntime_op_choice_is_in_the_cache_key_and_can_be_switched_off(m2f_checkpoint, monkeypatch, tmp_path):
+    """ONNX Runtime's export with our operation is another graph than the portable one
+    (MASKFORMER_ONNXRUNTIME_MSDA=0): another key; a rebuilt C++ kernel is part of it."""
+    from maskformer.engines import cache, onnxruntime_engine
+    from maskformer.config import Mask2FormerConfig
+
+    def key():
+        return cache.compute_key(m2f_checkpoint, "onnxruntime", onnxruntime_engine, str(tmp_path),
+                                 config_class=Mask2FormerConfig)
+
+    with_op, parts, _ = key()
+    options = parts["export_options"]
+    assert options["deformable_attention"] == "onnxruntime-extensions"
+    assert re.fullmatch(r"[0-9a-f]{64}", options["cpp_extension_sha256"]) and options["onnxruntime_extensions"]
+    assert "maskformer's C++ kernel as an onnxruntime-extensions Python op" in onnxruntime_engine.notes()
+    monkeypatch.setenv("MASKFORMER_ONNXRUNTIME_MSDA", "0")
+    assert onnxruntime_engine.msda_custom_op() == (None, "MASKFORMER_ONNXRUNTIME_MSDA=0")
+    without, parts_off, _ = key()
+    assert without != with_op and "export_options" not in parts_off
+    assert "the portable formulation (maskformer's op: MASKFORMER_ONNXRUNTIME_MSDA=0)" in onnxruntime_engine.notes()
+
+
+@needs_ort_op
+def test_onnxruntime_op_export_is_refused_where_it_cannot_run(m2f_checkpoint, monkeypatch, tmp_path):
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(m2f_checkpoint)
+    with pytest.raises(ValueError, match="runs only on onnxruntime .*cannot be verified with openvino"):
+        export_onnx(model, tmp_path / "a.onnx", deformable_attention="onnxruntime-extensions", verify_engine="openvino")
+    monkeypatch.setenv("MASKFORMER_ONNXRUNTIME_MSDA", "0")
+    with pytest.raises(RuntimeError, match="needs onnxruntime-extensions and maskformer's C\\+\\+ extension.*"
+                                           "MASKFORMER_ONNXRUNTIME_MSDA=0.*deformable_attention='portable'"):
+        export_onnx(model, tmp_path / "a.onnx", deformable_attention="onnxruntime-extensions")
+    assert not (tmp_path / "a.onnx").exists()
+
+
+@pytest.mark.skipif(not HAVE["onnxruntime"], reason=str(engine_unavailable("onnxruntime")))
+def test_onnxruntime_file_with_our_operation_without_the_op_names_the_fix(monkeypatch, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from maskformer.engines import onnxruntime_engine
+
+    node = helper.make_node("MultiScaleDeformableAttention", ["pixel_values", "wh", "l", "a"], ["o"],
+                            domain="com.maskformer")
+    inputs = [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in
+              (("pixel_values", TensorProto.FLOAT, 4), ("wh", TensorProto.INT64, 2), ("l", TensorProto.FLOAT, 6),
+               ("a", TensorProto.FLOAT, 5))]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [None] * 3)])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                      helper.make_opsetid("com.maskformer", 1)]), str(path))
+    monkeypatch.setenv("MASKFORMER_ONNXRUNTIME_MSDA", "0")
+    with pytest.raises(RuntimeError, match="uses maskformer's deformable-attention operation.*onnxruntime-extensions.*"
+                                           "MASKFORMER_ONNXRUNTIME_MSDA=0.*deformable_attention='portable'"):
+        onnxruntime_engine.Runner.from_onnx(str(path), threads=1)

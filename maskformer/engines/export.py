@@ -68,9 +68,11 @@ __all__ = ["export_onnx", "verify_onnx", "verify_rows", "ExportReport", "OUTPUT_
 LOGIT_FIELDS = ("class_queries_logits", "masks_queries_logits")
 OUTPUT_FIELDS = LOGIT_FIELDS + ("encoder_last_hidden_state", "pixel_decoder_last_hidden_state",
                                 "transformer_decoder_last_hidden_state")
-# Mask2Former's deformable attention in an export: standard operators, or our operation for
-# OpenVINO's extension (export_onnx's deformable_attention).
-DEFORMABLE_ATTENTION = ("portable", "openvino-extension")
+# Mask2Former's deformable attention in an export: standard operators, or our operation, run by
+# OpenVINO's extension or by ONNX Runtime through onnxruntime-extensions (export_onnx's
+# deformable_attention; the value names the engine that verifies the file).
+DEFORMABLE_ATTENTION = ("portable", "openvino-extension", "onnxruntime-extensions")
+_OP_ENGINE = {"openvino-extension": "openvino", "onnxruntime-extensions": "onnxruntime"}
 MSDA_DOMAIN = "com.maskformer"
 # Bumped whenever the exported graph changes for the same weights: part of the engine cache key.
 EXPORT_FORMAT = 1
@@ -283,10 +285,11 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
         log: called with a line per phase (the export with its expected duration, each
             verified size, the result); default silent. The command line prints them.
         deformable_attention: Mask2Former only. "portable" (default: standard ONNX operators,
-            one grid_sample per level, any engine) or "openvino-extension" (the sampling as one
-            ``com.maskformer::MultiScaleDeformableAttention`` node, which only OpenVINO with
-            maskformer's extension runs: the OpenVINO engine's choice where the extension is built;
-            verified with OpenVINO).
+            one grid_sample per level, any engine), "openvino-extension" or "onnxruntime-extensions"
+            (the sampling as one ``com.maskformer::MultiScaleDeformableAttention`` node, run by our
+            C++ kernel: in OpenVINO with maskformer's extension, in ONNX Runtime through
+            onnxruntime-extensions (``onnxruntime_engine.msda_custom_op``); each engine's choice
+            where it can run the node; verified with that engine).
 
     Returns:
         ``ExportReport`` (``.table()`` prints the verification).
@@ -298,15 +301,16 @@ def export_onnx(model, path, *, outputs: str = "all", opset: Optional[int] = Non
     if deformable_attention not in DEFORMABLE_ATTENTION:
         raise ValueError(f"deformable_attention must be one of {', '.join(map(repr, DEFORMABLE_ATTENTION))}, "
                          f"got {deformable_attention!r}")
-    if deformable_attention == "openvino-extension":
+    if deformable_attention != "portable":
         if getattr(model.config, "model_type", None) != "mask2former":
-            raise ValueError("deformable_attention='openvino-extension' is for Mask2Former models (MaskFormer has no "
-                             "deformable attention)")
-        if verify_engine not in (None, "openvino"):
-            raise ValueError(f"an export with deformable_attention='openvino-extension' runs only on OpenVINO with "
-                             f"maskformer's extension, so it cannot be verified with {verify_engine}")
-        verify_engine = "openvino"
-        _require_openvino_extension()
+            raise ValueError(f"deformable_attention={deformable_attention!r} is for Mask2Former models (MaskFormer has "
+                             "no deformable attention)")
+        runs_on = _OP_ENGINE[deformable_attention]
+        if verify_engine not in (None, runs_on):
+            raise ValueError(f"an export with deformable_attention={deformable_attention!r} runs only on {runs_on} "
+                             f"with maskformer's operation, so it cannot be verified with {verify_engine}")
+        verify_engine = runs_on
+        _require_engine_op(deformable_attention)
     _require_exporter()
     log = log or (lambda message: None)
     path = os.fspath(path)
@@ -355,7 +359,7 @@ def _write_onnx(model, path: str, fields: Sequence[str], opset: Optional[int], l
     params = sum(p.numel() for p in model.parameters())
     log(f"exporting to ONNX ({params / 1e6:.1f} M parameters): torch.export traces the model, torch.onnx writes "
         f"the file; roughly {estimate_export_seconds(model.config):.0f} s{_busy_note()}")
-    extension = deformable_attention == "openvino-extension"
+    extension = deformable_attention != "portable"
     table = {}
     with _quiet_exporter(), (engine_op_export() if extension else contextlib.nullcontext()):
         if extension:
@@ -556,7 +560,9 @@ def _msda_onnx_node():
     """The ONNX translation of ``maskformer::ms_deform_attn_engine``: one node of our domain,
     ``com.maskformer::MultiScaleDeformableAttention(value, spatial_wh, sampling_locations,
     attention_weights)`` (shapes: ``maskformer.msda_pixel_decoder.engine_op_export``), given a
-    schema so that onnxscript can type it; OpenVINO maps it to the extension's operation."""
+    schema so that onnxscript can type it. One node for both engines: OpenVINO maps it to the
+    extension's operation, ONNX Runtime runs it as onnxruntime-extensions' Python op registered
+    under this domain (``onnxruntime_engine.msda_custom_op``)."""
     import onnx  # the exporter's own dependency, present whenever an export runs
     import onnxscript
 
@@ -575,15 +581,24 @@ def _msda_onnx_node():
     return translate
 
 
-def _require_openvino_extension() -> None:
-    from . import openvino_engine  # imports openvino only when called
+def _require_engine_op(deformable_attention: str) -> None:
+    """RuntimeError naming the fix where the engine of ``deformable_attention`` cannot run our node."""
+    engine = _OP_ENGINE[deformable_attention]
+    if engine_unavailable(engine):
+        raise RuntimeError(engine_unavailable(engine))
+    if engine == "openvino":
+        from . import openvino_engine  # imports openvino only when called
 
-    if engine_unavailable("openvino"):
-        raise RuntimeError(engine_unavailable("openvino"))
-    path, why = openvino_engine.msda_extension()
+        path, why = openvino_engine.msda_extension()
+        needs = "maskformer's OpenVINO extension"
+    else:
+        from . import onnxruntime_engine  # as openvino_engine above: the engine modules load on use
+
+        path, why = onnxruntime_engine.msda_custom_op()
+        needs = "onnxruntime-extensions and maskformer's C++ extension"
     if path is None:
-        raise RuntimeError(f"deformable_attention='openvino-extension' needs maskformer's OpenVINO extension, which "
-                           f"is not available here: {why}. Use deformable_attention='portable'")
+        raise RuntimeError(f"deformable_attention={deformable_attention!r} needs {needs}, which is not available "
+                           f"here: {why}. Use deformable_attention='portable'")
 
 
 def _require_exporter() -> None:

@@ -16,6 +16,10 @@ exact; it is derived from the kernel's arithmetic, not fitted:
 - fp16/bf16: that, twice (the inputs are exact in fp32), plus the final rounding to the output
   dtype, half an ulp: u_lowp * |ref64| (and fp16's smallest subnormal).
 """
+import os
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -651,3 +655,130 @@ def test_openvino_extension_refuses_sides_that_do_not_cover_value(ov_msda):
         _ov_run(ov, path, value[:, :17], shapes, loc, weights)
     with pytest.raises(RuntimeError, match=r"level 1 has sides \(w, h\) = \(0, 2\)"):
         _ov_run(ov, path, value, [(3, 5), (2, 0)], loc, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# ONNX Runtime: the same node, run by our C++ op as onnxruntime-extensions' Python custom op
+# (maskformer/engines/onnxruntime_engine.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ort_msda():
+    """(onnxruntime, onnxruntime_engine). Skips only when onnxruntime or onnxruntime-extensions is
+    not installed (CI installs both); with them installed an unusable op fails."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime_extensions")
+    from maskformer.engines import onnxruntime_engine
+
+    path, why = onnxruntime_engine.msda_custom_op()
+    assert path is not None, f"onnxruntime-extensions is installed but our op cannot run in ONNX Runtime: {why}"
+    return ort, onnxruntime_engine
+
+
+def _msda_graph(spatial_dtype=None, consumer=False):
+    """A one-node ONNX graph of our operation with dynamic dims (``consumer``: followed by a MatMul
+    with a (H*D, H*D) identity, as the output projection follows it in an export), serialized."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MultiScaleDeformableAttention", ["value", "wh", "loc", "attn"], ["out"],
+                            domain="com.maskformer")
+
+    def dyn(name, rank, elem=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, elem, [None] * rank)
+
+    nodes, inits, last = [node], [], "out"
+    if consumer:
+        nodes.append(helper.make_node("MatMul", ["out", "eye"], ["proj"]))
+        inits.append(numpy_helper.from_array(np.eye(16, dtype=np.float32), "eye"))
+        last = "proj"
+    graph = helper.make_graph(nodes, "msda", [dyn("value", 4), dyn("wh", 2, spatial_dtype or TensorProto.INT64),
+                                              dyn("loc", 6), dyn("attn", 5)], [dyn(last, 3)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
+    return model.SerializeToString()
+
+
+def _ort_run(ort_msda, value, shapes, loc, weights, threads=2, consumer=False):
+    ort, engine = ort_msda
+    session = ort.InferenceSession(_msda_graph(consumer=consumer), engine.session_options(threads),
+                                   providers=["CPUExecutionProvider"])
+    wh = np.array([[w, h] for h, w in shapes], np.int64)
+    feed = {"value": value.contiguous().numpy(), "wh": wh, "loc": loc.contiguous().numpy(),
+            "attn": weights.contiguous().numpy()}
+    return torch.from_numpy(engine.checked_run(lambda: session.run(None, feed))[0])
+
+
+@pytest.mark.parametrize("case", OV_SHAPES, ids=_shape_id)
+def test_onnxruntime_op_fp32(ort_msda, case):
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q + d)
+    fast = _ort_run(ort_msda, value, shapes, loc, weights)
+    assert tuple(fast.shape) == (b, q, h * d) and fast.dtype == torch.float32
+    check_fp32(fast, value, shapes, loc, weights, f"onnxruntime op fp32 {_shape_id(case)}")
+
+
+@pytest.mark.parametrize("case", OV_SHAPES[:3], ids=_shape_id)
+def test_onnxruntime_op_equals_the_cpp_op_bitwise(ort_msda, cpp_ops, case):
+    """The node runs the C++ op itself: ONNX Runtime's result is the torch path's, bit for bit."""
+    b, shapes, q, h, d, p = case
+    value, loc, weights = make_inputs(b, shapes, q, h, d, p, seed=q)
+    expected = msda.ms_deform_attn_cpp(value, shapes, loc, weights)
+    for threads in (1, 2):
+        got = _ort_run(ort_msda, value, shapes, loc, weights, threads=threads)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()) and torch.equal(got.isnan(), expected.isnan()), (
+            f"{_shape_id(case)}, {threads} threads: max |diff| {(got - expected).abs().nan_to_num().max():.3e}")
+
+
+def test_onnxruntime_op_borders_and_nan(ort_msda):
+    value, shapes, loc, weights = border_inputs()
+    check_borders(_ort_run(ort_msda, value, shapes, loc, weights), value, shapes, loc, weights,
+                  "onnxruntime op borders")
+
+
+def test_onnxruntime_op_hands_back_the_array_not_a_list(ort_msda, monkeypatch):
+    """Our invoker returns the op's array (onnxruntime-extensions' own turns it into a Python list:
+    150+ ms a call at Swin-T's shapes); the op ran through it, once per node run."""
+    from onnxruntime_extensions import Opdef
+
+    ort, engine = ort_msda
+    calls = []
+    [opdef] = [d for d in Opdef._odlist.values() if d.op_type == "com.maskformer::MultiScaleDeformableAttention"]
+    body = opdef.body  # what onnxruntime-extensions' invoker calls; ours calls the kernel directly
+    monkeypatch.setattr(opdef, "body", lambda *a: calls.append(a) or body(*a))
+    shapes = [(3, 5), (2, 2)]
+    value, loc, weights = make_inputs(1, shapes, 7, 2, 8, 2, seed=3)
+    got = _ort_run(ort_msda, value, shapes, loc, weights)
+    assert not calls and torch.equal(got, msda.ms_deform_attn_cpp(value, shapes, loc, weights))
+
+
+def test_onnxruntime_op_failure_raises_instead_of_ending_the_process(ort_msda):
+    """An exception inside onnxruntime-extensions' Python op ends the process (std::terminate);
+    ours keeps it and checked_run raises it after the next node stops the run. In a subprocess, so
+    that a regression fails this test instead of killing pytest."""
+    script = r'''
+import numpy as np, torch, onnxruntime as ort, sys
+sys.path[:0] = [sys.argv[1], sys.argv[2]]
+from test_ms_deform_attn import _msda_graph, make_inputs
+from maskformer.engines import onnxruntime_engine as engine
+shapes = [(3, 5), (2, 2)]
+value, loc, weights = make_inputs(1, shapes, 5, 2, 8, 2, seed=1)
+session = ort.InferenceSession(_msda_graph(consumer=True), engine.session_options(1), providers=["CPUExecutionProvider"])
+feed = {"value": value[:, :17].contiguous().numpy(), "wh": np.array([[w, h] for h, w in shapes], np.int64),
+        "loc": loc.numpy(), "attn": weights.numpy()}
+try:
+    engine.checked_run(lambda: session.run(None, feed))
+except RuntimeError as exc:
+    print("RAISED", exc)
+feed["value"] = value.numpy()
+print("THEN", engine.checked_run(lambda: session.run(None, feed))[0].shape)
+'''
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__),
+                           os.path.dirname(os.path.dirname(os.path.abspath(__file__)))], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    assert re.search(r"RAISED maskformer's deformable attention failed inside ONNX Runtime: RuntimeError: .*"
+                     r"cover 19 tokens but value has 17", done.stdout), done.stdout + done.stderr[-2000:]
+    assert "THEN (1, 5, 16)" in done.stdout, done.stdout  # the session still serves the next run
