@@ -792,18 +792,12 @@ MF_INLINE float load_float(c10::Half v) {
 }
 
 
-// One task: image b, pixels [p0, p0 + n). The sigmoid tile (Q x PT) is built once, then swept
-// once per block of 6 classes (GCC vector extensions, compiled for avx2+fma or baseline).
-template <bool FMA, typename T>
-MF_INLINE void einsum_tile(const T* __restrict masks, const float* __restrict probs, float* __restrict out, int64_t Q,
-                           int64_t K, int64_t KP, int64_t hw, int64_t p0, int64_t n, float* __restrict sig,
-                           int64_t PT) {
-  for (int64_t q = 0; q < Q; ++q) {
-    const T* m = masks + q * hw + p0;
-    float* s = sig + q * PT;
-    for (int64_t j = 0; j < n; ++j) s[j] = sigmoid_fast(load_float(m[j]));
-    for (int64_t j = n; j < PT; ++j) s[j] = 0.f;
-  }
+// out[k * out_stride + j] = sum_q probs[q * KP + k] * sig[q * PT + j] for j < n: a sigmoid tile
+// (Q x PT, columns n..PT zero) swept once per block of 6 classes (GCC vector extensions, compiled
+// for avx2+fma or baseline). Shared by mask_einsum and mask2former_scores.
+template <bool FMA>
+MF_INLINE void contract_tile(const float* __restrict sig, const float* __restrict probs, float* __restrict out,
+                             int64_t Q, int64_t K, int64_t KP, int64_t out_stride, int64_t n, int64_t PT) {
   // 6 classes x 16 pixels of accumulators as named values: GCC keeps them in 12 registers, an
   // array of them it spilled (3x slower, every fma through memory).
   constexpr int64_t KB = 6;
@@ -842,11 +836,26 @@ MF_INLINE void einsum_tile(const T* __restrict masks, const float* __restrict pr
         float tmp[16];
         std::memcpy(tmp, &acc[kk][0], sizeof(v8sf));
         std::memcpy(tmp + 8, &acc[kk][1], sizeof(v8sf));
-        float* o = out + (k0 + kk) * hw + p0 + j0;
+        float* o = out + (k0 + kk) * out_stride + j0;
         for (int64_t jj = 0; jj < jn; ++jj) o[jj] = tmp[jj];
       }
     }
   }
+}
+
+// One task of mask_einsum: image b, pixels [p0, p0 + n). The sigmoid tile (Q x PT) is built once,
+// then contracted (contract_tile).
+template <bool FMA, typename T>
+MF_INLINE void einsum_tile(const T* __restrict masks, const float* __restrict probs, float* __restrict out, int64_t Q,
+                           int64_t K, int64_t KP, int64_t hw, int64_t p0, int64_t n, float* __restrict sig,
+                           int64_t PT) {
+  for (int64_t q = 0; q < Q; ++q) {
+    const T* m = masks + q * hw + p0;
+    float* s = sig + q * PT;
+    for (int64_t j = 0; j < n; ++j) s[j] = sigmoid_fast(load_float(m[j]));
+    for (int64_t j = n; j < PT; ++j) s[j] = 0.f;
+  }
+  contract_tile<FMA>(sig, probs, out + p0, Q, K, KP, hw, n, PT);
 }
 
 template <typename T>
@@ -934,12 +943,117 @@ at::Tensor mask_einsum(const at::Tensor& class_logits, const at::Tensor& mask_lo
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// mask2former_scores: transformers' Mask2Former semantic scores at the 384x384 grid, fused.
+//   scores[k, p] = sum_q probs[q, k] * sigmoid(bilinear(mask_logits[q])(p)),  p on the (H, W) grid
+// The bilinear resize (align_corners=False) is aten's generic formula (generic_value's order, the
+// caller's calibrated fma variant); per task one output row's 128-pixel tile of resized logits is
+// built for all Q queries (Q x 128 floats: 100 KiB at Q=200, in L2), passed through sigmoid_fast
+// and contracted like mask_einsum. So neither the (Q, H, W) resized logits nor their sigmoid exist
+// (transformers: 2 x 118 MB at Q=200, 384x384); only the (K, H, W) scores are written.
+// fp16/bf16 logits are interpolated in fp32 (the reference interpolates in their own dtype).
+// ---------------------------------------------------------------------------------------------
+template <bool RFMA, bool FMA, typename T>
+MF_INLINE void m2f_tile(const T* __restrict m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols,
+                        int64_t oh, int64_t c0, int64_t n, const float* __restrict probs, float* __restrict out,
+                        int64_t Q, int64_t K, int64_t KP, int64_t HW, int64_t W, float* __restrict sig, int64_t PT) {
+  const int64_t r0 = rows.i0[oh], r1 = rows.i1[oh];
+  const float lh0 = rows.l0[oh], lh1 = rows.l1[oh];
+  const int32_t* a0 = cols.i0.data() + c0;
+  const int32_t* a1 = cols.i1.data() + c0;
+  const float* lw0 = cols.l0.data() + c0;
+  const float* lw1 = cols.l1.data() + c0;
+  for (int64_t q = 0; q < Q; ++q) {
+    const T* x0 = m + q * sq + r0 * sh;
+    const T* x1 = m + q * sq + r1 * sh;
+    float* s = sig + q * PT;
+    for (int64_t j = 0; j < n; ++j) {
+      const float t0 = lerp2<RFMA>(load_float(x0[a0[j]]), lw0[j], load_float(x0[a1[j]]), lw1[j]);
+      const float t1 = lerp2<RFMA>(load_float(x1[a0[j]]), lw0[j], load_float(x1[a1[j]]), lw1[j]);
+      s[j] = lerp2<RFMA>(t0, lh0, t1, lh1);
+    }
+    for (int64_t j = 0; j < n; ++j) s[j] = sigmoid_fast(s[j]);
+    for (int64_t j = n; j < PT; ++j) s[j] = 0.f;
+  }
+  contract_tile<FMA>(sig, probs, out + oh * W + c0, Q, K, KP, HW, n, PT);
+}
+
+template <bool RFMA, typename T>
+static void m2f_tile_base(const T* m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols, int64_t oh,
+                          int64_t c0, int64_t n, const float* probs, float* out, int64_t Q, int64_t K, int64_t KP,
+                          int64_t HW, int64_t W, float* sig, int64_t PT) {
+  m2f_tile<RFMA, false, T>(m, sq, sh, rows, cols, oh, c0, n, probs, out, Q, K, KP, HW, W, sig, PT);
+}
+#if MF_X86_DISPATCH
+template <bool RFMA, typename T>
+MF_TARGET_AVX2 static void m2f_tile_avx2(const T* m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols,
+                                         int64_t oh, int64_t c0, int64_t n, const float* probs, float* out, int64_t Q,
+                                         int64_t K, int64_t KP, int64_t HW, int64_t W, float* sig, int64_t PT) {
+  m2f_tile<RFMA, true, T>(m, sq, sh, rows, cols, oh, c0, n, probs, out, Q, K, KP, HW, W, sig, PT);
+}
+#endif
+
+at::Tensor mask2former_scores(const at::Tensor& class_probs, const at::Tensor& mask_logits, int64_t H, int64_t W,
+                              bool use_fma, double scale_h, double scale_w) {
+  TORCH_CHECK(class_probs.dim() == 2, "class_probs must be (Q, K), got ", class_probs.sizes());
+  TORCH_CHECK(mask_logits.dim() == 3, "mask_logits must be (Q, h, w), got ", mask_logits.sizes());
+  TORCH_CHECK(class_probs.device().is_cpu() && mask_logits.device().is_cpu(), "inputs must be CPU tensors");
+  TORCH_CHECK(class_probs.scalar_type() == at::kFloat, "class_probs must be float32, got ", class_probs.scalar_type());
+  const int64_t Q = class_probs.size(0), K = class_probs.size(1);
+  TORCH_CHECK(Q >= 1 && K >= 1, "need at least one query and one class, got ", class_probs.sizes());
+  TORCH_CHECK(mask_logits.size(0) == Q, "class_probs ", class_probs.sizes(), " and mask_logits ", mask_logits.sizes(),
+              " disagree on the queries");
+  const auto st = mask_logits.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16,
+              "mask_logits dtype must be float32, float16 or bfloat16, got ", st);
+  TORCH_CHECK(mask_logits.size(1) >= 1 && mask_logits.size(2) >= 1, "empty mask_logits ", mask_logits.sizes());
+  TORCH_CHECK(H >= 1 && W >= 1, "output size must be positive, got ", H, "x", W);
+  TORCH_CHECK(K * H * W < (int64_t(1) << 31), "scores too large for int32 indexing");
+  // A crop (x[:, :h', :w']) is read in place through its strides; other layouts are copied.
+  const at::Tensor m = mask_logits.stride(2) == 1 ? mask_logits : mask_logits.contiguous();
+  const int64_t h = m.size(1), w = m.size(2), sq = m.stride(0), sh = m.stride(1);
+  const Axis rows = make_axis(h, H, use_fma, axis_scale(scale_h, "scale_h"));
+  const Axis cols = make_axis(w, W, use_fma, axis_scale(scale_w, "scale_w"));
+  constexpr int64_t KB = 6;
+  const int64_t KP = (K + KB - 1) / KB * KB;  // classes padded to contract_tile's register block
+  at::Tensor probs = at::zeros({Q, KP}, class_probs.options());
+  probs.narrow(1, 0, K).copy_(class_probs);
+  at::Tensor out = at::empty({K, H, W}, class_probs.options());
+  const float* pp = probs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  // 128 pixels of one output row per task (384 = 3 tiles): Q x 128 resized logits stay in L2.
+  const int64_t PT = 128;
+  const int64_t n_ct = (W + PT - 1) / PT;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "maskformer_mask2former_scores", [&] {
+    const scalar_t* mp = m.data_ptr<scalar_t>();
+    parallel_tasks(
+        H * n_ct, [&] { return std::vector<float>(Q * PT); },
+        [&](std::vector<float>& sig, int64_t t) {
+          const int64_t oh = t / n_ct, c0 = (t % n_ct) * PT, n = std::min(PT, W - c0);
+#if MF_X86_DISPATCH
+          if (cpu_has_avx2_fma()) {
+            (use_fma ? m2f_tile_avx2<true, scalar_t> : m2f_tile_avx2<false, scalar_t>)(
+                mp, sq, sh, rows, cols, oh, c0, n, pp, op, Q, K, KP, H * W, W, sig.data(), PT);
+            return;
+          }
+#endif
+          (use_fma ? m2f_tile_base<true, scalar_t> : m2f_tile_base<false, scalar_t>)(
+              mp, sq, sh, rows, cols, oh, c0, n, pp, op, Q, K, KP, H * W, W, sig.data(), PT);
+        });
+  });
+  return out;
+}
+
 }  // namespace maskformer_semantic
 
 // Ops live in the `maskformer` namespace; a fragment, so other files of the extension can add
 // theirs.
 TORCH_LIBRARY_FRAGMENT(maskformer, m) {
   m.def("mask_einsum(Tensor class_queries_logits, Tensor masks_queries_logits) -> Tensor");
+  m.def(
+      "mask2former_scores(Tensor class_probs, Tensor mask_logits, int H, int W, bool use_fma, float scale_h=-1., "
+      "float scale_w=-1.) -> Tensor");
   m.def(
       "upsample_argmax_out(Tensor scores, Tensor(a!) out, bool resize, bool use_fma, int channels_last_vec, "
       "float scale_h=-1., float scale_w=-1.) -> Tensor(a!)");
@@ -950,6 +1064,7 @@ TORCH_LIBRARY_FRAGMENT(maskformer, m) {
 
 TORCH_LIBRARY_IMPL(maskformer, CPU, m) {
   m.impl("mask_einsum", &maskformer_semantic::mask_einsum);
+  m.impl("mask2former_scores", &maskformer_semantic::mask2former_scores);
   m.impl("upsample_argmax_out", &maskformer_semantic::upsample_argmax_out);
   m.impl("bilinear_resize", &maskformer_semantic::bilinear_resize);
 }

@@ -173,8 +173,21 @@ class Mask2FormerImageProcessor(MaskFormerImageProcessor):
             `return_segmentation_scores=True`.
         """
         fn = "post_process_semantic_segmentation"
-        resized, sizes = self._resized_outputs(outputs, target_sizes, pixel_mask, fn)
-        return postprocessing.semantic_segmentation(resized, sizes, return_segmentation_scores)
+        if return_segmentation_scores:  # the (K, H_i, W_i) scores are the result: materialised
+            resized, sizes = self._resized_outputs(outputs, target_sizes, pixel_mask, fn)
+            return postprocessing.semantic_segmentation(resized, sizes, return_segmentation_scores)
+        class_logits, mask_logits = postprocessing._check_outputs(outputs, fn)
+        sizes = postprocessing._check_target_sizes(target_sizes, class_logits.shape[0], fn)
+        extents = postprocessing.valid_extents(pixel_mask, mask_logits, fn)
+        postprocessing._check_memory(sizes, 8, fn, mask_logits.device)
+        # maskformer.dispatch picks the fused op (the 384x384 resize, sigmoid and class sum without
+        # the (Q, 384, 384) logits: C++ on CPU, Triton on CUDA) or mask2former_semantic_ref, today's
+        # composition, per MASKFORMER_BACKEND / set_backend.
+        from . import dispatch  # loads the op modules: on first use, as postprocessing does
+
+        kwargs = {} if extents is None else {"source_extents": extents}
+        with postprocessing._memory_errors_name(fn, sizes):
+            return dispatch.mask2former_semantic(class_logits, mask_logits, sizes, **kwargs)
 
     def post_process_instance_segmentation(
         self,
