@@ -945,57 +945,188 @@ at::Tensor mask_einsum(const at::Tensor& class_logits, const at::Tensor& mask_lo
 
 
 // ---------------------------------------------------------------------------------------------
-// mask2former_scores: transformers' Mask2Former semantic scores at the 384x384 grid, fused.
+// mask2former_scores: transformers' Mask2Former semantic scores on the 384x384 grid, fused.
 //   scores[k, p] = sum_q probs[q, k] * sigmoid(bilinear(mask_logits[q])(p)),  p on the (H, W) grid
 // The bilinear resize (align_corners=False) is aten's generic formula (generic_value's order, the
-// caller's calibrated fma variant); per task one output row's 128-pixel tile of resized logits is
-// built for all Q queries (Q x 128 floats: 100 KiB at Q=200, in L2), passed through sigmoid_fast
-// and contracted like mask_einsum. So neither the (Q, H, W) resized logits nor their sigmoid exist
-// (transformers: 2 x 118 MB at Q=200, 384x384); only the (K, H, W) scores are written.
-// fp16/bf16 logits are interpolated in fp32 (the reference interpolates in their own dtype).
+// caller's calibrated fma variant). Per output row and 128-pixel column tile, the Q resized logits
+// are built (Q x 128 floats: 100 KiB at Q=200, in L2), put through sigmoid_fast and contracted
+// like mask_einsum: neither the (Q, H, W) resized logits nor their sigmoid ever exist
+// (transformers: 2 x 118 MB at Q=200, 384x384). fp16/bf16 logits are interpolated in fp32 (the
+// reference interpolates in their own dtype).
+//
+// Pruning (prune=true). Tasks are tiles of kM2FRows rows x 128 columns. Before contracting, a
+// tile bounds every class over the tile and its 1-pixel halo: a bilinear value lies within its
+// source taps and sigmoid is increasing, so with smin_q / smax_q the sigmoid of query q's least /
+// largest source logit under that window, lo_k = sum_q probs[q,k] smin_q <= score_k <= hi_k =
+// sum_q probs[q,k] smax_q. A class with hi_k + m_k < max_j (lo_j - m_j) (m: a rounding margin,
+// kM2FMarginUlps) is below that class j at every pixel of the window, so it cannot win any
+// output pixel whose taps touch the tile; its scores here are written as 0, a lower bound of
+// every score (probabilities and sigmoids are >= 0, and fp rounding is monotone): a class that
+// wins a pixel is never pruned at its taps, so its value there is exact, and every other class's
+// interpolated value can only be lower than with its exact scores. The labels are therefore those
+// of the unpruned scores; the scores themselves are not (use prune=false to get them all).
+// Realistic logits (Q=200, K=150, 128x171): a few candidate classes per tile instead of 150.
+// A window holding a non-finite logit is not pruned.
 // ---------------------------------------------------------------------------------------------
-template <bool RFMA, bool FMA, typename T>
-MF_INLINE void m2f_tile(const T* __restrict m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols,
-                        int64_t oh, int64_t c0, int64_t n, const float* __restrict probs, float* __restrict out,
-                        int64_t Q, int64_t K, int64_t KP, int64_t HW, int64_t W, float* __restrict sig, int64_t PT) {
-  const int64_t r0 = rows.i0[oh], r1 = rows.i1[oh];
-  const float lh0 = rows.l0[oh], lh1 = rows.l1[oh];
-  const int32_t* a0 = cols.i0.data() + c0;
-  const int32_t* a1 = cols.i1.data() + c0;
-  const float* lw0 = cols.l0.data() + c0;
-  const float* lw1 = cols.l1.data() + c0;
-  for (int64_t q = 0; q < Q; ++q) {
-    const T* x0 = m + q * sq + r0 * sh;
-    const T* x1 = m + q * sq + r1 * sh;
-    float* s = sig + q * PT;
-    for (int64_t j = 0; j < n; ++j) {
-      const float t0 = lerp2<RFMA>(load_float(x0[a0[j]]), lw0[j], load_float(x0[a1[j]]), lw1[j]);
-      const float t1 = lerp2<RFMA>(load_float(x1[a0[j]]), lw0[j], load_float(x1[a1[j]]), lw1[j]);
-      s[j] = lerp2<RFMA>(t0, lh0, t1, lh1);
+constexpr int64_t kM2FRows = 8;
+// Relative margin of the class bounds, in fp32 ulps of hi_k: the fp32 sum of Q terms (Q - 1), the
+// products and sigmoid_fast (4), and a logit interpolated a few ulps beyond its source taps, which
+// moves sigmoid(x) by up to |x| * 2 ulps relative (|x| <= 87 after sigmoid_fast's clamp): 174.
+constexpr int64_t kM2FMarginUlps = 256;
+
+struct M2FPlan {
+  const Axis* rows;
+  const Axis* cols;
+  int64_t sq, sh;  // query and row strides of the mask logits (elements)
+  const float* probs;  // (Q, KP) fp32, classes padded with zeros to KP
+  float* out;          // (K, H, W) fp32
+  int64_t Q, K, KP, H, W, PT, n_ct;
+  bool prune;
+};
+
+struct M2FScratch {
+  std::vector<float> sig, hor, tmp, pc, smin, smax;
+  std::vector<float> lo, hi;
+  std::vector<int32_t> cand;
+};
+
+// The horizontal half of aten's generic formula for the tile's source rows [sr0, sr0 + nsr):
+// hor[(q * nsr + r) * PT + j] = lerp2(x[q][sr0 + r][a0[c0 + j]], lw0, x[...][a1[...]], lw1). Shared
+// by the ~3 output rows per source row of a 128 -> 384 resize (4 gathers per value, the costly part).
+template <bool RFMA, typename T>
+MF_INLINE void m2f_horizontal(const M2FPlan& p, const T* __restrict m, int64_t sr0, int64_t nsr, int64_t c0,
+                              int64_t n, float* __restrict hor) {
+  const int32_t* a0 = p.cols->i0.data() + c0;
+  const int32_t* a1 = p.cols->i1.data() + c0;
+  const float* lw0 = p.cols->l0.data() + c0;
+  const float* lw1 = p.cols->l1.data() + c0;
+  for (int64_t q = 0; q < p.Q; ++q) {
+    for (int64_t r = 0; r < nsr; ++r) {
+      const T* x = m + q * p.sq + (sr0 + r) * p.sh;
+      float* d = hor + (q * nsr + r) * p.PT;
+      for (int64_t j = 0; j < n; ++j) d[j] = lerp2<RFMA>(load_float(x[a0[j]]), lw0[j], load_float(x[a1[j]]), lw1[j]);
     }
-    for (int64_t j = 0; j < n; ++j) s[j] = sigmoid_fast(s[j]);
-    for (int64_t j = n; j < PT; ++j) s[j] = 0.f;
   }
-  contract_tile<FMA>(sig, probs, out + oh * W + c0, Q, K, KP, HW, n, PT);
+}
+
+// sig[q * PT + j] = sigmoid(bilinear(mask_logits[q])(oh, c0 + j)) for j < n, 0 up to PT: the
+// vertical half of generic_value on m2f_horizontal's rows, then sigmoid_fast (both vectorised).
+template <bool RFMA>
+MF_INLINE void m2f_fill(const M2FPlan& p, const float* __restrict hor, int64_t sr0, int64_t nsr, int64_t oh,
+                        int64_t n, float* __restrict sig) {
+  const int64_t r0 = p.rows->i0[oh] - sr0, r1 = p.rows->i1[oh] - sr0;
+  const float lh0 = p.rows->l0[oh], lh1 = p.rows->l1[oh];
+  for (int64_t q = 0; q < p.Q; ++q) {
+    const float* t0 = hor + (q * nsr + r0) * p.PT;
+    const float* t1 = hor + (q * nsr + r1) * p.PT;
+    float* s = sig + q * p.PT;
+    for (int64_t j = 0; j < n; ++j) s[j] = sigmoid_fast(lerp2<RFMA>(t0[j], lh0, t1[j], lh1));
+    for (int64_t j = n; j < p.PT; ++j) s[j] = 0.f;
+  }
+}
+
+// The candidate classes of tile rows [r0, r1) x columns [c0, c0 + n) (see the header); returns
+// their number (K: no pruning), the ascending list in s.cand and their probabilities, padded to a
+// multiple of 6 classes, in s.pc (Q x KPc).
+template <typename T>
+MF_INLINE int64_t m2f_candidates(const M2FPlan& p, M2FScratch& s, const T* __restrict m, int64_t r0, int64_t r1,
+                                 int64_t c0, int64_t n) {
+  const Axis& rows = *p.rows;
+  const Axis& cols = *p.cols;
+  const int64_t ra = std::max<int64_t>(r0 - 1, 0), rb = std::min(r1, p.H - 1);
+  const int64_t ca = std::max<int64_t>(c0 - 1, 0), cb = std::min(c0 + n, p.W - 1);
+  const int64_t sr0 = rows.i0[ra], sr1 = rows.i1[rb], sc0 = cols.i0[ca], sc1 = cols.i1[cb];
+  for (int64_t q = 0; q < p.Q; ++q) {
+    float mn = std::numeric_limits<float>::infinity(), mx = -mn, probe = 0.f;
+    for (int64_t r = sr0; r <= sr1; ++r) {
+      const T* x = m + q * p.sq + r * p.sh;
+      for (int64_t c = sc0; c <= sc1; ++c) {
+        const float v = load_float(x[c]);
+        mn = v < mn ? v : mn;
+        mx = v > mx ? v : mx;
+        probe += v * 0.f;
+      }
+    }
+    if (probe != 0.f) return p.K;  // inf or NaN in the window: no pruning
+    s.smin[q] = sigmoid_fast(mn);
+    s.smax[q] = sigmoid_fast(mx);
+  }
+  // fp32 sums (vectorised over classes; double ones took ~20 ms of a 384x384 image at Q=200,
+  // K=150): their own rounding, Q ulps of hi_k, is one more Q in the margin.
+  std::fill(s.lo.begin(), s.lo.end(), 0.f);
+  std::fill(s.hi.begin(), s.hi.end(), 0.f);
+  float* lo = s.lo.data();
+  float* hi = s.hi.data();
+  for (int64_t q = 0; q < p.Q; ++q) {
+    const float* pr = p.probs + q * p.KP;
+    const float a = s.smin[q], b = s.smax[q];
+    for (int64_t k = 0; k < p.K; ++k) {
+      lo[k] += pr[k] * a;
+      hi[k] += pr[k] * b;
+    }
+  }
+  const float rel = static_cast<float>(2 * p.Q + kM2FMarginUlps) * 5.9604644775390625e-08f;  // 2^-24
+  float best = -std::numeric_limits<float>::infinity();
+  for (int64_t k = 0; k < p.K; ++k) best = std::max(best, lo[k] - (rel * hi[k] + 1e-30f));
+  int64_t nc = 0;
+  for (int64_t k = 0; k < p.K; ++k) {
+    if (hi[k] + (rel * hi[k] + 1e-30f) >= best) s.cand[nc++] = static_cast<int32_t>(k);
+  }
+  if (nc == p.K) return nc;
+  const int64_t kpc = (nc + 5) / 6 * 6;
+  for (int64_t q = 0; q < p.Q; ++q) {
+    float* d = s.pc.data() + q * kpc;
+    const float* pr = p.probs + q * p.KP;
+    for (int64_t c = 0; c < nc; ++c) d[c] = pr[s.cand[c]];
+    for (int64_t c = nc; c < kpc; ++c) d[c] = 0.f;
+  }
+  return nc;
+}
+
+template <bool RFMA, bool FMA, typename T>
+MF_INLINE void m2f_task(const M2FPlan& p, M2FScratch& s, const T* __restrict m, int64_t t) {
+  const int64_t r0 = (t / p.n_ct) * kM2FRows, r1 = std::min(p.H, r0 + kM2FRows);
+  const int64_t c0 = (t % p.n_ct) * p.PT, n = std::min(p.PT, p.W - c0);
+  const int64_t HW = p.H * p.W;
+  const int64_t nc = p.prune ? m2f_candidates<T>(p, s, m, r0, r1, c0, n) : p.K;
+  const int64_t kpc = (nc + 5) / 6 * 6;
+  const int64_t sr0 = p.rows->i0[r0], nsr = p.rows->i1[r1 - 1] - sr0 + 1;  // i0, i1 never decrease
+  if (static_cast<int64_t>(s.hor.size()) < p.Q * nsr * p.PT) s.hor.resize(p.Q * nsr * p.PT);
+  m2f_horizontal<RFMA, T>(p, m, sr0, nsr, c0, n, s.hor.data());
+  for (int64_t oh = r0; oh < r1; ++oh) {
+    m2f_fill<RFMA>(p, s.hor.data(), sr0, nsr, oh, n, s.sig.data());
+    float* o = p.out + oh * p.W + c0;
+    if (nc == p.K) {
+      contract_tile<FMA>(s.sig.data(), p.probs, o, p.Q, p.K, p.KP, HW, n, p.PT);
+      continue;
+    }
+    if (nc > 0) contract_tile<FMA>(s.sig.data(), s.pc.data(), s.tmp.data(), p.Q, nc, kpc, p.PT, n, p.PT);
+    int64_t c = 0;
+    for (int64_t k = 0; k < p.K; ++k) {
+      float* ok = o + k * HW;
+      if (c < nc && s.cand[c] == k) {
+        std::memcpy(ok, s.tmp.data() + c * p.PT, n * sizeof(float));
+        ++c;
+      } else {
+        std::memset(ok, 0, n * sizeof(float));  // pruned: 0 <= every score (see the header)
+      }
+    }
+  }
 }
 
 template <bool RFMA, typename T>
-static void m2f_tile_base(const T* m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols, int64_t oh,
-                          int64_t c0, int64_t n, const float* probs, float* out, int64_t Q, int64_t K, int64_t KP,
-                          int64_t HW, int64_t W, float* sig, int64_t PT) {
-  m2f_tile<RFMA, false, T>(m, sq, sh, rows, cols, oh, c0, n, probs, out, Q, K, KP, HW, W, sig, PT);
+static void m2f_task_base(const M2FPlan& p, M2FScratch& s, const T* m, int64_t t) {
+  m2f_task<RFMA, false, T>(p, s, m, t);
 }
 #if MF_X86_DISPATCH
 template <bool RFMA, typename T>
-MF_TARGET_AVX2 static void m2f_tile_avx2(const T* m, int64_t sq, int64_t sh, const Axis& rows, const Axis& cols,
-                                         int64_t oh, int64_t c0, int64_t n, const float* probs, float* out, int64_t Q,
-                                         int64_t K, int64_t KP, int64_t HW, int64_t W, float* sig, int64_t PT) {
-  m2f_tile<RFMA, true, T>(m, sq, sh, rows, cols, oh, c0, n, probs, out, Q, K, KP, HW, W, sig, PT);
+MF_TARGET_AVX2 static void m2f_task_avx2(const M2FPlan& p, M2FScratch& s, const T* m, int64_t t) {
+  m2f_task<RFMA, true, T>(p, s, m, t);
 }
 #endif
 
 at::Tensor mask2former_scores(const at::Tensor& class_probs, const at::Tensor& mask_logits, int64_t H, int64_t W,
-                              bool use_fma, double scale_h, double scale_w) {
+                              bool use_fma, double scale_h, double scale_w, bool prune) {
   TORCH_CHECK(class_probs.dim() == 2, "class_probs must be (Q, K), got ", class_probs.sizes());
   TORCH_CHECK(mask_logits.dim() == 3, "mask_logits must be (Q, h, w), got ", mask_logits.sizes());
   TORCH_CHECK(class_probs.device().is_cpu() && mask_logits.device().is_cpu(), "inputs must be CPU tensors");
@@ -1012,7 +1143,7 @@ at::Tensor mask2former_scores(const at::Tensor& class_probs, const at::Tensor& m
   TORCH_CHECK(K * H * W < (int64_t(1) << 31), "scores too large for int32 indexing");
   // A crop (x[:, :h', :w']) is read in place through its strides; other layouts are copied.
   const at::Tensor m = mask_logits.stride(2) == 1 ? mask_logits : mask_logits.contiguous();
-  const int64_t h = m.size(1), w = m.size(2), sq = m.stride(0), sh = m.stride(1);
+  const int64_t h = m.size(1), w = m.size(2);
   const Axis rows = make_axis(h, H, use_fma, axis_scale(scale_h, "scale_h"));
   const Axis cols = make_axis(w, W, use_fma, axis_scale(scale_w, "scale_w"));
   constexpr int64_t KB = 6;
@@ -1020,26 +1151,44 @@ at::Tensor mask2former_scores(const at::Tensor& class_probs, const at::Tensor& m
   at::Tensor probs = at::zeros({Q, KP}, class_probs.options());
   probs.narrow(1, 0, K).copy_(class_probs);
   at::Tensor out = at::empty({K, H, W}, class_probs.options());
-  const float* pp = probs.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // 128 pixels of one output row per task (384 = 3 tiles): Q x 128 resized logits stay in L2.
-  const int64_t PT = 128;
-  const int64_t n_ct = (W + PT - 1) / PT;
+  M2FPlan plan;
+  plan.rows = &rows;
+  plan.cols = &cols;
+  plan.sq = m.stride(0);
+  plan.sh = m.stride(1);
+  plan.probs = probs.data_ptr<float>();
+  plan.out = out.data_ptr<float>();
+  plan.Q = Q; plan.K = K; plan.KP = KP; plan.H = H; plan.W = W;
+  plan.PT = 32;  // 384 = 12 column tiles
+  plan.n_ct = (W + plan.PT - 1) / plan.PT;
+  plan.prune = prune && K > 1;
+  const int64_t tasks = (H + kM2FRows - 1) / kM2FRows * plan.n_ct;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "maskformer_mask2former_scores", [&] {
     const scalar_t* mp = m.data_ptr<scalar_t>();
     parallel_tasks(
-        H * n_ct, [&] { return std::vector<float>(Q * PT); },
-        [&](std::vector<float>& sig, int64_t t) {
-          const int64_t oh = t / n_ct, c0 = (t % n_ct) * PT, n = std::min(PT, W - c0);
+        tasks,
+        [&] {
+          M2FScratch s;
+          s.sig.resize(Q * plan.PT);
+          if (plan.prune) {
+            s.tmp.resize(KP * plan.PT);
+            s.pc.resize(Q * KP);
+            s.smin.resize(Q);
+            s.smax.resize(Q);
+            s.lo.resize(K);
+            s.hi.resize(K);
+            s.cand.resize(K);
+          }
+          return s;
+        },
+        [&](M2FScratch& s, int64_t t) {
 #if MF_X86_DISPATCH
           if (cpu_has_avx2_fma()) {
-            (use_fma ? m2f_tile_avx2<true, scalar_t> : m2f_tile_avx2<false, scalar_t>)(
-                mp, sq, sh, rows, cols, oh, c0, n, pp, op, Q, K, KP, H * W, W, sig.data(), PT);
+            (use_fma ? m2f_task_avx2<true, scalar_t> : m2f_task_avx2<false, scalar_t>)(plan, s, mp, t);
             return;
           }
 #endif
-          (use_fma ? m2f_tile_base<true, scalar_t> : m2f_tile_base<false, scalar_t>)(
-              mp, sq, sh, rows, cols, oh, c0, n, pp, op, Q, K, KP, H * W, W, sig.data(), PT);
+          (use_fma ? m2f_task_base<true, scalar_t> : m2f_task_base<false, scalar_t>)(plan, s, mp, t);
         });
   });
   return out;
@@ -1053,7 +1202,7 @@ TORCH_LIBRARY_FRAGMENT(maskformer, m) {
   m.def("mask_einsum(Tensor class_queries_logits, Tensor masks_queries_logits) -> Tensor");
   m.def(
       "mask2former_scores(Tensor class_probs, Tensor mask_logits, int H, int W, bool use_fma, float scale_h=-1., "
-      "float scale_w=-1.) -> Tensor");
+      "float scale_w=-1., bool prune=False) -> Tensor");
   m.def(
       "upsample_argmax_out(Tensor scores, Tensor(a!) out, bool resize, bool use_fma, int channels_last_vec, "
       "float scale_h=-1., float scale_w=-1.) -> Tensor(a!)");

@@ -17,7 +17,12 @@ resized on its own, ``maskformer.processing_mask2former``'s deviation 21). The k
   (generic formula, calibrated fma variant, a fractional crop through aten's scale factors), put
   through a vectorised sigmoid (<= 3 ulp) and contracted with the class probabilities (torch's
   softmax, as the reference) in registers; only the (K, 384, 384) fp32 scores are written (88 MB at
-  K=150), then labelled by the C++ ``upsample_argmax`` (never (K, H, W) at the target size).
+  K=150), then labelled by the C++ ``upsample_argmax`` (never (K, H, W) at the target size). Per
+  8x128 tile, classes whose upper bound (from the tile's source logits) is below another class's
+  lower bound are not summed: they cannot win any pixel whose taps touch the tile, and their
+  scores are written as 0, which provably leaves every label unchanged (csrc/semantic.cpp's
+  header; tested: the labels equal the unpruned kernel's). Realistic logits keep a few classes
+  per tile of 150; random logits (flat scores) keep most.
 * ``triton``: the same fusion as one Triton kernel per image (bilinear taps from host tables
   computed with aten's rounding, sigmoid, ``tl.dot`` with ``mask_einsum``'s precision policy),
   then the Triton ``upsample_argmax`` on the scores.
@@ -129,9 +134,11 @@ def mask2former_semantic_cpp(class_queries_logits, masks_queries_logits, target_
     for i in range(class_queries_logits.shape[0]):
         extent = None if extents is None else extents[i]
         fma, _ = ua.rounding_for(masks_queries_logits[i], POSTPROCESS_SIZE, extent)
+        # prune=True: classes that cannot win anywhere near a tile are not summed there (their
+        # scores are written as 0, which cannot change a label: csrc/semantic.cpp says why)
         scores = torch.ops.maskformer.mask2former_scores(
             probs[i].contiguous(), ua.extent_view(masks_queries_logits[i], extent), *POSTPROCESS_SIZE, fma,
-            *ua.kernel_scales(extent, POSTPROCESS_SIZE))
+            *ua.kernel_scales(extent, POSTPROCESS_SIZE), True)
         labels.append(ua.upsample_argmax_cpp(scores, None if sizes is None else sizes[i], out_dtype))
         del scores  # one image's (K, 384, 384) scores alive at a time
     return labels
@@ -329,7 +336,7 @@ def mask2former_semantic_triton(class_queries_logits, masks_queries_logits, targ
 # ---------------------------------------------------------------------------------------------
 
 
-def _mask2former_scores_fake(class_probs, mask_logits, H, W, use_fma, scale_h=-1.0, scale_w=-1.0):
+def _mask2former_scores_fake(class_probs, mask_logits, H, W, use_fma, scale_h=-1.0, scale_w=-1.0, prune=False):
     """Fake (and Meta) kernel of the C++ ``maskformer::mask2former_scores``: (K, H, W) fp32."""
     _devices.check_same_device("maskformer::mask2former_scores", class_probs=class_probs, mask_logits=mask_logits)
     return class_probs.new_empty((class_probs.shape[1], H, W), dtype=torch.float32)

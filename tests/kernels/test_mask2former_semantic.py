@@ -93,6 +93,35 @@ def test_cpp_scores_within_fp32_budget():
 
 
 @needs_cpp
+@pytest.mark.parametrize("kind", ["realistic", "random", "nonfinite"])
+def test_cpp_pruning_leaves_labels_unchanged(kind):
+    """Pruned classes' scores are written as 0 (csrc/semantic.cpp): the labels must equal those of
+    the unpruned scores exactly, at 384x384 and after every second resize (smaller, odd, larger),
+    and a class the pruning kept has its exact scores."""
+    from maskformer.kernels.upsample_argmax import torch_cpu_bilinear_rounding, upsample_argmax_cpp
+
+    q, k = 30, 60
+    if kind == "random":
+        cl, ml = torch.randn(1, q, k + 1) * 2, torch.randn(1, q, 24, 31) * 3
+    else:
+        cl, ml = me.make_realistic_logits(1, q, k, 24, 31, seed=13, n_objects=9)
+    if kind == "nonfinite":
+        ml[0, 3, 5:7, 4:9] = float("inf")
+        ml[0, 4, 20, 2] = -float("inf")
+    probs = cl.softmax(-1)[0, :, :-1].contiguous()
+    fma = torch_cpu_bilinear_rounding().fma
+    full = torch.ops.maskformer.mask2former_scores(probs, ml[0], 384, 384, fma, -1.0, -1.0, False)
+    pruned = torch.ops.maskformer.mask2former_scores(probs, ml[0], 384, 384, fma, -1.0, -1.0, True)
+    written = pruned != 0
+    if kind == "realistic":  # measured: 18% of the (class, pixel) scores computed
+        assert written.float().mean() < 0.5, "realistic logits should leave most classes out of most tiles"
+    assert torch.equal(pruned[written], full[written]), "a kept class's scores must be the unpruned ones"
+    for size in (None, (100, 77), (385, 211), (1, 1), (997, 1213)):
+        a, b = upsample_argmax_cpp(pruned, size), upsample_argmax_cpp(full, size)
+        assert torch.equal(a, b), f"{kind} {size}: {int((a != b).sum())} labels differ"
+
+
+@needs_cpp
 def test_cpp_exact_ties_pick_the_first_class():
     """Classes 1 and 4 with equal logits in every query: equal scores everywhere, class 1 wins (torch.argmax)."""
     cl, ml = me.make_realistic_logits(2, 16, 9, 24, 37, seed=2)
