@@ -338,6 +338,43 @@ def test_m2f_semantic_parity(scene, target, backend):
     assert {0, 3, 5} <= set(torch.unique(ours[0]).tolist()), "the scene's classes should show up"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_m2f_semantic_random_logits(backend):
+    """Unstructured logits (flat class scores: many near ties between classes), a batch with
+    different target sizes, one smaller than 384 and one odd and larger, then no target sizes."""
+    outputs = types.SimpleNamespace(class_queries_logits=torch.randn(2, 20, 31) * 2,
+                                    masks_queries_logits=torch.randn(2, 20, 17, 23) * 3)
+    for target in ([(100, 77), (401, 523)], None):
+        with dispatch.backend(backend):
+            ours = m2f().post_process_semantic_segmentation(outputs, target_sizes=target)
+        assert dispatch.last_dispatch("mask2former_semantic").backend == backend
+        assert_semantic_like_transformers(ours, outputs, target, backend, f"random logits, target {target}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_m2f_semantic_low_precision(dtype):
+    """fp16/bf16 logits against transformers' fp32 maps (the gold), with transformers' own
+    disagreement in that dtype (it resizes, sums and resizes in it) as the budget: ours may flip
+    at most twice as many pixels, plus near ties of the fp32 scores."""
+    from maskformer.kernels.mask_einsum import make_realistic_logits
+
+    cl, ml = make_realistic_logits(1, 50, 60, 40, 53, n_objects=10, seed=4)
+    gold = HFProcessor().post_process_semantic_segmentation(
+        types.SimpleNamespace(class_queries_logits=cl, masks_queries_logits=ml), target_sizes=[(160, 213)],
+        return_segmentation_scores=True)[0]
+    low = types.SimpleNamespace(class_queries_logits=cl.to(dtype), masks_queries_logits=ml.to(dtype))
+    theirs = HFProcessor().post_process_semantic_segmentation(low, target_sizes=[(160, 213)])[0]
+    ours = m2f().post_process_semantic_segmentation(low, target_sizes=[(160, 213)])[0]
+    their_flips = int((theirs != gold.segmentation).sum())
+    our_flips = ours != gold.segmentation
+    scores = gold.segmentation_scores.double()
+    gap = (scores.gather(0, gold.segmentation[None])[0] - scores.gather(0, ours[None])[0]).abs()
+    beyond_ties = int((our_flips & (gap > 4e-6)).sum())
+    assert beyond_ties <= 2 * their_flips, (
+        f"{dtype}: {beyond_ties} pixels differ from transformers' fp32 maps beyond near ties; transformers in "
+        f"{dtype} differs on {their_flips}")
+
+
 # Query 3's tied top class halves its probability (0.4996 < mask_threshold 0.5), where deviation 3
 # would apply; with mask_threshold 0 both sides count every pixel as the query's own area.
 TIED_PANOPTIC = dict(threshold=0.3, mask_threshold=0.0, overlap_mask_area_threshold=0.0)
