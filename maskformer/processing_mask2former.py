@@ -86,7 +86,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import postprocessing
 from .postprocessing import SemanticSegmentationResult
@@ -117,13 +116,10 @@ def resize_mask_logits(
     Returns:
         `(B, Q, H, W)` tensor of the input's dtype and device.
     """
-    if extents is None:
-        return F.interpolate(masks_queries_logits, size=size, mode="bilinear", align_corners=False)
-    resized = []
-    for i, extent in enumerate(extents):
-        crop, scales = postprocessing.crop_to_extent(masks_queries_logits[i], extent)
-        resized.append(postprocessing._resize(crop, size, scales, "bilinear"))
-    return torch.stack(resized)
+    # the op's reference says it once; op modules load on first use (`import maskformer` loads none)
+    from .kernels.mask2former_semantic import resize_mask_logits_ref
+
+    return resize_mask_logits_ref(masks_queries_logits, extents, size)
 
 
 class Mask2FormerImageProcessor(MaskFormerImageProcessor):
