@@ -52,6 +52,7 @@ OP_MODULES = (
     "maskformer.kernels.mask_einsum",
     "maskformer.kernels.upsample_argmax",
     "maskformer.kernels.semantic_segmentation",
+    "maskformer.kernels.mask2former_semantic",
     "maskformer.kernels.query_argmax",
     "maskformer.kernels.nan_inf_flags",
 )

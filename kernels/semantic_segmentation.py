@@ -159,6 +159,8 @@ OP = Op(
                 "upsample_argmax): (B, Q, K+1), (B, Q, h, w) -> B label maps",
     role="semantic post-processing",
     tasks=("semantic",),
+    # Mask2Former's semantic task runs mask2former_semantic (the 384x384 resize fused in)
+    models=("maskformer",),
     impls=(
         Impl("triton", semantic_segmentation_triton, devices=("cuda",), dtypes=_DTYPES, reasons=triton_reasons),
         Impl("cpp", semantic_segmentation_cpp, devices=("cpu",), dtypes=_DTYPES, reasons=cpp_reasons),

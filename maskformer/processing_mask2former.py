@@ -23,13 +23,19 @@ segmentation maps into `mask_labels` / `class_labels`, and the three post-proces
 after the resize (instance: top-Q over (query, class) pairs of the class softmax, score =
 class probability x mean sigmoid over the mask's `logit > 0` pixels; panoptic: per-query top class,
 `remove_low_and_no_objects`, score-weighted argmax, overlap-area test). So this class inherits all
-of `MaskFormerImageProcessor` and overrides only the post-processing entry points: they resize the
-logits exactly as transformers does (the same `F.interpolate` call on the whole batch) and hand
-them to the MaskFormer code, whose fused kernels (`maskformer.dispatch`: C++ on CPU, Triton on
-CUDA) reproduce transformers' ops on any logits. On CPU the semantic maps are therefore bit-identical
-to transformers' (torch's softmax, sigmoid and einsum, then the C++ upsample+argmax), and so are the
-panoptic maps (the C++ `query_argmax`); the 384x384 logits themselves are materialised, as in
-transformers (`B x Q x 384 x 384` float32: 59 MB per image at Q = 100).
+of `MaskFormerImageProcessor` and overrides only the post-processing entry points.
+
+Semantic maps (the default, label maps only) go through the fused op `mask2former_semantic`
+(`maskformer.kernels.mask2former_semantic`; C++ on CPU, Triton on CUDA): the 384x384 resize,
+sigmoid and class-weighted sum in one kernel, so the `B x Q x 384 x 384` resized logits and their
+sigmoid (2 x 118 MB per image at Q = 200) are never built, then the fused resize + argmax to each
+target size. Its sums are not bit-identical to transformers' (another summation order and
+sigmoid): a pixel's label can differ where transformers' two best scores are within ~1e-6 (exact
+ties still go to the lower class id); `MASKFORMER_BACKEND=reference` gives transformers' maps bit
+for bit. `return_segmentation_scores=True`, instance and panoptic post-processing resize the logits
+exactly as transformers does (the same `F.interpolate` call on the whole batch, materialised) and
+hand them to the MaskFormer code, whose kernels reproduce transformers' ops: those results are
+bit-identical to transformers' on CPU (the panoptic step by the C++ `query_argmax`).
 
 Configs: `from_pretrained` reads transformers' `preprocessor_config.json` for Mask2Former,
 including old hub configs (`feature_extractor_type: Mask2FormerFeatureExtractor`, `size: 384`,
@@ -80,7 +86,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import postprocessing
 from .postprocessing import SemanticSegmentationResult
@@ -111,13 +116,10 @@ def resize_mask_logits(
     Returns:
         `(B, Q, H, W)` tensor of the input's dtype and device.
     """
-    if extents is None:
-        return F.interpolate(masks_queries_logits, size=size, mode="bilinear", align_corners=False)
-    resized = []
-    for i, extent in enumerate(extents):
-        crop, scales = postprocessing.crop_to_extent(masks_queries_logits[i], extent)
-        resized.append(postprocessing._resize(crop, size, scales, "bilinear"))
-    return torch.stack(resized)
+    # the op's reference says it once; op modules load on first use (`import maskformer` loads none)
+    from .kernels.mask2former_semantic import resize_mask_logits_ref
+
+    return resize_mask_logits_ref(masks_queries_logits, extents, size)
 
 
 class Mask2FormerImageProcessor(MaskFormerImageProcessor):
@@ -156,7 +158,9 @@ class Mask2FormerImageProcessor(MaskFormerImageProcessor):
 
         The mask logits are resized to 384x384 (bilinear), then as in MaskFormer:
         `scores = einsum(softmax(class)[..., :-1], sigmoid(mask))`, resized bilinearly to each
-        target size, argmax over classes.
+        target size, argmax over classes. Label maps only: the fused op `mask2former_semantic`
+        (module docstring; labels may differ from transformers' only at near ties of its scores);
+        with `return_segmentation_scores=True`, transformers' computation, materialised.
 
         Args:
             outputs: any object with `class_queries_logits` `(B, Q, K+1)` and
@@ -173,8 +177,21 @@ class Mask2FormerImageProcessor(MaskFormerImageProcessor):
             `return_segmentation_scores=True`.
         """
         fn = "post_process_semantic_segmentation"
-        resized, sizes = self._resized_outputs(outputs, target_sizes, pixel_mask, fn)
-        return postprocessing.semantic_segmentation(resized, sizes, return_segmentation_scores)
+        if return_segmentation_scores:  # the (K, H_i, W_i) scores are the result: materialised
+            resized, sizes = self._resized_outputs(outputs, target_sizes, pixel_mask, fn)
+            return postprocessing.semantic_segmentation(resized, sizes, return_segmentation_scores)
+        class_logits, mask_logits = postprocessing._check_outputs(outputs, fn)
+        sizes = postprocessing._check_target_sizes(target_sizes, class_logits.shape[0], fn)
+        extents = postprocessing.valid_extents(pixel_mask, mask_logits, fn)
+        postprocessing._check_memory(sizes, 8, fn, mask_logits.device)
+        # maskformer.dispatch picks the fused op (the 384x384 resize, sigmoid and class sum without
+        # the (Q, 384, 384) logits: C++ on CPU, Triton on CUDA) or mask2former_semantic_ref, today's
+        # composition, per MASKFORMER_BACKEND / set_backend.
+        from . import dispatch  # loads the op modules: on first use, as postprocessing does
+
+        kwargs = {} if extents is None else {"source_extents": extents}
+        with postprocessing._memory_errors_name(fn, sizes):
+            return dispatch.mask2former_semantic(class_logits, mask_logits, sizes, **kwargs)
 
     def post_process_instance_segmentation(
         self,

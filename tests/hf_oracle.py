@@ -177,6 +177,37 @@ def assert_labels_equal(ours: torch.Tensor, ref: torch.Tensor, name: str = "") -
         raise AssertionError(f"{name}: {len(bad)} of {ref.numel()} labels differ; first {shown}")
 
 
+# Mask2Former's fused semantic post-processing (maskformer.kernels.mask2former_semantic): its labels
+# may differ from the reference's only where the reference's two scores are this close: the fused
+# scores are not bit-identical (sigmoid_fast <= 3 ulp, another summation order). Measured
+# max |fused - reference| on the (K, 384, 384) scores: 8.4e-7 at Q=200, K=150, realistic logits
+# (AMD EPYC Zen 4); scores are <= 1 and the second resize is a convex combination, so the error at
+# the target is no larger. 4e-6 is ~5x that.
+TIE_ATOL = 4e-6
+
+
+def assert_labels_up_to_ties(ours, ref_labels, scores, name, atol=TIE_ATOL, max_fraction=1e-3):
+    """Label maps (H, W) equal to the reference's except where the reference's scores of both
+    labels are within ``atol`` (a near tie, which the fast path's rounding may resolve the other
+    way); at most ``max_fraction`` of the pixels may differ. scores: the reference's (K, H, W)."""
+    assert tuple(ours.shape) == tuple(ref_labels.shape), f"{name}: shape {tuple(ours.shape)} != {tuple(ref_labels.shape)}"
+    assert ours.dtype == ref_labels.dtype, f"{name}: dtype {ours.dtype} != {ref_labels.dtype}"
+    diff = ours.long() != ref_labels.long()
+    if not diff.any():
+        return
+    s_ours = scores.gather(0, ours.long()[None])[0].double()
+    s_ref = scores.gather(0, ref_labels.long()[None])[0].double()
+    gap = (s_ref - s_ours).abs()
+    bad = diff & (gap > atol)
+    n = int(diff.sum())
+    if bad.any():
+        p = tuple(int(v) for v in bad.nonzero()[0])
+        raise AssertionError(f"{name}: {int(bad.sum())} of {diff.numel()} labels differ by more than a tie "
+                             f"(atol {atol:g}); first at {p}: ours {int(ours[p])} (ref score {s_ours[p].item():.9g}) vs "
+                             f"ref {int(ref_labels[p])} ({s_ref[p].item():.9g})")
+    assert n <= max(1, max_fraction * diff.numel()), f"{name}: {n} of {diff.numel()} labels differ (near ties)"
+
+
 def realistic_scores(k: int, h: int, w: int, seed: int = 0, batch: int = 1, queries: int = 24) -> torch.Tensor:
     """(batch, K, h, w) fp32 scores of realistic MaskFormer outputs (reference einsum)."""
     from maskformer.kernels.mask_einsum import make_realistic_logits, mask_einsum_ref

@@ -37,9 +37,9 @@ def test_ci_set_compiles_without_spills_and_with_tensor_cores(tmp_path):
         if b["tensor_cores_required"]:
             assert b["wgmma"] + b["mma_sync"] > 0, b
             assert (b["hgmma"] if b["arch"] == "sm_90" and b["wgmma"] else b["hmma"]) > 0, b
-    # every dtype of the attention and the einsum, both TF32 settings for fp32, both shifts
+    # every dtype of the attention and the einsums, both TF32 settings for fp32, both shifts
     launches = report["launches"]
-    for kernel in ("window_attention", "mask_einsum"):
+    for kernel in ("window_attention", "mask_einsum", "mask2former_semantic"):
         assert {l["dtype"] for l in launches if l["kernel"] == kernel} == {"fp32", "fp16", "bf16"}
         assert {l.get("tf32") for l in launches if l["kernel"] == kernel and l["dtype"] == "fp32"} == {False, True}
     assert {l["shift"] for l in launches if l["kernel"] == "window_attention"} == {0, 3, 6}
@@ -50,7 +50,8 @@ def test_ci_set_compiles_without_spills_and_with_tensor_cores(tmp_path):
     # exact fp32 runs on FFMA, TF32 and half precision on the tensor cores
     by_binary = {(b["arch"], b["binary"]): b for b in report["binaries"]}
     for l in launches:
-        if l["kernel"] in ("window_attention", "mask_einsum") and l["dtype"] == "fp32" and not l["tf32"]:
+        if l["kernel"] in ("window_attention", "mask_einsum", "mask2former_semantic") and l["dtype"] == "fp32" \
+                and not l["tf32"]:
             b = by_binary[(l["arch"], l["binary"])]
             assert b["wgmma"] + b["mma_sync"] == 0 and b["ffma"] > 0, b
 

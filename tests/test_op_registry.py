@@ -234,11 +234,12 @@ def test_project_ops_and_their_implementations():
         "mask_einsum": ("semantic post-processing", ("triton", "cpp"), ()),
         "upsample_argmax": ("semantic post-processing", ("triton", "cpp"), ()),
         "semantic_segmentation": ("semantic post-processing", ("triton", "cpp"), ("semantic",)),
+        "mask2former_semantic": ("semantic post-processing", ("triton", "cpp"), ("semantic",)),
         "query_argmax": ("panoptic post-processing", ("cpp",), ("panoptic",)),
         "nan_inf_flags": ("network", ("triton",), ()),
     }
     assert registry.aot_kernels() == ["window_attention", "fused_linear", "ms_deform_attn", "mask_einsum",
-                                      "upsample_argmax", "nan_inf_flags"]
+                                      "upsample_argmax", "mask2former_semantic", "nan_inf_flags"]
     for op in registry.ops():  # every public op is a dispatch function with the reference's arguments
         import inspect
 
@@ -253,11 +254,12 @@ def test_task_ops_replace_segments_tables():
     assert names[("semantic", "maskformer")] == ["window_attention", "semantic_segmentation"]
     assert names[("panoptic", "maskformer")] == ["window_attention", "query_argmax"]
     assert names[("instance", "maskformer")] == ["window_attention"]
-    assert names[("semantic", "mask2former")] == ["window_attention", "ms_deform_attn", "semantic_segmentation"]
+    # Mask2Former's semantic task: the fused op with the 384x384 resize, not semantic_segmentation
+    assert names[("semantic", "mask2former")] == ["window_attention", "ms_deform_attn", "mask2former_semantic"]
     assert names[("instance", "mask2former")] == ["window_attention", "ms_deform_attn"]
     served = {b: {op.name for op in registry.ops() if op.impl(b) and op.tasks} for b in registry.FAST_BACKENDS}
-    assert served == {"cpp": {"semantic_segmentation", "query_argmax", "ms_deform_attn"},
-                      "triton": {"semantic_segmentation", "window_attention", "ms_deform_attn"}}
+    assert served == {"cpp": {"semantic_segmentation", "mask2former_semantic", "query_argmax", "ms_deform_attn"},
+                      "triton": {"semantic_segmentation", "mask2former_semantic", "window_attention", "ms_deform_attn"}}
     with pytest.raises(ValueError, match="unknown task 'depth'"):
         registry.task_ops("depth")
 

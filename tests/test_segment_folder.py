@@ -742,7 +742,7 @@ def test_backend_plan_reads_the_op_registry_per_model_family(monkeypatch):
     if _ext.cpp_import_error() is None:
         forward, post, line = backend_plan("cpp", "cpu", "semantic", "mask2former")
         assert (forward, post) == (None, "cpp")
-        assert "semantic_segmentation (semantic post-processing) on cpp" in line
+        assert "mask2former_semantic (semantic post-processing) on cpp" in line
         assert "ms_deform_attn (network) on auto (its phase has ops without a cpp kernel)" in line
         assert "no cpp kernel for window_attention (network): auto" in line
         with pytest.raises(ValueError, match="cannot be forced on any phase of task='instance' for a mask2former"):
@@ -752,6 +752,6 @@ def test_backend_plan_reads_the_op_registry_per_model_family(monkeypatch):
         forward, post, line = backend_plan("triton", "cpu", "semantic", "mask2former")
         assert (forward, post) == ("triton", "triton")
         assert line == ("backend triton: window_attention (network) on triton, ms_deform_attn (network) on triton, "
-                        "semantic_segmentation (semantic post-processing) on triton")
+                        "mask2former_semantic (semantic post-processing) on triton")
         forward, post, line = backend_plan("triton", "cpu", "panoptic", "maskformer")
         assert (forward, post) == ("triton", None) and "no triton kernel for query_argmax" in line
