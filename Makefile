@@ -24,9 +24,9 @@ $(STAMP): setup.py
 	$(call STEP,2,installing torch $(TORCH_VERSION)$(comma) the CPU wheel (192 MB; 72 s on a busy 2-core machine),\
 		$(BIN)/python -m pip install $(PIP_PROGRESS) torch==$(TORCH_VERSION))
 	$(call STEP,3,installing the dependencies: transformers (the test oracle)$(comma) triton$(comma) onnx$(comma) \
-		onnxruntime$(comma) openvino$(comma) pytest (122 s on a busy 2-core machine),\
+		onnxruntime (+ onnxruntime-extensions)$(comma) openvino$(comma) NNCF$(comma) pytest (122 s on a busy 2-core machine),\
 		MASKFORMER_BUILD_CPP=0 $(BIN)/python -m pip install $(PIP_PROGRESS) --no-build-isolation -e ".[test]")
-	$(call STEP,4,installing maskformer and compiling its C++ extension (csrc/; 448 s on a busy 2-core machine$(comma) \
+	$(call STEP,4,installing maskformer and compiling its C++ extensions (csrc/: the CPU kernels and the OpenVINO extension; 448 s on a busy 2-core machine$(comma) \
 		the compiler prints nothing meanwhile),$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .)
 	touch $(STAMP)
 

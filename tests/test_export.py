@@ -244,7 +244,7 @@ _EXPORT_CHILD = r"""
 import os, shutil, sys, time
 from maskformer.engines import export
 source = os.environ["MF_ONNX"]
-def copy_export(model, path, fields, opset, log):
+def copy_export(model, path, fields, opset, log, deformable_attention="portable"):
     shutil.copyfile(source, path)
     return export.ExportReport(path=path, fields=tuple(fields), opset=None, seconds=0.0)
 export._write_onnx = copy_export
@@ -302,7 +302,7 @@ def test_failed_verification_leaves_the_destination_as_it_was(exported, tmp_path
     from maskformer.engines import export as engine_export
 
     model, onnx_file, _, _, _ = exported
-    monkeypatch.setattr(engine_export, "_write_onnx", lambda m, path, fields, opset, log: (
+    monkeypatch.setattr(engine_export, "_write_onnx", lambda m, path, fields, opset, log, deformable_attention="portable": (
         shutil.copyfile(onnx_file, path), engine_export.ExportReport(path, tuple(fields), None, 0.0))[1])
     monkeypatch.setattr(engine_export, "runner_for_file", lambda engine, path, threads=None: _Runner(model, 0.5))
     out = tmp_path / "model.onnx"
