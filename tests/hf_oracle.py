@@ -233,3 +233,28 @@ def label(path):
     from PIL import Image
 
     return np.asarray(Image.open(path))
+
+
+def msda_onnx_graph(spatial_dtype=None, consumer=False, first_input="value") -> bytes:
+    """A serialized one-node ONNX graph of our deformable-attention operation,
+    ``com.maskformer::MultiScaleDeformableAttention(value, wh, loc, attn) -> out`` (what the
+    engines' Mask2Former exports hold), every dim dynamic. ``spatial_dtype``: the ONNX element type
+    of ``wh`` (default INT64); ``consumer``: followed by a MatMul with a (16, 16) identity, as the
+    output projection follows the node in an export; ``first_input``: the name of ``value``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MultiScaleDeformableAttention", [first_input, "wh", "loc", "attn"], ["out"],
+                            domain="com.maskformer")
+
+    def dyn(name, rank, elem=TensorProto.FLOAT):
+        return helper.make_tensor_value_info(name, elem, [None] * rank)
+
+    nodes, inits, last = [node], [], "out"
+    if consumer:
+        nodes.append(helper.make_node("MatMul", ["out", "eye"], ["proj"]))
+        inits.append(numpy_helper.from_array(np.eye(16, dtype=np.float32), "eye"))
+        last = "proj"
+    graph = helper.make_graph(nodes, "msda", [dyn(first_input, 4), dyn("wh", 2, spatial_dtype or TensorProto.INT64),
+                                              dyn("loc", 6), dyn("attn", 5)], [dyn(last, 3)], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
+    return model.SerializeToString()

@@ -21,7 +21,7 @@ from maskformer.engines import EngineModel, EngineUnavailableError, engine_unava
 from maskformer.export import OUTPUT_FIELDS, REL_ERROR_BAR, export_onnx
 from maskformer.outputs import Mask2FormerForUniversalSegmentationOutput
 
-from hf_oracle import make_hf_mask2former
+from hf_oracle import make_hf_mask2former, msda_onnx_graph
 
 HAVE = {name: engine_unavailable(name) is None for name in ("onnxruntime", "openvino")}
 ENGINE_PARAMS = [pytest.param(name, marks=pytest.mark.skipif(not HAVE[name], reason=str(engine_unavailable(name))))
@@ -292,19 +292,10 @@ def test_export_with_the_extension_is_refused_where_it_cannot_run(m2f_checkpoint
 
 @pytest.mark.skipif(not HAVE["openvino"], reason=str(engine_unavailable("openvino")))
 def test_a_graph_with_our_operation_without_the_extension_names_the_fix(monkeypatch, tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
     from maskformer.engines import openvino_engine
 
-    node = helper.make_node("MultiScaleDeformableAttention", ["v", "wh", "l", "a"], ["o"], domain="com.maskformer")
-    inputs = [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in
-              (("v", TensorProto.FLOAT, 4), ("wh", TensorProto.INT64, 2), ("l", TensorProto.FLOAT, 6),
-               ("a", TensorProto.FLOAT, 5))]
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [None] * 3)])
     path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                      helper.make_opsetid("com.maskformer", 1)]), str(path))
+    path.write_bytes(msda_onnx_graph())
     monkeypatch.setenv("MASKFORMER_OPENVINO_MSDA", "0")
     with pytest.raises(RuntimeError, match="needs maskformer's OpenVINO extension.*MASKFORMER_OPENVINO_MSDA=0"):
         openvino_engine.Runner.from_onnx(str(path), threads=1)
@@ -351,20 +342,10 @@ def test_onnxruntime_op_export_is_refused_where_it_cannot_run(m2f_checkpoint, mo
 
 @pytest.mark.skipif(not HAVE["onnxruntime"], reason=str(engine_unavailable("onnxruntime")))
 def test_onnxruntime_file_with_our_operation_without_the_op_names_the_fix(monkeypatch, tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
     from maskformer.engines import onnxruntime_engine
 
-    node = helper.make_node("MultiScaleDeformableAttention", ["pixel_values", "wh", "l", "a"], ["o"],
-                            domain="com.maskformer")
-    inputs = [helper.make_tensor_value_info(n, t, [None] * r) for n, t, r in
-              (("pixel_values", TensorProto.FLOAT, 4), ("wh", TensorProto.INT64, 2), ("l", TensorProto.FLOAT, 6),
-               ("a", TensorProto.FLOAT, 5))]
-    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("o", TensorProto.FLOAT, [None] * 3)])
     path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                      helper.make_opsetid("com.maskformer", 1)]), str(path))
+    path.write_bytes(msda_onnx_graph(first_input="pixel_values"))
     monkeypatch.setenv("MASKFORMER_ONNXRUNTIME_MSDA", "0")
     with pytest.raises(RuntimeError, match="uses maskformer's deformable-attention operation.*onnxruntime-extensions.*"
                                            "MASKFORMER_ONNXRUNTIME_MSDA=0.*deformable_attention='portable'"):

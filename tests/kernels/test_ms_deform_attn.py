@@ -26,7 +26,7 @@ import torch
 from maskformer import _ext, dispatch
 from maskformer.kernels import ms_deform_attn as msda
 
-from hf_oracle import assert_within_budget
+from hf_oracle import assert_within_budget, msda_onnx_graph
 
 U32 = 2.0**-24
 U_LOWP = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
@@ -583,22 +583,12 @@ def ov_msda():
 def _ov_run(ov, path, value, shapes, loc, weights, spatial_dtype=torch.int64, threads=2):
     """Run the operation alone: a one-node ONNX graph with dynamic dims, read by OpenVINO's ONNX
     frontend through the extension's conversion, compiled for the CPU in f32."""
-    import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
-    node = helper.make_node("MultiScaleDeformableAttention", ["value", "wh", "loc", "attn"], ["out"],
-                            domain="com.maskformer")
-    wh_type = TensorProto.INT64 if spatial_dtype == torch.int64 else TensorProto.INT32
-
-    def dyn(name, rank, elem=TensorProto.FLOAT):
-        return helper.make_tensor_value_info(name, elem, [None] * rank)
-
-    graph = helper.make_graph([node], "msda", [dyn("value", 4), dyn("wh", 2, wh_type), dyn("loc", 6), dyn("attn", 5)],
-                              [dyn("out", 3)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
+    model = msda_onnx_graph(TensorProto.INT64 if spatial_dtype == torch.int64 else TensorProto.INT32)
     core = ov.Core()
     core.add_extension(path)
-    compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
+    compiled = core.compile_model(core.read_model(model, b""), "CPU",
                                   {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads})
     wh = torch.tensor([[w, h] for h, w in shapes], dtype=spatial_dtype)
     out = compiled([value.contiguous().numpy(), wh.numpy(), loc.contiguous().numpy(), weights.contiguous().numpy()])
@@ -676,31 +666,9 @@ def ort_msda():
     return ort, onnxruntime_engine
 
 
-def _msda_graph(spatial_dtype=None, consumer=False):
-    """A one-node ONNX graph of our operation with dynamic dims (``consumer``: followed by a MatMul
-    with a (H*D, H*D) identity, as the output projection follows it in an export), serialized."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    node = helper.make_node("MultiScaleDeformableAttention", ["value", "wh", "loc", "attn"], ["out"],
-                            domain="com.maskformer")
-
-    def dyn(name, rank, elem=TensorProto.FLOAT):
-        return helper.make_tensor_value_info(name, elem, [None] * rank)
-
-    nodes, inits, last = [node], [], "out"
-    if consumer:
-        nodes.append(helper.make_node("MatMul", ["out", "eye"], ["proj"]))
-        inits.append(numpy_helper.from_array(np.eye(16, dtype=np.float32), "eye"))
-        last = "proj"
-    graph = helper.make_graph(nodes, "msda", [dyn("value", 4), dyn("wh", 2, spatial_dtype or TensorProto.INT64),
-                                              dyn("loc", 6), dyn("attn", 5)], [dyn(last, 3)], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.maskformer", 1)])
-    return model.SerializeToString()
-
-
 def _ort_run(ort_msda, value, shapes, loc, weights, threads=2, consumer=False):
     ort, engine = ort_msda
-    session = ort.InferenceSession(_msda_graph(consumer=consumer), engine.session_options(threads),
+    session = ort.InferenceSession(msda_onnx_graph(consumer=consumer), engine.session_options(threads),
                                    providers=["CPUExecutionProvider"])
     wh = np.array([[w, h] for h, w in shapes], np.int64)
     feed = {"value": value.contiguous().numpy(), "wh": wh, "loc": loc.contiguous().numpy(),
@@ -758,11 +726,12 @@ def test_onnxruntime_op_failure_raises_instead_of_ending_the_process(ort_msda):
     script = r'''
 import numpy as np, torch, onnxruntime as ort, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
-from test_ms_deform_attn import _msda_graph, make_inputs
+from hf_oracle import msda_onnx_graph
+from test_ms_deform_attn import make_inputs
 from maskformer.engines import onnxruntime_engine as engine
 shapes = [(3, 5), (2, 2)]
 value, loc, weights = make_inputs(1, shapes, 5, 2, 8, 2, seed=1)
-session = ort.InferenceSession(_msda_graph(consumer=True), engine.session_options(1), providers=["CPUExecutionProvider"])
+session = ort.InferenceSession(msda_onnx_graph(consumer=True), engine.session_options(1), providers=["CPUExecutionProvider"])
 feed = {"value": value[:, :17].contiguous().numpy(), "wh": np.array([[w, h] for h, w in shapes], np.int64),
         "loc": loc.numpy(), "attn": weights.numpy()}
 try:
