@@ -98,7 +98,7 @@ class M(torch.nn.Module):
     def forward(self, value, loc, w): return self.f(value, loc, w)
 
 def main():
-    threads = int(sys.argv[1]) if len(sys.argv) > 1 else 2
+    threads = int(sys.argv[1])
     g = torch.Generator().manual_seed(0)
     value = torch.randn(B, S, H, D, generator=g)
     loc = torch.rand(B, S, H, len(SHAPES), P, 2, generator=g) * 1.1 - 0.05
@@ -138,4 +138,7 @@ def main():
     print("load", loads)
     json.dump(res, open(sys.argv[2], "w"), indent=1)
 
-main()
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit(__doc__.splitlines()[0].replace("python -m", "usage: python -m"))
+    main()
